@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mvar_jax.normalize import l2_normalize
 from mvar_jax.resize import resize_area, resize_bicubic
 
 # Below this |quant_resi| the official model replaces every Phi by the identity.
@@ -93,7 +94,7 @@ class MultiScaleQuantizer(nn.Module):
         codes_VC = self.embedding.embedding
         hi = jax.lax.Precision.HIGHEST  # Near-ties must resolve as in float32 PyTorch.
         if self.using_znorm:
-            cos_NV = jnp.matmul(_l2_normalize(z_NC), _l2_normalize(codes_VC).T, precision=hi)
+            cos_NV = jnp.matmul(l2_normalize(z_NC), l2_normalize(codes_VC).T, precision=hi)
             return jnp.argmax(cos_NV, axis=1).astype(jnp.int32)
         # ||z||^2 + ||e||^2 - 2 z.e, the official expansion (not ||z - e||^2),
         # so that ties and rounding match.
@@ -201,8 +202,3 @@ class MultiScaleQuantizer(nn.Module):
             return f_hat_BHWC, f_hat_BHWC
         pn = self.patch_nums[si + 1]
         return f_hat_BHWC, resize_area(f_hat_BHWC, (pn, pn))
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    """Row-wise ``x / max(||x||, 1e-12)``, as ``F.normalize``."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

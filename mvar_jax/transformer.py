@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mvar_jax import attention
+from mvar_jax.normalize import l2_normalize
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -232,12 +233,6 @@ def layer_norm(x: jax.Array, eps: float) -> jax.Array:
 
 def modulate(x: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
     return x * (1 + scale) + shift
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """``F.normalize``: divide by the L2 norm, floored at eps, in float32."""
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 class SelfAttention(nn.Module):

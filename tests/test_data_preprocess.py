@@ -2,6 +2,8 @@
 
 import io
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
@@ -23,6 +25,9 @@ def test_to_pm1_is_bit_identical_to_torch_to_tensor_then_x_plus_x_minus_1():
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, ref)
     assert out.min() == -1.0 and out.max() == 1.0
+    on_device = jax.jit(preprocess.to_pm1)(jnp.asarray(u8))  # where the training step runs it
+    assert on_device.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(on_device), ref)
 
 
 @pytest.mark.parametrize(
@@ -39,13 +44,14 @@ def test_eval_centre_crop_rounds_half_to_even():
     # identity and torchvision's offsets round(x / 2) show: 5 / 2 -> 2 and 3 / 2 -> 2.
     arr = np.random.default_rng(0).integers(0, 256, (13, 11, 3), dtype=np.uint8)
     out = Preprocess(8, mid_reso=11 / 8)(_pil(arr), rng=None)
-    np.testing.assert_array_equal(out, preprocess.to_pm1(arr[2:10, 2:10]))
+    assert out.dtype == np.uint8  # images cross to the device as bytes
+    np.testing.assert_array_equal(out, arr[2:10, 2:10])
 
 
 def test_random_crop_is_a_window_of_the_resized_image_and_varies():
     arr = np.random.default_rng(1).integers(0, 256, (12, 11, 3), dtype=np.uint8)
     windows = {
-        (top, left): preprocess.to_pm1(arr[top : top + 8, left : left + 8])
+        (top, left): arr[top : top + 8, left : left + 8]
         for top in range(5)
         for left in range(4)
     }
@@ -63,13 +69,13 @@ def test_adm_crop_box_halves_then_centres():
     blocks = np.random.default_rng(2).integers(0, 256, (8, 11, 3), dtype=np.uint8)
     arr = blocks.repeat(2, axis=0).repeat(2, axis=1)  # (16, 22)
     out = Preprocess(8, crop="adm_center_crop")(_pil(arr), rng=None)
-    np.testing.assert_array_equal(out, preprocess.to_pm1(blocks[:, 1:9]))
+    np.testing.assert_array_equal(out, blocks[:, 1:9])
 
 
 def test_hflip_flips_about_half_the_time_and_never_in_eval():
     arr = np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     prep = Preprocess(8, crop="adm_center_crop", hflip=True)
-    plain, mirrored = preprocess.to_pm1(arr), preprocess.to_pm1(arr[:, ::-1])
+    plain, mirrored = arr, arr[:, ::-1]
     outs = [prep(_pil(arr), np.random.default_rng(s)) for s in range(40)]
     flips = [np.array_equal(o, mirrored) for o in outs]
     assert all(f or np.array_equal(o, plain) for f, o in zip(flips, outs, strict=True))

@@ -3,7 +3,7 @@
     from mvar_jax import data
     source = data.build_train_source(cfg.data, global_batch_size=256, process_index=0,
                                      process_count=1, seed=0)
-    batch = next(source)        # {'image': (b, S, S, 3) in [-1, 1], 'label': (b,) int32}
+    batch = next(source)        # {'image': (b, S, S, 3) uint8, 'label': (b,) int32}
     state = source.get_state()  # JSON-serialisable; source.set_state(state) resumes
 
 See docs/data.md.
@@ -13,7 +13,7 @@ from mvar_jax.data.batching import BatchSource
 from mvar_jax.data.config import default_config
 from mvar_jax.data.device import DevicePrefetch
 from mvar_jax.data.pipeline import build_eval_source, build_train_source
-from mvar_jax.data.preprocess import BadImageError
+from mvar_jax.data.preprocess import BadImageError, to_pm1
 from mvar_jax.data.token_cache import TokenCache, sharded_encoder, write_token_cache
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "build_train_source",
     "default_config",
     "sharded_encoder",
+    "to_pm1",
     "write_token_cache",
 ]

@@ -15,7 +15,7 @@ def image_loader(
     on_bad_image: str,
     seed: int | None,
 ) -> batching.LoadFn:
-    """Loads `{'image': (S, S, 3) float32, 'label': () int32}`; `seed=None` is eval.
+    """Loads `{'image': (S, S, 3) uint8, 'label': () int32}`; `seed=None` is eval.
 
     An unreadable image is logged and dropped (None), or with
     `on_bad_image='raise'` stops everything with its location.

@@ -1,6 +1,7 @@
 """`build_train_source` / `build_eval_source`: the interface the trainer uses.
 
-Images: `{'image': (b, S, S, 3) float32 in [-1, 1], 'label': (b,) int32}`.
+Images: `{'image': (b, S, S, 3) uint8, 'label': (b,) int32}` (`preprocess.to_pm1`
+on the device gives the model's [-1, 1]).
 With `data.token_cache_dir`: `{'tokens': (b, L) int32, 'label': (b,) int32}`.
 Eval batches also carry `'mask': (b,) bool`, False on padding and on images
 that could not be read, since every host must run the same number of steps.
@@ -42,7 +43,7 @@ def _loader_and_spec(
         recs, preprocess.Preprocess.from_config(cfg), on_bad_image=cfg.on_bad_image, seed=seed
     )
     s = int(cfg.image_size)
-    return load, {"image": ((s, s, 3), np.float32), **label}, len(recs)
+    return load, {"image": ((s, s, 3), np.uint8), **label}, len(recs)
 
 
 def _batch_source(

@@ -7,20 +7,26 @@ Two recipes exist upstream and both are offered (`data.crop`):
 - 'adm_center_crop' (MVAR `utils/data.py`, the guided-diffusion recipe): halve with
   a box filter while the shorter side is >= 2S, bicubic-resize the shorter side to
   S, take the centre; the same for training and eval.
-Training may then flip horizontally with probability 1/2. Pixels go to [-1, 1]
-exactly like `ToTensor()` followed by `x + x - 1` in float32.
+Training may then flip horizontally with probability 1/2. Images leave the host
+as uint8, a quarter of the float32 bytes; `to_pm1` maps them to [-1, 1] on the
+device exactly like `ToTensor()` followed by `x + x - 1` in float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Any
+from typing import Any, TypeVar
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 
 from mvar_jax.data import config as config_lib
+
+
+ArrayT = TypeVar("ArrayT", np.ndarray, jax.Array)
 
 
 class BadImageError(ValueError):
@@ -54,15 +60,32 @@ def adm_resize(img: PIL.Image.Image, size: int) -> PIL.Image.Image:
     return img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), PIL.Image.BICUBIC)
 
 
-def to_pm1(img_HW3: np.ndarray) -> np.ndarray:
-    """uint8 to float32 in [-1, 1], bit-identical to torch's `ToTensor()` then `x + x - 1`."""
-    x = img_HW3.astype(np.float32) / np.float32(255.0)
+def _pm1_of_each_byte() -> np.ndarray:
+    """(256,) float32: torch's `ToTensor()` (x / 255) then `x + x - 1`, for every byte value."""
+    x = np.arange(256, dtype=np.float32) / np.float32(255.0)
     return x + x - np.float32(1.0)
+
+
+_PM1_OF_BYTE = _pm1_of_each_byte()
+
+
+def to_pm1(img: ArrayT) -> ArrayT:
+    """uint8 to float32 in [-1, 1], bit-identical to torch's `ToTensor()` then `x + x - 1`.
+
+    Takes a numpy or a jax array of any shape, so the same rule runs on the host
+    and inside a jitted step. It is a table look-up because compilers may turn
+    the division by 255 into a multiplication, which differs in the last bit.
+    """
+    if img.dtype != np.uint8:
+        raise TypeError(f"to_pm1 takes uint8 images, got {img.dtype}")
+    if isinstance(img, np.ndarray):
+        return _PM1_OF_BYTE[img]
+    return jnp.asarray(_PM1_OF_BYTE)[img]
 
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """PIL image -> `(S, S, 3)` float32 in [-1, 1]; `rng=None` is the eval path."""
+    """PIL image -> `(S, S, 3)` uint8; `rng=None` is the eval path."""
 
     image_size: int
     crop: str = "resize_random_crop"
@@ -94,4 +117,4 @@ class Preprocess:
         # crop offset flipping the crop has the same distribution.
         if rng is not None and self.hflip and rng.random() < 0.5:
             arr = arr[:, ::-1]
-        return to_pm1(arr)
+        return np.ascontiguousarray(arr)

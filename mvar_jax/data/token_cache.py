@@ -32,7 +32,7 @@ from absl import logging
 from mvar_jax import parallel
 from mvar_jax.data import batching, loaders, order, preprocess, records
 
-EncodeFn = Callable[[np.ndarray], np.ndarray]  # img (B, S, S, 3) in [-1, 1] -> ids (B, L) int32
+EncodeFn = Callable[[np.ndarray], np.ndarray]  # img (B, S, S, 3) uint8 -> ids (B, L) int32
 _VERSION = 1
 _META_FIELDS = ("name", "image_size", "crop", "mid_reso", "num_classes")
 
@@ -78,11 +78,12 @@ def sharded_encoder(
 
 
 def vqvae_tokenize(vqvae: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
-    """`(variables, img_BHW3) -> ids (B, L)` of a `mvar_jax.vqvae.VQVAE`: the
+    """`(variables, uint8 img_BHW3) -> ids (B, L)` of a `mvar_jax.vqvae.VQVAE`: the
     per-scale ids of `img_to_idx`, concatenated."""
 
     def tokenize(variables: Any, img_BHW3: jax.Array) -> jax.Array:
-        return jnp.concatenate(vqvae.apply(variables, img_BHW3, method="img_to_idx"), axis=1)
+        ids = vqvae.apply(variables, preprocess.to_pm1(img_BHW3), method="img_to_idx")
+        return jnp.concatenate(ids, axis=1)
 
     return tokenize
 
@@ -98,7 +99,7 @@ def _encode_chunk(
     for start in range(0, len(examples), batch_size):
         part = examples[start : start + batch_size]
         # A fixed batch shape keeps the encoder to one compilation.
-        img_BHW3 = np.zeros((batch_size, *image_shape), np.float32)
+        img_BHW3 = np.zeros((batch_size, *image_shape), np.uint8)
         for i, ex in enumerate(part):
             if ex is not None:
                 img_BHW3[i] = ex["image"]

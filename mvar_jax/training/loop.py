@@ -309,7 +309,7 @@ def _make_tokenizer(vqvae: VQVAE, patch_nums: tuple[int, ...]):
         if "tokens" in batch:
             ids = split_scales(batch["tokens"], patch_nums)
         else:
-            ids = vqvae.apply(vqvae_params, batch["image"], method=VQVAE.img_to_idx)
+            ids = vqvae.apply(vqvae_params, data.to_pm1(batch["image"]), method=VQVAE.img_to_idx)
         x_BLCv = vqvae.apply(vqvae_params, ids, method=VQVAE.idx_to_var_input)
         return {"label": batch["label"], "tokens": jnp.concatenate(ids, axis=1),
                 "x_BLCv": x_BLCv}
