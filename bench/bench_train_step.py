@@ -201,7 +201,7 @@ def parse_impls(text: str | None, smoke: bool) -> tuple[str, ...]:
     return impls
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, required=True)
     parser.add_argument("--batch-per-device", type=int, default=32)
@@ -212,7 +212,7 @@ def main() -> None:
                              f"the cycle row (default: {','.join(DEFAULT_IMPLS)}; with --smoke "
                              f"{','.join(SMOKE_IMPLS)})")
     parser.add_argument("--smoke", action="store_true", help="toy model, 2 steps (CPU check)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         impls = parse_impls(args.neighborhood_impls, args.smoke)
     except ValueError as e:

@@ -8,16 +8,19 @@ Design. The map is flattened row-major to ``N = H * W`` positions, and each
 program owns a run of ``block`` consecutive positions of one (batch, head).
 The positions on the other side of the attention (keys for a query block, the
 queries that see a key block for dk/dv) lie in a band of whole rows, so the
-program walks that band one row at a time: it loads a contiguous segment of
-``C`` positions of the row, scores the block against it with a dense dot, and
-masks every pair that is not in a window by index arithmetic. This is dense,
-masked work on tensor cores instead of a gather; for the small maps of MVAR
-(13x13 to 32x32) the band is only a few times larger than the windows.
+program walks that band in contiguous segments of ``C`` positions: it loads
+a segment, scores the block against it with a dense dot, and masks every pair
+that is not in a window by index arithmetic. This is dense, masked work on
+tensor cores instead of a gather; for the small maps of MVAR (13x13 to
+32x32) the band is only a few times larger than the windows.
 
-* A block that spans several rows meets whole partner rows (``C`` covers W).
+* A block that spans several rows meets whole partner rows, and the band is
+  one contiguous run of positions: it is walked in chunks of
+  ``Tiling.partner_chunk`` positions, which need not align with rows.
 * When ``block`` divides W and is smaller (wide maps, 64x64), a block is one
-  run of columns and only the ``block + k - 1`` columns next to it are loaded:
-  the column tiling that keeps large maps from wasting work.
+  run of columns and only the ``block + k - 1`` columns next to it are loaded,
+  one partner row per step: the column tiling that keeps large maps from
+  wasting work.
 
 Forward saves the log-sum-exp per query (base 2); backward recomputes the
 probabilities, one kernel for dq (per query block, as forward) and one for
@@ -65,17 +68,23 @@ class Tiling:
     Attributes:
       block_q: query positions (row-major run) per forward and dq program.
       block_k: key positions per dk/dv program.
+      partner_chunk: partner positions per step of the walk when blocks span
+        whole rows; None: the row width rounded up to a power of two. Column-
+        tiled maps walk one partner row per step and ignore it.
       num_warps, num_stages: Triton compiler parameters.
     """
 
     block_q: int = 64
     block_k: int = 64
+    partner_chunk: int | None = None
     num_warps: int = 4
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_q", "block_k"):
+        for name in ("block_q", "block_k", "partner_chunk"):
             value = getattr(self, name)
+            if name == "partner_chunk" and value is None:
+                continue
             if not _is_power_of_2(value) or value < _MIN_DOT_DIM:
                 raise ValueError(
                     f"Tiling.{name} must be a power of two >= {_MIN_DOT_DIM}, got {value}")
@@ -132,6 +141,7 @@ class _Geometry:
     kernel_size: int
     block: int
     head_dim: int
+    partner_chunk: int | None = None
 
     @property
     def size(self) -> int:
@@ -148,17 +158,21 @@ class _Geometry:
 
     @property
     def segment(self) -> int:
-        """Positions loaded per partner row (``C``); covers every needed column.
+        """Positions loaded per step of the walk (``C``).
 
-        A run of ``block`` columns meets ``block + k - 1`` partner columns in the
-        interior. At a border the keys of a run are seen by up to ``k // 2`` more
-        query columns (border windows are shifted inward, not clipped), so the
-        key direction needs ``block + k - 1 + k // 2``; one bound serves both.
+        Column-tiled: a run of ``block`` columns meets ``block + k - 1`` partner
+        columns in the interior. At a border the keys of a run are seen by up
+        to ``k // 2`` more query columns (border windows are shifted inward,
+        not clipped), so the key direction needs ``block + k - 1 + k // 2``;
+        one bound serves both. Otherwise any chunk of the band will do.
         """
-        needed = self.width
         if self.column_tiled:
             ks = self.kernel_size
             needed = min(self.width, self.block + ks - 1 + ks // 2)
+        elif self.partner_chunk is not None:
+            return self.partner_chunk
+        else:
+            needed = self.width
         return max(_MIN_DOT_DIM, pl.next_power_of_2(needed))
 
     def grid_size(self) -> int:
@@ -166,7 +180,7 @@ class _Geometry:
 
 
 class _Walk:
-    """A program's block of positions and the partner rows it interacts with.
+    """A program's block of positions and the band of partner positions it walks.
 
     ``own_is_query`` selects the direction: queries walking their keys (forward,
     dq) or keys walking the queries that see them (dk, dv). In both, ``mask``
@@ -195,29 +209,45 @@ class _Walk:
             self.row_lo = _first_query(row_first, ks)
             self.row_hi = _last_query(row_last, H, ks) + 1
             col0 = _first_query(col_first, ks)
-        # Whole partner rows unless blocks are runs within one row.
-        self.col0 = col0 if geo.column_tiled else 0
-        self.partner_col = self.col0 + jnp.arange(geo.segment)
-        self.partner_valid = self.partner_col < W
+        self.col0 = col0  # first partner column of a column-tiled walk
+
+    def _partners(self, step):
+        """Step ``step``'s first partner position, and its rows, columns, validity ``(C,)``."""
+        geo, lane = self.geo, jnp.arange(self.geo.segment)
+        if geo.column_tiled:  # one partner row, the columns near the block
+            row = self.row_lo + step
+            col = self.col0 + lane
+            return row * geo.width + self.col0, jnp.full_like(col, row), col, col < geo.width
+        start = (self.row_lo * geo.width) + step * geo.segment  # a chunk of the band
+        pos = start + lane
+        valid = pos < self.row_hi * geo.width
+        return start, lax.div(pos, geo.width), lax.rem(pos, geo.width), valid
+
+    def _num_steps(self):
+        geo = self.geo
+        if geo.column_tiled:
+            return self.row_hi - self.row_lo
+        band = (self.row_hi - self.row_lo) * geo.width
+        return lax.div(band + geo.segment - 1, geo.segment)
 
     def fold(self, body, init):
-        """``body(start, partner_valid, mask, carry)`` over the partner rows."""
+        """``body(start, partner_valid, mask, carry)`` over the walk's steps."""
         geo, ks = self.geo, self.geo.kernel_size
-        pair_valid = self.own_valid[:, None] & self.partner_valid[None, :]
 
-        def step(row, carry):
+        def step(t, carry):
+            start, row, col, valid = self._partners(t)
             if self.own_is_query:
                 mask = _in_window(self.own_row_start, self.own_col_start,
-                                  row, self.partner_col[None, :], ks)
+                                  row[None, :], col[None, :], ks)
             else:
                 mask = _in_window(
-                    _window_start(row, geo.height, ks),
-                    _window_start(self.partner_col, geo.width, ks)[None, :],
+                    _window_start(row, geo.height, ks)[None, :],
+                    _window_start(col, geo.width, ks)[None, :],
                     self.own_row[:, None], self.own_col[:, None], ks)
-            start = row * geo.width + self.col0
-            return body(start, self.partner_valid, mask & pair_valid, carry)
+            mask = mask & self.own_valid[:, None] & valid[None, :]
+            return body(start, valid, mask, carry)
 
-        return lax.fori_loop(self.row_lo, self.row_hi, step, init)
+        return lax.fori_loop(0, self._num_steps(), step, init)
 
 
 def _lanes(geo: _Geometry) -> jax.Array:
@@ -342,7 +372,8 @@ class _Config:
     interpret: bool
 
     def geometry(self, block: int, head_dim: int) -> _Geometry:
-        return _Geometry(self.height, self.width, self.kernel_size, block, head_dim)
+        return _Geometry(self.height, self.width, self.kernel_size, block, head_dim,
+                         self.tiling.partner_chunk)
 
 
 def _specs(geo: _Geometry):

@@ -77,18 +77,21 @@ def _check_against_references(shape, kernel_size, tiling, seed=0):
         assert rel_err(g, loop_g) < TOL, f"d{name} vs numpy loop"
 
 
-@pytest.mark.parametrize("shape, kernel_size, block", [
+@pytest.mark.parametrize("shape, kernel_size, block, chunk", [
     # (B, H, W, heads, head_dim)
-    ((2, 7, 9, 2, 8), 3, 16),     # non-square; blocks straddle rows
-    ((1, 13, 13, 2, 16), 7, None),  # MVAR's 13x13 scale, default tiling
-    ((1, 6, 32, 1, 8), 5, 16),    # column-tiled: 16-wide blocks of 32-wide rows
-    ((1, 5, 33, 1, 8), 5, 16),    # width 33: 64-wide partner segments
-    ((1, 33, 7, 1, 8), 7, 32),    # tall map, border rows see 1.5 k query rows
-    ((1, 5, 5, 1, 8), 5, 16),     # k = H = W: every query sees the whole map
-    ((1, 17, 48, 1, 8), 17, 16),  # column-tiled, large k: border keys seen by k + k//2 columns
-], ids=["7x9k3", "13x13k7", "6x32k5-coltiled", "5x33k5", "33x7k7", "5x5k5", "17x48k17-coltiled"])
-def test_forward_and_grads_match_references(shape, kernel_size, block):
-    tiling = None if block is None else Tiling(block_q=block, block_k=block)
+    ((2, 7, 9, 2, 8), 3, 16, None),     # non-square; blocks straddle rows
+    ((1, 13, 13, 2, 16), 7, None, None),  # MVAR's 13x13 scale, default tiling
+    ((1, 13, 13, 1, 8), 7, 32, 64),     # partner chunks of ~5 rows, not row-aligned
+    ((1, 16, 16, 1, 8), 7, 64, 128),    # chunk longer than the band of the first block
+    ((1, 6, 32, 1, 8), 5, 16, 64),      # column-tiled: 16-wide runs of 32-wide rows (no chunks)
+    ((1, 5, 33, 1, 8), 5, 16, None),    # width 33: 64-wide partner segments
+    ((1, 33, 7, 1, 8), 7, 32, 16),      # tall map, border rows see 1.5 k query rows
+    ((1, 5, 5, 1, 8), 5, 16, None),     # k = H = W: every query sees the whole map
+    ((1, 17, 48, 1, 8), 17, 16, None),  # column-tiled, large k: border keys seen by k + k//2 cols
+], ids=["7x9k3", "13x13k7", "13x13k7-chunk64", "16x16k7-chunk128", "6x32k5-coltiled", "5x33k5",
+        "33x7k7-chunk16", "5x5k5", "17x48k17-coltiled"])
+def test_forward_and_grads_match_references(shape, kernel_size, block, chunk):
+    tiling = None if block is None else Tiling(block_q=block, block_k=block, partner_chunk=chunk)
     _check_against_references(shape, kernel_size, tiling)
 
 
@@ -99,8 +102,30 @@ def test_random_shapes_match_references(kernel_size, data):
     width = data.draw(st.integers(kernel_size, 20), label="W")
     block_q = data.draw(st.sampled_from([16, 32]), label="block_q")
     block_k = data.draw(st.sampled_from([16, 32]), label="block_k")
+    chunk = data.draw(st.sampled_from([None, 16, 32]), label="partner_chunk")
     _check_against_references((1, height, width, 1, 8), kernel_size,
-                              Tiling(block_q=block_q, block_k=block_k), seed=height * width)
+                              Tiling(block_q=block_q, block_k=block_k, partner_chunk=chunk),
+                              seed=height * width)
+
+
+@pytest.mark.parametrize("side, tiling", [
+    (13, None), (16, Tiling(128, 128, 64, num_warps=8, num_stages=3)), (64, None)])
+def test_lowers_to_triton_for_the_gpu(side, tiling):
+    # CI has no GPU: lowering for CUDA runs the Pallas -> Triton translation, which
+    # rejects what Triton cannot express (shapes, ops), without compiling the result.
+    x = jax.ShapeDtypeStruct((2, side, side, 4, 64), jnp.bfloat16)
+
+    def loss(q, k, v):
+        return spatial_markov_attention(q, k, v, 7, tiling=tiling).astype(jnp.float32).sum()
+
+    triton = "__gpu$xla.gpu.triton"
+    exported = jax.export.export(
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(x, x, x)
+    text = exported.mlir_module()
+    for name in ("spatial_markov_fwd", "spatial_markov_dq", "spatial_markov_dkv"):
+        assert f'name = "{name}"' in text
+    assert text.count(f"@{triton}(") == 3
 
 
 def test_kernel_size_one_returns_values():
@@ -150,7 +175,8 @@ def test_bad_input_raises(shapes, dtype, kernel_size, match):
         spatial_markov_attention(q, k, v, kernel_size, interpret=True)
 
 
-@pytest.mark.parametrize("kwargs", [dict(block_q=48), dict(block_k=8), dict(num_warps=0)])
+@pytest.mark.parametrize("kwargs", [dict(block_q=48), dict(block_k=8), dict(partner_chunk=24),
+                                    dict(num_warps=0)])
 def test_bad_tiling_raises(kwargs):
     with pytest.raises(ValueError, match="Tiling|num_warps"):
         Tiling(**kwargs)

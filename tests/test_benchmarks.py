@@ -1,0 +1,49 @@
+"""The GPU benchmark scripts in their CPU smoke modes, so a lent GPU's minutes go to measuring.
+
+Each script is run (or, for the subprocess-per-case sampling bench, its
+per-case function) on toy shapes, and its tables are checked for the rows
+docs/benchmarks.md is filled from.
+"""
+
+from __future__ import annotations
+
+import json
+
+from bench import bench_sampling, bench_spatial_markov, bench_train_step, tune_spatial_markov
+
+
+def test_kernel_bench_and_tuner(tmp_path):
+    bench_spatial_markov.main(["--out", str(tmp_path / "kernel"), "--smoke"])
+    results = json.loads((tmp_path / "kernel" / "results.json").read_text())
+    timed = {(r["method"], r["mode"]) for r in results["results"] if r["median_ms"]}
+    for method in ("pallas", "reference", "dense_xla", "dense_sdpa"):
+        assert {(method, "fwd"), (method, "fwd+bwd")} <= timed
+    checks = results["header"]["checks"]["8"]
+    assert all(err < 2e-2 for err in checks.values())  # bf16 kernel vs f32 reference
+
+    tune_spatial_markov.main(["--out", str(tmp_path / "tune"), "--smoke"])
+    table = json.loads((tmp_path / "tune" / "results.json").read_text())["tables"]["8"]
+    assert len(table["rows"]) == 2 and sum(r["default"] for r in table["rows"]) == 1
+    assert table["rows"][0]["fwd_bwd_ms"] <= table["rows"][1]["fwd_bwd_ms"]
+    assert "| default |" in (tmp_path / "tune" / "results.md").read_text()
+
+
+def test_train_step_bench(tmp_path):
+    bench_train_step.main(["--out", str(tmp_path), "--smoke"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    segments = {(r["model"], r["segment"], r["attention_impl"]) for r in results["rows"]}
+    # Scales 1-3 together, the 4x4 scale (spatial-Markov) once per attention impl.
+    assert ("MVAR-d2", "1-3", "dense") in segments
+    assert ("MVAR-d2", "4", "reference") in segments
+    assert ("MVAR-d2", "4", "pallas_interpret") in segments
+    assert any(model == "MVAR-d2" and segment == "cycle" for model, segment, _ in segments)
+    assert any(model == "VAR-d2" for model, _, _ in segments)
+    assert all(r["ms_per_step"] > 0 for r in results["rows"])
+    assert "reference / pallas_interpret" in (tmp_path / "results.md").read_text()
+
+
+def test_sampling_bench_case():
+    case = bench_sampling.Case("mvar", batch=2, decode=True, smoke=True, warmup=1, reps=1)
+    row = bench_sampling.measure(case)
+    assert row["images_per_s"] > 0 and row["depth"] == 2
+    assert "| MVAR-d2 | 2 | yes |" in bench_sampling.markdown([row])
