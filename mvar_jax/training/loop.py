@@ -385,6 +385,8 @@ def _run(config, workdir, source, *, mesh, model, vqvae, vqvae_params) -> state_
             state_lib.init_params(model_config, config.init, rng), tx, rng))
     shardings = parallel.state_shardings(abstract_state, mesh, fsdp=config.parallel.fsdp,
                                          min_size=config.parallel.fsdp_min_size)
+    # On the mesh, so that every host can take part in saving them with the export.
+    vqvae_params = jax.device_put(vqvae_params, parallel.replicated(mesh))
     checkpointer = checkpointing.Checkpointer(
         workdir / "checkpoints", max_to_keep=config.keep_checkpoints,
         async_save=config.async_checkpointing)
@@ -439,7 +441,6 @@ def _train(config, workdir, state, start, num_steps, data_state, *, mesh, shardi
     batches = data.DevicePrefetch(source, batch_sharding, size=2)
     if data_state is not None:
         batches.set_state(data_state)
-    vqvae_params = jax.device_put(vqvae_params, replicated)
     tokenize = jax.jit(_make_tokenizer(vqvae, model.config.patch_nums),
                        in_shardings=(replicated, batch_sharding), out_shardings=batch_sharding)
     train_steps = [
