@@ -63,7 +63,9 @@ def adm_resize(img: PIL.Image.Image, size: int) -> PIL.Image.Image:
 def _pm1_of_each_byte() -> np.ndarray:
     """(256,) float32: torch's `ToTensor()` (x / 255) then `x + x - 1`, for every byte value."""
     x = np.arange(256, dtype=np.float32) / np.float32(255.0)
-    return x + x - np.float32(1.0)
+    table = x + x - np.float32(1.0)
+    table.flags.writeable = False
+    return table
 
 
 _PM1_OF_BYTE = _pm1_of_each_byte()
