@@ -58,24 +58,31 @@ def _flat(tree: Any) -> dict[str, Any]:
     return {"/".join(path): x for path, x in traverse_util.flatten_dict(dict(tree)).items()}
 
 
-def check_bundle(bundle: ModelBundle, source: str = "model") -> None:
+def _expected_params(vqvae_config: VQVAEConfig, transformer_config: TransformerConfig) -> dict:
+    """The param trees the configs call for, as ``ShapeDtypeStruct``s (traced, not built)."""
+    return {"vqvae": abstract_variables(vqvae_config),
+            "transformer": param_shapes(transformer_config)}
+
+
+def check_bundle(bundle: ModelBundle, source: str = "model", *,
+                 expected: dict | None = None) -> None:
     """Raises unless the configs fit together and each param tree has their shapes.
 
     A model whose config JSON was edited, or that was assembled from two models,
     fails here with the differing parameters named (StateDictMismatchError)
     rather than deep inside a compiled sampler or train step. Messages start
     with ``source`` (e.g. the directory). Leaves need only a ``.shape``, so
-    this also checks Orbax metadata before anything is read.
+    this also checks Orbax metadata before anything is read. ``expected``:
+    ``_expected_params`` of the bundle's configs, if the caller already has it.
     """
     mismatch = _config_mismatch(bundle.vqvae_config, bundle.transformer_config)
     if mismatch:
         raise CheckpointError(f"{source}: {mismatch}")
-    for what, expected, params in (
-        ("VQVAE params", abstract_variables(bundle.vqvae_config), bundle.vqvae_params),
-        ("transformer params", param_shapes(bundle.transformer_config),
-         bundle.transformer_params),
-    ):
-        check_keys(_flat(params), {k: v.shape for k, v in _flat(expected).items()},
+    if expected is None:
+        expected = _expected_params(bundle.vqvae_config, bundle.transformer_config)
+    for what, key, params in (("VQVAE params", "vqvae", bundle.vqvae_params),
+                              ("transformer params", "transformer", bundle.transformer_params)):
+        check_keys(_flat(params), {k: v.shape for k, v in _flat(expected[key]).items()},
                    what=f"{source}: {what}")
 
 
@@ -121,6 +128,7 @@ def load_model(directory: str | os.PathLike) -> ModelBundle:
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"invalid config JSON in {directory}: {e}") from e
     params_dir = directory / PARAMS_DIR
+    expected = _expected_params(vqvae_config, transformer_config)
     with ocp.StandardCheckpointer() as checkpointer:
         try:
             metadata = checkpointer.metadata(params_dir)
@@ -138,14 +146,13 @@ def load_model(directory: str | os.PathLike) -> ModelBundle:
             # Check the stored shapes first: a mismatch names the parameters
             # instead of surfacing as an Orbax restore error.
             check_bundle(ModelBundle(vqvae_config, stored["vqvae"], transformer_config,
-                                     stored["transformer"]), source=str(directory))
+                                     stored["transformer"]), source=str(directory),
+                         expected=expected)
         # An explicit single-device target: without one Orbax rebuilds the saved
         # sharding, which fails on a machine with a different device count.
         on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device),
-            {"vqvae": abstract_variables(vqvae_config),
-             "transformer": param_shapes(transformer_config)})
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device), expected)
         try:
             params = checkpointer.restore(params_dir, target)
         except Exception as e:  # Orbax raises several types for unreadable arrays.

@@ -35,6 +35,8 @@ _MAX_CONSECUTIVE_BAD = 10_000  # beyond this the data is broken, not noisy
 
 
 class Order(Protocol):
+    num_records: int
+
     def initial_state(self) -> State: ...
 
     def check_state(self, state: Any) -> State: ...
@@ -174,7 +176,6 @@ class BatchSource:
         spec: Spec,
         batch_size: int,
         *,
-        num_examples: int,
         num_workers: int = 0,
         prefetch: int = 0,
         with_mask: bool = False,
@@ -195,7 +196,7 @@ class BatchSource:
         self._state: State = {**order.initial_state(), _NUM_BAD: 0}
         self._pending: Any = None
         self._closer: weakref.finalize | None = None
-        self.num_examples = num_examples
+        self.num_examples = order.num_records
         self.num_batches: int | None = getattr(order, "num_batches", None)
 
     def __iter__(self) -> BatchSource:

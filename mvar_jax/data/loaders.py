@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from absl import logging
 
 from mvar_jax.data import batching, order, preprocess, records
+
+
+def image_loader_for(cfg: Any, role: str, *, seed: int | None) -> tuple[batching.LoadFn, int]:
+    """`image_loader` over `cfg`'s records of `role` with its preprocessing, and the split size."""
+    recs = records.open_image_records(cfg, role)
+    prep = preprocess.Preprocess.from_config(cfg)
+    return image_loader(recs, prep, on_bad_image=cfg.on_bad_image, seed=seed), len(recs)
 
 
 def image_loader(

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mvar_jax.data import batching, loaders, order, preprocess, records, token_cache
+from mvar_jax.data import batching, loaders, order, token_cache
 from mvar_jax.data import config as config_lib
 
 
@@ -38,12 +38,9 @@ def _loader_and_spec(
         cache.check_matches(cfg)
         load = token_cache.token_loader(cache, seed=seed, hflip=bool(cfg.hflip))
         return load, {"tokens": ((cache.seq_len,), np.int32), **label}, len(cache)
-    recs = records.open_image_records(cfg, role)
-    load = loaders.image_loader(
-        recs, preprocess.Preprocess.from_config(cfg), on_bad_image=cfg.on_bad_image, seed=seed
-    )
+    load, n = loaders.image_loader_for(cfg, role, seed=seed)
     s = int(cfg.image_size)
-    return load, {"image": ((s, s, 3), np.uint8), **label}, len(recs)
+    return load, {"image": ((s, s, 3), np.uint8), **label}, n
 
 
 def _batch_source(
@@ -64,7 +61,6 @@ def _batch_source(
         load,
         spec,
         batch_size,
-        num_examples=n,
         num_workers=int(data_cfg.num_workers),
         prefetch=int(data_cfg.prefetch),
         with_mask=role == "eval",

@@ -52,11 +52,9 @@ def open_builder(tfds_name: str, data_dir: str | None, image_size: int) -> tfds.
     """The prepared builder; only the built-in dataset is generated on first use."""
     if tfds_name == "builtin_shapes":
         builder = _builtin_builder(data_dir, image_size)
-        return (
-            builder
-            if builder.is_prepared()
-            else prepare(tfds_name, data_dir, image_size=image_size)
-        )
+        if not builder.is_prepared():
+            builder.download_and_prepare()
+        return builder
     builder = tfds.builder(tfds_name, data_dir=data_dir)
     if not builder.is_prepared():
         raise _not_prepared_error(tfds_name, builder)

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from mvar_jax import parallel
-from mvar_jax.data import batching, loaders, order, preprocess, records
+from mvar_jax.data import batching, loaders, order, preprocess
 
 EncodeFn = Callable[[np.ndarray], np.ndarray]  # img (B, S, S, 3) uint8 -> ids (B, L) int32
 _VERSION = 1
@@ -132,29 +132,30 @@ def write_token_cache(
 ) -> pathlib.Path:
     """Encodes the `role` split of `cfg`'s dataset; this host writes every
     `process_count`-th chunk. Existing chunks are kept. Returns the split dir."""
-    recs = records.open_image_records(cfg, role)
-    load = loaders.image_loader(
-        recs, preprocess.Preprocess.from_config(cfg), on_bad_image=cfg.on_bad_image, seed=None
-    )
+    load, num_examples = loaders.image_loader_for(cfg, role, seed=None)
     split_dir = pathlib.Path(cache_dir) / role
     split_dir.mkdir(parents=True, exist_ok=True)
-    meta = _expected_meta(cfg, len(recs), chunk_size)
+    meta = _expected_meta(cfg, num_examples, chunk_size)
     meta_path = split_dir / "meta.json"
-    if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
-        raise ValueError(
-            f"{split_dir} already holds a different cache ({meta_path.read_text()}); "
-            f"this run would write {meta}. Use another cache_dir."
-        )
-    meta_path.write_text(json.dumps(meta, indent=1))
+    if meta_path.exists():
+        if json.loads(meta_path.read_text()) != meta:
+            raise ValueError(
+                f"{split_dir} already holds a different cache ({meta_path.read_text()}); "
+                f"this run would write {meta}. Use another cache_dir."
+            )
+    else:  # hosts may race here: each writes its own temporary file, then renames it
+        tmp = meta_path.with_name(f"meta.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, meta_path)
 
     s = int(cfg.image_size)
-    num_chunks = -(-len(recs) // chunk_size)
+    num_chunks = -(-num_examples // chunk_size)
     with concurrent.futures.ThreadPoolExecutor(max(1, int(cfg.num_workers))) as pool:
         for chunk in range(process_index, num_chunks, process_count):
             tokens_path, labels_path = _chunk_paths(split_dir, chunk)
             if tokens_path.exists():
                 continue
-            indices = range(chunk * chunk_size, min((chunk + 1) * chunk_size, len(recs)))
+            indices = range(chunk * chunk_size, min((chunk + 1) * chunk_size, num_examples))
             examples = list(pool.map(lambda i: load(i, 0), indices))
             tokens, labels = _encode_chunk(examples, encode_fn, batch_size, (s, s, 3))
             _save_atomic(labels_path, labels)
