@@ -74,20 +74,16 @@ class MultiScaleQuantizer(nn.Module):
     def num_scales(self) -> int:
         return len(self.patch_nums)
 
-    def refine(self, si: int, h_BHWC: jax.Array) -> jax.Array:
-        """Phi of scale ``si`` applied to a full-size map."""
+    def scale_residual(self, si: int, h_BhwC: jax.Array) -> jax.Array:
+        """Scale ``si``'s share of f_hat ``(B, H, H, Cvae)``: its embeddings
+        bicubic-upsampled to full size (the last scale already is), then its Phi."""
+        H = self.patch_nums[-1]
+        h_BHWC = h_BhwC if si == self.num_scales - 1 else resize_bicubic(h_BhwC, (H, H))
         if not self.phi:
             return h_BHWC
         conv = self.phi[phi_index(si, self.num_scales, len(self.phi))]
         r = abs(self.quant_resi)
         return h_BHWC * (1 - r) + conv(h_BHWC) * r
-
-    def to_full_size(self, si: int, h_BhwC: jax.Array) -> jax.Array:
-        """Bicubic upsampling of scale ``si`` to ``H x H``; the last scale already is."""
-        if si == self.num_scales - 1:
-            return h_BhwC
-        H = self.patch_nums[-1]
-        return resize_bicubic(h_BhwC, (H, H))
 
     def nearest_code(self, z_NC: jax.Array) -> jax.Array:
         """Index of the nearest codebook entry for each row of ``z_NC``, ``(N,)`` int32."""
@@ -138,19 +134,18 @@ class MultiScaleQuantizer(nn.Module):
             z_BhwC = f_rest if si == self.num_scales - 1 else resize_area(f_rest, (pn, pn))
             idx_N = self.nearest_code(z_BhwC.reshape(-1, C))
             h_BhwC = self.embedding(idx_N).reshape(B, pn, pn, C)
-            h_BHWC = self.refine(si, self.to_full_size(si, h_BhwC))
+            h_BHWC = self.scale_residual(si, h_BhwC)
             f_hat = f_hat + h_BHWC
             f_rest = f_rest - h_BHWC
             ids.append(idx_N.reshape(B, pn * pn))
             f_hats.append(f_hat)
         return ids, f_hats
 
-    def embed_to_fhat(self, ms_h_BhwC: list[jax.Array], last_one: bool = False):
+    def embed_to_fhat(self, ms_h_BhwC: list[jax.Array]) -> list[jax.Array]:
         """Sums refined, upsampled per-scale embeddings into f_hat at full size.
 
         Takes the embeddings of the first ``len(ms_h_BhwC)`` scales (all of them
-        for a finished image). Returns the final ``(B, H, H, Cvae)`` f_hat when
-        ``last_one``, else the list of f_hat after each scale.
+        for a finished image). Returns the ``(B, H, H, Cvae)`` f_hat after each scale.
         """
         if not 1 <= len(ms_h_BhwC) <= self.num_scales:
             raise ValueError(
@@ -159,14 +154,13 @@ class MultiScaleQuantizer(nn.Module):
         f_hat = jnp.zeros((ms_h_BhwC[0].shape[0], H, H, self.Cvae), jnp.float32)
         f_hats = []
         for si, h_BhwC in enumerate(ms_h_BhwC):
-            f_hat = f_hat + self.refine(si, self.to_full_size(si, h_BhwC))
+            f_hat = f_hat + self.scale_residual(si, h_BhwC)
             f_hats.append(f_hat)
-        return f_hat if last_one else f_hats
+        return f_hats
 
     def idx_to_fhat(self, ids: list[jax.Array]) -> jax.Array:
         """f_hat ``(B, H, H, Cvae)`` from the token ids of every scale so far."""
-        return self.embed_to_fhat(
-            [self.embed_scale(si, idx) for si, idx in enumerate(ids)], last_one=True)
+        return self.embed_to_fhat([self.embed_scale(si, idx) for si, idx in enumerate(ids)])[-1]
 
     def idx_to_var_input(self, ids: list[jax.Array]) -> jax.Array:
         """Teacher-forcing input ``(B, L - patch_nums[0]**2, Cvae)``.
@@ -197,7 +191,7 @@ class MultiScaleQuantizer(nn.Module):
         The next input is f_hat area-downsampled to scale si + 1, ``(B, pn', pn', Cvae)``;
         after the last scale it is f_hat itself. ``si`` must be a Python int.
         """
-        f_hat_BHWC = f_hat_BHWC + self.refine(si, self.to_full_size(si, h_BhwC))
+        f_hat_BHWC = f_hat_BHWC + self.scale_residual(si, h_BhwC)
         if si == self.num_scales - 1:
             return f_hat_BHWC, f_hat_BHWC
         pn = self.patch_nums[si + 1]
