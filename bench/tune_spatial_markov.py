@@ -26,8 +26,8 @@ import time
 
 import jax
 
-from bench.bench_spatial_markov import (Case, _passes, check_kernel, copy_bandwidth,
-                                        input_sets, time_call)
+from bench.bench_spatial_markov import (FLOOR_TENSORS, Case, _passes, check_kernel,
+                                        copy_bandwidth, input_sets, time_call)
 from kernels.spatial_markov import Tiling, default_tiling, spatial_markov_attention
 
 GiB = 2 ** 30
@@ -66,7 +66,7 @@ def tune_map(case: Case, tilings: list[Tiling], interpret: bool, copy_bps: float
             print(f"  {tiling}: refused: {type(e).__name__}: {str(e).splitlines()[0][:100]}",
                   flush=True)
             continue
-        floor_ms = 1e3 * 8 * case.tensor_bytes / copy_bps
+        floor_ms = 1e3 * FLOOR_TENSORS["fwd+bwd"] * case.tensor_bytes / copy_bps
         rows.append(dict(tiling=dataclasses.asdict(tiling), default=not rows,
                          fwd_ms=ms["fwd"], fwd_bwd_ms=ms["fwd+bwd"],
                          x_floor=ms["fwd+bwd"] / floor_ms))
