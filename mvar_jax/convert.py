@@ -3,11 +3,14 @@
     python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --mvar mvar-d16.pth --out ckpt/mvar-d16
     python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --var var_d16.pth --out ckpt/var-d16
     python -m mvar_jax.convert ... --var var_d16.pth --as-mvar   # MVAR fine-tuning start
+    python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --m-var d16.pth --out ckpt/m-var-d16
 
 The directory (``checkpoint.save_model``) holds both networks' params and
 configs, so nothing else is needed to sample from it. The attention pattern
 comes from the flag, not the file: the official MVAR fine-tuning loads VAR's
-state dict whole, so its checkpoints may carry VAR's training mask.
+state dict whole, so its checkpoints may carry VAR's training mask. M-VAR
+(``--m-var``, model attention ``'mamba'``) is a different network, not an
+attention pattern: its file must hold the Mamba2 layers.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from collections.abc import Sequence
 
 from mvar_jax import checkpoint, transformer_weights, vqvae_weights
 from mvar_jax.torch_checkpoint import CheckpointError
+
+# TransformerConfig.attention -> the model's name.
+MODEL_NAMES = {"mvar": "MVAR", "var": "VAR", "mamba": "M-VAR"}
 
 
 def parse_patch_nums(text: str) -> tuple[int, ...]:
@@ -33,7 +39,8 @@ def parse_patch_nums(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mvar_jax.convert",
-        description="Convert official VQVAE + MVAR/VAR .pth files into a mvar_jax model directory.")
+        description="Convert official VQVAE + MVAR/VAR/M-VAR .pth files into a mvar_jax "
+                    "model directory.")
     parser.add_argument("--vae", required=True, type=pathlib.Path,
                         help="official VQVAE state dict (vae_ch160v4096z32.pth)")
     which = parser.add_mutually_exclusive_group(required=True)
@@ -41,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="official MVAR checkpoint (mvar-d16.pth, mvar-finetune-d16.pth, ...)")
     which.add_argument("--var", type=pathlib.Path,
                        help="official VAR checkpoint (var_d16.pth, ...): sampled with a KV cache")
+    which.add_argument("--m-var", type=pathlib.Path,
+                       help="official M-VAR checkpoint (OliverRensu/MVAR: d16.pth, ...): "
+                            "attention within scales, Mamba2 across them")
     parser.add_argument("--as-mvar", action="store_true",
                         help="with --var: load the VAR weights into an MVAR model "
                              "(the starting point of MVAR fine-tuning)")
@@ -66,11 +76,15 @@ def convert(args: argparse.Namespace) -> checkpoint.ModelBundle:
                                                   ("kernel_size", args.kernel_size),
                                                   ("refine_step", args.refine_step))
                  if value is not None}
-    attention = "var" if args.var is not None and not args.as_mvar else "mvar"
+    if args.m_var is not None:
+        attention, weights = "mamba", args.m_var
+    elif args.var is not None:
+        attention, weights = ("mvar" if args.as_mvar else "var"), args.var
+    else:
+        attention, weights = "mvar", args.mvar
     vqvae_config, vqvae_params = vqvae_weights.load_official_vqvae(args.vae, **patch_nums)
     transformer_config, transformer_params = transformer_weights.load_transformer(
-        args.var if args.var is not None else args.mvar,
-        attention=attention, **patch_nums, **overrides)
+        weights, attention=attention, **patch_nums, **overrides)
     checkpoint.check_configs(vqvae_config, transformer_config)
     checkpoint.save_model(args.out, vqvae_config=vqvae_config, vqvae_params=vqvae_params,
                           transformer_config=transformer_config,
@@ -84,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.as_mvar and args.var is None:
         parser.error("--as-mvar converts VAR weights; it needs --var")
+    if args.m_var is not None and (args.kernel_size is not None or args.refine_step is not None):
+        parser.error("--kernel-size and --refine-step set MVAR's spatial-Markov attention; "
+                     "M-VAR attends within whole scales")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a directory")
     if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
@@ -93,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         parser.error(str(e))
     t = model.transformer_config
-    print(f"wrote {args.out}: {t.attention.upper()} depth {t.depth}, width {t.embed_dim}, "
+    print(f"wrote {args.out}: {MODEL_NAMES[t.attention]} depth {t.depth}, width {t.embed_dim}, "
           f"{t.num_heads} heads, {t.num_classes} classes, vocab {t.vocab_size}, "
           f"{model.vqvae_config.image_size}px")
     return 0

@@ -1,10 +1,11 @@
-"""Class-conditional generation for MVAR (no KV cache) and VAR (KV cache).
+"""Class-conditional generation for MVAR (no KV cache), VAR (KV cache) and M-VAR (Mamba states).
 
 MVAR's attention is Markovian in scale, so step ``si`` runs the transformer on the
 ``pn * pn`` tokens of scale ``si`` alone: nothing from earlier scales is kept besides
 the VQVAE's accumulated feature map ``f_hat``, which also feeds the next scale's
 input. VAR attends to every earlier scale and keeps their keys/values in the
-transformer's fixed-size cache.
+transformer's fixed-size cache. M-VAR also runs scale ``si``'s tokens alone, its
+Mamba layers advancing a fixed-size state carried from the previous scale.
 
 Guidance, filtering and the Gumbel "more smooth" mode follow the official
 samplers; randomness comes from one ``jax.random`` key, folded in per scale.
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mvar_jax import m_var
 from mvar_jax.checkpoint import ModelBundle, check_configs
 from mvar_jax.transformer import Transformer, TransformerConfig, init_kv_cache
 from mvar_jax.vqvae import VQVAE, VQVAEConfig
@@ -74,7 +76,8 @@ def guidance_schedule(cfg: float, config: TransformerConfig) -> np.ndarray | Non
     Row si holds ``(1 + t, t)`` with ``t = cfg * si / (num_scales - 1)``, so that
     ``logits = (1 + t) * cond - t * uncond``. The weights are computed in float64
     and rounded once, as PyTorch rounds the official Python scalars. MVAR skips
-    guidance (None: no unconditional half) when ``cfg == 1``; VAR always guides.
+    guidance (None: no unconditional half) when ``cfg == 1``; VAR and M-VAR
+    always guide, as their official samplers do (cfg 1 still ramps t = si / 9).
     """
     if config.attention == "mvar" and cfg == 1.0:
         return None
@@ -94,7 +97,7 @@ def generate(
     vqvae_config: VQVAEConfig, transformer_config: TransformerConfig,
     vqvae_params: Any, transformer_params: Any, label_B: jax.Array, key: jax.Array,
     guidance_S2: jax.Array | None, *, top_k: int = 0, top_p: float = 0.0,
-    more_smooth: bool = False, decode: bool = True,
+    more_smooth: bool = False, decode: bool = True, mamba_rerun: bool = False,
 ) -> Samples:
     """Generates one image per label, coarse to fine; traceable, see ``sample`` for the jit.
 
@@ -107,6 +110,9 @@ def generate(
       more_smooth: feed the next scale a Gumbel-softmax mix of codebook entries
         instead of the sampled entry (the official visualisation mode).
       decode: decode f_hat to images (off for token-only benchmarks).
+      mamba_rerun: M-VAR only: the official algorithm, re-running every Mamba
+        layer over all earlier scales at each scale instead of carrying its state
+        (the same samples at a higher cost; the reference of tests and benchmarks).
     """
     tcfg = transformer_config
     vqvae, model = VQVAE(vqvae_config), Transformer(tcfg)
@@ -115,7 +121,8 @@ def generate(
     if guided:  # The unconditional half uses the null class.
         label_B = jnp.concatenate([label_B, jnp.full_like(label_B, tcfg.num_classes)])
     x_BlC, cond_BD = model.apply(transformer_params, label_B, method=Transformer.start_input)
-    cache = init_kv_cache(tcfg, label_B.shape[0])  # None for MVAR.
+    cache = (m_var.init_rerun_cache if mamba_rerun else init_kv_cache)(
+        tcfg, label_B.shape[0])  # None for MVAR.
     if more_smooth:
         codebook_VC = vqvae.apply(vqvae_params, jnp.arange(tcfg.vocab_size)[None],
                                   method=VQVAE.embed_tokens)[0]
@@ -128,7 +135,7 @@ def generate(
             x_BlC = model.apply(transformer_params, next_BlCv, si, method=Transformer.scale_input)
             if guided:
                 x_BlC = jnp.concatenate([x_BlC, x_BlC])
-        # Only this scale's pn*pn tokens enter the model (plus VAR's cache).
+        # Only this scale's pn*pn tokens enter the model (plus the cache).
         logits_BlV, cache = model.apply(transformer_params, x_BlC, cond_BD, si, cache,
                                         method=Transformer.scale_logits)
         if guided:
@@ -159,7 +166,7 @@ def generate(
 
 _generate_jit = jax.jit(
     generate, static_argnames=("vqvae_config", "transformer_config", "top_k", "top_p",
-                               "more_smooth", "decode"))
+                               "more_smooth", "decode", "mamba_rerun"))
 
 
 def sample(model: ModelBundle, labels: Sequence[int] | np.ndarray | jax.Array,

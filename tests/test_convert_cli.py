@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import convert_tiny
+from conftest import M_VAR_FIXTURES, convert_tiny
 from mvar_jax import checkpoint, convert
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -57,6 +57,21 @@ def test_var_weights_as_mvar_and_overwrite(tiny_checkpoints, fixture_dir, tmp_pa
     assert as_mvar.transformer_config.kernel_size == 5
     np.testing.assert_array_equal(as_mvar.transformer_params["params"]["pos_embed"],
                                   var.transformer_params["params"]["pos_embed"])
+
+
+def test_m_var_converts_with_its_own_flag(m_var_checkpoints, capsys, fixture_dir, tmp_path):
+    config = json.loads((m_var_checkpoints["l21"] / "transformer_config.json").read_text())
+    assert (config["attention"], config["attn_l2_norm"], config["num_heads"]) == (
+        "mamba", True, 4)
+    vae, out = str(fixture_dir / "tiny_vae.pth"), str(tmp_path / "out")
+    m_var = str(M_VAR_FIXTURES / "tiny_mvar_m_l21.pth")
+    err = _error_of(capsys, ["--vae", vae, "--mvar", m_var, "--out", out])
+    assert "an M-VAR checkpoint" in err and "--m-var" in err
+    err = _error_of(capsys, ["--vae", vae, "--m-var", str(fixture_dir / "tiny_mvar.pth"),
+                             "--out", out])
+    assert "not an M-VAR checkpoint" in err
+    err = _error_of(capsys, ["--vae", vae, "--m-var", m_var, "--out", out, "--kernel-size", "5"])
+    assert "M-VAR attends within whole scales" in err
 
 
 def test_errors_are_clear(capsys, fixture_dir, tmp_path):

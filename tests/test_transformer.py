@@ -140,7 +140,7 @@ def test_per_scale_inference_reproduces_teacher_forcing(attention):
 
 
 @hypothesis.settings(max_examples=8, deadline=None, database=None)
-@hypothesis.given(attention=st.sampled_from(["mvar", "var"]), scale=st.integers(1, 4),
+@hypothesis.given(attention=st.sampled_from(["mvar", "var", "mamba"]), scale=st.integers(1, 4),
                   seed=st.integers(0, 2**16))
 def test_perturbing_one_scale_reaches_only_the_scales_that_attend_to_it(attention, scale, seed):
     config, params, forward = _small_forward(attention)
