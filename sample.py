@@ -42,7 +42,8 @@ def parse_labels(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sample.py", description="Sample class-conditional images from an MVAR/VAR model.")
+        prog="sample.py",
+        description="Sample class-conditional images from an MVAR/VAR/M-VAR model.")
     parser.add_argument("--checkpoint", required=True, type=pathlib.Path,
                         help="model directory written by mvar_jax.convert or training")
     parser.add_argument("--labels", type=parse_labels,

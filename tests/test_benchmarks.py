@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 
-from bench import bench_sampling, bench_spatial_markov, bench_train_step, tune_spatial_markov
+from bench import (bench_m_var_cost, bench_sampling, bench_spatial_markov, bench_train_step,
+                   tune_spatial_markov)
 
 
 def test_kernel_bench_and_tuner(tmp_path):
@@ -47,3 +48,15 @@ def test_sampling_bench_case():
     row = bench_sampling.measure(case)
     assert row["images_per_s"] > 0 and row["depth"] == 2
     assert "| MVAR-d2 | 2 | yes |" in bench_sampling.markdown([row])
+
+
+def test_m_var_cost_bench(tmp_path):
+    bench_m_var_cost.main(["--out", str(tmp_path), "--smoke"])
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["model"] == "M-VAR-d1" and r["batch"] == 2
+    # Carrying the state saves the re-run, less the state's own cost.
+    assert r["carried_flops"] < r["official_rerun_flops"]
+    saved = r["official_rerun_flops"] - r["carried_flops"]
+    assert 0 < r["state_flops"] < saved < r["rerun_flops"] < saved + 2 * r["state_flops"]
+    assert "| ours (Mamba state carried from scale to scale) |" in (
+        tmp_path / "results.md").read_text()
