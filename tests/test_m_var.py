@@ -90,12 +90,12 @@ def test_inference_carries_mamba_state_like_the_official_rerun(models, m_var_io,
             _var_input(model.vqvae_config, model.vqvae_params, io["greedy_BL"]))
     carried = _inference_logits(*args, rerun=False)
     err = rel_err(carried, io["infer_logits_pre_cfg"])
-    assert err < 1e-5, err  # measured 2.5e-7 (l21), 2.6e-7 (l20)
+    assert err < 1e-5, err  # measured 2.7e-7 (both)
     paths = [carried]
     if with_rerun:
         paths.append(_inference_logits(*args, rerun=True))
         err = rel_err(carried, paths[1])
-        assert err < 1e-5, err  # measured 1.1e-7
+        assert err < 1e-5, err  # measured 1.7e-7
     # From the official history each path picks the official greedy tokens at every
     # scale, so each one's sampling loop produces exactly them.
     for logits in paths:
