@@ -19,15 +19,17 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from mvar_jax import checkpoint
 from mvar_jax.data import config as config_lib
 from mvar_jax.data import token_cache
 from mvar_jax.vqvae import VQVAE
-from mvar_jax.vqvae_weights import load_official_vqvae
 
 _DATA = config_flags.DEFINE_config_dict(
     "data", config_lib.default_config(), "Data config; data.token_cache_dir is the output."
 )
-_VAE = flags.DEFINE_string("vae", None, "Official VQ-VAE state dict (.pth).", required=True)
+_VAE = flags.DEFINE_string(
+    "vae", None, "Official VQ-VAE state dict (.pth), or a tokenizer / model directory.",
+    required=True)
 _PATCH_NUMS = flags.DEFINE_list(
     "patch_nums",
     "1,2,3,4,5,6,8,10,13,16",
@@ -50,7 +52,7 @@ def main(argv: Sequence[str]) -> None:
     cfg = _DATA.value
     if not cfg.token_cache_dir:
         raise app.UsageError("--data.token_cache_dir (the output directory) is required")
-    vae_config, variables = load_official_vqvae(
+    vae_config, variables = checkpoint.load_vqvae_checkpoint(
         _VAE.value, patch_nums=tuple(int(p) for p in _PATCH_NUMS.value)
     )
     encode_fn = token_cache.sharded_encoder(

@@ -13,7 +13,6 @@ work directory holds::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -39,7 +38,6 @@ from mvar_jax.training import state as state_lib
 from mvar_jax.training import step as step_lib
 from mvar_jax.transformer import Transformer, TransformerConfig
 from mvar_jax.vqvae import VQVAE, VQVAEConfig, split_scales
-from mvar_jax.vqvae_weights import load_official_vqvae
 
 MODEL_NAMES = ("mvar", "var")
 
@@ -124,14 +122,11 @@ def _check_sampling(config: ml_collections.ConfigDict) -> None:
 
 def load_tokenizer(path: str | os.PathLike, patch_nums: tuple[int, ...]
                    ) -> tuple[VQVAEConfig, Any]:
-    """The frozen VQVAE: an official ``.pth`` or the VQVAE of a model directory.
+    """The frozen VQVAE: an official ``.pth``, a tokenizer directory or a model's VQVAE.
 
     The token pyramid (``patch_nums``) is the run's; it does not change the weights.
     """
-    if os.path.isdir(path):
-        bundle = checkpoint.load_model(path)
-        return dataclasses.replace(bundle.vqvae_config, patch_nums=patch_nums), bundle.vqvae_params
-    return load_official_vqvae(path, patch_nums=patch_nums)
+    return checkpoint.load_vqvae_checkpoint(path, patch_nums)
 
 
 def transformer_config(config: ml_collections.ConfigDict, vqvae_config: VQVAEConfig
