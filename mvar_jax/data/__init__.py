@@ -9,9 +9,8 @@
 See docs/data.md.
 """
 
-from mvar_jax.data.batching import BatchSource
+from mvar_jax.data.batching import BatchSource, DevicePrefetch
 from mvar_jax.data.config import default_config
-from mvar_jax.data.device import DevicePrefetch
 from mvar_jax.data.pipeline import build_eval_source, build_train_source
 from mvar_jax.data.preprocess import BadImageError, to_pm1
 from mvar_jax.data.token_cache import TokenCache, sharded_encoder, write_token_cache

@@ -9,6 +9,7 @@ batch k and `set_state()` on a fresh source reproduce batch k+1 exactly.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import itertools
@@ -18,8 +19,10 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
+import jax
 import numpy as np
 
+from mvar_jax import parallel
 from mvar_jax.data import order as order_lib
 
 Example = dict[str, np.ndarray]
@@ -239,3 +242,45 @@ class BatchSource:
         if self._pending is not None:
             self._closer()
             self._pending = None
+
+
+class DevicePrefetch:
+    """Wraps a `BatchSource`; yields global `jax.Array` batches laid out by `sharding`.
+
+    Each host contributes its local batch (`parallel.host_batch_to_global`).
+    Up to `size` batches are transferred ahead, so `get_state()` reports the
+    state after the last batch *returned*, not the last one transferred.
+    """
+
+    def __init__(self, source: BatchSource, sharding: jax.sharding.Sharding, size: int = 2):
+        if size < 1:
+            raise ValueError(f"size={size} must be >= 1")
+        self._source = source
+        self._sharding = sharding
+        self._size = size
+        self._ahead: collections.deque = collections.deque()
+        self._state = source.get_state()
+
+    def __iter__(self) -> DevicePrefetch:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        while len(self._ahead) < self._size:
+            try:
+                batch = next(self._source)
+            except StopIteration:
+                break
+            global_batch = parallel.host_batch_to_global(batch, self._sharding)
+            self._ahead.append((global_batch, self._source.get_state()))
+        if not self._ahead:
+            raise StopIteration
+        batch, self._state = self._ahead.popleft()
+        return batch
+
+    def get_state(self) -> State:
+        return dict(self._state)
+
+    def set_state(self, state: Mapping[str, int]) -> None:
+        self._ahead.clear()
+        self._source.set_state(state)
+        self._state = self._source.get_state()

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mvar_jax.data import batching, loaders, order, token_cache
+from mvar_jax.data import batching, order, records, token_cache
 from mvar_jax.data import config as config_lib
 
 
@@ -38,7 +38,7 @@ def _loader_and_spec(
         cache.check_matches(cfg)
         load = token_cache.token_loader(cache, seed=seed, hflip=bool(cfg.hflip))
         return load, {"tokens": ((cache.seq_len,), np.int32), **label}, len(cache)
-    load, n = loaders.image_loader_for(cfg, role, seed=seed)
+    load, n = records.image_loader_for(cfg, role, seed=seed)
     s = int(cfg.image_size)
     return load, {"image": ((s, s, 3), np.uint8), **label}, n
 

@@ -1,9 +1,9 @@
 r"""Prepares a TFDS dataset as array_record, the random-access format the pipelines read.
 
-  python -m mvar_jax.data.prepare --name=imagenet2012 --data_dir=/data/tfds \
+  python -m mvar_jax.data.records --name=imagenet2012 --data_dir=/data/tfds \
       --manual_dir=/data/ilsvrc   # holds ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar
-  python -m mvar_jax.data.prepare --name=tfds:cifar10 --data_dir=/data/tfds
-  python -m mvar_jax.data.prepare --name=builtin_shapes --image_size=128
+  python -m mvar_jax.data.records --name=tfds:cifar10 --data_dir=/data/tfds
+  python -m mvar_jax.data.records --name=builtin_shapes --image_size=128
 
 The built-in dataset is also generated on first use; preparing it beforehand
 keeps several hosts from generating it at once into a shared directory.
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from mvar_jax.data import tfds_records
+from mvar_jax.data import records
 
 _NAME = flags.DEFINE_string(
     "name", "builtin_shapes", "'builtin_shapes', 'imagenet2012' or 'tfds:<name>'."
@@ -38,7 +38,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _NAME.value == "folder":
         raise app.UsageError("an image folder needs no preparation")
-    builder = tfds_records.prepare(
+    builder = records.prepare(
         _NAME.value.removeprefix("tfds:"),
         _DATA_DIR.value,
         image_size=_IMAGE_SIZE.value,

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from mvar_jax import parallel
-from mvar_jax.data import batching, loaders, order, preprocess
+from mvar_jax.data import batching, order, preprocess, records
 
 EncodeFn = Callable[[np.ndarray], np.ndarray]  # img (B, S, S, 3) uint8 -> ids (B, L) int32
 _VERSION = 1
@@ -132,7 +132,7 @@ def write_token_cache(
 ) -> pathlib.Path:
     """Encodes the `role` split of `cfg`'s dataset; this host writes every
     `process_count`-th chunk. Existing chunks are kept. Returns the split dir."""
-    load, num_examples = loaders.image_loader_for(cfg, role, seed=None)
+    load, num_examples = records.image_loader_for(cfg, role, seed=None)
     split_dir = pathlib.Path(cache_dir) / role
     split_dir.mkdir(parents=True, exist_ok=True)
     meta = _expected_meta(cfg, num_examples, chunk_size)
@@ -173,7 +173,7 @@ class TokenCache:
         if not meta_path.exists():
             raise FileNotFoundError(
                 f"no token cache at {self.split_dir} (missing meta.json); write it with "
-                "`python -m mvar_jax.data.cache_tokens` (docs/data.md)"
+                "`python -m mvar_jax.data.token_cache` (docs/data.md)"
             )
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("version") != _VERSION:

@@ -1,6 +1,6 @@
 r"""Writes the token cache of a dataset with the official VQ-VAE.
 
-  python -m mvar_jax.data.cache_tokens --vae=pretrained/vae_ch160v4096z32.pth \
+  python -m mvar_jax.data.token_cache --vae=pretrained/vae_ch160v4096z32.pth \
       --data.name=folder --data.data_dir=/data/imagenet --data.image_size=256 \
       --data.num_classes=1000 --data.crop=adm_center_crop \
       --data.token_cache_dir=/data/imagenet_tokens --role=train
