@@ -6,7 +6,12 @@
     batch = next(source)        # {'image': (b, S, S, 3) uint8, 'label': (b,) int32}
     state = source.get_state()  # JSON-serialisable; source.set_state(state) resumes
 
-See docs/data.md.
+The modules, in the order an example travels: ``config`` (the data ConfigDict),
+``records`` (encoded images by index from an image folder or TFDS, and the loader
+that decodes them), ``preprocess`` (crops, flip, ``to_pm1``), ``order`` (which
+example goes where, and when), ``batching`` (resumable host batches, device
+prefetch) and ``pipeline`` (the two builders above). Beside them:
+``builtin_shapes``, the default dataset, and ``token_cache``. See docs/data.md.
 """
 
 from mvar_jax.data.batching import BatchSource, DevicePrefetch

@@ -5,8 +5,8 @@ r"""Writes the token cache of a dataset with the official VQ-VAE.
       --data.num_classes=1000 --data.crop=adm_center_crop \
       --data.token_cache_dir=/data/imagenet_tokens --role=train
 
-`--data.*` are the fields of `mvar_jax.data.default_config()`; the same values
-(with `token_cache_dir`) then make `build_train_source` read the cache. Run it
+``--data.*`` are the fields of ``mvar_jax.data.default_config()``; the same values
+(with ``token_cache_dir``) then make ``build_train_source`` read the cache. Run it
 once per role; on several hosts pass --process_index/--process_count and each
 writes its share of the chunks.
 """
