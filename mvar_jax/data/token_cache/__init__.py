@@ -1,7 +1,7 @@
 """Token ids of a dataset computed once (as the official ``main_cache.py`` does).
 
-``python -m mvar_jax.data.token_cache`` (``__main__.py``) writes them with the
-official VQ-VAE; ``write_token_cache`` takes any encoder.
+``python -m mvar_jax.data.token_cache`` (``__main__.py``) writes them with a
+VQ-VAE; ``write_token_cache`` takes any encoder.
 
 Training on the cache skips image decoding and the VQ-VAE encoder. Every image
 is stored twice, as itself and as its horizontal flip, so the flip augmentation

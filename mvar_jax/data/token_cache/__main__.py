@@ -1,4 +1,4 @@
-r"""Writes the token cache of a dataset with the official VQ-VAE.
+r"""Writes the token cache of a dataset with a VQ-VAE (official .pth, tokenizer or model dir).
 
   python -m mvar_jax.data.token_cache --vae=pretrained/vae_ch160v4096z32.pth \
       --data.name=folder --data.data_dir=/data/imagenet --data.image_size=256 \
