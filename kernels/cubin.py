@@ -14,8 +14,8 @@ spills, and the shared memory Triton allocates per block.
 
 Needs the ``triton`` pinned in requirements-dev.txt (a dev/test dependency:
 the model never imports this module), and a jaxlib whose Pallas lowering
-emits ``__gpu$xla.gpu.triton`` (0.10; later jaxlibs compile at lowering time
-on a GPU).
+emits ``__gpu$xla.gpu.triton`` (up to 0.10.2; later jaxlibs compile the
+kernel with their own Triton while lowering, which needs a GPU plugin).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 import jax
 import jax.numpy as jnp
 from jax._src.interpreters import mlir
+from jax._src.lib import version as jaxlib_version
 from jax._src.lib.mlir import ir
 from jax._src.lib.triton import dialect as tt_dialect
 
@@ -50,6 +51,9 @@ except ImportError as e:  # a dev dependency: say which
     raise ImportError("kernels.cubin needs PyPI triton (pinned in requirements-dev.txt)") from e
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
+# Pallas emits TRITON_CALL with the Triton module up to this jaxlib (see
+# jax._src.pallas.triton.pallas_call_registration); later ones compile it there.
+LOWERS_TO_TRITON_IR = jaxlib_version <= (0, 10, 2)
 TRITON_VERSION = triton.__version__
 PTXAS_VERSION = get_ptxas(80).version  # the CUDA release of the wheel's ptxas
 
@@ -70,6 +74,10 @@ def triton_calls(fn: Callable, *args: jax.ShapeDtypeStruct) -> list[TritonCall]:
 
     ``args`` may be abstract (``jax.ShapeDtypeStruct``): nothing runs.
     """
+    if not LOWERS_TO_TRITON_IR:
+        raise RuntimeError(f"jaxlib {jaxlib_version} compiles Pallas Triton kernels while lowering "
+                           f"(on a GPU); kernels.cubin needs the {TRITON_CALL} custom calls of "
+                           "jaxlib <= 0.10.2")
     exported = jax.export.export(
         jax.jit(fn), platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)

@@ -3,17 +3,23 @@
 ``kernels.cubin`` exports the kernel's gradient for CUDA, prints each Triton
 module with jaxlib's dialect and compiles it with PyPI Triton and the ptxas of
 its wheel. Every tiling the tuner may pick (``candidate_tilings``, the default
-among them) must compile without spills, within 255 registers and within a
-block's shared memory, for every map the models use (13x13, 16x16) and two
-larger ones.
+among them; bfloat16 as the models train, and the float32 defaults) must
+compile without spills, within 255 registers and within a block's shared
+memory, for every map the models use (13x13, 16x16) and two larger ones.
 """
 
 from __future__ import annotations
 
 import pytest
+from jax._src.lib import version as jaxlib_version
 
-from kernels import cubin
-from kernels.spatial_markov import CANDIDATE_MAPS, Tiling, candidate_tilings, default_tiling
+if jaxlib_version > (0, 10, 2):  # kernels.cubin.LOWERS_TO_TRITON_IR, without importing triton
+    pytest.skip("this jaxlib compiles Pallas kernels while lowering (a GPU machine's jax)",
+                allow_module_level=True)
+
+from kernels import cubin  # noqa: E402
+from kernels.spatial_markov import (  # noqa: E402
+    CANDIDATE_MAPS, Tiling, candidate_tilings, default_tiling)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +57,8 @@ def test_calls_carry_the_tiling_and_grid():
 
 def test_spills_are_reported():
     # A tiling outside the candidates: dkv at 16x16 with 128-position blocks and
-    # 8 warps needs more than the 255 registers a thread may have on sm_80.
+    # 8 warps needs more than the 255 registers a thread may have on sm_80 (with
+    # the pinned triton 3.6.0; 3.9.0 fits it in 255 without spilling).
     tiling = Tiling(block_q=128, block_k=128, partner_chunk=64, num_warps=8, num_stages=3)
     dkv = cubin.spatial_markov_calls(cubin.KernelCase(16, tiling))[2]
     resources = cubin.compile_module(dkv.module, 80, dkv.num_warps, dkv.num_stages)
