@@ -8,7 +8,7 @@ Segments therefore contribute in proportion to their size, as in VAR.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -17,7 +17,7 @@ import optax
 
 from mvar_jax.training.schedule import Segment
 from mvar_jax.training.state import TrainState
-from mvar_jax.training.task import Batch, Metrics
+from mvar_jax.training.task import Batch, Metrics, StepFn
 from mvar_jax.transformer import Transformer
 
 
@@ -52,8 +52,7 @@ def scale_metrics(logits_BlV: jax.Array, targets_Bl: jax.Array, patch_nums: Sequ
 
 def make_train_step(model: Transformer, tx: optax.GradientTransformation,
                     learning_rate: optax.Schedule, segment: Segment, *,
-                    label_smoothing: float
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+                    label_smoothing: float) -> StepFn:
     """One optimizer step on scales ``segment`` (pure; jit it with the shardings).
 
     The batch holds ``label`` ``(B,)``, ``tokens`` ``(B, L)`` and ``x_BLCv``
