@@ -76,8 +76,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--out must end in .npz or .png, got {args.out}")
     if args.num_per_class < 1 or args.batch_size < 1:
         parser.error("--num-per-class and --batch-size must be >= 1")
-    if args.top_k < 0 or not 0.0 <= args.top_p <= 1.0:
-        parser.error(f"need --top-k >= 0 and 0 <= --top-p <= 1, got {args.top_k}, {args.top_p}")
+    try:
+        sampling.check_filters(args.top_k, args.top_p, names=("--top-k", "--top-p"))
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> checkpoint.ModelBundle:

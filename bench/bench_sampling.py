@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mvar_jax import checkpoint, sampling, transformer
+from mvar_jax import attention, checkpoint, sampling, transformer
 from mvar_jax.vqvae import VQVAEConfig, abstract_variables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -138,12 +138,12 @@ def main() -> None:
     batches = args.batch_sizes or ("2" if args.smoke else "32,64")
     reps = 1 if args.smoke else args.reps
     rows = []
-    for attention in ("mvar", "var"):
+    for pattern in attention.PATTERNS:
         for batch in (int(b) for b in batches.split(",")):
             for decode in (True, False):
-                rows.append(run_isolated(Case(attention, batch, decode, args.smoke,
+                rows.append(run_isolated(Case(pattern, batch, decode, args.smoke,
                                               args.warmup, reps)))
-                print(f"{attention} batch {batch} decode {decode}: "
+                print(f"{pattern} batch {batch} decode {decode}: "
                       f"{rows[-1]['images_per_s']:.1f} img/s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))

@@ -72,6 +72,8 @@ def neighborhood_attention_reference(
 
 
 NEIGHBORHOOD_IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
+# The two models by their attention: ``TransformerConfig.attention``, a training
+# config's ``model.name``.
 PATTERNS = ("mvar", "var")
 
 

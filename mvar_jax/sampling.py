@@ -59,6 +59,19 @@ def top_p_filter(logits_BlV: jax.Array, top_p: float) -> jax.Array:
     return jnp.where(logits_BlV < threshold, -jnp.inf, logits_BlV)
 
 
+def check_filters(top_k: int, top_p: float, *, names: tuple[str, str] = ("top_k", "top_p")
+                  ) -> None:
+    """Raises ValueError unless ``top_k >= 0`` and ``0 <= top_p <= 1`` (0 disables either).
+
+    ``names``: how the caller's user spells the two settings (flags, config fields).
+    """
+    k_name, p_name = names
+    if top_k < 0:
+        raise ValueError(f"{k_name}={top_k} must be >= 0 (0: off)")
+    if not 0 <= top_p <= 1:
+        raise ValueError(f"{p_name}={top_p} must be in [0, 1] (0: off)")
+
+
 def filter_logits(logits_BlV: jax.Array, top_k: int, top_p: float) -> jax.Array:
     """Top-k, then top-p on what is left (the official order)."""
     return top_p_filter(top_k_filter(logits_BlV, top_k), top_p)
@@ -190,8 +203,7 @@ def sample(model: ModelBundle, labels: Sequence[int] | np.ndarray | jax.Array,
     if bad.size:
         raise ValueError(f"labels {sorted(set(bad.tolist()))} are outside the model's "
                          f"{tcfg.num_classes} classes [0, {tcfg.num_classes - 1}]")
-    if top_k < 0 or not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"need top_k >= 0 and 0 <= top_p <= 1, got {top_k}, {top_p}")
+    check_filters(top_k, top_p)
     return _generate_jit(
         model.vqvae_config, tcfg, model.vqvae_params, model.transformer_params,
         jnp.asarray(label_B, jnp.int32), key, guidance_schedule(cfg, tcfg),

@@ -60,12 +60,32 @@ KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 ATTENTIONS = (*attention.PATTERNS, "mamba")
 
 
+def check_refine_step(refine_step: int, num_scales: int, *, training: bool = False) -> None:
+    """The one rule for ``refine_step``, the first scale with spatial-Markov attention.
+
+    Scales ``[0, refine_step)`` attend within themselves, so the model accepts
+    ``[1, num_scales]``. Training MVAR teaches those scales in one segment, which must
+    reach beyond the start token's 1x1 scale (the official trainer asserts
+    ``prog_ed > 0``), hence ``[2, num_scales]`` with ``training=True``.
+    """
+    low = 2 if training else 1
+    if not low <= refine_step <= num_scales:
+        raise ValueError(f"refine_step must be in [{low}, {num_scales}] for {num_scales} scales, "
+                         f"got {refine_step}")
+
+
+def official_drop_path_rate(depth: int) -> float:
+    """Stochastic depth of the official runs (models/__init__.py: ``dpr = 0.1 * depth / 24``)."""
+    return 0.1 * depth / 24
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """Architecture of a VAR / MVAR transformer.
 
     ``embed_dim`` and ``num_heads`` default to the official convention
-    ``64 * depth`` and ``depth``.
+    ``64 * depth`` and ``depth``. ``drop_path_rate`` only acts in training, where
+    the official runs use ``official_drop_path_rate(depth)``.
     """
 
     vocab_size: int = 4096
@@ -113,8 +133,11 @@ class TransformerConfig:
             fail(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             fail(f"kernel_size must be odd and positive, got {self.kernel_size}")
-        if self.attention != "mamba" and not 1 <= self.refine_step <= self.num_scales:
-            fail(f"refine_step must be in [1, {self.num_scales}], got {self.refine_step}")
+        if self.attention != "mamba":  # M-VAR attends within whole scales: no refine_step.
+            try:
+                check_refine_step(self.refine_step, self.num_scales)
+            except ValueError as e:
+                fail(str(e))
         if self.attention == "mamba":
             if self.shared_aln:  # The official block offsets 6 modulations, it needs 9.
                 fail("M-VAR (attention='mamba') has no shared AdaLN")

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import sample
+from mvar_jax import checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GREEDY = ["--cfg", "1.5", "--top-k", "1", "--top-p", "0", "--seed", "0"]
@@ -89,6 +90,12 @@ def test_bad_input_is_a_clear_error(tiny_checkpoints, capsys, tmp_path):
     (edited / "transformer_config.json").write_text(json.dumps(dict(config, depth=3)))
     err = _error_of(capsys, ["--checkpoint", str(edited), "--out", out])
     assert "transformer params does not match" in err and "blocks_2" in err
+    # A tokenizer directory where a generator model is expected.
+    vqvae_config, vqvae_params = checkpoint.load_tokenizer(ckpt)
+    checkpoint.save_tokenizer(tmp_path / "tokenizer", vqvae_config=vqvae_config,
+                              vqvae_params=vqvae_params)
+    err = _error_of(capsys, ["--checkpoint", str(tmp_path / "tokenizer"), "--out", out])
+    assert "is a tokenizer directory" in err and "generator model" in err
     assert not (tmp_path / "x.npz").exists()
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from conftest import rel_err
 from mvar_jax import transformer_weights
-from mvar_jax.transformer import (Transformer, TransformerConfig, init_kv_cache, init_params,
-                                  param_shapes)
+from mvar_jax.transformer import (Transformer, TransformerConfig, check_refine_step,
+                                  init_kv_cache, init_params, param_shapes)
 
 # The official MVAR training segments of the tiny fixtures (tiny_meta.json).
 SEGMENTS = {"mvar_logits_seg0": (0, 8), "mvar_logits_seg1": (8, 9), "mvar_logits_seg2": (9, 10)}
@@ -244,6 +244,15 @@ def test_config_defaults_roundtrip_and_validation():
     with pytest.raises(ValueError, match=r"patch_nums must hold >= 2 positive scales"):
         TransformerConfig(patch_nums=(1,), refine_step=1)
     assert TransformerConfig(patch_nums=(1, 2), refine_step=1, kernel_size=1).num_scales == 2
+
+
+def test_refine_step_rule_of_the_model_and_of_training():
+    check_refine_step(1, 4)  # only the start token's scale attends within itself
+    check_refine_step(4, 4)
+    with pytest.raises(ValueError, match=r"refine_step must be in \[2, 4\] for 4 scales, got 1"):
+        check_refine_step(1, 4, training=True)
+    with pytest.raises(ValueError, match=r"refine_step must be in \[1, 4\] for 4 scales, got 5"):
+        check_refine_step(5, 4)
 
 
 def test_invalid_ranges_and_inputs_raise():
