@@ -14,7 +14,8 @@ import pytest
 from conftest import M_VAR_VARIANTS, rel_err
 from mvar_jax import checkpoint, m_var, sampling
 from mvar_jax.mamba2 import Mamba2
-from mvar_jax.transformer import Transformer, TransformerConfig, init_kv_cache, param_shapes
+from mvar_jax.transformer import (Transformer, TransformerConfig, init_kv_cache, init_params,
+                                  param_shapes)
 from mvar_jax.vqvae import VQVAE, VQVAEConfig
 
 CFG = 1.5  # The fixtures' guidance (greedy, top_k 1).
@@ -198,3 +199,28 @@ def test_recipes_follow_the_official_commands():
                       attention=tiny.model.name)
     with pytest.raises(ValueError, match="unknown M-VAR recipe 'd30'"):
         m_var_recipes.recipe("d30")
+
+
+def test_init_params_follow_the_official_recipe():
+    # models/mvar.py init_weights over mamba_ssm's own init: Linear weights normal(init_std)
+    # (in_proj, out_proj: no 1/sqrt(2 depth)), Conv1d normal(0.02) with zero bias; ada_lin's
+    # first 2C of 9C columns (gamma1, gamma2) times alng; A in [1, 16], dt in [1e-3, 0.1],
+    # D and the norm weight ones.
+    config = TransformerConfig(depth=2, embed_dim=128, num_heads=2, patch_nums=(1, 2),
+                               attention="mamba")
+    params = init_params(config, jax.random.PRNGKey(0))["params"]["blocks_1"]
+    std, C = (1 / (3 * 128)) ** 0.5, 128
+    mamba = jax.tree.map(np.asarray, params["mamba"])
+    for name in ("in_proj", "out_proj"):
+        assert 0.9 * std < mamba[name]["kernel"].std() < 1.1 * std
+        assert "bias" not in mamba[name]
+    assert 0.018 < mamba["conv1d"]["kernel"].std() < 0.022
+    assert not mamba["conv1d"]["bias"].any()
+    A, dt = np.exp(mamba["A_log"]), np.log1p(np.exp(mamba["dt_bias"]))
+    assert A.shape == dt.shape == (4,) and np.all((1 <= A) & (A <= 16))
+    assert np.all((1e-3 * 0.999 <= dt) & (dt <= 0.1 * 1.001))
+    assert np.all(mamba["D"] == 1) and np.all(mamba["norm"]["scale"] == 1)
+    ada = np.asarray(params["ada_lin"]["kernel"])
+    assert ada.shape == (C, 9 * C)
+    assert np.abs(ada[:, :2 * C]).max() < 1e-4  # gamma1, gamma2 start closed
+    assert 0.4 * std < ada[:, 2 * C:].std() < 0.6 * std  # gamma3 and the modulations: x 0.5
