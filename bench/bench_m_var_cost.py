@@ -54,7 +54,7 @@ _generate = jax.jit(sampling.generate, static_argnames=(
 def model_configs(smoke: bool) -> tuple[VQVAEConfig, TransformerConfig]:
     """The released tokenizer and M-VAR-d16 at 256 px, or a toy for --smoke."""
     if smoke:
-        patch_nums = (1, 2, 3)
+        patch_nums = (1, 2)
         return (VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2),
                             num_res_blocks=1, using_sa=False, using_mid_sa=False,
                             patch_nums=patch_nums),

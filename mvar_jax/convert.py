@@ -168,8 +168,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.mvar is None and args.var is None and args.m_var is None:
         extra = _given(args, ("num_heads", "kernel_size", "refine_step"))
         if extra:
-            parser.error(f"{', '.join(extra)} configure a transformer; they need --mvar, --var "
-                         "or --m-var")
+            parser.error(f"{', '.join(extra)} configure a transformer; they need --mvar or --var "
+                         "(or --m-var)")
     if args.m_var is not None and (args.kernel_size is not None or args.refine_step is not None):
         parser.error("--kernel-size and --refine-step set MVAR's spatial-Markov attention; "
                      "M-VAR attends within whole scales")

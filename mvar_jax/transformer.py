@@ -519,9 +519,9 @@ class Transformer(nn.Module):
         if not 0 <= si < cfg.num_scales:
             raise ValueError(f"si must be in [0, {cfg.num_scales}), got {si}")
         if (cache is None) != (cfg.attention == "mvar"):
-            raise ValueError("VAR and M-VAR inference need a cache (init_kv_cache) and MVAR "
-                             f"takes none; attention={cfg.attention!r}, cache given: "
-                             f"{cache is not None}")
+            raise ValueError("VAR inference needs a KV cache and M-VAR its Mamba states (both "
+                             "from init_kv_cache), MVAR takes none; attention="
+                             f"{cfg.attention!r}, cache given: {cache is not None}")
         n = cfg.patch_nums[si] ** 2
         if x_BlC.ndim != 3 or x_BlC.shape[1:] != (n, cfg.embed_dim):
             raise ValueError(f"x_BlC for scale {si} must be (B, {n}, {cfg.embed_dim}), "
