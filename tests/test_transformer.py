@@ -94,10 +94,16 @@ SMALL = TransformerConfig(vocab_size=16, cvae=4, num_classes=5, depth=2, embed_d
 
 def _random_params(config, seed=0):
     """Every parameter random and O(1), so that every path visibly moves the logits
-    (the official init zeroes the residual gates)."""
+    (the official init zeroes the residual gates); M-VAR's Mamba decays slowly, so
+    that its memory spans the whole small pyramid."""
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda leaf: 0.3 * rng.standard_normal(leaf.shape, np.float32),
-                        param_shapes(config))
+
+    def draw(path, leaf):
+        if path[-1].key == "A_log":  # A = -0.01
+            return np.full(leaf.shape, np.log(0.01), np.float32)
+        return 0.3 * rng.standard_normal(leaf.shape, np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(config))
 
 
 @functools.cache
