@@ -58,6 +58,8 @@ KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
 # The attention argument: VAR's and MVAR's patterns, and M-VAR ('mamba').
 ATTENTIONS = (*attention.PATTERNS, "mamba")
+# How each family is named for people.
+MODEL_NAMES = {"mvar": "MVAR", "var": "VAR", "mamba": "M-VAR"}
 
 
 def check_refine_step(refine_step: int, num_scales: int, *, training: bool = False) -> None:
