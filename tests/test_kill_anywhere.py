@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import event_scalars, make_image_folder
-from mvar_jax import checkpoint
+from mvar_jax import checkpoint, vqvae_weights
 from mvar_jax.data import token_cache
 from mvar_jax.training import trainer
 from mvar_jax.training import workdir as workdir_lib
@@ -73,7 +73,6 @@ KILLS = (
     "after 0.0",
     "checkpoint-save=4",  # the step-4 save in flight: the run resumes from step 2
     "after 0.1",
-    "train-step=7",
     "export-configs",  # a model directory's configs written, not its params
     "export-record",  # the model written, not its step record: the next start redoes it
     "export-swap",  # the redone export's new directory ready, the old one moved aside
@@ -87,7 +86,7 @@ def _env(cache: pathlib.Path, kill_at: str | None = None) -> dict[str, str]:
            "XLA_FLAGS": "--xla_backend_optimization_level=0",
            # Restarts reuse what the first run compiled.
            "JAX_COMPILATION_CACHE_DIR": str(cache),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     env.pop("MVAR_JAX_KILL_AT", None)
     if kill_at is not None:
         env["MVAR_JAX_KILL_AT"] = kill_at
@@ -205,9 +204,14 @@ def images(tmp_path_factory) -> pathlib.Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> pathlib.Path:
+    """JAX's compilation cache, shared by every process this module starts."""
+    return tmp_path_factory.mktemp("jax_cache")
+
+
 @pytest.mark.parametrize("run", RUNS)
-def test_killed_anywhere_ends_like_an_uninterrupted_run(run, images, tmp_path):
-    cache = tmp_path / "jax_cache"
+def test_killed_anywhere_ends_like_an_uninterrupted_run(run, images, cache, tmp_path):
     straight, chain = tmp_path / "straight", tmp_path / "chain"
     assert _run(_train_command(run, images, straight), cache, tmp_path / "straight.log") == 0
 
@@ -240,15 +244,15 @@ def test_killed_anywhere_ends_like_an_uninterrupted_run(run, images, tmp_path):
     assert not leftovers
 
 
-def test_a_second_run_on_a_workdir_is_refused(images, tmp_path):
-    """While one ``train.py`` trains, another run on its workdir stops before writing;
-    once the first is killed, the workdir is free again."""
+def test_a_second_run_on_a_workdir_is_refused(images, cache, tmp_path):
+    """While one ``train.py`` trains (held still by SIGSTOP), another run on its workdir
+    stops before writing; once the first is killed, the workdir is free again."""
     run = RUNS[0].values[0]
     workdir, log = tmp_path / "run", tmp_path / "first.log"
-    first = _start(_train_command(run, images, workdir, num_train_steps=10_000),
-                   _env(tmp_path / "jax_cache"), log)
+    first = _start(_train_command(run, images, workdir), _env(cache), log)
     try:
         _wait_for(first, log, r"^step 1:")
+        first.send_signal(signal.SIGSTOP)
         with pytest.raises(workdir_lib.WorkdirInUse) as refused:
             trainer.train_and_evaluate(_config(run, images, num_train_steps=1), workdir)
         message = str(refused.value)
@@ -261,15 +265,18 @@ def test_a_second_run_on_a_workdir_is_refused(images, tmp_path):
         pass
 
 
-def test_token_cache_killed_mid_chunk_resumes_to_the_same_files(images, tmp_path):
+def test_token_cache_killed_mid_chunk_resumes_to_the_same_files(images, cache, tmp_path):
+    vae = tmp_path / "tokenizer"  # a directory: reading it needs no torch
+    vae_config, vae_params = vqvae_weights.load_official_vqvae(TINY_VAE, patch_nums=(1, 2, 3, 4))
+    checkpoint.save_tokenizer(vae, vqvae_config=vae_config, vqvae_params=vae_params)
+
     def command(out: pathlib.Path) -> list[str]:
-        return [sys.executable, "-m", "mvar_jax.data.token_cache", f"--vae={TINY_VAE}",
+        return [sys.executable, "-m", "mvar_jax.data.token_cache", f"--vae={vae}",
                 "--patch_nums=1,2,3,4", "--data.name=folder", f"--data.data_dir={images}",
                 "--data.image_size=64", f"--data.num_classes={NUM_CLASSES}",
                 "--data.num_workers=2", f"--data.token_cache_dir={out}", "--role=train",
                 "--batch_size=4", "--chunk_size=4"]  # 4 chunks
 
-    cache = tmp_path / "jax_cache"
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert _run(command(straight), cache, tmp_path / "straight.log") == 0
     assert _run(command(killed), cache, tmp_path / "killed.log",
