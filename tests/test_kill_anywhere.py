@@ -58,11 +58,10 @@ class Run:
     load: Callable[[pathlib.Path], object]
 
 
-# One line per task. The overrides shrink the run to a few cheap steps.
+# One line per task. The overrides (beyond ``_overrides``') shrink its run to cheap steps.
+GENERATOR = {"vqvae_checkpoint": str(TINY_VAE), "model.depth": 1, "ratio_k": 2, "sample_every": 0}
 RUNS = [
-    pytest.param(Run("configs/tiny_cpu.py", {"vqvae_checkpoint": str(TINY_VAE), "model.depth": 1,
-                                             "ratio_k": 2, "sample_every": 0},
-                     checkpoint.load_model), id="generator"),
+    pytest.param(Run("configs/tiny_cpu.py", GENERATOR, checkpoint.load_model), id="generator"),
 ]
 
 # The kills, in order, each followed by a restart: a hook point (``mvar_jax.faults``),
