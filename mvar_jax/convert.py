@@ -22,18 +22,9 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from mvar_jax import checkpoint, transformer_weights, vqvae_weights
+from mvar_jax import checkpoint, cli, transformer_weights, vqvae_weights
 from mvar_jax.torch_checkpoint import CheckpointError
 from mvar_jax.vqvae import VQVAEConfig
-
-
-def parse_patch_nums(text: str) -> tuple[int, ...]:
-    """``"1,2,3"`` -> ``(1, 2, 3)``, as an argparse ``type``."""
-    try:
-        return tuple(int(p) for p in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated ints such as 1,2,3,4,5,6,8,10,13,16, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MVAR spatial-Markov neighbourhood side (default 7)")
     parser.add_argument("--refine-step", type=int,
                         help="first scale with spatial-Markov attention (default 8)")
-    parser.add_argument("--patch-nums", type=parse_patch_nums,
+    parser.add_argument("--patch-nums", type=cli.int_list("ints", "1,2,3,4,5,6,8,10,13,16"),
                         help="token pyramid sides (default 1,2,3,4,5,6,8,10,13,16)")
     return parser
 

@@ -57,6 +57,25 @@ def test_tiny_cpu_config_fits_the_tiny_tokenizer(fixture_dir):
     assert config.vqvae_checkpoint == "tests/fixtures/official/tiny_vae.pth"
 
 
+def test_tiny_cpu_var_is_tiny_cpu_with_var_attention(fixture_dir, monkeypatch):
+    """The MVAR-vs-VAR comparison's baseline: only the attention pattern differs."""
+    mvar = importlib.import_module("configs.tiny_cpu").get_config()
+    var = importlib.import_module("configs.tiny_cpu_var").get_config()
+    monkeypatch.chdir(REPO)  # vqvae_checkpoint is repo-relative
+    trainer.check_config(var)
+    generator.check_config(var)
+    assert trainer.task_class(var) is trainer.task_class(mvar)
+    vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth",
+                                          patch_nums=var.model.patch_nums)
+    mvar_model, var_model = (generator.transformer_config(c, vqvae_config) for c in (mvar, var))
+    assert (mvar_model.attention, var_model.attention) == ("mvar", "var")
+    assert dataclasses.replace(var_model, attention="mvar") == mvar_model
+    assert trainer.total_steps(var) == trainer.total_steps(mvar) == 2 * 157
+    differ = {k for k, v in var.to_dict().items() if v != mvar.to_dict()[k]}
+    assert differ == {"model"}
+    assert {k for k, v in var.model.items() if v != mvar.model[k]} == {"name"}
+
+
 def test_train_py_applies_overrides_and_reports_bad_values(tmp_path):
     out = subprocess.run(
         [sys.executable, "train.py", "--config", "configs/tiny_cpu.py", "--workdir",
