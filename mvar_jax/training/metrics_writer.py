@@ -52,7 +52,7 @@ class MetricsWriter:
     """Writes under ``workdir``: ``tensorboard/`` events and ``<tag>/step_*.png`` images.
 
     Each write reaches the event file before it returns (no writer thread, no
-    buffer), so a killed run loses nothing it logged. Every start appends to a file
+    buffer), so a killed run loses nothing it logged. Every start writes a file
     of its own; a record torn by a kill ends that file for TensorBoard's reader and
     nothing else (the steps after the last checkpoint are logged again, equal).
     """

@@ -124,7 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     with contextlib.ExitStack() as cleanup:
         # Before anything is written; released last, after the export.
         cleanup.enter_context(workdir_lib.lock(workdir))
-        cleanup.enter_context(workdir_lib.stop_when_disk_full(f"writing {workdir}", workdir))
+        cleanup.enter_context(workdir_lib.stop_when_disk_full(f"training in {workdir}", workdir))
         if source is None:
             source = data.build_train_source(
                 config.data, global_batch_size=config.batch_size,
