@@ -1,11 +1,13 @@
-"""Shared test set-up: float32 parity on the CPU, fixture paths, the slow marker."""
+"""Shared test set-up: float32 parity on the CPU, fixture paths, the slow marker, data."""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import struct
 
 import numpy as np
+import PIL.Image
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -46,6 +48,37 @@ def fixture_dir() -> pathlib.Path:
 def tiny_io() -> dict[str, np.ndarray]:
     with np.load(FIXTURES / "tiny_io.npz") as f:
         return {k: f[k] for k in f.files}
+
+
+def make_image_folder(root: pathlib.Path, num_classes: int, per_class: int) -> None:
+    """``train/class<c>/<i>.png``: distinct random 72x80 images (resized and cropped to 64)."""
+    rng = np.random.default_rng(0)
+    for c in range(num_classes):
+        class_dir = root / "train" / f"class{c}"
+        class_dir.mkdir(parents=True)
+        for i in range(per_class):
+            PIL.Image.fromarray(rng.integers(0, 256, (72, 80, 3), np.uint8)).save(
+                class_dir / f"{i}.png")
+
+
+def event_scalars(directory: pathlib.Path) -> dict[tuple[str, int], set[float]]:
+    """``(tag, step) -> values`` of every TensorBoard event file in ``directory``; a torn
+    last record ends its file, as for TensorBoard."""
+    from tensorboardX.proto import event_pb2
+
+    values: dict[tuple[str, int], set[float]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos + 12 <= len(data):  # length (8), its CRC (4), event, its CRC (4)
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            end = pos + 12 + length + 4
+            if end > len(data):
+                break
+            event = event_pb2.Event.FromString(data[pos + 12:end - 4])
+            for value in event.summary.value:
+                values.setdefault((value.tag, event.step), set()).add(value.simple_value)
+            pos = end
+    return values
 
 
 def rel_err(out, ref) -> float:
