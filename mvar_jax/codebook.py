@@ -91,7 +91,7 @@ def _check_window(window: int) -> None:
         raise ValueError(f"codebook usage window must be a positive int of steps, got {window!r}")
 
 
-def step_hits(ids: Sequence[jax.Array], vocab_size: int) -> jax.Array:
+def _step_hits(ids: Sequence[jax.Array], vocab_size: int) -> jax.Array:
     """Per-scale code histogram ``(S, V)`` int32 of one step's token ids ``(B, l)``."""
     return jnp.stack([jnp.bincount(idx.reshape(-1), length=vocab_size) for idx in ids])
 
@@ -113,7 +113,7 @@ def record(state: CodebookState, ids: Sequence[jax.Array], *, window: int) -> Co
     S, V = state.idle_SV.shape
     if len(ids) != S:
         raise ValueError(f"expected token ids of {S} scales, got {len(ids)}")
-    hits_SV = step_hits(ids, V)
+    hits_SV = _step_hits(ids, V)
     hit_SV = hits_SV > 0
     idle_SV = jnp.where(hit_SV, 0, jnp.minimum(state.idle_SV + 1, IDLE_CAP))
     idle_V = jnp.where(hit_SV.any(axis=0), 0, jnp.minimum(state.idle_V + 1, IDLE_CAP))
