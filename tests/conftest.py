@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -20,6 +23,7 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "official"
 M_VAR_FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "m_var"
 # The M-VAR fixtures: attn_l2_norm True (l21) and False (l20).
 M_VAR_VARIANTS = ("l21", "l20")
+REPO = pathlib.Path(__file__).parent.parent
 
 
 def pytest_addoption(parser):
@@ -86,6 +90,19 @@ def rel_err(out, ref) -> float:
     out = np.asarray(out, np.float64)
     ref = np.asarray(ref, np.float64)
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def run_on_eight_devices(script: str | os.PathLike, cwd: pathlib.Path) -> dict:
+    """Runs ``script`` on 8 simulated CPU devices; its last stdout line, parsed as JSON.
+
+    The device count must be set before JAX starts, hence a fresh process.
+    """
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=cwd)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def convert_tiny(fixture_dir: pathlib.Path, flag: str, weights: str | pathlib.Path,
