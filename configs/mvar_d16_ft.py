@@ -1,22 +1,8 @@
-"""MVAR-d16 fine-tuned from VAR-d16 (official README, "Example for MVAR-d16 (Fine-tuning)").
+"""Old name of ``configs/mvar_ft.py:d16``, kept so that existing scripts run."""
+import functools
+import warnings
 
-    torchrun --nproc_per_node=8 ... train.py --depth=16 --bs=448 --ep=80 --fp16=1 \
-      --alng=1e-3 --wpe=0.1 --finetune_from_var=True
+from configs import mvar_ft
 
-The VAR weights (same key layout as MVAR) replace the whole initialisation; the
-optimizer starts fresh, as in the official train.py.
-"""
-
-from configs import common
-
-
-def get_config():
-    c = common.get_config()
-    c.model.depth = 16  # --depth=16
-    c.batch_size = 448  # --bs=448
-    c.num_epochs = 80  # --ep=80
-    c.init.adaln_gamma = 1e-3  # --alng=1e-3 (overwritten by the VAR weights)
-    c.optim.final_lr_ratio = 0.1  # --wpe=0.1
-    # --finetune_from_var=True with --var_ckpt (default pretrained/.../var_d16.pth)
-    c.finetune_from = "pretrained/var_d16.pth"
-    return c
+warnings.warn("renamed: --config configs/mvar_ft.py:d16", FutureWarning, stacklevel=2)
+get_config = functools.partial(mvar_ft.get_config, "d16")

@@ -20,20 +20,27 @@ from mvar_jax.vqvae_weights import load_official_vqvae
 
 REPO = pathlib.Path(__file__).parent.parent
 
-# name: (attention, depth, embed, global batch, epochs, finetune file, fsdp) from the READMEs.
+# config[:arg]: (attention, depth, embed, global batch, epochs, finetune file, fsdp) from the
+# READMEs.
 OFFICIAL = {
     "mvar_d16": ("mvar", 16, 1024, 448, 300, "", False),
-    "mvar_d16_ft": ("mvar", 16, 1024, 448, 80, "var_d16.pth", False),
-    "mvar_d20_ft": ("mvar", 20, 1280, 192, 80, "var_d20.pth", False),
-    "mvar_d24_ft": ("mvar", 24, 1536, 448, 80, "var_d24.pth", True),
+    "mvar_ft:d16": ("mvar", 16, 1024, 448, 80, "var_d16.pth", False),
+    "mvar_ft:d20": ("mvar", 20, 1280, 192, 80, "var_d20.pth", False),
+    "mvar_ft:d24": ("mvar", 24, 1536, 448, 80, "var_d24.pth", True),
     "var_d16": ("var", 16, 1024, 768, 200, "", False),
 }
+
+
+def _config(name: str):
+    """``configs/<file>.py[:arg]``'s config, as ``train.py --config`` reads it."""
+    file, *arg = name.split(":")
+    return importlib.import_module(f"configs.{file}").get_config(*arg)
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_official_configs(name):
     attention, depth, embed, batch, epochs, finetune, fsdp = OFFICIAL[name]
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = _config(name)
     model = generator.transformer_config(config, VQVAEConfig())  # the released tokenizer
     assert (model.attention, model.depth, model.embed_dim, model.num_heads) == (
         attention, depth, embed, depth)
@@ -46,6 +53,30 @@ def test_official_configs(name):
     assert config.init.adaln_gamma == 1e-3 and config.optim.final_lr_ratio == 0.1
     assert optimizer.peak_learning_rate(config.optim, batch) == pytest.approx(1e-4 * batch / 256)
     assert trainer.total_steps(config) == epochs * -(-1_281_167 // batch)
+
+
+@pytest.mark.parametrize("depth", ["d16", "d20", "d24"])
+def test_old_fine_tune_config_names_still_work(depth):
+    with pytest.warns(FutureWarning, match=f"configs/mvar_ft.py:{depth}"):
+        old = importlib.reload(importlib.import_module(f"configs.mvar_{depth}_ft"))
+    assert old.get_config().to_dict() == _config(f"mvar_ft:{depth}").to_dict()
+
+
+@pytest.mark.parametrize("arg", [None, "d30", "16"])
+def test_fine_tune_config_needs_a_known_depth(arg):
+    with pytest.raises(ValueError, match="configs/mvar_ft.py:d16"):
+        _config("mvar_ft" if arg is None else f"mvar_ft:{arg}")
+
+
+def test_config_argument_reaches_get_config():
+    """``--config FILE.py:ARG`` (ml_collections' config_flags) calls ``get_config(ARG)``."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=values)
+    values(["prog", f"--config={REPO / 'configs' / 'mvar_ft.py'}:d20"])
+    assert (values.config.model.depth, values.config.batch_size) == (20, 192)
 
 
 def test_tiny_cpu_config_fits_the_tiny_tokenizer(fixture_dir):
