@@ -23,15 +23,12 @@ from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from mvar_jax import attention, checkpoint, cli, sampling
 from mvar_jax.atomic_write import atomic_write
+from mvar_jax.images import labelled_grid, to_uint8
 from mvar_jax.torch_checkpoint import CheckpointError
-
-GRID_COLUMNS = 8
-CAPTION_PX = 14
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,25 +105,6 @@ def sample_batches(model: checkpoint.ModelBundle, labels_N: np.ndarray,
 
 def _to_host(samples: sampling.Samples, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(samples.images)[:n], np.asarray(samples.tokens)[:n]
-
-
-def to_uint8(images_NHW3: np.ndarray) -> np.ndarray:
-    """[0, 1] float -> uint8 by scaling and truncating, as the official evaluation does."""
-    return np.clip(images_NHW3 * 255, 0, 255).astype(np.uint8)
-
-
-def labelled_grid(images_NHW3: np.ndarray, labels_N: np.ndarray) -> Image.Image:
-    """Images in rows of up to 8, each with ``class <label>`` written under it."""
-    N, H, W, _ = images_NHW3.shape
-    cols = min(N, GRID_COLUMNS)
-    rows = -(-N // cols)
-    grid = Image.new("RGB", (cols * W, rows * (H + CAPTION_PX)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (img, label) in enumerate(zip(to_uint8(images_NHW3), labels_N)):
-        x, y = (i % cols) * W, (i // cols) * (H + CAPTION_PX)
-        grid.paste(Image.fromarray(img), (x, y))
-        draw.text((x + 2, y + H + 1), f"class {label}", fill="black")
-    return grid
 
 
 def write_out(path: pathlib.Path, images_NHW3: np.ndarray, tokens_NL: np.ndarray,

@@ -17,6 +17,7 @@ from PIL import Image
 
 import sample
 from mvar_jax import checkpoint
+from mvar_jax.images import CAPTION_PX
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GREEDY = ["--cfg", "1.5", "--top-k", "1", "--top-p", "0", "--seed", "0"]
@@ -70,7 +71,7 @@ def test_png_grid_has_captions(tiny_checkpoints, tiny_io, tmp_path):
     sample.main(["--checkpoint", str(tiny_checkpoints["mvar"]), "--labels", "3,0", *GREEDY,
                  "--out", str(out)])
     grid = np.asarray(Image.open(out).convert("RGB"))
-    assert grid.shape == (256 + sample.CAPTION_PX, 2 * 256, 3)
+    assert grid.shape == (256 + CAPTION_PX, 2 * 256, 3)
     captions = grid[256:]
     assert (captions < 128).any() and (captions == 255).mean() > 0.5  # Dark text on white.
 

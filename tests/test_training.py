@@ -155,16 +155,6 @@ def test_tiny_config_learns_a_fixed_batch(tmp_path):
     assert grid.shape == (64, 3 * 64, 3)
 
 
-def test_image_grid_tiles_row_major():
-    images = np.stack([np.full((2, 3, 3), v, np.float32) for v in (0.0, 0.5, 1.0)])
-    grid = metrics_writer.image_grid(images, columns=2)
-    assert grid.shape == (4, 6, 3) and grid.dtype == np.uint8
-    np.testing.assert_array_equal(grid[:2, :3], 0)
-    np.testing.assert_array_equal(grid[:2, 3:], 128)
-    np.testing.assert_array_equal(grid[2:, :3], 255)
-    np.testing.assert_array_equal(grid[2:, 3:], 0)  # padding
-
-
 def test_logged_scalars_are_on_disk_when_the_write_returns(tmp_path):
     """A killed run loses nothing it logged; a record it tore does not trouble the next run."""
     writer = metrics_writer.MetricsWriter(tmp_path, start=0, total=3, global_batch=1,

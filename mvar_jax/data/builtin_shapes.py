@@ -121,6 +121,8 @@ def draw_example(label: int, seed: int | np.random.SeedSequence, size: int) -> n
     obj_HW3 = np.clip(fill * shade, 0.0, 1.0)
 
     img_HW3 = img_HW3 * (1.0 - alpha_HW[..., None]) + obj_HW3 * alpha_HW[..., None]
+    # Rounded, not images.to_uint8: this draws the dataset (its bytes are fixed; every figure
+    # measured on it depends on them), it does not quantise a model's output.
     return np.round(img_HW3 * 255.0).astype(np.uint8)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
+from mvar_jax.images import image_grid  # noqa: F401  (training/generator.py imports it from here)
 from mvar_jax.training import workdir as workdir_lib
 
 # The task's console line and progress-bar postfix from the averaged metrics after a step.
@@ -25,16 +26,6 @@ def announce(message: str) -> None:
     if jax.process_index() == 0:
         tqdm.tqdm.write(message)
     logging.info(message)
-
-
-def image_grid(images_BHW3: np.ndarray, columns: int) -> np.ndarray:
-    """Images in [0, 1] tiled row-major into one uint8 ``(rows * H, columns * W, 3)`` image."""
-    B, H, W, _ = images_BHW3.shape
-    rows = -(-B // columns)
-    padded = np.zeros((rows * columns, H, W, 3), np.float32)
-    padded[:B] = images_BHW3
-    grid = padded.reshape(rows, columns, H, W, 3).transpose(0, 2, 1, 3, 4)
-    return np.round(np.clip(grid.reshape(rows * H, columns * W, 3), 0, 1) * 255).astype(np.uint8)
 
 
 def average(window: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
