@@ -18,6 +18,10 @@ across chunk boundaries); ``Mamba2.step`` runs it one token at a time. Both star
 from and return a ``MambaState``, so a sequence may be processed in pieces: the
 result does not depend on where it is cut, nor on the chunk size. The conv, the
 scan and the norm run in float32 whatever the matmul dtype.
+
+Shape letters (Mamba2's): ``B`` batch, ``L`` tokens, ``H`` heads, ``P`` headdim, ``N``
+d_state, ``c`` chunks, ``Q`` tokens per chunk, ``K`` conv taps kept (d_conv - 1), ``C``
+conv channels, ``E`` d_inner, ``D`` d_model.
 """
 
 from __future__ import annotations

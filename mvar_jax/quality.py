@@ -74,7 +74,7 @@ class ClassifierConfig:
 
 
 class Classifier(nn.Module):
-    """Images ``(B, S, S, 3)`` in [-1, 1] -> (logits ``(B, K)``, features ``(B, F)``).
+    """Images ``(B, H, W, 3)`` in [-1, 1] -> (logits ``(B, K)``, features ``(B, F)``).
 
     A stride-2 conv, then 3x3 convs with 2x average pooling between them, the
     global mean and max of each channel (any resolution; the max finds a small
@@ -92,8 +92,9 @@ class Classifier(nn.Module):
             if i >= 2:
                 x = nn.avg_pool(x, (2, 2), strides=(2, 2))
             x = nn.relu(nn.Conv(width, (3, 3), strides=2 if i == 0 else 1)(x))
-        pooled_B2C = jnp.concatenate([jnp.mean(x, axis=(1, 2)), jnp.max(x, axis=(1, 2))], -1)
-        features_BF = nn.relu(nn.Dense(self.config.feature_dim)(pooled_B2C))
+        # (B, 2 * C): the mean and the max over the map.
+        pooled = jnp.concatenate([jnp.mean(x, axis=(1, 2)), jnp.max(x, axis=(1, 2))], -1)
+        features_BF = nn.relu(nn.Dense(self.config.feature_dim)(pooled))
         return nn.Dense(self.num_classes)(features_BF), features_BF
 
 
@@ -134,7 +135,7 @@ def _source_config(data_cfg: ml_collections.ConfigDict, **overrides: Any
 
 
 def validation_images(data_cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
-    """The whole validation split: ``(N, S, S, 3)`` uint8 (eval crop) and ``(N,)`` int32 labels."""
+    """The whole validation split: ``(N, H, W, 3)`` uint8 (eval crop) and ``(N,)`` int32 labels."""
     source = data.build_eval_source(_source_config(data_cfg), global_batch_size=100,
                                     process_index=0, process_count=1)
     batches = [next(source) for _ in range(source.num_batches)]
@@ -149,7 +150,7 @@ def train_images(data_cfg: ml_collections.ConfigDict, labels: Sequence[int], per
     """``per_class`` training images of each of ``labels``, as a generator is trained on them.
 
     They come from the training source (random crop, and flips if the config
-    has them), in its shuffled order: ``(N, S, S, 3)`` uint8 and ``(N,)`` int32.
+    has them), in its shuffled order: ``(N, H, W, 3)`` uint8 and ``(N,)`` int32.
     """
     wanted = {int(c): per_class for c in labels}
     source = data.build_train_source(_source_config(data_cfg), global_batch_size=100,
@@ -204,7 +205,7 @@ def _classifier_apply(config: ClassifierConfig, num_classes: int, params: Any,
 
 def classifier_outputs(classifier: TrainedClassifier, images_01: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits ``(N, K)`` and penultimate features ``(N, F)`` of images ``(N, S, S, 3)`` in [0, 1]."""
+    """Logits ``(N, K)`` and penultimate features ``(N, F)`` of images ``(N, H, W, 3)`` in [0, 1]."""
     images_01 = np.asarray(images_01)
     s = classifier.image_size
     if images_01.ndim != 4 or images_01.shape[1:] != (s, s, 3):
@@ -261,8 +262,8 @@ def train_classifier(data_cfg: ml_collections.ConfigDict,
     opt_state = optimizer.init(params)
 
     @jax.jit
-    def step(params, opt_state, image_BHW3_u8, label_B, key):
-        x_BHW3 = degrade(key, data.to_pm1(image_BHW3_u8), config.blur_factors, config.max_noise)
+    def step(params, opt_state, image_u8_BHW3, label_B, key):
+        x_BHW3 = degrade(key, data.to_pm1(image_u8_BHW3), config.blur_factors, config.max_noise)
 
         def loss_fn(p):
             logits, _ = model.apply(p, x_BHW3)
@@ -416,7 +417,7 @@ def _reconstruct(vqvae_config: VQVAEConfig, vqvae_params: Any, img_BHW3: jax.Arr
 
 def reconstruct(vqvae_config: VQVAEConfig, vqvae_params: Any, images_01: np.ndarray,
                 batch_size: int = _FEATURE_BATCH) -> np.ndarray:
-    """Images ``(N, S, S, 3)`` in [0, 1] through the tokenizer's tokens and back, in [0, 1]."""
+    """Images ``(N, H, W, 3)`` in [0, 1] through the tokenizer's tokens and back, in [0, 1]."""
     images_01 = np.asarray(images_01)
     s = vqvae_config.image_size
     if images_01.ndim != 4 or images_01.shape[1:] != (s, s, 3):
@@ -491,7 +492,7 @@ def load_generator(model_dir: str | os.PathLike, data_cfg: ml_collections.Config
 def generate_images(model: checkpoint.ModelBundle, labels_N: np.ndarray, *, cfg: float,
                     top_k: int, top_p: float, seed: int, batch_size: int,
                     progress: bool = True) -> np.ndarray:
-    """Samples ``(N, S, S, 3)`` float32 in [0, 1], one per label.
+    """Samples ``(N, H, W, 3)`` float32 in [0, 1], one per label.
 
     Batch b draws from ``fold_in(PRNGKey(seed), b)``, as ``sample.py`` does, so
     the same seed and batch size give sample.py's images.

@@ -104,7 +104,7 @@ def _stack(
     rows: list[Example | None], spec: Spec, batch_size: int, with_mask: bool
 ) -> dict[str, np.ndarray]:
     batch = {k: np.zeros((batch_size, *shape), dtype) for k, (shape, dtype) in spec.items()}
-    mask_B = np.zeros(batch_size, bool)
+    mask_b = np.zeros(batch_size, bool)
     for i, row in enumerate(rows):
         if row is None:
             continue
@@ -112,9 +112,9 @@ def _stack(
             raise ValueError(f"example has fields {sorted(row)}, expected {sorted(batch)}")
         for k, v in row.items():
             batch[k][i] = v
-        mask_B[i] = True
+        mask_b[i] = True
     if with_mask:
-        batch["mask"] = mask_B
+        batch["mask"] = mask_b
     return batch
 
 
