@@ -184,7 +184,10 @@ def methods(case: Case, interpret: bool) -> dict[str, tuple[list, int]]:
     }
 
 
-def _passes(fn: Callable) -> dict[str, Callable]:
+def passes(fn: Callable) -> dict[str, Callable]:
+    """The timed passes of an attention fn ``(q, k, v)``: 'fwd' and 'fwd+bwd' (jitted, each
+    taking ``(q, k, v, do)``); the tuner times tilings the same way."""
+
     def fwd_bwd(q, k, v, do):
         out, vjp = jax.vjp(fn, q, k, v)
         return out, vjp(do)
@@ -203,7 +206,7 @@ def time_method(case: Case, impls, arg_sets, copy_bps: float, warmup: int, reps:
     for i, (impl, fn) in enumerate(impls):
         try:
             seconds = {mode: time_call(pass_fn, arg_sets, warmup, reps)
-                       for mode, pass_fn in _passes(fn).items()}
+                       for mode, pass_fn in passes(fn).items()}
         except Exception as e:  # noqa: BLE001 - a refusal means: try the next one
             if i == len(impls) - 1:
                 raise

@@ -28,8 +28,8 @@ import time
 
 import jax
 
-from bench.bench_spatial_markov import (FLOOR_TENSORS, Case, _passes, check_kernel,
-                                        copy_bandwidth, input_sets, time_call)
+from bench.bench_spatial_markov import (FLOOR_TENSORS, Case, check_kernel, copy_bandwidth,
+                                        input_sets, passes, time_call)
 from kernels.spatial_markov import (CANDIDATE_MAPS, Tiling, candidate_tilings,
                                     spatial_markov_attention)
 
@@ -48,7 +48,7 @@ def tune_map(case: Case, tilings: list[Tiling], interpret: bool, copy_bps: float
                                interpret=interpret, tiling=tiling)
         try:
             ms = {mode: 1e3 * time_call(pass_fn, arg_sets, warmup, reps)
-                  for mode, pass_fn in _passes(fn).items()}
+                  for mode, pass_fn in passes(fn).items()}
         except Exception as e:  # noqa: BLE001 - a tiling Triton refuses is a result too
             print(f"  {tiling}: refused: {type(e).__name__}: {str(e).splitlines()[0][:100]}",
                   flush=True)

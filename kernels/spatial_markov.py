@@ -48,6 +48,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels.neighborhood import first_query, last_query, window_start
+
 # Finite stand-in for -inf: keeps the running maximum finite, so the online
 # softmax never computes inf - inf.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -150,41 +152,40 @@ def _fit(tiling: Tiling, height: int, width: int) -> Tiling:
 
 
 # --------------------------------------------------------------------------
-# Geometry shared by the kernels.
-
-
-def _window_start(i, size: int, ks: int):
-    """NATTEN's first window row (column) of query i: windows stay in the map."""
-    return jnp.clip(i - ks // 2, 0, size - ks)
-
-
-def _first_query(j, ks: int):
-    """Smallest query index whose window contains key index j."""
-    return jnp.where(j < ks, 0, j - ks // 2)
-
-
-def _last_query(j, size: int, ks: int):
-    """Largest query index whose window contains key index j."""
-    return jnp.where(j >= size - ks, size - 1, j + ks // 2)
-
-
-def _in_window(q_row_start, q_col_start, k_row, k_col, ks: int):
-    """Whether key (k_row, k_col) is in the window starting at the given corner."""
-    dr = k_row - q_row_start
-    dc = k_col - q_col_start
-    return (dr >= 0) & (dr < ks) & (dc >= 0) & (dc < ks)
+# What the kernels know statically.
 
 
 @dataclasses.dataclass(frozen=True)
-class _Geometry:
-    """Static shape facts of one call: map, window, block and partner segment."""
+class _Call:
+    """Everything static about one call: map, window, head size, scale, tiling, and
+    which side a program owns (hashable: the custom_vjp's nondiff argument).
+
+    ``own_is_query``: forward and dq programs own a block of queries and walk their
+    keys; dk/dv programs own a block of keys and walk the queries that see them.
+    """
 
     height: int
     width: int
     kernel_size: int
-    block: int
     head_dim: int
-    partner_chunk: int | None = None
+    scale: float
+    tiling: Tiling
+    interpret: bool
+    own_is_query: bool = True
+
+    def keys_owned(self) -> _Call:
+        """The same call seen from the dk/dv kernel."""
+        return dataclasses.replace(self, own_is_query=False)
+
+    @property
+    def block(self) -> int:
+        """Own positions per program."""
+        return self.tiling.block_q if self.own_is_query else self.tiling.block_k
+
+    @property
+    def scale_log2(self) -> float:
+        """The logit multiplier in base 2 (the kernels use exp2)."""
+        return self.scale * _LOG2_E
 
     @property
     def size(self) -> int:
@@ -212,8 +213,8 @@ class _Geometry:
         if self.column_tiled:
             ks = self.kernel_size
             needed = min(self.width, self.block + ks - 1 + ks // 2)
-        elif self.partner_chunk is not None:
-            return self.partner_chunk
+        elif self.tiling.partner_chunk is not None:
+            return self.tiling.partner_chunk
         else:
             needed = self.width
         return max(_MIN_DOT_DIM, pl.next_power_of_2(needed))
@@ -222,70 +223,76 @@ class _Geometry:
         return pl.cdiv(self.size, self.block)
 
 
+def _in_window(q_row_start, q_col_start, k_row, k_col, ks: int):
+    """Whether key (k_row, k_col) is in the window starting at the given corner."""
+    dr = k_row - q_row_start
+    dc = k_col - q_col_start
+    return (dr >= 0) & (dr < ks) & (dc >= 0) & (dc < ks)
+
+
 class _Walk:
     """A program's block of positions and the band of partner positions it walks.
 
-    ``own_is_query`` selects the direction: queries walking their keys (forward,
-    dq) or keys walking the queries that see them (dk, dv). In both, ``mask``
-    of a step is ``(block, segment)``: own positions x partner positions.
+    ``call.own_is_query`` selects the direction: queries walking their keys
+    (forward, dq) or keys walking the queries that see them (dk, dv). In both,
+    ``mask`` of a step is ``(block, segment)``: own positions x partner positions.
     """
 
-    def __init__(self, geo: _Geometry, own_is_query: bool):
-        H, W, ks = geo.height, geo.width, geo.kernel_size
-        self.geo = geo
-        self.own_is_query = own_is_query
-        first = pl.program_id(0) * geo.block
-        idx = first + jnp.arange(geo.block)
-        self.own_valid = idx < geo.size
+    def __init__(self, call: _Call):
+        H, W, ks = call.height, call.width, call.kernel_size
+        self.call = call
+        first = pl.program_id(0) * call.block
+        idx = first + jnp.arange(call.block)
+        self.own_valid = idx < call.size
         self.own_row = lax.div(idx, W)
         self.own_col = lax.rem(idx, W)
-        last = jnp.minimum(first + geo.block, geo.size) - 1
+        last = jnp.minimum(first + call.block, call.size) - 1
         row_first, row_last = lax.div(first, W), lax.div(last, W)
         col_first = lax.rem(first, W)
-        if own_is_query:
-            self.row_lo = _window_start(row_first, H, ks)
-            self.row_hi = _window_start(row_last, H, ks) + ks
-            col0 = _window_start(col_first, W, ks)
-            self.own_row_start = _window_start(self.own_row, H, ks)[:, None]
-            self.own_col_start = _window_start(self.own_col, W, ks)[:, None]
+        if call.own_is_query:
+            self.row_lo = window_start(row_first, H, ks)
+            self.row_hi = window_start(row_last, H, ks) + ks
+            col0 = window_start(col_first, W, ks)
+            self.own_row_start = window_start(self.own_row, H, ks)[:, None]
+            self.own_col_start = window_start(self.own_col, W, ks)[:, None]
         else:
-            self.row_lo = _first_query(row_first, ks)
-            self.row_hi = _last_query(row_last, H, ks) + 1
-            col0 = _first_query(col_first, ks)
+            self.row_lo = first_query(row_first, ks)
+            self.row_hi = last_query(row_last, H, ks) + 1
+            col0 = first_query(col_first, ks)
         self.col0 = col0  # first partner column of a column-tiled walk
 
     def _partners(self, step):
         """Step ``step``'s first partner position, and its rows, columns, validity ``(C,)``."""
-        geo, lane = self.geo, jnp.arange(self.geo.segment)
-        if geo.column_tiled:  # one partner row, the columns near the block
+        call, lane = self.call, jnp.arange(self.call.segment)
+        if call.column_tiled:  # one partner row, the columns near the block
             row = self.row_lo + step
             col = self.col0 + lane
-            return row * geo.width + self.col0, jnp.full_like(col, row), col, col < geo.width
-        start = (self.row_lo * geo.width) + step * geo.segment  # a chunk of the band
+            return row * call.width + self.col0, jnp.full_like(col, row), col, col < call.width
+        start = (self.row_lo * call.width) + step * call.segment  # a chunk of the band
         pos = start + lane
-        valid = pos < self.row_hi * geo.width
-        return start, lax.div(pos, geo.width), lax.rem(pos, geo.width), valid
+        valid = pos < self.row_hi * call.width
+        return start, lax.div(pos, call.width), lax.rem(pos, call.width), valid
 
     def _num_steps(self):
-        geo = self.geo
-        if geo.column_tiled:
+        call = self.call
+        if call.column_tiled:
             return self.row_hi - self.row_lo
-        band = (self.row_hi - self.row_lo) * geo.width
-        return lax.div(band + geo.segment - 1, geo.segment)
+        band = (self.row_hi - self.row_lo) * call.width
+        return lax.div(band + call.segment - 1, call.segment)
 
     def fold(self, body, init):
         """``body(start, partner_valid, mask, carry)`` over the walk's steps."""
-        geo, ks = self.geo, self.geo.kernel_size
+        call, ks = self.call, self.call.kernel_size
 
         def step(t, carry):
             start, row, col, valid = self._partners(t)
-            if self.own_is_query:
+            if call.own_is_query:
                 mask = _in_window(self.own_row_start, self.own_col_start,
                                   row[None, :], col[None, :], ks)
             else:
                 mask = _in_window(
-                    _window_start(row, geo.height, ks)[None, :],
-                    _window_start(col, geo.width, ks)[None, :],
+                    window_start(row, call.height, ks)[None, :],
+                    window_start(col, call.width, ks)[None, :],
                     self.own_row[:, None], self.own_col[:, None], ks)
             mask = mask & self.own_valid[:, None] & valid[None, :]
             return body(start, valid, mask, carry)
@@ -293,8 +300,8 @@ class _Walk:
         return lax.fori_loop(0, self._num_steps(), step, init)
 
 
-def _lanes(geo: _Geometry) -> jax.Array:
-    return jnp.arange(geo.head_dim_padded) < geo.head_dim
+def _lanes(call: _Call) -> jax.Array:
+    return jnp.arange(call.head_dim_padded) < call.head_dim
 
 
 def _read(ref, valid, lanes=None, start=None):
@@ -324,17 +331,16 @@ def _dot(a, b, trans_b: bool = False):
 # partner features (N, Dp), partner stats (N,).
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, geo: _Geometry,
-                    scale_log2: float):
-    walk = _Walk(geo, own_is_query=True)
-    lanes = _lanes(geo)
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, call: _Call):
+    walk = _Walk(call)
+    lanes = _lanes(call)
     q = _read(q_ref, walk.own_valid, lanes)
 
     def step(start, key_valid, mask, carry):
         acc, m, l = carry
         k = _read(k_ref, key_valid, lanes, start)
         v = _read(v_ref, key_valid, lanes, start)
-        s = jnp.where(mask, _dot(q, k, trans_b=True) * scale_log2, _MASK_VALUE)
+        s = jnp.where(mask, _dot(q, k, trans_b=True) * call.scale_log2, _MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=1))
         p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
         rescale = jnp.exp2(m - m_new)
@@ -342,19 +348,18 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, geo: _Geometry,
         acc = rescale[:, None] * acc + _dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
-    init = (jnp.zeros((geo.block, geo.head_dim_padded), jnp.float32),
-            jnp.full((geo.block,), _MASK_VALUE, jnp.float32),
-            jnp.zeros((geo.block,), jnp.float32))
+    init = (jnp.zeros((call.block, call.head_dim_padded), jnp.float32),
+            jnp.full((call.block,), _MASK_VALUE, jnp.float32),
+            jnp.zeros((call.block,), jnp.float32))
     acc, m, l = walk.fold(step, init)
     l = jnp.where(walk.own_valid, l, 1.0)  # padding rows saw no key
     _write(o_ref, acc / l[:, None], walk.own_valid, lanes)
     _write(lse_ref, m + jnp.log2(l), walk.own_valid)
 
 
-def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, *,
-               geo: _Geometry, scale_log2: float, scale: float):
-    walk = _Walk(geo, own_is_query=True)
-    lanes = _lanes(geo)
+def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, *, call: _Call):
+    walk = _Walk(call)
+    lanes = _lanes(call)
     q = _read(q_ref, walk.own_valid, lanes)
     do = _read(do_ref, walk.own_valid, lanes)
     lse = _read(lse_ref, walk.own_valid)[:, None]
@@ -363,18 +368,18 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, *,
     def step(start, key_valid, mask, dq):
         k = _read(k_ref, key_valid, lanes, start)
         v = _read(v_ref, key_valid, lanes, start)
-        p = jnp.where(mask, jnp.exp2(_dot(q, k, trans_b=True) * scale_log2 - lse), 0.0)
+        p = jnp.where(mask, jnp.exp2(_dot(q, k, trans_b=True) * call.scale_log2 - lse), 0.0)
         ds = p * (_dot(do, v, trans_b=True) - delta)
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = walk.fold(step, jnp.zeros((geo.block, geo.head_dim_padded), jnp.float32))
-    _write(dq_ref, dq * scale, walk.own_valid, lanes)
+    dq = walk.fold(step, jnp.zeros((call.block, call.head_dim_padded), jnp.float32))
+    _write(dq_ref, dq * call.scale, walk.own_valid, lanes)
 
 
 def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                *, geo: _Geometry, scale_log2: float, scale: float):
-    walk = _Walk(geo, own_is_query=False)
-    lanes = _lanes(geo)
+                *, call: _Call):
+    walk = _Walk(call)
+    lanes = _lanes(call)
     k = _read(k_ref, walk.own_valid, lanes)
     v = _read(v_ref, walk.own_valid, lanes)
 
@@ -385,15 +390,15 @@ def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         lse = _read(lse_ref, query_valid, start=start)[None, :]
         delta = _read(delta_ref, query_valid, start=start)[None, :]
         # Transposed scores: rows are this block's keys, columns the queries.
-        p = jnp.where(mask, jnp.exp2(_dot(k, q, trans_b=True) * scale_log2 - lse), 0.0)
+        p = jnp.where(mask, jnp.exp2(_dot(k, q, trans_b=True) * call.scale_log2 - lse), 0.0)
         dv = dv + _dot(p.astype(do.dtype), do)
         ds = p * (_dot(v, do, trans_b=True) - delta)
         dk = dk + _dot(ds.astype(q.dtype), q)
         return dk, dv
 
-    zeros = jnp.zeros((geo.block, geo.head_dim_padded), jnp.float32)
+    zeros = jnp.zeros((call.block, call.head_dim_padded), jnp.float32)
     dk, dv = walk.fold(step, (zeros, zeros))
-    _write(dk_ref, dk * scale, walk.own_valid, lanes)
+    _write(dk_ref, dk * call.scale, walk.own_valid, lanes)
     _write(dv_ref, dv, walk.own_valid, lanes)
 
 
@@ -403,97 +408,74 @@ def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 # programs share partner rows in L2.
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    """Everything static about one call (hashable: the custom_vjp's nondiff arg)."""
-
-    height: int
-    width: int
-    kernel_size: int
-    scale: float
-    tiling: Tiling
-    interpret: bool
-
-    def geometry(self, block: int, head_dim: int) -> _Geometry:
-        return _Geometry(self.height, self.width, self.kernel_size, block, head_dim,
-                         self.tiling.partner_chunk)
-
-
-def _specs(geo: _Geometry):
+def _specs(call: _Call):
     """BlockSpecs: own features, own stats, partner features, partner stats."""
-    dp, n = geo.head_dim_padded, geo.size
-    return (pl.BlockSpec((None, geo.block, None, dp), lambda i, b, h: (b, i, h, 0)),
-            pl.BlockSpec((None, None, geo.block), lambda i, b, h: (b, h, i)),
+    dp, n = call.head_dim_padded, call.size
+    return (pl.BlockSpec((None, call.block, None, dp), lambda i, b, h: (b, i, h, 0)),
+            pl.BlockSpec((None, None, call.block), lambda i, b, h: (b, h, i)),
             pl.BlockSpec((None, n, None, dp), lambda i, b, h: (b, 0, h, 0)),
             pl.BlockSpec((None, None, n), lambda i, b, h: (b, h, 0)))
 
 
-def _call(kernel, geo: _Geometry, cfg: _Config, name: str, in_specs, out_specs,
-          out_shape, *args):
+def _launch(kernel, call: _Call, name: str, in_specs, out_specs, out_shape, *args):
     batch, _, heads, _ = args[0].shape
     return pl.pallas_call(
-        kernel,
-        grid=(geo.grid_size(), batch, heads),
+        functools.partial(kernel, call=call),
+        grid=(call.grid_size(), batch, heads),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(
-            num_warps=cfg.tiling.num_warps, num_stages=cfg.tiling.num_stages),
-        interpret=cfg.interpret,
+            num_warps=call.tiling.num_warps, num_stages=call.tiling.num_stages),
+        interpret=call.interpret,
         name=name,
     )(*args)
 
 
-def _forward(q, k, v, cfg: _Config):
+def _forward(q, k, v, call: _Call):
     """Returns o ``(B, N, heads, D)`` and the base-2 log-sum-exp ``(B, heads, N)``."""
-    batch, n, heads, head_dim = q.shape
-    geo = cfg.geometry(cfg.tiling.block_q, head_dim)
-    own, own_stat, partner, _ = _specs(geo)
-    kernel = functools.partial(_forward_kernel, geo=geo, scale_log2=cfg.scale * _LOG2_E)
-    return _call(kernel, geo, cfg, "spatial_markov_fwd", [own, partner, partner],
-                 [own, own_stat],
-                 [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                  jax.ShapeDtypeStruct((batch, heads, n), jnp.float32)],
-                 q, k, v)
+    batch, n, heads, _ = q.shape
+    own, own_stat, partner, _ = _specs(call)
+    return _launch(_forward_kernel, call, "spatial_markov_fwd", [own, partner, partner],
+                   [own, own_stat],
+                   [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                    jax.ShapeDtypeStruct((batch, heads, n), jnp.float32)],
+                   q, k, v)
 
 
-def _backward(q, k, v, o, lse, do, cfg: _Config):
-    head_dim = q.shape[-1]
+def _backward(q, k, v, o, lse, do, call: _Call):
     # delta_i = sum_j p_ij dp_ij = do_i . o_i, the softmax-backward correction.
     delta = jnp.einsum("bnhd,bnhd->bhn", o.astype(jnp.float32), do.astype(jnp.float32))
-    statics = dict(scale_log2=cfg.scale * _LOG2_E, scale=cfg.scale)
 
-    geo = cfg.geometry(cfg.tiling.block_q, head_dim)
-    own, own_stat, partner, _ = _specs(geo)
-    dq = _call(functools.partial(_dq_kernel, geo=geo, **statics), geo, cfg,
-               "spatial_markov_dq", [own, own, own_stat, own_stat, partner, partner],
-               own, jax.ShapeDtypeStruct(q.shape, q.dtype),
-               q, do, lse, delta, k, v)
+    own, own_stat, partner, _ = _specs(call)
+    dq = _launch(_dq_kernel, call, "spatial_markov_dq",
+                 [own, own, own_stat, own_stat, partner, partner],
+                 own, jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 q, do, lse, delta, k, v)
 
-    geo = cfg.geometry(cfg.tiling.block_k, head_dim)
-    own, _, partner, partner_stat = _specs(geo)
-    dk, dv = _call(functools.partial(_dkv_kernel, geo=geo, **statics), geo, cfg,
-                   "spatial_markov_dkv",
-                   [own, own, partner, partner, partner_stat, partner_stat],
-                   [own, own],
-                   [jax.ShapeDtypeStruct(k.shape, k.dtype),
-                    jax.ShapeDtypeStruct(v.shape, v.dtype)],
-                   k, v, q, do, lse, delta)
+    call = call.keys_owned()
+    own, _, partner, partner_stat = _specs(call)
+    dk, dv = _launch(_dkv_kernel, call, "spatial_markov_dkv",
+                     [own, own, partner, partner, partner_stat, partner_stat],
+                     [own, own],
+                     [jax.ShapeDtypeStruct(k.shape, k.dtype),
+                      jax.ShapeDtypeStruct(v.shape, v.dtype)],
+                     k, v, q, do, lse, delta)
     return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q, k, v, cfg: _Config):
-    return _forward(q, k, v, cfg)[0]
+def _attention(q, k, v, call: _Call):
+    return _forward(q, k, v, call)[0]
 
 
-def _attention_fwd(q, k, v, cfg: _Config):
-    o, lse = _forward(q, k, v, cfg)
+def _attention_fwd(q, k, v, call: _Call):
+    o, lse = _forward(q, k, v, call)
     return o, (q, k, v, o, lse)
 
 
-def _attention_bwd(cfg: _Config, residuals, do):
-    return _backward(*residuals, do, cfg)
+def _attention_bwd(call: _Call, residuals, do):
+    return _backward(*residuals, do, call)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -531,8 +513,8 @@ def spatial_markov_attention(
             f"kernel_size must be an odd int in [1, min(H, W) = {min(height, width)}], "
             f"got {kernel_size!r}")
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    cfg = _Config(height, width, int(kernel_size), scale,
-                  tiling or default_tiling(height, width, q.dtype), bool(interpret))
+    call = _Call(height, width, int(kernel_size), head_dim, scale,
+                 tiling or default_tiling(height, width, q.dtype), bool(interpret))
     flat = (batch, height * width, heads, head_dim)
-    out = _attention(q.reshape(flat), k.reshape(flat), v.reshape(flat), cfg)
+    out = _attention(q.reshape(flat), k.reshape(flat), v.reshape(flat), call)
     return out.reshape(q.shape)

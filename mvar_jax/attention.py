@@ -22,20 +22,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.neighborhood import window_start
 
-def neighborhood_window_starts(size: int, kernel_size: int) -> jnp.ndarray:
+
+def neighborhood_window_starts(size: int, kernel_size: int) -> np.ndarray:
     """First row (or column) of each query's window, shape ``(size,)``.
 
     NATTEN (dilation 1, non-causal) keeps every window inside the map: the window
     of query i starts at ``clamp(i - k // 2, 0, size - k)``, so border queries see
     a shifted window rather than a padded one, and every query sees k*k keys.
+    A static numpy array: the windows depend on shapes only. The rule itself is
+    ``kernels.neighborhood.window_start``, which the Pallas kernel uses too.
     """
     if kernel_size % 2 != 1 or not 1 <= kernel_size <= size:
         raise ValueError(
             f"kernel_size must be odd and in [1, {size}] for a map of size {size}, "
             f"got {kernel_size}")
-    i = jnp.arange(size)
-    return jnp.clip(i - kernel_size // 2, 0, size - kernel_size)
+    return window_start(np.arange(size), size, kernel_size)
 
 
 def neighborhood_attention_reference(
