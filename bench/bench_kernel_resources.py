@@ -20,7 +20,6 @@ target. Writes ``results.md`` (for docs/benchmarks.md) and
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -29,9 +28,11 @@ import platform
 from collections import defaultdict
 
 import jax
+from absl import flags
 
 from kernels import cubin
 from kernels.spatial_markov import default_tiling
+from mvar_jax import cli
 
 CAPABILITIES = (80, 90)
 KERNELS = ("fwd", "dq", "dkv")
@@ -115,13 +116,18 @@ def markdown(rows: list[dict], header: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+PROG = "python -m bench.bench_kernel_resources"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("out", None, "directory for results.md and results.json", required=True,
+                    flag_values=FLAGS)
+flags.DEFINE_bool("smoke", False, "an 8x8 toy map, default tiling only: checks the script runs",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("processes", 2, "compiling in parallel", lower_bound=1, flag_values=FLAGS)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=pathlib.Path, required=True)
-    parser.add_argument("--smoke", action="store_true",
-                        help="an 8x8 toy map, default tiling only: checks the script runs")
-    parser.add_argument("--processes", type=int, default=2, help="compiling in parallel")
-    args = parser.parse_args(argv)
+    args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
+    args.out = pathlib.Path(args.out)
     found = cases(args.smoke)
     rows = [row(c) for c in cubin.spatial_markov_resources(found, CAPABILITIES, args.processes)]
     first = found[0]

@@ -31,15 +31,15 @@ official by at least the re-run's share. Writes ``results.md`` and
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
-from mvar_jax import sampling
+from mvar_jax import cli, sampling
 from mvar_jax.mamba2 import Mamba2
 from mvar_jax.transformer import TransformerConfig, layer_norm, modulate, param_shapes
 from mvar_jax.vqvae import VQVAE, VQVAEConfig, abstract_variables
@@ -164,13 +164,17 @@ def markdown(r: dict[str, Any]) -> str:
         f"{'met' if r['meets_target'] else 'MISSED'}.", ""])
 
 
+PROG = "python -m bench.bench_m_var_cost"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("out", None, "directory for results.md and results.json", required=True,
+                    flag_values=FLAGS)
+flags.DEFINE_bool("smoke", False, "toy model, batch 2", flag_values=FLAGS)
+flags.DEFINE_integer("batch", None, f"default {BATCH}", lower_bound=1, flag_values=FLAGS)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=pathlib.Path, required=True,
-                        help="directory for results.md/.json")
-    parser.add_argument("--smoke", action="store_true", help="toy model, batch 2")
-    parser.add_argument("--batch", type=int, default=None, help=f"default {BATCH}")
-    args = parser.parse_args(argv)
+    args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
+    args.out = pathlib.Path(args.out)
     result = measure(args.smoke, args.batch or (2 if args.smoke else BATCH))
     table = markdown(result)
     print(table)

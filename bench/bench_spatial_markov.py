@@ -32,7 +32,6 @@ Writes ``results.md`` (a table for docs/benchmarks.md) and ``results.json``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -44,8 +43,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from kernels.spatial_markov import Tiling, spatial_markov_attention
+from mvar_jax import cli
 from mvar_jax.attention import neighborhood_attention_reference, neighborhood_window_starts
 
 GiB = 2 ** 30
@@ -280,20 +281,27 @@ def markdown(results: list[Result], header: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+PROG = "python -m bench.bench_spatial_markov"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("out", None, "directory for results.md and results.json", required=True,
+                    flag_values=FLAGS)
+flags.DEFINE_bool("smoke", False, "tiny shapes, few reps: checks the script runs (CPU)",
+                  flag_values=FLAGS)
+cli.define_int_list("batches", "32,128", "batch sizes", FLAGS, what="ints", example="32,128")
+cli.define_int_list("maps", "13,16,32,64", "square map sides", FLAGS, what="ints",
+                    example="13,16")
+flags.DEFINE_integer("heads", 16, "attention heads", flag_values=FLAGS)
+flags.DEFINE_integer("head_dim", 64, "head dimension", flag_values=FLAGS)
+flags.DEFINE_integer("kernel_size", 7, "neighbourhood side", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 3, "untimed calls first", flag_values=FLAGS)
+flags.DEFINE_integer("reps", 50, "calls per timed round", flag_values=FLAGS)
+flags.DEFINE_float("copy_gib", 2.0, "size of the copy that measures bandwidth",
+                   flag_values=FLAGS)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=pathlib.Path, required=True)
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes, few reps: checks the script runs (CPU)")
-    parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
-    parser.add_argument("--maps", type=int, nargs="+", default=[13, 16, 32, 64])
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--kernel-size", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=50, help="calls per timed round")
-    parser.add_argument("--copy-gib", type=float, default=2.0)
-    args = parser.parse_args(argv)
+    args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
+    args.out = pathlib.Path(args.out)
     if args.smoke:
         args.batches, args.maps, args.heads, args.head_dim = [1], [8], 2, 16
         args.kernel_size, args.warmup, args.reps, args.copy_gib = 3, 1, 2, 1 / 64

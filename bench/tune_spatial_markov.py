@@ -1,6 +1,6 @@
 """Sweeps the Pallas kernel's launch parameters per map size (a GPU tuning run).
 
-    python -m bench.tune_spatial_markov --out $OUT/tune --maps 13 16   # GPU
+    python -m bench.tune_spatial_markov --out $OUT/tune --maps 13,16   # GPU
     python -m bench.tune_spatial_markov --out /tmp/tune_smoke --smoke  # CPU smoke run
 
 For each square map (B=32, 16 heads, head_dim 64, k 7, bfloat16 unless told
@@ -11,7 +11,7 @@ list CI compiles for sm_80 and sm_90 at these maps (no spills, registers and
 shared memory within the limits), so the tuner never picks a tiling that was
 not checked; ``default_tiling`` is the first, so the table shows what changing
 it would gain. The fastest fwd+bwd tiling is checked against the pure-jnp
-reference. Candidates stop after ``--budget-s`` seconds per map (each costs
+reference. Candidates stop after ``--budget_s`` seconds per map (each costs
 three Triton compilations); the table lists what was timed. Writes
 ``results.md`` and ``results.json``; the best tilings are what
 ``default_tiling`` should return.
@@ -19,7 +19,6 @@ three Triton compilations); the table lists what was timed. Writes
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -27,11 +26,13 @@ import pathlib
 import time
 
 import jax
+from absl import flags
 
 from bench.bench_spatial_markov import (FLOOR_TENSORS, Case, check_kernel, copy_bandwidth,
                                         input_sets, passes, time_call)
 from kernels.spatial_markov import (CANDIDATE_MAPS, Tiling, candidate_tilings,
                                     spatial_markov_attention)
+from mvar_jax import cli
 
 GiB = 2 ** 30
 
@@ -86,20 +87,28 @@ def markdown(tables: dict[int, dict], header: dict) -> str:
     return "\n".join(lines)
 
 
+PROG = "python -m bench.tune_spatial_markov"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("out", None, "directory for results.md and results.json", required=True,
+                    flag_values=FLAGS)
+flags.DEFINE_bool("smoke", False, "toy shapes, two candidates (CPU)", flag_values=FLAGS)
+cli.define_int_list("maps", ",".join(map(str, CANDIDATE_MAPS)), "square maps whose candidates "
+                    "CI compiles", FLAGS, what="map sides", example="13,16")
+flags.DEFINE_integer("batch", 32, "batch size", flag_values=FLAGS)
+flags.DEFINE_integer("heads", 16, "attention heads", flag_values=FLAGS)
+flags.DEFINE_integer("head_dim", 64, "head dimension", flag_values=FLAGS)
+flags.DEFINE_integer("kernel_size", 7, "neighbourhood side", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 2, "untimed calls first", flag_values=FLAGS)
+flags.DEFINE_integer("reps", 50, "calls per timed round", flag_values=FLAGS)
+flags.DEFINE_float("budget_s", 240.0, "seconds of candidates per map", flag_values=FLAGS)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=pathlib.Path, required=True)
-    parser.add_argument("--smoke", action="store_true", help="toy shapes, two candidates (CPU)")
-    parser.add_argument("--maps", type=int, nargs="+", default=list(CANDIDATE_MAPS),
-                        choices=CANDIDATE_MAPS, help="square maps whose candidates CI compiles")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--kernel-size", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=50, help="calls per timed round")
-    parser.add_argument("--budget-s", type=float, default=240.0, help="per map")
-    args = parser.parse_args(argv)
+    args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
+    args.out = pathlib.Path(args.out)
+    if set(args.maps) - set(CANDIDATE_MAPS):
+        cli.usage_error(PROG, f"--maps {args.maps}: candidates are compiled for "
+                              f"{CANDIDATE_MAPS} only")
     if args.smoke:
         args.maps, args.batch, args.heads, args.head_dim = [8], 1, 2, 16
         args.kernel_size, args.warmup, args.reps = 3, 1, 2

@@ -161,7 +161,7 @@ def save_tokenizer(directory: str | os.PathLike, *, vqvae_config: VQVAEConfig, v
 
     All hosts must call it; process 0 writes the JSON. Transformer configs accept
     the directory as ``vqvae_checkpoint``; ``python -m mvar_jax.convert
-    --to-official-vae`` turns it into an official ``.pth``.
+    --to_official_vae`` turns it into an official ``.pth``.
     """
     _save(directory, {_VQVAE_CONFIG: vqvae_config}, {"vqvae": vqvae_params}, overwrite)
 

@@ -2,77 +2,70 @@
 
     python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --mvar mvar-d16.pth --out ckpt/mvar-d16
     python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --var var_d16.pth --out ckpt/var-d16
-    python -m mvar_jax.convert ... --var var_d16.pth --as-mvar   # MVAR fine-tuning start
-    python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --m-var d16.pth --out ckpt/m-var-d16
+    python -m mvar_jax.convert ... --var var_d16.pth --as_mvar   # MVAR fine-tuning start
+    python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --m_var d16.pth --out ckpt/m-var-d16
     python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --out ckpt/vae   # tokenizer alone
-    python -m mvar_jax.convert --to-official-vae vae.pth --model ckpt/vae   # and back
+    python -m mvar_jax.convert --to_official_vae vae.pth --model ckpt/vae   # and back
 
 A generator model directory (``checkpoint.save_model``) holds both networks'
 params and configs, so nothing else is needed to sample from it; a tokenizer
 directory (``checkpoint.save_tokenizer``) holds the VQVAE alone.
-``--to-official-vae`` writes the VQVAE of either as an official state dict that
+``--to_official_vae`` writes the VQVAE of either as an official state dict that
 the PyTorch ``VQVAE`` loads with ``strict=True``. The attention pattern
 comes from the flag, not the file: the official MVAR fine-tuning loads VAR's
 state dict whole, so its checkpoints may carry VAR's training mask. M-VAR
-(``--m-var``, model attention ``'mamba'``) is a different network, not an
-attention pattern: its file must hold the Mamba2 layers.
+(``--m_var``, model attention ``'mamba'``) is a different network, not an
+attention pattern: its file must hold the Mamba2 layers. Flags are absl's (see
+``mvar_jax.cli``); the dashed spellings of earlier versions (``--to-official-vae``) still work.
 """
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
+import types
 from collections.abc import Sequence
+
+from absl import flags
 
 from mvar_jax import checkpoint, cli, transformer_weights, vqvae_weights
 from mvar_jax.torch_checkpoint import CheckpointError
 from mvar_jax.transformer import MODEL_NAMES
 from mvar_jax.vqvae import VQVAEConfig
 
+PROG = "python -m mvar_jax.convert"
+FLAGS = flags.FlagValues()  # this command's own, so that tests can import several commands
+_PATHS = ("vae", "mvar", "var", "m_var", "out", "to_official_vae", "model")
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mvar_jax.convert",
-        description="Convert official VQVAE (+ MVAR/VAR/M-VAR) .pth files into a mvar_jax model "
-                    "directory (a tokenizer directory with --vae alone), or a tokenizer "
-                    "back into an official VQVAE .pth (--to-official-vae).")
-    parser.add_argument("--vae", type=pathlib.Path,
-                        help="official VQVAE state dict (vae_ch160v4096z32.pth); without "
-                             "--mvar/--var/--m-var, --out becomes a tokenizer directory")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--mvar", type=pathlib.Path,
-                       help="official MVAR checkpoint (mvar-d16.pth, mvar-finetune-d16.pth, ...)")
-    which.add_argument("--var", type=pathlib.Path,
-                       help="official VAR checkpoint (var_d16.pth, ...): sampled with a KV cache")
-    which.add_argument("--m-var", type=pathlib.Path,
-                       help="official M-VAR checkpoint (OliverRensu/MVAR: d16.pth, ...): "
-                            "attention within scales, Mamba2 across them")
-    parser.add_argument("--as-mvar", action="store_true",
-                        help="with --var: load the VAR weights into an MVAR model "
-                             "(the starting point of MVAR fine-tuning)")
-    parser.add_argument("--out", type=pathlib.Path,
-                        help="model directory to write")
-    parser.add_argument("--to-official-vae", type=pathlib.Path, metavar="OUT.pth",
-                        help="write the VQVAE of --model as an official VQVAE state dict")
-    parser.add_argument("--model", type=pathlib.Path,
-                        help="with --to-official-vae: a tokenizer or generator model directory")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the model in --out (whole: written beside it, then "
-                             "renamed; a directory holding other files is refused), or an "
-                             "existing --to-official-vae file")
-    parser.add_argument("--num-heads", type=int,
-                        help="attention heads (default: depth, or read off the checkpoint)")
-    parser.add_argument("--kernel-size", type=int,
-                        help="MVAR spatial-Markov neighbourhood side (default 7)")
-    parser.add_argument("--refine-step", type=int,
-                        help="first scale with spatial-Markov attention (default 8)")
-    parser.add_argument("--patch-nums", type=cli.int_list("ints", "1,2,3,4,5,6,8,10,13,16"),
-                        help="token pyramid sides (default 1,2,3,4,5,6,8,10,13,16)")
-    return parser
+flags.DEFINE_string("vae", None, "official VQVAE state dict (vae_ch160v4096z32.pth); without "
+                    "--mvar/--var/--m_var, --out becomes a tokenizer directory", flag_values=FLAGS)
+flags.DEFINE_string("mvar", None, "official MVAR checkpoint (mvar-d16.pth, "
+                    "mvar-finetune-d16.pth, ...)", flag_values=FLAGS)
+flags.DEFINE_string("var", None, "official VAR checkpoint (var_d16.pth, ...): sampled with a KV "
+                    "cache", flag_values=FLAGS)
+flags.DEFINE_string("m_var", None, "official M-VAR checkpoint (OliverRensu/MVAR: d16.pth, ...): "
+                    "attention within scales, Mamba2 across them", flag_values=FLAGS)
+flags.DEFINE_bool("as_mvar", False, "with --var: load the VAR weights into an MVAR model (the "
+                  "starting point of MVAR fine-tuning)", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "model directory to write", flag_values=FLAGS)
+flags.DEFINE_string("to_official_vae", None, "OUT.pth: write the VQVAE of --model as an "
+                    "official VQVAE state dict", flag_values=FLAGS)
+flags.DEFINE_string("model", None, "with --to_official_vae: a tokenizer or generator model "
+                    "directory", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "replace the model in --out (whole: written beside it, "
+                  "then renamed; a directory holding other files is refused), or an existing "
+                  "--to_official_vae file", flag_values=FLAGS)
+flags.DEFINE_integer("num_heads", None, "attention heads (default: depth, or read off the "
+                     "checkpoint)", flag_values=FLAGS)
+flags.DEFINE_integer("kernel_size", None, "MVAR spatial-Markov neighbourhood side (default 7)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("refine_step", None, "first scale with spatial-Markov attention "
+                     "(default 8)", flag_values=FLAGS)
+cli.define_int_list("patch_nums", None, "token pyramid sides (default 1,2,3,4,5,6,8,10,13,16)",
+                    FLAGS, what="ints", example="1,2,3,4,5,6,8,10,13,16")
 
 
-def convert(args: argparse.Namespace) -> str:
+def convert(args: types.SimpleNamespace) -> str:
     """Reads both official files, checks they fit, writes ``args.out``; returns a summary."""
     patch_nums = {} if args.patch_nums is None else {"patch_nums": args.patch_nums}
     overrides = {name: value for name, value in (("num_heads", args.num_heads),
@@ -102,7 +95,7 @@ def _describe(v: VQVAEConfig) -> str:
     return f"vocab {v.vocab_size}, Cvae {v.z_channels}, ch {v.ch}, {v.image_size}px"
 
 
-def convert_tokenizer(args: argparse.Namespace) -> str:
+def convert_tokenizer(args: types.SimpleNamespace) -> str:
     """Reads the official VQVAE file alone, writes ``args.out`` as a tokenizer directory."""
     patch_nums = {} if args.patch_nums is None else {"patch_nums": args.patch_nums}
     config, params = vqvae_weights.load_official_vqvae(args.vae, **patch_nums)
@@ -111,7 +104,7 @@ def convert_tokenizer(args: argparse.Namespace) -> str:
     return f"wrote {args.out}: tokenizer (VQVAE alone), {_describe(config)}"
 
 
-def export_official_vae(args: argparse.Namespace) -> str:
+def export_official_vae(args: types.SimpleNamespace) -> str:
     """Writes the VQVAE of the directory ``args.model`` as the official ``.pth``; says how
     PyTorch loads it."""
     config, params = checkpoint.load_tokenizer(args.model)
@@ -125,54 +118,54 @@ def export_official_vae(args: argparse.Namespace) -> str:
     return f"wrote {args.to_official_vae}: official VQVAE state dict, {_describe(config)}\n{how}"
 
 
-def _given(args: argparse.Namespace, dests: tuple[str, ...]) -> list[str]:
-    """The flags among ``dests`` that were set on the command line."""
-    return ["--" + d.replace("_", "-") for d in dests if getattr(args, d) not in (None, False)]
-
-
-def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _check_args(args: types.SimpleNamespace) -> None:
     """Exits with a usage error on a flag combination that names no conversion."""
+    def error(message: str):
+        cli.usage_error(PROG, message)
+
     if args.to_official_vae is not None:
-        extra = _given(args, ("vae", "mvar", "var", "m_var", "out", "as_mvar", "num_heads",
-                              "kernel_size", "refine_step", "patch_nums"))
+        extra = cli.given(FLAGS, ("vae", "mvar", "var", "m_var", "out", "as_mvar", "num_heads",
+                                  "kernel_size", "refine_step", "patch_nums"))
         if extra:
-            parser.error(f"--to-official-vae writes the VQVAE of --model; {', '.join(extra)} "
-                         "do not apply")
+            error(f"--to_official_vae writes the VQVAE of --model; {', '.join(extra)} do not apply")
         if args.model is None:
-            parser.error("--to-official-vae needs --model (a tokenizer or generator model "
-                         "directory)")
+            error("--to_official_vae needs --model (a tokenizer or generator model directory)")
         if args.to_official_vae.is_dir():
-            parser.error(f"--to-official-vae {args.to_official_vae} is a directory; name the "
-                         ".pth file to write")
+            error(f"--to_official_vae {args.to_official_vae} is a directory; name the .pth file "
+                  "to write")
         if args.to_official_vae.exists() and not args.overwrite:
-            parser.error(f"--to-official-vae {args.to_official_vae} exists; pass --overwrite "
-                         "to replace it")
+            error(f"--to_official_vae {args.to_official_vae} exists; pass --overwrite to replace it")
         return
     if args.model is not None:
-        parser.error("--model names the directory that --to-official-vae exports")
+        error("--model names the directory that --to_official_vae exports")
+    weights = cli.given(FLAGS, ("mvar", "var", "m_var"))
+    if len(weights) > 1:
+        error(f"{' and '.join(weights)}: convert one transformer at a time")
     if args.vae is None or args.out is None:
-        parser.error("the following arguments are required: --vae, --out "
-                     "(or --to-official-vae with --model)")
+        error("the following arguments are required: --vae, --out (or --to_official_vae with "
+              "--model)")
     if args.as_mvar and args.var is None:
-        parser.error("--as-mvar converts VAR weights; it needs --var")
-    if args.mvar is None and args.var is None and args.m_var is None:
-        extra = _given(args, ("num_heads", "kernel_size", "refine_step"))
+        error("--as_mvar converts VAR weights; it needs --var")
+    if not weights:
+        extra = cli.given(FLAGS, ("num_heads", "kernel_size", "refine_step"))
         if extra:
-            parser.error(f"{', '.join(extra)} configure a transformer; they need --mvar or --var "
-                         "(or --m-var)")
+            error(f"{', '.join(extra)} configure a transformer; they need --mvar or --var "
+                  "(or --m_var)")
     if args.m_var is not None and (args.kernel_size is not None or args.refine_step is not None):
-        parser.error("--kernel-size and --refine-step set MVAR's spatial-Markov attention; "
-                     "M-VAR attends within whole scales")
+        error("--kernel_size and --refine_step set MVAR's spatial-Markov attention; M-VAR "
+              "attends within whole scales")
     if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out} exists and is not a directory")
+        error(f"--out {args.out} exists and is not a directory")
     if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
-        parser.error(f"--out {args.out} is not empty; pass --overwrite to replace the model in it")
+        error(f"--out {args.out} is not empty; pass --overwrite to replace the model in it")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check_args(parser, args)
+    args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
+    for name in _PATHS:
+        if getattr(args, name) is not None:
+            setattr(args, name, pathlib.Path(getattr(args, name)))
+    _check_args(args)
     if args.to_official_vae is not None:
         run = export_official_vae
     else:
@@ -181,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print(run(args))
     except (CheckpointError, ValueError, OSError) as e:
-        parser.error(str(e))
+        cli.usage_error(PROG, str(e))
     return 0
 
 

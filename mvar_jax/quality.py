@@ -17,12 +17,13 @@ cached as an ``.npz`` whose name holds both, so a stale cache is never reused.
     python -m mvar_jax.quality --checkpoint demo_out/model --out demo_out/report.json
 
 writes ``report.json`` and ``report.md`` (a short table). From Python:
-``evaluate_model(model_dir, classifier_cache=DIR)`` returns the same dict.
+``evaluate_model(model_dir, classifier_cache=DIR)`` returns the same dict. Flags are absl's
+(see ``mvar_jax.cli``); the dashed spellings of earlier versions (``--samples-per-class``)
+still work.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import flags
 from flax import linen as nn
 from flax import traverse_util
 from tqdm import tqdm
@@ -665,49 +667,42 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "mvar_jax"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mvar_jax.quality",
-        description="Measure a class-conditional generator on the built-in dataset: class "
-                    "accuracy under a small classifier, Fréchet distance on its features (with "
-                    "the tokenizer-reconstruction and train-set floors), tokenizer PSNR.")
-    parser.add_argument("--checkpoint", required=True, type=pathlib.Path,
-                        help="generator model directory (train.py export or mvar_jax.convert)")
-    parser.add_argument("--out", required=True, type=pathlib.Path,
-                        help="report FILE.json; the markdown tables go to FILE.md beside it")
-    parser.add_argument("--classifier-cache", type=pathlib.Path, default=default_cache_dir(),
-                        help="directory of trained classifiers (default: %(default)s)")
-    parser.add_argument("--data-dir",
-                        help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    parser.add_argument("--image-size", type=int, default=64,
-                        help="dataset resolution: the model's (default 64)")
-    cli.add_sampling_args(parser, batch_size=50, top_k=0, top_p=0.0)
-    parser.add_argument("--samples-per-class", type=int, default=50,
-                        help="samples per label (default 50, the validation split's count)")
-    return parser
+PROG = "python -m mvar_jax.quality"
+FLAGS = flags.FlagValues()  # this command's own, so that tests can import several commands
+flags.DEFINE_string("checkpoint", None, "generator model directory (train.py export or "
+                    "mvar_jax.convert)", required=True, flag_values=FLAGS)
+flags.DEFINE_string("out", None, "report FILE.json; the markdown tables go to FILE.md beside it",
+                    required=True, flag_values=FLAGS)
+flags.DEFINE_string("classifier_cache", None, "directory of trained classifiers (default: "
+                    "$XDG_CACHE_HOME/mvar_jax or ~/.cache/mvar_jax)", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR or "
+                    "~/tensorflow_datasets)", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 64, "dataset resolution: the model's", flag_values=FLAGS)
+cli.define_sampling_flags(FLAGS, batch_size=50, top_k=0, top_p=0.0)
+flags.DEFINE_integer("samples_per_class", 50, "samples per label (the validation split's count)",
+                     lower_bound=1, flag_values=FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.out.suffix != ".json":
-        parser.error(f"--out must end in .json, got {args.out}")
-    if args.samples_per_class < 1:
-        parser.error(f"--samples-per-class must be >= 1, got {args.samples_per_class}")
-    cli.check_sampling_args(parser, args)
+    cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
+    out = pathlib.Path(FLAGS.out)
+    if out.suffix != ".json":
+        cli.usage_error(PROG, f"--out must end in .json, got {out}")
+    cli.check_sampling_flags(FLAGS, PROG)
     data_cfg = data.default_config()
-    data_cfg.update(image_size=args.image_size, data_dir=args.data_dir)
+    data_cfg.update(image_size=FLAGS.image_size, data_dir=FLAGS.data_dir)
     try:  # The model is checked before anything slow runs.
-        report = evaluate_model(args.checkpoint, classifier_cache=args.classifier_cache,
-                                data_cfg=data_cfg, labels=args.labels,
-                                samples_per_class=args.samples_per_class, cfg=args.cfg,
-                                top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                                batch_size=args.batch_size)
+        report = evaluate_model(FLAGS.checkpoint,
+                                classifier_cache=FLAGS.classifier_cache or default_cache_dir(),
+                                data_cfg=data_cfg, labels=FLAGS.labels,
+                                samples_per_class=FLAGS.samples_per_class, cfg=FLAGS.cfg,
+                                top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
+                                batch_size=FLAGS.batch_size)
     except (CheckpointError, ValueError, OSError) as e:
-        parser.error(str(e))
-    md_path = write_report(report, args.out)
+        cli.usage_error(PROG, str(e))
+    md_path = write_report(report, out)
     print(report_markdown(report))
-    print(f"wrote {args.out} and {md_path}")
+    print(f"wrote {out} and {md_path}")
     return 0
 
 

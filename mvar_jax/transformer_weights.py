@@ -160,7 +160,7 @@ def config_from_state_dict(state_dict: Mapping[str, np.ndarray], *,
         raise CheckpointError(
             f"attention={attention!r}, but the state dict "
             + ("has Mamba2 layers (blocks.<i>.mamba.*): an M-VAR checkpoint, convert it as "
-               "M-VAR (attention='mamba', --m-var)" if _MAMBA_KEY in state_dict else
+               "M-VAR (attention='mamba', --m_var)" if _MAMBA_KEY in state_dict else
                f"has no Mamba2 layers ({_MAMBA_KEY}): not an M-VAR checkpoint"))
 
     return TransformerConfig(

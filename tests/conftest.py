@@ -112,7 +112,7 @@ def convert_tiny(fixture_dir: pathlib.Path, flag: str, weights: str | pathlib.Pa
     from mvar_jax import convert
 
     convert.main(["--vae", str(fixture_dir / "tiny_vae.pth"), flag, str(fixture_dir / weights),
-                  "--out", str(out), "--num-heads", "4", *extra])
+                  "--out", str(out), "--num_heads", "4", *extra])
 
 
 @pytest.fixture(scope="session")
@@ -128,12 +128,12 @@ def tiny_checkpoints(tmp_path_factory, fixture_dir) -> dict[str, pathlib.Path]:
 
 @pytest.fixture(scope="session")
 def m_var_checkpoints(tmp_path_factory, fixture_dir) -> dict[str, pathlib.Path]:
-    """``{'l21': dir, 'l20': dir}``: the M-VAR fixtures converted by the CLI (``--m-var``)."""
+    """``{'l21': dir, 'l20': dir}``: the M-VAR fixtures converted by the CLI (``--m_var``)."""
     root = tmp_path_factory.getbasetemp() / "m_var_checkpoints"
     dirs = {variant: root / variant for variant in M_VAR_VARIANTS}
     for variant, path in dirs.items():
         if not (path / "params").exists():
-            convert_tiny(fixture_dir, "--m-var", M_VAR_FIXTURES / f"tiny_mvar_m_{variant}.pth",
+            convert_tiny(fixture_dir, "--m_var", M_VAR_FIXTURES / f"tiny_mvar_m_{variant}.pth",
                          path)
     return dirs
 

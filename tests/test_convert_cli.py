@@ -50,7 +50,7 @@ def test_converted_directory_is_self_contained(tiny_checkpoints, fixture_dir):
 def test_var_weights_as_mvar_and_overwrite(tiny_checkpoints, fixture_dir, tmp_path, capsys):
     out = tmp_path / "as_mvar"
     shutil.copytree(tiny_checkpoints["mvar"], out)  # a model to replace
-    convert_tiny(fixture_dir, "--var", "tiny_var.pth", out, "--as-mvar", "--kernel-size", "5",
+    convert_tiny(fixture_dir, "--var", "tiny_var.pth", out, "--as_mvar", "--kernel_size", "5",
              "--overwrite")
     as_mvar = checkpoint.load_model(out)
     var = checkpoint.load_model(tiny_checkpoints["var"])
@@ -74,11 +74,11 @@ def test_m_var_converts_with_its_own_flag(m_var_checkpoints, capsys, fixture_dir
     vae, out = str(fixture_dir / "tiny_vae.pth"), str(tmp_path / "out")
     m_var = str(M_VAR_FIXTURES / "tiny_mvar_m_l21.pth")
     err = _error_of(capsys, ["--vae", vae, "--mvar", m_var, "--out", out])
-    assert "an M-VAR checkpoint" in err and "--m-var" in err
-    err = _error_of(capsys, ["--vae", vae, "--m-var", str(fixture_dir / "tiny_mvar.pth"),
+    assert "an M-VAR checkpoint" in err and "--m_var" in err
+    err = _error_of(capsys, ["--vae", vae, "--m_var", str(fixture_dir / "tiny_mvar.pth"),
                              "--out", out])
     assert "not an M-VAR checkpoint" in err
-    err = _error_of(capsys, ["--vae", vae, "--m-var", m_var, "--out", out, "--kernel-size", "5"])
+    err = _error_of(capsys, ["--vae", vae, "--m_var", m_var, "--out", out, "--kernel_size", "5"])
     assert "M-VAR attends within whole scales" in err
 
 
@@ -91,11 +91,11 @@ def test_errors_are_clear(capsys, fixture_dir, tmp_path):
     err = _error_of(capsys, ["--vae", vae, "--mvar", vae, "--out", out])
     assert "transformer state dict" in err and "missing keys" in err
     err = _error_of(capsys, ["--vae", vae, "--mvar", str(fixture_dir / "tiny_mvar.pth"),
-                             "--out", out, "--num-heads", "8"])
+                             "--out", out, "--num_heads", "8"])
     assert "num_heads=8" in err
     err = _error_of(capsys, ["--vae", vae, "--mvar", str(fixture_dir / "tiny_mvar.pth"),
-                             "--out", out, "--as-mvar"])
-    assert "--as-mvar" in err
+                             "--out", out, "--as_mvar"])
+    assert "--as_mvar" in err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "something").write_text("x")
     err = _error_of(capsys, ["--vae", vae, "--var", str(fixture_dir / "tiny_var.pth"),
@@ -124,7 +124,7 @@ def test_official_vae_round_trips_through_a_tokenizer_directory(capsys, fixture_
     convert.main(["--vae", str(fixture_dir / "tiny_vae.pth"), "--out", str(tmp_path / "tok")])
     assert "tokenizer (VQVAE alone), vocab 64, Cvae 8" in capsys.readouterr().out
     assert not (tmp_path / "tok" / "transformer_config.json").exists()
-    convert.main(["--to-official-vae", str(tmp_path / "out" / "vae.pth"),
+    convert.main(["--to_official_vae", str(tmp_path / "out" / "vae.pth"),
                   "--model", str(tmp_path / "tok")])
     printed = capsys.readouterr().out
     assert "VQVAE(vocab_size=64, z_channels=8, ch=32," in printed
@@ -138,9 +138,9 @@ def test_official_vae_round_trips_through_a_tokenizer_directory(capsys, fixture_
 
 def test_generator_model_exports_its_vqvae(tiny_checkpoints, fixture_dir, tmp_path):
     out = tmp_path / "vae.pth"
-    convert.main(["--to-official-vae", str(out), "--model", str(tiny_checkpoints["var"])])
+    convert.main(["--to_official_vae", str(out), "--model", str(tiny_checkpoints["var"])])
     out.write_bytes(b"stale")
-    convert.main(["--to-official-vae", str(out), "--model", str(tiny_checkpoints["mvar"]),
+    convert.main(["--to_official_vae", str(out), "--model", str(tiny_checkpoints["mvar"]),
                   "--overwrite"])
     got = _official_tensors(out)
     want = _official_tensors(fixture_dir / "tiny_vae.pth")
@@ -151,27 +151,46 @@ def test_generator_model_exports_its_vqvae(tiny_checkpoints, fixture_dir, tmp_pa
 def test_tokenizer_modes_report_bad_input(capsys, tiny_checkpoints, fixture_dir, tmp_path):
     vae, model = str(fixture_dir / "tiny_vae.pth"), str(tiny_checkpoints["mvar"])
     out = str(tmp_path / "vae.pth")
-    assert "--to-official-vae needs --model" in _error_of(capsys, ["--to-official-vae", out])
-    err = _error_of(capsys, ["--to-official-vae", out, "--model", model, "--vae", vae])
+    assert "--to_official_vae needs --model" in _error_of(capsys, ["--to_official_vae", out])
+    err = _error_of(capsys, ["--to_official_vae", out, "--model", model, "--vae", vae])
     assert "--vae do not apply" in err
-    err = _error_of(capsys, ["--to-official-vae", out, "--model", str(tmp_path / "nope")])
+    err = _error_of(capsys, ["--to_official_vae", out, "--model", str(tmp_path / "nope")])
     assert "tokenizer directory not found" in err and "nope" in err
     no_vqvae = tmp_path / "no_vqvae"
     no_vqvae.mkdir()
     (no_vqvae / "transformer_config.json").write_text("{}")
-    err = _error_of(capsys, ["--to-official-vae", out, "--model", str(no_vqvae)])
+    err = _error_of(capsys, ["--to_official_vae", out, "--model", str(no_vqvae)])
     assert "incomplete tokenizer directory" in err and "missing vqvae_config.json, params" in err
-    err = _error_of(capsys, ["--to-official-vae", str(tmp_path), "--model", model])
+    err = _error_of(capsys, ["--to_official_vae", str(tmp_path), "--model", model])
     assert "is a directory" in err
     (tmp_path / "vae.pth").write_bytes(b"x")
-    err = _error_of(capsys, ["--to-official-vae", out, "--model", model])
+    err = _error_of(capsys, ["--to_official_vae", out, "--model", model])
     assert "exists; pass --overwrite" in err
-    assert "--to-official-vae" in _error_of(capsys, ["--model", model, "--out", out])
+    assert "--to_official_vae" in _error_of(capsys, ["--model", model, "--out", out])
     assert "required: --vae, --out" in _error_of(capsys, ["--vae", vae])
-    err = _error_of(capsys, ["--vae", vae, "--out", str(tmp_path / "tok"), "--num-heads", "4"])
-    assert "--num-heads configure a transformer; they need --mvar or --var" in err
+    err = _error_of(capsys, ["--vae", vae, "--out", str(tmp_path / "tok"), "--num_heads", "4"])
+    assert "--num_heads configure a transformer; they need --mvar or --var" in err
     err = _error_of(capsys, ["--vae", str(fixture_dir / "tiny_mvar.pth"),
                              "--out", str(tmp_path / "tok")])
     assert "VQVAE state dict" in err and "missing keys" in err
     assert (tmp_path / "vae.pth").read_bytes() == b"x"
     assert not (tmp_path / "tok").exists()
+
+
+def test_old_dashed_spellings_still_work(capsys, fixture_dir, tmp_path):
+    out = tmp_path / "vae.pth"
+    with pytest.warns(FutureWarning, match="--to-official-vae is now --to_official_vae"):
+        err = _error_of(capsys, ["--to-official-vae", str(out), "--num_heads=4"])
+    assert "--to_official_vae writes the VQVAE of --model; --num_heads do not apply" in err
+    with pytest.warns(FutureWarning, match="--as-mvar is now --as_mvar"):
+        err = _error_of(capsys, ["--vae", str(fixture_dir / "tiny_vae.pth"), "--out",
+                                 str(tmp_path / "o"), "--as-mvar"])
+    assert "--as_mvar converts VAR weights; it needs --var" in err
+
+
+def test_flag_errors_are_usage_errors(capsys, tmp_path):
+    assert "--mvar and --var: convert one transformer at a time" in _error_of(
+        capsys, ["--vae", "v.pth", "--mvar", "m.pth", "--var", "v.pth", "--out", str(tmp_path)])
+    assert "--num_heads=four" in _error_of(capsys, ["--num_heads", "four"])
+    assert "unknown command line flag 'heads'" in _error_of(capsys, ["--heads", "4"]).lower()
+    assert "expected comma-separated ints" in _error_of(capsys, ["--patch_nums", "1,x"])

@@ -218,7 +218,7 @@ def test_bad_inputs_are_named(model_64px, tiny_checkpoints, tiny_tokenizer, data
 def test_cli_reports_bad_input_as_usage_errors(tiny_checkpoints, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         quality.main(["--checkpoint", str(tiny_checkpoints["var"]), "--out",
-                      str(tmp_path / "r.json"), "--classifier-cache", str(tmp_path)])
+                      str(tmp_path / "r.json"), "--classifier_cache", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "makes 256x256 px images but the dataset" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -229,14 +229,18 @@ def test_cli_reports_bad_input_as_usage_errors(tiny_checkpoints, tmp_path, capsy
         quality.main(["--checkpoint", str(tiny_checkpoints["var"]), "--out",
                       str(tmp_path / "r.json"), "--labels", "0,x"])
     assert "expected comma-separated class ids such as 3,1, got '0,x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit), pytest.warns(FutureWarning, match="--samples_per_class"):
+        quality.main(["--checkpoint", str(tiny_checkpoints["var"]), "--out",
+                      str(tmp_path / "r.json"), "--samples-per-class", "0"])  # the old spelling
+    assert "--samples_per_class=0" in capsys.readouterr().err
 
 
 def test_cli_end_to_end(model_64px, classifier, data_cfg, classifier_cache, tmp_path, capsys):
     out = tmp_path / "report.json"
     assert quality.main([
-        "--checkpoint", str(model_64px), "--out", str(out), "--classifier-cache",
-        str(classifier_cache), "--data-dir", data_cfg.data_dir, "--labels", "0,3,7",
-        "--samples-per-class", "4", "--batch-size", "5", "--cfg", "2.0", "--seed", "1"]) == 0
+        "--checkpoint", str(model_64px), "--out", str(out), "--classifier_cache",
+        str(classifier_cache), "--data_dir", data_cfg.data_dir, "--labels", "0,3,7",
+        "--samples_per_class", "4", "--batch_size", "5", "--cfg", "2.0", "--seed", "1"]) == 0
     report = json.loads(out.read_text())
     assert report["settings"] == {"cfg": 2.0, "top_k": 0, "top_p": 0.0, "samples_per_class": 4,
                                   "seed": 1, "batch_size": 5, "labels": [0, 3, 7]}
