@@ -112,7 +112,7 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None, *, pr
         print(f"{(doc or '').strip()}\n\nflags:")
         for name in sorted(flag_values):
             flag = flag_values[name]
-            default = "" if flag.default is None else f" (default: {flag.default_as_str})"
+            default = "" if flag.default is None else f" (default: {flag.default_as_str[1:-1]})"
             print(textwrap.fill(f"--{name}: {flag.help}{default}", 96, initial_indent="  ",
                                 subsequent_indent="      "))
         raise SystemExit(0)

@@ -1,0 +1,72 @@
+"""``mvar_jax.cli``: absl parsing for in-process commands, old spellings, the sampling flags."""
+
+from __future__ import annotations
+
+import pytest
+from absl import flags
+
+from mvar_jax import cli
+
+
+def _flags() -> flags.FlagValues:
+    values = flags.FlagValues()
+    flags.DEFINE_string("out", None, "where", required=True, flag_values=values)
+    flags.DEFINE_bool("overwrite", False, "replace", flag_values=values)
+    cli.define_int_list("patch_nums", None, "sides", values, what="ints", example="1,2")
+    cli.define_sampling_flags(values, batch_size=4, top_k=0, top_p=0.0)
+    return values
+
+
+def _error(capsys, values, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_flags(values, argv, prog="prog", doc="doc")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prog: error: ")
+    return err
+
+
+def test_every_parse_starts_from_the_defaults():
+    values = _flags()
+    args = cli.parse_flags(values, ["--out=a", "--overwrite", "--labels=3,1", "--top_k", "5"],
+                           prog="prog", doc=None)
+    assert (args.out, args.overwrite, args.labels, args.top_k, args.batch_size) == (
+        "a", True, (3, 1), 5, 4)
+    assert cli.given(values, ("labels", "seed", "overwrite")) == ["--labels", "--overwrite"]
+    args = cli.parse_flags(values, ["--out", "b"], prog="prog", doc=None)
+    assert (args.out, args.overwrite, args.labels, args.top_k) == ("b", False, None, 0)
+    assert cli.given(values, ("labels", "overwrite")) == []
+
+
+def test_old_spellings_are_read_as_the_new_ones_with_a_warning():
+    values = _flags()
+    with pytest.warns(FutureWarning) as warned:
+        args = cli.parse_flags(values, ["--out", "a", "--batch-size", "2", "--patch-nums", "1",
+                                        "2", "3", "--top-p=0.5"], prog="prog", doc=None)
+    assert (args.batch_size, args.patch_nums, args.top_p) == (2, (1, 2, 3), 0.5)
+    assert [str(w.message) for w in warned] == [
+        "--batch-size is now --batch_size", "--patch-nums is now --patch_nums",
+        "--patch_nums 1 2 3 is now --patch_nums=1,2,3", "--top-p is now --top_p"]
+
+
+def test_bad_input_is_a_usage_error(capsys):
+    values = _flags()
+    assert "--out must have a value" in _error(capsys, values, [])
+    assert "unknown command line flag 'outt'" in _error(capsys, values, ["--outt=a"]).lower()
+    assert "unexpected arguments: extra" in _error(capsys, values, ["--out=a", "extra"])
+    err = _error(capsys, values, ["--out=a", "--labels=3,x"])
+    assert "expected comma-separated class ids such as 3,1, got '3,x'" in err
+    assert "--batch_size=0" in _error(capsys, values, ["--out=a", "--batch_size=0"])
+    cli.parse_flags(values, ["--out=a", "--top_p=2"], prog="prog", doc=None)
+    with pytest.raises(SystemExit):
+        cli.check_sampling_flags(values, "prog")
+    assert "--top_p" in capsys.readouterr().err
+
+
+def test_help_prints_the_doc_and_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_flags(_flags(), ["--help"], prog="prog", doc="What prog does.")
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("What prog does.")
+    assert "--patch_nums: sides" in out and "--batch_size: images per compiled call (default: 4)" in out
