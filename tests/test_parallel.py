@@ -55,26 +55,26 @@ def test_eight_devices_match_one(tmp_path):
 def _worker() -> None:
     """Two train steps (block-diagonal then spatial-Markov segment) three ways."""
     import jax
-    import ml_collections
     import numpy as np
 
     jax.config.update("jax_default_matmul_precision", "highest")
+    from configs import tiny_cpu
     from mvar_jax import parallel
-    from mvar_jax.training import optimizer, schedule, state as state_lib, step as step_lib
+    from mvar_jax.training import generator, optimizer, schedule, state as state_lib, step as step_lib
     from mvar_jax.training.synthetic import SyntheticTokenSource
-    from mvar_jax.transformer import Transformer, TransformerConfig
+    from mvar_jax.transformer import Transformer
+    from mvar_jax.vqvae import VQVAEConfig
 
-    config = TransformerConfig(vocab_size=64, cvae=8, num_classes=10, depth=2, embed_dim=64,
-                               num_heads=4, patch_nums=(1, 2, 3, 4), refine_step=3,
-                               kernel_size=3, drop_path_rate=0.1, cond_drop_rate=0.1)
+    toy = tiny_cpu.get_config()  # the toy model, on the tiny tokenizer's vocabulary
+    toy.model.drop_path_rate = 0.1  # drawn per example: must not depend on the devices
+    toy.optim.base_lr = 0.1
+    config = generator.transformer_config(toy, VQVAEConfig(vocab_size=64, z_channels=8,
+                                                           patch_nums=toy.model.patch_nums))
     model = Transformer(config)
-    optim = ml_collections.ConfigDict(dict(
-        base_lr=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, weight_decay_end=0.05,
-        grad_clip=2.0, schedule="lin0", warmup_start=0.005, final_lr_ratio=0.1))
-    tx, lr = optimizer.make_optimizer(optim, global_batch_size=8, total_steps=10, warmup_steps=1)
+    tx, lr = optimizer.make_optimizer(toy.optim, global_batch_size=8, total_steps=10,
+                                      warmup_steps=1)
     rng = jax.random.PRNGKey(0)
-    params = state_lib.init_params(config, ml_collections.ConfigDict(
-        dict(adaln=0.5, adaln_gamma=1e-3, head=0.02)), rng)
+    params = state_lib.init_params(config, toy.init, rng)
     source = SyntheticTokenSource(batch_size=8, seq_len=config.seq_len, vocab_size=64,
                                   num_classes=10)
     batches = [source.batch(i) for i in range(2)]
