@@ -21,15 +21,11 @@ target. Writes ``results.md`` (for docs/benchmarks.md) and
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
-import pathlib
-import platform
 from collections import defaultdict
 
-import jax
 from absl import flags
 
+from bench import common
 from kernels import cubin
 from kernels.spatial_markov import default_tiling
 from mvar_jax import cli
@@ -118,28 +114,20 @@ def markdown(rows: list[dict], header: dict) -> str:
 
 PROG = "python -m bench.bench_kernel_resources"
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("out", None, "directory for results.md and results.json", required=True,
-                    flag_values=FLAGS)
-flags.DEFINE_bool("smoke", False, "an 8x8 toy map, default tiling only: checks the script runs",
-                  flag_values=FLAGS)
+common.define_flags(FLAGS, smoke="an 8x8 toy map, default tiling only: checks the script runs")
 flags.DEFINE_integer("processes", 2, "compiling in parallel", lower_bound=1, flag_values=FLAGS)
 
 
 def main(argv=None):
     args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
-    args.out = pathlib.Path(args.out)
     found = cases(args.smoke)
     rows = [row(c) for c in cubin.spatial_markov_resources(found, CAPABILITIES, args.processes)]
     first = found[0]
-    header = dict(device=f"none (compiled on CPU with triton {cubin.TRITON_VERSION})",
-                  jax=jax.__version__, triton=cubin.TRITON_VERSION, ptxas=cubin.PTXAS_VERSION,
-                  python=platform.python_version(),
-                  heads=first.heads, head_dim=first.head_dim, kernel_size=first.kernel_size,
-                  date=datetime.date.today().isoformat())
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(markdown(rows, header))
-    (args.out / "results.json").write_text(json.dumps(dict(header=header, rows=rows), indent=1))
-    print(markdown(rows, header))
+    header = common.header(device=f"none (compiled on CPU with triton {cubin.TRITON_VERSION})",
+                           triton=cubin.TRITON_VERSION, ptxas=cubin.PTXAS_VERSION,
+                           heads=first.heads, head_dim=first.head_dim,
+                           kernel_size=first.kernel_size)
+    common.write_results(args.out, dict(header=header, rows=rows), markdown(rows, header))
 
 
 if __name__ == "__main__":

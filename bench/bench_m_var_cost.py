@@ -31,14 +31,13 @@ official by at least the re-run's share. Writes ``results.md`` and
 
 from __future__ import annotations
 
-import json
-import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from absl import flags
 
+from bench import common
 from mvar_jax import cli, sampling
 from mvar_jax.mamba2 import Mamba2
 from mvar_jax.transformer import TransformerConfig, layer_norm, modulate, param_shapes
@@ -166,21 +165,14 @@ def markdown(r: dict[str, Any]) -> str:
 
 PROG = "python -m bench.bench_m_var_cost"
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("out", None, "directory for results.md and results.json", required=True,
-                    flag_values=FLAGS)
-flags.DEFINE_bool("smoke", False, "toy model, batch 2", flag_values=FLAGS)
+common.define_flags(FLAGS, smoke="toy model, batch 2")
 flags.DEFINE_integer("batch", None, f"default {BATCH}", lower_bound=1, flag_values=FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
-    args.out = pathlib.Path(args.out)
     result = measure(args.smoke, args.batch or (2 if args.smoke else BATCH))
-    table = markdown(result)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("results.json", json.dumps(result, indent=1)), ("results.md", table)):
-        (args.out / name).write_text(text)
+    common.write_results(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

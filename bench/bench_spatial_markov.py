@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import pathlib
 import statistics
 import time
 from collections.abc import Callable
@@ -45,11 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from bench import common
+from bench.common import GiB
 from kernels.spatial_markov import Tiling, spatial_markov_attention
 from mvar_jax import cli
 from mvar_jax.attention import neighborhood_attention_reference, neighborhood_window_starts
-
-GiB = 2 ** 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,10 +281,7 @@ def markdown(results: list[Result], header: dict) -> str:
 
 PROG = "python -m bench.bench_spatial_markov"
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("out", None, "directory for results.md and results.json", required=True,
-                    flag_values=FLAGS)
-flags.DEFINE_bool("smoke", False, "tiny shapes, few reps: checks the script runs (CPU)",
-                  flag_values=FLAGS)
+common.define_flags(FLAGS, smoke="tiny shapes, few reps: checks the script runs (CPU)")
 cli.define_int_list("batches", "32,128", "batch sizes", FLAGS, what="ints", example="32,128")
 cli.define_int_list("maps", "13,16,32,64", "square map sides", FLAGS, what="ints",
                     example="13,16")
@@ -301,17 +296,14 @@ flags.DEFINE_float("copy_gib", 2.0, "size of the copy that measures bandwidth",
 
 def main(argv=None):
     args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
-    args.out = pathlib.Path(args.out)
     if args.smoke:
         args.batches, args.maps, args.heads, args.head_dim = [1], [8], 2, 16
         args.kernel_size, args.warmup, args.reps, args.copy_gib = 3, 1, 2, 1 / 64
 
     interpret = jax.default_backend() == "cpu"
     copy_bps = copy_bandwidth(int(args.copy_gib * GiB), args.warmup, args.reps)
-    header = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
-                  jax=jax.__version__, dtype="bfloat16", heads=args.heads,
-                  head_dim=args.head_dim, kernel_size=args.kernel_size,
-                  copy_gbps=copy_bps / 1e9, checks={})
+    header = common.header(dtype="bfloat16", heads=args.heads, head_dim=args.head_dim,
+                           kernel_size=args.kernel_size, copy_gbps=copy_bps / 1e9, checks={})
     print(f"{header['device']}: copy {header['copy_gbps']:.0f} GB/s", flush=True)
     results = []
     for side in args.maps:
@@ -323,12 +315,9 @@ def main(argv=None):
             print(f"{side}x{side} B={batch}", flush=True)
             results += run_case(case, interpret, copy_bps, args.warmup, args.reps)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(markdown(results, header))
-    (args.out / "results.json").write_text(json.dumps(
-        dict(header=header, results=[dict(dataclasses.asdict(r)) for r in results]),
-        indent=1))
-    print(f"wrote {args.out}/results.md and results.json")
+    common.write_results(args.out, dict(header=header, results=[dataclasses.asdict(r)
+                                                                for r in results]),
+                         markdown(results, header))
 
 
 if __name__ == "__main__":

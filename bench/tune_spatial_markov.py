@@ -21,20 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import pathlib
 import time
 
 import jax
 from absl import flags
 
+from bench import common
 from bench.bench_spatial_markov import (FLOOR_TENSORS, Case, check_kernel, copy_bandwidth,
                                         input_sets, passes, time_call)
+from bench.common import GiB
 from kernels.spatial_markov import (CANDIDATE_MAPS, Tiling, candidate_tilings,
                                     spatial_markov_attention)
 from mvar_jax import cli
-
-GiB = 2 ** 30
 
 
 def tune_map(case: Case, tilings: list[Tiling], interpret: bool, copy_bps: float, *,
@@ -89,9 +87,7 @@ def markdown(tables: dict[int, dict], header: dict) -> str:
 
 PROG = "python -m bench.tune_spatial_markov"
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("out", None, "directory for results.md and results.json", required=True,
-                    flag_values=FLAGS)
-flags.DEFINE_bool("smoke", False, "toy shapes, two candidates (CPU)", flag_values=FLAGS)
+common.define_flags(FLAGS, smoke="toy shapes, two candidates (CPU)")
 cli.define_int_list("maps", ",".join(map(str, CANDIDATE_MAPS)), "square maps whose candidates "
                     "CI compiles", FLAGS, what="map sides", example="13,16")
 flags.DEFINE_integer("batch", 32, "batch size", flag_values=FLAGS)
@@ -105,7 +101,6 @@ flags.DEFINE_float("budget_s", 240.0, "seconds of candidates per map", flag_valu
 
 def main(argv=None):
     args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
-    args.out = pathlib.Path(args.out)
     if set(args.maps) - set(CANDIDATE_MAPS):
         cli.usage_error(PROG, f"--maps {args.maps}: candidates are compiled for "
                               f"{CANDIDATE_MAPS} only")
@@ -115,9 +110,9 @@ def main(argv=None):
 
     interpret = jax.default_backend() == "cpu"
     copy_bps = copy_bandwidth((GiB // 64) if args.smoke else 2 * GiB, args.warmup, args.reps)
-    header = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__,
-                  batch=args.batch, heads=args.heads, head_dim=args.head_dim,
-                  kernel_size=args.kernel_size, dtype="bfloat16", copy_gbps=copy_bps / 1e9)
+    header = common.header(batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+                           kernel_size=args.kernel_size, dtype="bfloat16",
+                           copy_gbps=copy_bps / 1e9)
     tables = {}
     for side in args.maps:
         case = Case(args.batch, side, args.heads, args.head_dim, args.kernel_size)
@@ -128,11 +123,7 @@ def main(argv=None):
         check = (check_kernel(case, interpret, Tiling(**rows[0]["tiling"])) if rows else {})
         tables[side] = dict(rows=rows, check={k: round(v, 5) for k, v in check.items()})
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(markdown(tables, header))
-    (args.out / "results.json").write_text(json.dumps(dict(header=header, tables=tables),
-                                                      indent=1))
-    print(markdown(tables, header))
+    common.write_results(args.out, dict(header=header, tables=tables), markdown(tables, header))
 
 
 if __name__ == "__main__":
