@@ -15,6 +15,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import flax
 import jax
@@ -23,9 +24,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
+import sample
 from conftest import event_scalars
-from configs import tiny_cpu
-from mvar_jax import checkpoint
+from configs import tiny_cpu, tiny_cpu_m_var
+from mvar_jax import checkpoint, quality
 from mvar_jax.training import checkpointing, generator, metrics_writer, schedule, trainer, workdir
 from mvar_jax.training import state as state_lib, step as step_lib
 from mvar_jax.training.synthetic import SyntheticTokenSource
@@ -389,3 +391,74 @@ def test_epochs_use_the_data_source_size(tmp_path):
     assert trainer.total_steps(config, num_examples=20) == 6  # 2 epochs of ceil(20 / 8)
     state = trainer.train_and_evaluate(config, tmp_path, source=_SizedSource(num_examples=20))
     assert int(state.step) == 6
+
+
+def _m_var_overrides(**extra) -> dict:
+    """tiny_cpu_m_var at depth 1: the M-VAR runs' cheap steps."""
+    return {"vqvae_checkpoint": str(REPO / tiny_cpu_m_var.get_config().vqvae_checkpoint),
+            "model.depth": 1, "batch_size": BATCH, "log_every": 1, "checkpoint_every": 2,
+            "sample_every": 0, **extra}
+
+
+def test_m_var_trains_every_scale_each_step_and_resumes_exactly(tmp_path):
+    config = tiny_cpu_m_var.get_config()
+    for key, value in _m_var_overrides(num_train_steps=4).items():
+        *parents, leaf = key.split(".")
+        target = config
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    reference = trainer.train_and_evaluate(config, tmp_path / "straight", source=_source())
+    with pytest.raises(RuntimeError, match="simulated crash"):  # dies reading batch 4
+        trainer.train_and_evaluate(config, tmp_path / "crashed",
+                                   source=_CrashingSource(_source(), 3))
+    resumed = trainer.train_and_evaluate(config, tmp_path / "crashed", source=_source())
+    _assert_trees_equal(resumed, reference)
+    # One segment: every step reports all four scales, and the loss is their sum over
+    # the pyramid's 30 tokens (each token weighs 1 / L, as in the official trainer).
+    scalars = event_scalars(tmp_path / "straight" / "tensorboard")
+    for step in range(1, 5):
+        (loss,) = scalars["loss", step]
+        (ce,) = zip(*(scalars[f"ce/{pn}x{pn}", step] for pn in (1, 2, 3, 4)))
+        assert all(len(scalars[f"acc/{pn}x{pn}", step]) == 1 for pn in (1, 2, 3, 4))
+        assert loss == pytest.approx(np.dot(ce, [1, 4, 9, 16]) / 30, rel=1e-5)
+
+
+def test_m_var_trains_on_builtin_data_and_its_model_samples_and_evaluates(
+        builtin_shapes_dir, tmp_path):
+    """train.py end to end (its sample grid included), then sample.py and the demo's
+    quality measure on the exported model."""
+    workdir = tmp_path / "run"
+    overrides = _m_var_overrides(**{"data.data_dir": builtin_shapes_dir, "num_train_steps": 2,
+                                    "sample_every": 2})
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
+           "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # compiles faster
+    out = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/tiny_cpu_m_var.py"),
+         "--workdir", str(workdir), *(f"--config.{k}={v}" for k, v in overrides.items())],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    grid = np.asarray(PIL.Image.open(workdir / "samples" / "step_00000002.png"))
+    assert grid.shape == (2 * 64, 8 * 64, 3)  # the config's 10 classes, 8 per row
+    assert checkpoint.load_model(workdir / "model").transformer_config.attention == "mamba"
+
+    npz = tmp_path / "samples.npz"
+    sample.main(["--checkpoint", str(workdir / "model"), "--labels", "0,3", "--cfg", "1.5",
+                 "--top-k", "0", "--top-p", "0", "--batch-size", "2", "--out", str(npz)])
+    with np.load(npz) as f:
+        assert f["images"].shape == (2, 64, 64, 3) and f["tokens"].shape == (2, 30)
+
+    # The quality measure with an untrained judge: this test is about the model's path.
+    data_cfg = tiny_cpu_m_var.get_config().data
+    data_cfg.data_dir = str(builtin_shapes_dir)
+    judge = quality.Classifier(quality.ClassifierConfig(), 10).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+    quality.save_classifier(quality.classifier_cache_path(tmp_path, data_cfg),
+                            quality.TrainedClassifier(quality.ClassifierConfig(), 10, 64, judge,
+                                                      0.0, 0.0))
+    report = quality.evaluate_model(workdir / "model", classifier_cache=tmp_path,
+                                    data_cfg=data_cfg, labels=[0, 3], samples_per_class=1,
+                                    batch_size=2, progress=False)
+    assert report["model"]["attention"] == "mamba"
+    assert np.isfinite(report["frechet_distance"]["generated"])
+    assert quality.report_markdown(report).startswith("M-VAR depth 1, 64 px")
