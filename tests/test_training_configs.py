@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mvar_jax import checkpoint
-from mvar_jax.training import generator, optimizer, trainer
+from mvar_jax.training import generator, optimizer, schedule, trainer
 from mvar_jax.transformer_weights import load_transformer
 from mvar_jax.vqvae import VQVAEConfig
 from mvar_jax.vqvae_weights import load_official_vqvae
@@ -48,6 +48,36 @@ def test_official_configs(name):
     assert trainer.total_steps(config) == epochs * -(-1_281_167 // batch)
 
 
+# name: (depth, global batch, epochs, tblr, alng, wpe, attn_l2_norm) from the M-VAR README's
+# commands (OliverRensu/MVAR); attn_l2_norm off for d16/d20 per its inference note.
+M_VAR_OFFICIAL = {"m_var_d16": (16, 768, 200, 1e-4, 1e-3, 0.1, False),
+                  "m_var_d20": (20, 768, 250, 1e-4, 1e-3, 0.1, False),
+                  "m_var_d24": (24, 768, 350, 8e-5, 1e-4, 0.01, True)}
+
+
+@pytest.mark.parametrize("name", sorted(M_VAR_OFFICIAL))
+def test_official_m_var_configs(name, fixture_dir):
+    depth, batch, epochs, tblr, alng, wpe, l2_norm = M_VAR_OFFICIAL[name]
+    config = importlib.import_module(f"configs.{name}").get_config()
+    checked = config.copy_and_resolve_references()
+    checked.vqvae_checkpoint = str(fixture_dir / "tiny_vae.pth")  # the released one is not here
+    generator.check_config(checked)
+    model = generator.transformer_config(config, VQVAEConfig())  # the released tokenizer
+    assert (model.attention, model.depth, model.embed_dim, model.num_heads) == (
+        "mamba", depth, 64 * depth, depth)
+    assert (model.attn_l2_norm, model.shared_aln, model.dtype) == (l2_norm, False, "bfloat16")
+    assert model.drop_path_rate == pytest.approx(0.1 * depth / 24)
+    assert (model.mamba.d_state, model.mamba.d_conv, model.mamba.expand) == (64, 4, 2)
+    assert (config.batch_size, config.num_epochs, config.optim.base_lr) == (batch, epochs, tblr)
+    assert (config.init.adaln_gamma, config.optim.final_lr_ratio) == (alng, wpe)
+    assert (config.data.crop, config.data.hflip, config.label_smoothing) == (
+        "resize_random_crop", False, 0.0)
+    assert (config.sample_cfg, config.sample_top_k, config.sample_top_p) == (1.5, 900, 0.96)
+    assert trainer.total_steps(config) == epochs * -(-1_281_167 // batch)
+    assert schedule.make_schedule("mamba", model.num_scales, ratio_k=config.ratio_k) == (
+        schedule.SegmentSchedule((schedule.Segment(0, 10),), (0,)))
+
+
 def test_tiny_cpu_config_fits_the_tiny_tokenizer(fixture_dir):
     config = importlib.import_module("configs.tiny_cpu").get_config()
     vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth",
@@ -74,6 +104,24 @@ def test_tiny_cpu_var_is_tiny_cpu_with_var_attention(fixture_dir, monkeypatch):
     differ = {k for k, v in var.to_dict().items() if v != mvar.to_dict()[k]}
     assert differ == {"model"}
     assert {k for k, v in var.model.items() if v != mvar.model[k]} == {"name"}
+
+
+def test_tiny_cpu_m_var_is_tiny_cpu_with_the_m_var_family(fixture_dir, monkeypatch):
+    """The M-VAR column of the comparison: only the model family differs."""
+    mvar = importlib.import_module("configs.tiny_cpu").get_config()
+    m_var = importlib.import_module("configs.tiny_cpu_m_var").get_config()
+    monkeypatch.chdir(REPO)  # vqvae_checkpoint is repo-relative
+    trainer.check_config(m_var)
+    generator.check_config(m_var)
+    vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth",
+                                          patch_nums=m_var.model.patch_nums)
+    model = generator.transformer_config(m_var, vqvae_config)
+    assert model.attention == "mamba"
+    assert dataclasses.replace(model, attention="mvar") == generator.transformer_config(
+        mvar, vqvae_config)
+    assert trainer.total_steps(m_var) == trainer.total_steps(mvar)
+    assert {k for k, v in m_var.to_dict().items() if v != mvar.to_dict()[k]} == {"model"}
+    assert {k for k, v in m_var.model.items() if v != mvar.model[k]} == {"name"}
 
 
 def test_train_py_applies_overrides_and_reports_bad_values(tmp_path):
