@@ -87,41 +87,26 @@ def test_tiny_cpu_config_fits_the_tiny_tokenizer(fixture_dir):
     assert config.vqvae_checkpoint == "tests/fixtures/official/tiny_vae.pth"
 
 
-def test_tiny_cpu_var_is_tiny_cpu_with_var_attention(fixture_dir, monkeypatch):
-    """The MVAR-vs-VAR comparison's baseline: only the attention pattern differs."""
+@pytest.mark.parametrize("twin,family", [("tiny_cpu_var", "var"), ("tiny_cpu_m_var", "mamba")])
+def test_tiny_cpu_twins_differ_from_tiny_cpu_in_the_model_family_only(twin, family, fixture_dir,
+                                                                       monkeypatch):
+    """The MVAR / VAR / M-VAR comparison at one budget: only the model family differs."""
     mvar = importlib.import_module("configs.tiny_cpu").get_config()
-    var = importlib.import_module("configs.tiny_cpu_var").get_config()
+    other = importlib.import_module(f"configs.{twin}").get_config()
     monkeypatch.chdir(REPO)  # vqvae_checkpoint is repo-relative
-    trainer.check_config(var)
-    generator.check_config(var)
-    assert trainer.task_class(var) is trainer.task_class(mvar)
+    trainer.check_config(other)
+    generator.check_config(other)
+    assert trainer.task_class(other) is trainer.task_class(mvar)
     vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth",
-                                          patch_nums=var.model.patch_nums)
-    mvar_model, var_model = (generator.transformer_config(c, vqvae_config) for c in (mvar, var))
-    assert (mvar_model.attention, var_model.attention) == ("mvar", "var")
-    assert dataclasses.replace(var_model, attention="mvar") == mvar_model
-    assert trainer.total_steps(var) == trainer.total_steps(mvar) == 2 * 157
-    differ = {k for k, v in var.to_dict().items() if v != mvar.to_dict()[k]}
+                                          patch_nums=other.model.patch_nums)
+    mvar_model, other_model = (generator.transformer_config(c, vqvae_config)
+                               for c in (mvar, other))
+    assert (mvar_model.attention, other_model.attention) == ("mvar", family)
+    assert dataclasses.replace(other_model, attention="mvar") == mvar_model
+    assert trainer.total_steps(other) == trainer.total_steps(mvar)
+    differ = {k for k, v in other.to_dict().items() if v != mvar.to_dict()[k]}
     assert differ == {"model"}
-    assert {k for k, v in var.model.items() if v != mvar.model[k]} == {"name"}
-
-
-def test_tiny_cpu_m_var_is_tiny_cpu_with_the_m_var_family(fixture_dir, monkeypatch):
-    """The M-VAR column of the comparison: only the model family differs."""
-    mvar = importlib.import_module("configs.tiny_cpu").get_config()
-    m_var = importlib.import_module("configs.tiny_cpu_m_var").get_config()
-    monkeypatch.chdir(REPO)  # vqvae_checkpoint is repo-relative
-    trainer.check_config(m_var)
-    generator.check_config(m_var)
-    vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth",
-                                          patch_nums=m_var.model.patch_nums)
-    model = generator.transformer_config(m_var, vqvae_config)
-    assert model.attention == "mamba"
-    assert dataclasses.replace(model, attention="mvar") == generator.transformer_config(
-        mvar, vqvae_config)
-    assert trainer.total_steps(m_var) == trainer.total_steps(mvar)
-    assert {k for k, v in m_var.to_dict().items() if v != mvar.to_dict()[k]} == {"model"}
-    assert {k for k, v in m_var.model.items() if v != mvar.model[k]} == {"name"}
+    assert {k for k, v in other.model.items() if v != mvar.model[k]} == {"name"}
 
 
 def test_train_py_applies_overrides_and_reports_bad_values(tmp_path):
