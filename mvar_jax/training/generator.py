@@ -3,9 +3,8 @@
 The transformer learns the token pyramid of a frozen VQVAE: the batch is
 tokenized on the device (or read from the token cache), each step trains one
 segment of the schedule (MVAR's ``ratio_k``:1:...:1 cycle, VAR's and M-VAR's
-whole pyramid),
-the evaluation is a grid of class-conditional samples, and the export is a model
-directory (VQVAE + transformer) for ``sample.py``.
+whole pyramid), the evaluation is a grid of class-conditional samples, and the
+export is a model directory (VQVAE + transformer) for ``sample.py``.
 """
 
 from __future__ import annotations

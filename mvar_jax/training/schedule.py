@@ -2,8 +2,8 @@
 
 VAR teaches all scales at once through its block-causal mask, and so does M-VAR
 (attention within each scale, its Mamba2 layers causal over the whole pyramid
-in teacher forcing). MVAR's attention
-never looks further back than the previous scale, so the official trainer splits
+in teacher forcing). MVAR's attention never looks further back than the previous
+scale, so the official trainer splits
 the pyramid into segments: scales ``[0, refine_step)`` in one call (block-diagonal
 attention, cheap because the maps are small), then every larger scale alone with
 spatial-Markov attention. A cycle spends ``ratio_k`` steps on the first segment and
