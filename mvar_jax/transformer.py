@@ -24,6 +24,13 @@ Inference, one scale at a time (the sampler owns the loop, CFG and the VQVAE)::
 Scale indices (``first_scale``, ``last_scale``, ``si``) are static Python ints:
 jit with ``static_argnames`` and each scale compiles once.
 
+Params keep one subtree per block (``blocks_0`` ... ``blocks_{depth-1}``), the
+layout of checkpoints and converters. ``stack_blocks`` turns them into one
+``blocks`` subtree with a leading depth axis, which ``Transformer(config,
+scan_blocks=True)`` runs with ``jax.lax.scan``: one compiled block per scale
+instead of ``depth`` (the sampler's compile time), and the per-block weight
+casts stay inside the loop.
+
 Params are float32. With ``dtype='bfloat16'`` the matmuls run in bfloat16 while
 the residual stream, LayerNorm, attention softmax and the logits stay float32.
 """
@@ -50,8 +57,9 @@ INIT_SCALE_MUL = math.log(4.0)
 MAX_SCALE_MUL = math.log(100.0)
 
 # Per block, one (k, v) pair of shape (B, L, heads, head_dim) holding every token
-# generated so far (VAR only).
-KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+# generated so far (VAR only); with scanned blocks one (k, v) pair of shape
+# (depth, B, L, heads, head_dim).
+KVCache = tuple[tuple[jax.Array, jax.Array], ...] | tuple[jax.Array, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,6 +372,7 @@ class Transformer(nn.Module):
 
     config: TransformerConfig
     init_scales: InitScales = InitScales()
+    scan_blocks: bool = False  # params from stack_blocks, blocks run by lax.scan (inference)
 
     def setup(self):
         cfg = self.config
@@ -377,8 +386,11 @@ class Transformer(nn.Module):
         if cfg.shared_aln:
             self.shared_ada_lin = nn.Dense(6 * C, dtype=cfg.compute_dtype,
                                            kernel_init=_normal(std))
-        self.blocks = [AdaLNSelfAttn(cfg, float(rate), init_scales=self.init_scales)
-                       for rate in np.linspace(0.0, cfg.drop_path_rate, cfg.depth)]
+        if self.scan_blocks:
+            self.stacked_blocks = self.param("blocks", self._init_stacked_blocks)
+        else:
+            self.blocks = [AdaLNSelfAttn(cfg, float(rate), init_scales=self.init_scales)
+                           for rate in np.linspace(0.0, cfg.drop_path_rate, cfg.depth)]
         self.head_nm = AdaLNBeforeHead(cfg, init_scales=self.init_scales)
         self.head = nn.Dense(cfg.vocab_size, kernel_init=_normal(std * self.init_scales.head))
 
@@ -469,7 +481,7 @@ class Transformer(nn.Module):
         if x_BlC.ndim != 3 or x_BlC.shape[1:] != (n, cfg.embed_dim):
             raise ValueError(f"x_BlC for scale {si} must be (B, {n}, {cfg.embed_dim}), "
                              f"got {x_BlC.shape}")
-        if cache is not None and len(cache) != cfg.depth:
+        if cache is not None and not self.scan_blocks and len(cache) != cfg.depth:
             raise ValueError(f"cache has {len(cache)} blocks, the model {cfg.depth}")
         h_BlC, cache = self._blocks(x_BlC, cond_BD, si, si + 1, deterministic=True,
                                     cache=cache)
@@ -490,6 +502,11 @@ class Transformer(nn.Module):
             cond = self.shared_ada_lin(nn.silu(cond_BD)).reshape(-1, 6, cfg.embed_dim)
         else:
             cond = cond_BD
+        if self.scan_blocks:
+            if not deterministic:
+                raise ValueError("scanned blocks are for inference: train with the per-block "
+                                 "params (scan_blocks=False)")
+            return self._scanned_blocks(x_BlC, cond, first_scale, last_scale, cache)
         new_cache = []
         for i, block in enumerate(self.blocks):
             x_BlC, block_cache = block(
@@ -498,22 +515,83 @@ class Transformer(nn.Module):
             new_cache.append(block_cache)
         return x_BlC, None if cache is None else tuple(new_cache)
 
+    def _init_stacked_blocks(self, rng: jax.Array) -> Any:
+        """Every block's fresh params, stacked on a leading depth axis."""
+        cfg = self.config
+        block = AdaLNSelfAttn(cfg, init_scales=self.init_scales, parent=None)
+        x_BlC = jnp.zeros((1, cfg.first_l, cfg.embed_dim))
+        cond = jnp.zeros((1, 6, cfg.embed_dim) if cfg.shared_aln else (1, cfg.embed_dim))
+        return jax.vmap(lambda key: block.init(key, x_BlC, cond, first_scale=0,
+                                               last_scale=1)["params"])(
+            jax.random.split(rng, cfg.depth))
+
+    def _scanned_blocks(self, x_BlC, cond, first_scale, last_scale, cache):
+        """The blocks as one ``lax.scan`` over the stacked params (and stacked cache)."""
+        cfg = self.config
+        block = AdaLNSelfAttn(cfg, parent=None)  # Applied to each layer's params in turn.
+        begin, end = cfg.token_range(first_scale, last_scale)
+
+        def step(carry, layer):
+            x_BlC, cache = carry
+            params, i = layer
+            x_BlC, block_cache = block.apply(
+                {"params": params}, x_BlC, cond, first_scale=first_scale,
+                last_scale=last_scale, cache=None if cache is None else (cache[0][i], cache[1][i]))
+            if cache is not None:  # Write back this scale's keys and values only.
+                cache = tuple(jax.lax.dynamic_update_slice(full, new[None, :, begin:end],
+                                                           (i, 0, begin, 0, 0))
+                              for full, new in zip(cache, block_cache))
+            return (x_BlC, cache), None
+
+        (x_BlC, cache), _ = jax.lax.scan(step, (x_BlC, cache),
+                                         (self.stacked_blocks, jnp.arange(cfg.depth)))
+        return x_BlC, cache
+
     def _logits(self, h_BlC: jax.Array, cond_BD: jax.Array) -> jax.Array:
         return self.head(self.head_nm(h_BlC.astype(jnp.float32), cond_BD)).astype(jnp.float32)
 
 
-def init_kv_cache(config: TransformerConfig, batch_size: int) -> KVCache | None:
-    """Zeroed VAR KV cache (one (k, v) pair of ``(B, L, heads, head_dim)`` per block).
+def init_kv_cache(config: TransformerConfig, batch_size: int, *,
+                  stacked: bool = False) -> KVCache | None:
+    """Zeroed VAR KV cache in the compute dtype (as the official cache).
 
-    Returns None for MVAR, which needs no cache, so a sampler can treat both alike.
+    One (k, v) pair of ``(B, L, heads, head_dim)`` per block, or with ``stacked``
+    (for ``scan_blocks``) one pair of ``(depth, B, L, heads, head_dim)``. Returns
+    None for MVAR, which needs no cache, so a sampler can treat both alike.
     """
     if config.attention == "mvar":
         return None
     shape = (batch_size, config.seq_len, config.num_heads, config.head_dim)
+    if stacked:
+        return tuple(jnp.zeros((config.depth, *shape), config.compute_dtype) for _ in "kv")
     # Distinct buffers, so that a jitted step may donate the whole cache.
     return tuple((jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
                  for _ in range(config.depth))
 
+
+
+def _block_names(depth: int) -> list[str]:
+    return [f"blocks_{i}" for i in range(depth)]
+
+
+def blocks_are_stacked(variables: Mapping[str, Any]) -> bool:
+    """Whether ``{'params': ...}`` holds the blocks stacked (``stack_blocks``) or one per block."""
+    return "blocks" in variables["params"]
+
+
+def stack_blocks(variables: Mapping[str, Any], depth: int) -> dict[str, Any]:
+    """``{'params': ...}`` with ``blocks_0`` ... ``blocks_{depth-1}`` replaced by one
+    ``blocks`` subtree whose leaves carry a leading depth axis (for ``scan_blocks``).
+
+    A new copy of the block weights: drop the per-block tree to free its memory.
+    """
+    params = dict(variables["params"])
+    missing = [name for name in _block_names(depth) if name not in params]
+    if missing:
+        raise ValueError(f"stack_blocks: per-block params {missing} not found")
+    blocks = [params.pop(name) for name in _block_names(depth)]
+    params["blocks"] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)
+    return {**variables, "params": params}
 
 def _init_fn(config: TransformerConfig, scales: InitScales = InitScales()):
     """``rng -> variables``: teacher forcing on the start token alone touches every param."""
