@@ -12,7 +12,7 @@ samplers; randomness comes from one ``jax.random`` key, folded in per scale.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -20,8 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from mvar_jax.checkpoint import ModelBundle, check_configs
-from mvar_jax.transformer import Transformer, TransformerConfig, init_kv_cache
+from mvar_jax.transformer import (Transformer, TransformerConfig, blocks_are_stacked,
+                                  init_kv_cache, stack_blocks)
 from mvar_jax.vqvae import VQVAE, VQVAEConfig
+
+
+# Images the VQVAE decodes at a time (generate's decode_batch_size).
+DECODE_BATCH_SIZE = 4
+# Tokens per chunk of MVAR's per-scale work (generate's chunk_tokens): 16x16 maps of
+# 16 guided images, matmuls of 8192 rows, still large enough for an accelerator.
+CHUNK_TOKENS = 8192
 
 
 def top_k_filter(logits_BlV: jax.Array, top_k: int) -> jax.Array:
@@ -62,6 +70,21 @@ def filter_logits(logits_BlV: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return top_p_filter(top_k_filter(logits_BlV, top_k), top_p)
 
 
+def tokens_from_uniform(logits_BlV: jax.Array, u_Bl: jax.Array) -> jax.Array:
+    """Token ids ``(B, l)`` int32 drawn from ``softmax(logits)`` by inverse CDF.
+
+    ``u_Bl`` holds one uniform in (0, 1] per token: the first entry whose
+    cumulative probability reaches ``u * total`` is drawn, so an entry of zero
+    probability (filtered to -inf) never is. ``jax.random.categorical`` (the
+    Gumbel-max trick) needs one random number per vocabulary entry instead:
+    ``(B, l, V)`` random bits per scale that depend on the key alone, which XLA
+    computes up front and holds for every scale at once (1.4 GB at batch 64).
+    """
+    cdf_BlV = jnp.cumsum(jax.nn.softmax(logits_BlV, axis=-1), axis=-1)
+    threshold_Bl1 = u_Bl[..., None] * cdf_BlV[..., -1:]
+    return jnp.sum(cdf_BlV < threshold_Bl1, axis=-1).astype(jnp.int32)
+
+
 def gumbel_softmax(key: jax.Array, logits_BlV: jax.Array, tau: float) -> jax.Array:
     """``softmax((logits + g) / tau)`` with standard Gumbel noise g: a soft sample."""
     gumbel = jax.random.gumbel(key, logits_BlV.shape, logits_BlV.dtype)
@@ -90,11 +113,45 @@ class Samples(NamedTuple):
     images: jax.Array | None  # (B, H, W, 3) float32 in [0, 1]; None with decode=False.
 
 
+def images_per_chunk(batch: int, tokens_per_image: int, chunk_tokens: int) -> int:
+    """Images per chunk: at most ``chunk_tokens`` tokens, preferring a divisor of the batch.
+
+    A divisor of the batch makes equal chunks (one compiled body); when the
+    largest divisor is under half the budget, the budget wins and the remainder
+    runs as one more, smaller chunk.
+    """
+    most = max(1, chunk_tokens // tokens_per_image)
+    if most >= batch:
+        return batch
+    divisor = max(d for d in range(1, most + 1) if batch % d == 0)
+    return divisor if 2 * divisor >= most else most
+
+
+def map_chunks(fn: Callable[..., Any], chunk: int, *xs: jax.Array) -> Any:
+    """``fn(*xs)`` computed on chunks of ``chunk`` along the leading axis, one after another.
+
+    ``fn`` must act on each leading index independently; its outputs (a pytree
+    with the leading axis) are concatenated. A single chunk is a plain call.
+    """
+    n = xs[0].shape[0]
+    if chunk >= n:
+        return fn(*xs)
+    full = n - n % chunk
+    ys = jax.lax.map(lambda chunk_xs: fn(*chunk_xs),
+                     tuple(x[:full].reshape(full // chunk, chunk, *x.shape[1:]) for x in xs))
+    ys = jax.tree.map(lambda y: y.reshape(full, *y.shape[2:]), ys)
+    if full == n:
+        return ys
+    rest = fn(*(x[full:] for x in xs))
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, rest)
+
+
 def generate(
     vqvae_config: VQVAEConfig, transformer_config: TransformerConfig,
     vqvae_params: Any, transformer_params: Any, label_B: jax.Array, key: jax.Array,
     guidance_S2: jax.Array | None, *, top_k: int = 0, top_p: float = 0.0,
     more_smooth: bool = False, decode: bool = True,
+    decode_batch_size: int = DECODE_BATCH_SIZE, chunk_tokens: int = CHUNK_TOKENS,
 ) -> Samples:
     """Generates one image per label, coarse to fine; traceable, see ``sample`` for the jit.
 
@@ -107,44 +164,80 @@ def generate(
       more_smooth: feed the next scale a Gumbel-softmax mix of codebook entries
         instead of the sampled entry (the official visualisation mode).
       decode: decode f_hat to images (off for token-only benchmarks).
+      decode_batch_size: images decoded at a time, one chunk after another, so
+        that the VQVAE decoder's full-resolution activations never set the peak.
+      chunk_tokens: MVAR runs each scale's transformer, head and token draw on
+        chunks of images of at most this many tokens (both guidance rows
+        counted), one chunk after another: its scales keep nothing per image
+        but f_hat, so memory is one chunk's activations. VAR runs the whole batch
+        at once, as its cache holds every image anyway.
+
+    Each image's rows are side by side in the transformer batch: (conditional,
+    unconditional) with guidance. Results do not depend on the chunking.
+    ``transformer_params`` may hold the blocks one by one (as checkpoints do) or
+    stacked (``prepare``): stacked blocks run as one ``lax.scan`` per scale.
     """
     tcfg = transformer_config
-    vqvae, model = VQVAE(vqvae_config), Transformer(tcfg)
-    B, Cvae, num_scales = label_B.shape[0], tcfg.cvae, tcfg.num_scales
+    stacked = blocks_are_stacked(transformer_params)
+    vqvae, model = VQVAE(vqvae_config), Transformer(tcfg, scan_blocks=stacked)
+    B, Cvae = label_B.shape[0], tcfg.cvae
     guided = guidance_S2 is not None
-    if guided:  # The unconditional half uses the null class.
-        label_B = jnp.concatenate([label_B, jnp.full_like(label_B, tcfg.num_classes)])
-    x_BlC, cond_BD = model.apply(transformer_params, label_B, method=Transformer.start_input)
-    cache = init_kv_cache(tcfg, label_B.shape[0])  # None for MVAR.
+    rows = 2 if guided else 1
+    if guided:  # The unconditional row of each image uses the null class.
+        label_B = jnp.stack([label_B, jnp.full_like(label_B, tcfg.num_classes)], axis=1)
+    x_RlC, cond_RD = model.apply(transformer_params, label_B.reshape(-1),
+                                 method=Transformer.start_input)
+    x_BrlC, cond_BrD = x_RlC.reshape(B, rows, *x_RlC.shape[1:]), cond_RD.reshape(B, rows, -1)
+    cache = init_kv_cache(tcfg, B * rows, stacked=stacked)  # None for MVAR.
+    codebook_VC = None
     if more_smooth:
         codebook_VC = vqvae.apply(vqvae_params, jnp.arange(tcfg.vocab_size)[None],
                                   method=VQVAE.embed_tokens)[0]
     side = tcfg.patch_nums[-1]
     f_hat_BhwC = jnp.zeros((B, side, side, Cvae), jnp.float32)
+    image_B = jnp.arange(B)
 
     tokens = []
     for si, pn in enumerate(tcfg.patch_nums):
         if si > 0:
             x_BlC = model.apply(transformer_params, next_BlCv, si, method=Transformer.scale_input)
-            if guided:
-                x_BlC = jnp.concatenate([x_BlC, x_BlC])
-        # Only this scale's pn*pn tokens enter the model (plus VAR's cache).
-        logits_BlV, cache = model.apply(transformer_params, x_BlC, cond_BD, si, cache,
-                                        method=Transformer.scale_logits)
-        if guided:
-            logits_BlV = (guidance_S2[si, 0] * logits_BlV[:B]
-                          - guidance_S2[si, 1] * logits_BlV[B:])
-        logits_BlV = filter_logits(logits_BlV, top_k, top_p)
-
+            x_BrlC = x_BlC[:, None]  # Both rows of an image see the same input.
         token_key, smooth_key = jax.random.split(jax.random.fold_in(key, si))
-        idx_Bl = jax.random.categorical(token_key, logits_BlV).astype(jnp.int32)
-        tokens.append(idx_Bl)
-        ratio = si / (num_scales - 1)
-        if more_smooth:
-            h_BlCv = gumbel_softmax(smooth_key, logits_BlV * (1 + ratio),
-                                    tau=max(0.27 * (1 - 0.95 * ratio), 0.005)) @ codebook_VC
+        u_Bl = 1.0 - jax.random.uniform(token_key, (B, pn * pn))  # in (0, 1]
+
+        def scale_step(x_brlC, cond_brD, u_bl, image_b, cache, si=si, smooth_key=smooth_key):
+            """Tokens and their embeddings ``(b, l, Cvae)`` for a chunk of b images."""
+            b, l = u_bl.shape
+            x_brlC = jnp.broadcast_to(x_brlC, (b, rows, l, x_brlC.shape[-1]))
+            # Only this scale's tokens enter the model (plus VAR's cache).
+            logits_RlV, cache = model.apply(
+                transformer_params, x_brlC.reshape(b * rows, l, -1),
+                cond_brD.reshape(b * rows, -1), si, cache, method=Transformer.scale_logits)
+            logits_brlV = logits_RlV.reshape(b, rows, l, -1)
+            if guided:
+                logits_blV = (guidance_S2[si, 0] * logits_brlV[:, 0]
+                              - guidance_S2[si, 1] * logits_brlV[:, 1])
+            else:
+                logits_blV = logits_brlV[:, 0]
+            logits_blV = filter_logits(logits_blV, top_k, top_p)
+            idx_bl = tokens_from_uniform(logits_blV, u_bl)
+            if more_smooth:
+                ratio = si / (tcfg.num_scales - 1)
+                keys = jax.vmap(jax.random.fold_in, (None, 0))(smooth_key, image_b)
+                soft_blV = jax.vmap(gumbel_softmax, (0, 0, None))(
+                    keys, logits_blV * (1 + ratio), max(0.27 * (1 - 0.95 * ratio), 0.005))
+                h_blCv = soft_blV @ codebook_VC
+            else:
+                h_blCv = vqvae.apply(vqvae_params, idx_bl, method=VQVAE.embed_tokens)
+            return idx_bl, h_blCv, cache
+
+        if cache is None:
+            chunk = images_per_chunk(B, rows * pn * pn, chunk_tokens)
+            idx_Bl, h_BlCv, _ = map_chunks(
+                lambda *xs: scale_step(*xs, None), chunk, x_BrlC, cond_BrD, u_Bl, image_B)
         else:
-            h_BlCv = vqvae.apply(vqvae_params, idx_Bl, method=VQVAE.embed_tokens)
+            idx_Bl, h_BlCv, cache = scale_step(x_BrlC, cond_BrD, u_Bl, image_B, cache)
+        tokens.append(idx_Bl)
         f_hat_BhwC, next_BhwC = vqvae.apply(
             vqvae_params, si, f_hat_BhwC, h_BlCv.reshape(B, pn, pn, Cvae),
             method=VQVAE.next_autoregressive_input)
@@ -152,19 +245,24 @@ def generate(
 
     images = None
     if decode:
-        img = vqvae.apply(vqvae_params, f_hat_BhwC, method=VQVAE.fhat_to_img)
+        img = map_chunks(
+            lambda f_hat: vqvae.apply(vqvae_params, f_hat, method=VQVAE.fhat_to_img),
+            images_per_chunk(B, 1, decode_batch_size), f_hat_BhwC)
         images = (img + 1) * 0.5
     return Samples(jnp.concatenate(tokens, axis=1), f_hat_BhwC, images)
 
 
 _generate_jit = jax.jit(
     generate, static_argnames=("vqvae_config", "transformer_config", "top_k", "top_p",
-                               "more_smooth", "decode"))
+                               "more_smooth", "decode", "decode_batch_size",
+                               "chunk_tokens"))
 
 
 def sample(model: ModelBundle, labels: Sequence[int] | np.ndarray | jax.Array,
            key: jax.Array, *, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
-           more_smooth: bool = False, decode: bool = True) -> Samples:
+           more_smooth: bool = False, decode: bool = True,
+           decode_batch_size: int = DECODE_BATCH_SIZE,
+           chunk_tokens: int = CHUNK_TOKENS) -> Samples:
     """Checks the labels and that the configs fit together, then runs the compiled ``generate``.
 
     The params must have the configs' shapes, as ``checkpoint.load_model`` ensures.
@@ -172,7 +270,8 @@ def sample(model: ModelBundle, labels: Sequence[int] | np.ndarray | jax.Array,
     Compiles once per batch size, set of options and guidance on/off; the value
     of ``cfg`` is an input, so changing it re-uses the compilation (unless MVAR
     moves to or from ``cfg == 1``, which drops the unconditional half). The
-    transformer's precision is ``model.transformer_config.dtype``.
+    transformer's precision is ``model.transformer_config.dtype``. A model from
+    ``prepare`` compiles several times faster (its blocks are scanned).
     """
     tcfg = model.transformer_config
     check_configs(model.vqvae_config, tcfg)
@@ -185,8 +284,26 @@ def sample(model: ModelBundle, labels: Sequence[int] | np.ndarray | jax.Array,
                          f"{tcfg.num_classes} classes [0, {tcfg.num_classes - 1}]")
     if top_k < 0 or not 0.0 <= top_p <= 1.0:
         raise ValueError(f"need top_k >= 0 and 0 <= top_p <= 1, got {top_k}, {top_p}")
+    if decode_batch_size < 1 or chunk_tokens < 1:
+        raise ValueError(f"decode_batch_size and chunk_tokens must be >= 1, got "
+                         f"{decode_batch_size}, {chunk_tokens}")
     return _generate_jit(
         model.vqvae_config, tcfg, model.vqvae_params, model.transformer_params,
         jnp.asarray(label_B, jnp.int32), key, guidance_schedule(cfg, tcfg),
         top_k=int(top_k), top_p=float(top_p), more_smooth=bool(more_smooth),
-        decode=bool(decode))
+        decode=bool(decode), decode_batch_size=int(decode_batch_size),
+        chunk_tokens=int(chunk_tokens))
+
+
+def prepare(model: ModelBundle) -> ModelBundle:
+    """The bundle as ``sample`` runs it best: the transformer's blocks stacked.
+
+    Stacked blocks run as one ``lax.scan`` per scale: they compile once per
+    scale rather than once per block and scale, and only one block's weight
+    casts and activations are live at a time. The stacked weights are a copy:
+    drop the original bundle to free its memory.
+    """
+    if blocks_are_stacked(model.transformer_params):
+        return model
+    return model._replace(transformer_params=stack_blocks(
+        model.transformer_params, model.transformer_config.depth))
