@@ -5,7 +5,7 @@
 
 Random weights (the official initialisation for the transformer, small normal
 values for the VQVAE: timings do not depend on them), 256 px, bfloat16
-transformer, cfg 1.5, top-k 900, top-p 0.96, one image per class label. Each
+transformer (blocks stacked by ``sampling.prepare``), cfg 1.5, top-k 900, top-p 0.96, one image per class label. Each
 row is one (model, batch size, decode) case, run in its own process so that
 ``peak_bytes_in_use`` (``jax`` device ``memory_stats``, weights included) is that
 case's alone:
@@ -51,7 +51,8 @@ class Case:
     reps: int
 
 
-def model_configs(attention: str, smoke: bool) -> tuple[VQVAEConfig, transformer.TransformerConfig]:
+def model_configs(attention: str, smoke: bool, dtype: str = "bfloat16",
+                  ) -> tuple[VQVAEConfig, transformer.TransformerConfig]:
     """The released tokenizer and d16 at 256 px, or a toy for --smoke."""
     if smoke:
         patch_nums = (1, 2, 3, 4)
@@ -60,13 +61,14 @@ def model_configs(attention: str, smoke: bool) -> tuple[VQVAEConfig, transformer
         return vqvae_config, transformer.TransformerConfig(
             vocab_size=64, cvae=8, num_classes=10, depth=2, embed_dim=64, num_heads=4,
             patch_nums=patch_nums, refine_step=3, kernel_size=3, attention=attention,
-            dtype="bfloat16")
+            dtype=dtype)
     return VQVAEConfig(), transformer.TransformerConfig(depth=16, attention=attention,
-                                                        dtype="bfloat16")
+                                                        dtype=dtype)
 
 
-def random_model(attention: str, smoke: bool) -> checkpoint.ModelBundle:
-    vqvae_config, transformer_config = model_configs(attention, smoke)
+def random_model(attention: str, smoke: bool, dtype: str = "bfloat16") -> checkpoint.ModelBundle:
+    """Random weights for ``model_configs`` (no checkpoint needed)."""
+    vqvae_config, transformer_config = model_configs(attention, smoke, dtype)
     leaves, treedef = jax.tree.flatten(abstract_variables(vqvae_config))
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
     vqvae_params = jax.tree.unflatten(
@@ -78,7 +80,7 @@ def random_model(attention: str, smoke: bool) -> checkpoint.ModelBundle:
 
 def measure(case: Case) -> dict[str, Any]:
     """Runs one case in this process."""
-    model = random_model(case.attention, case.smoke)
+    model = sampling.prepare(random_model(case.attention, case.smoke))
     labels = jnp.arange(case.batch) % model.transformer_config.num_classes
     seconds = []
     for i in range(case.warmup + case.reps):
