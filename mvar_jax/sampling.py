@@ -45,6 +45,21 @@ def top_k_filter(logits_BlV: jax.Array, top_k: int) -> jax.Array:
     return jnp.where(logits_BlV < kth_largest, -jnp.inf, logits_BlV)
 
 
+def _nucleus_threshold(ascending_Bln: jax.Array, extra_Bl1: jax.Array | int,
+                       top_p: float) -> jax.Array:
+    """The nucleus rule's smallest kept value ``(B, l, 1)``, from candidates sorted ascending.
+
+    ``extra_Bl1`` more entries equal to the smallest candidate come before them
+    (top-k's ties with the k-th largest beyond k): they add to every running mass.
+    """
+    weights = jnp.exp(ascending_Bln - ascending_Bln[..., -1:])
+    below = extra_Bl1 * weights[..., :1]
+    mass = (below + jnp.cumsum(weights, axis=-1)) / (below + weights.sum(-1, keepdims=True))
+    num_dropped = jnp.sum(mass <= 1 - top_p, axis=-1, keepdims=True)
+    num_dropped = jnp.minimum(num_dropped, ascending_Bln.shape[-1] - 1)
+    return jnp.take_along_axis(ascending_Bln, num_dropped, axis=-1)
+
+
 def top_p_filter(logits_BlV: jax.Array, top_p: float) -> jax.Array:
     """Nucleus filtering with the official rule, keyed on ascending order.
 
@@ -56,18 +71,23 @@ def top_p_filter(logits_BlV: jax.Array, top_p: float) -> jax.Array:
     """
     if top_p <= 0:
         return logits_BlV
-    V = logits_BlV.shape[-1]
-    ascending = jnp.sort(logits_BlV, axis=-1)
-    mass = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-    num_dropped = jnp.sum(mass <= 1 - top_p, axis=-1, keepdims=True)
-    num_dropped = jnp.minimum(num_dropped, V - 1)
-    threshold = jnp.take_along_axis(ascending, num_dropped, axis=-1)
+    threshold = _nucleus_threshold(jnp.sort(logits_BlV, axis=-1), 0, top_p)
     return jnp.where(logits_BlV < threshold, -jnp.inf, logits_BlV)
 
 
 def filter_logits(logits_BlV: jax.Array, top_k: int, top_p: float) -> jax.Array:
-    """Top-k, then top-p on what is left (the official order)."""
-    return top_p_filter(top_k_filter(logits_BlV, top_k), top_p)
+    """Top-k, then top-p on what is left (the official order).
+
+    With both, the nucleus is found among the k largest values as ``lax.top_k``
+    returns them, sorted: no sort of the whole vocabulary (4x faster on a CPU).
+    """
+    V = logits_BlV.shape[-1]
+    if top_p <= 0 or not 0 < top_k < V:
+        return top_p_filter(top_k_filter(logits_BlV, top_k), top_p)
+    top_Blk = jax.lax.top_k(logits_BlV, top_k)[0]  # descending
+    ties_Bl1 = jnp.sum(logits_BlV >= top_Blk[..., -1:], axis=-1, keepdims=True) - top_k
+    threshold = _nucleus_threshold(top_Blk[..., ::-1], ties_Bl1, top_p)
+    return jnp.where(logits_BlV < threshold, -jnp.inf, logits_BlV)
 
 
 def tokens_from_uniform(logits_BlV: jax.Array, u_Bl: jax.Array) -> jax.Array:

@@ -76,6 +76,16 @@ def test_chunks_split_the_batch_evenly_and_keep_every_row():
             np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("top_k,top_p", [(5, 0.5), (12, 0.9), (3, 0.99), (1, 0.5), (30, 0.3)])
+def test_joint_top_k_top_p_equals_the_two_filters_in_turn(top_k, top_p):
+    """filter_logits finds the nucleus among the k largest alone; with integer logits,
+    which tie often (at the k-th largest and at the nucleus threshold too), it must
+    still equal top-k then top-p over the whole vocabulary."""
+    logits = np.random.default_rng(top_k).integers(-4, 4, size=(4, 9, 32)).astype(np.float32)
+    want = sampling.top_p_filter(sampling.top_k_filter(logits, top_k), top_p)
+    np.testing.assert_array_equal(sampling.filter_logits(logits, top_k, top_p), want)
+
+
 def test_filters_keep_the_largest_and_drop_something():
     logits = np.random.default_rng(1).normal(size=(4, 9, 64)).astype(np.float32)
     kept_k = np.isfinite(np.asarray(sampling.filter_logits(logits, 3, 0.0)))
