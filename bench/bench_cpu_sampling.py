@@ -26,18 +26,14 @@ import dataclasses
 import json
 import pathlib
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
 
 import jax
 
-from bench.bench_sampling import random_model
+from bench.bench_sampling import OPTIONS, random_model
+from bench.harness import run_case, write_results
 from mvar_jax import sampling
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-OPTIONS = dict(cfg=1.5, top_k=900, top_p=0.96)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +70,7 @@ def measure(case: Case) -> dict[str, Any]:
 
 def run_isolated(case: Case) -> dict[str, Any]:
     """``measure`` in a fresh process, so that the first call pays for compilation."""
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.bench_cpu_sampling",
-         "--case", json.dumps(dataclasses.asdict(case))],
-        cwd=REPO, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"case {case} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_case("bench.bench_cpu_sampling", "--case", dataclasses.asdict(case))
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -119,10 +109,7 @@ def main(argv: list[str] | None = None) -> None:
                                       1 if args.smoke else args.reps, args.smoke)))
         print(f"{attention}: first call {rows[-1]['first_call_s']:.1f} s, "
               f"{rows[-1]['seconds_per_call']:.2f} s/call", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    (args.out / "results.md").write_text(markdown(rows))
-    print(markdown(rows))
+    write_results(args.out, rows, markdown(rows))
 
 
 if __name__ == "__main__":

@@ -25,18 +25,16 @@ import dataclasses
 import json
 import pathlib
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from bench.harness import run_case, write_results
 from mvar_jax import checkpoint, sampling, transformer
 from mvar_jax.vqvae import VQVAEConfig, abstract_variables
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 GiB = 2 ** 30
 OPTIONS = dict(cfg=1.5, top_k=900, top_p=0.96)
 
@@ -99,13 +97,7 @@ def measure(case: Case) -> dict[str, Any]:
 
 def run_isolated(case: Case) -> dict[str, Any]:
     """``measure`` in a fresh process: the device's peak counter cannot be reset."""
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.bench_sampling",
-         "--case", json.dumps(dataclasses.asdict(case))],
-        cwd=REPO, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"case {case} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_case("bench.bench_sampling", "--case", dataclasses.asdict(case))
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -147,10 +139,7 @@ def main() -> None:
                                               args.warmup, reps)))
                 print(f"{attention} batch {batch} decode {decode}: "
                       f"{rows[-1]['images_per_s']:.1f} img/s", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    (args.out / "results.md").write_text(markdown(rows))
-    print(markdown(rows))
+    write_results(args.out, rows, markdown(rows))
 
 
 if __name__ == "__main__":
