@@ -45,6 +45,24 @@ def top_k_filter(logits_BlV: jax.Array, top_k: int) -> jax.Array:
     return jnp.where(logits_BlV < kth_largest, -jnp.inf, logits_BlV)
 
 
+def cumsum_last(x: jax.Array, block: int = 64) -> jax.Array:
+    """Cumulative sum over the last axis as two small triangular matmuls (float32).
+
+    Within blocks of ``block`` entries, then the blocks' running offsets: on a
+    CPU this compiles twice and runs four times as fast as XLA's reduce-window
+    cumsum, which the sampler needs twice per scale over the vocabulary.
+    """
+    *lead, n = x.shape
+    pad = -n % block
+    x_nb = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)]).reshape(*lead, -1, block)
+    exact = jax.lax.Precision.HIGHEST  # No reduced-precision passes on GPU/TPU.
+    within = jnp.matmul(x_nb, np.triu(np.ones((block, block), np.float32)), precision=exact)
+    num_blocks = within.shape[-2]
+    offsets = jnp.matmul(within[..., -1], np.triu(np.ones((num_blocks, num_blocks), np.float32), 1),
+                         precision=exact)
+    return (within + offsets[..., None]).reshape(*lead, n + pad)[..., :n]
+
+
 def _nucleus_threshold(ascending_Bln: jax.Array, extra_Bl1: jax.Array | int,
                        top_p: float) -> jax.Array:
     """The nucleus rule's smallest kept value ``(B, l, 1)``, from candidates sorted ascending.
@@ -54,7 +72,7 @@ def _nucleus_threshold(ascending_Bln: jax.Array, extra_Bl1: jax.Array | int,
     """
     weights = jnp.exp(ascending_Bln - ascending_Bln[..., -1:])
     below = extra_Bl1 * weights[..., :1]
-    mass = (below + jnp.cumsum(weights, axis=-1)) / (below + weights.sum(-1, keepdims=True))
+    mass = (below + cumsum_last(weights)) / (below + weights.sum(-1, keepdims=True))
     num_dropped = jnp.sum(mass <= 1 - top_p, axis=-1, keepdims=True)
     num_dropped = jnp.minimum(num_dropped, ascending_Bln.shape[-1] - 1)
     return jnp.take_along_axis(ascending_Bln, num_dropped, axis=-1)
@@ -100,7 +118,7 @@ def tokens_from_uniform(logits_BlV: jax.Array, u_Bl: jax.Array) -> jax.Array:
     ``(B, l, V)`` random bits per scale that depend on the key alone, which XLA
     computes up front and holds for every scale at once (1.4 GB at batch 64).
     """
-    cdf_BlV = jnp.cumsum(jax.nn.softmax(logits_BlV, axis=-1), axis=-1)
+    cdf_BlV = cumsum_last(jax.nn.softmax(logits_BlV, axis=-1))
     threshold_Bl1 = u_Bl[..., None] * cdf_BlV[..., -1:]
     return jnp.sum(cdf_BlV < threshold_Bl1, axis=-1).astype(jnp.int32)
 
