@@ -7,7 +7,7 @@ input. VAR attends to every earlier scale and keeps their keys/values in the
 transformer's fixed-size cache.
 
 Guidance, filtering and the Gumbel "more smooth" mode follow the official
-samplers; randomness comes from one ``jax.random`` key, folded in per scale.
+samplers; randomness comes from one ``jax.random`` key (``generate``).
 """
 
 from __future__ import annotations
@@ -195,7 +195,9 @@ def generate(
 
     Args:
       label_B: int class labels in ``[0, num_classes)``.
-      key: a ``jax.random`` key; scale si draws from ``fold_in(key, si)``.
+      key: a ``jax.random`` key: one uniform per token from its first split
+        (``tokens_from_uniform``), more_smooth's noise from its second, folded
+        in per scale and image.
       guidance_S2: ``guidance_schedule(cfg, transformer_config)``; None runs the
         conditional batch alone.
       top_k, top_p: logit filters (0 disables); ``top_k=1`` is greedy.
@@ -234,14 +236,18 @@ def generate(
     side = tcfg.patch_nums[-1]
     f_hat_BhwC = jnp.zeros((B, side, side, Cvae), jnp.float32)
     image_B = jnp.arange(B)
+    token_key, smooth_keys = jax.random.split(key)
+    # One uniform in (0, 1] per token of every scale, drawn at once: one RNG kernel.
+    u_BL = 1.0 - jax.random.uniform(token_key, (B, tcfg.seq_len))
 
     tokens = []
     for si, pn in enumerate(tcfg.patch_nums):
         if si > 0:
             x_BlC = model.apply(transformer_params, next_BlCv, si, method=Transformer.scale_input)
             x_BrlC = x_BlC[:, None]  # Both rows of an image see the same input.
-        token_key, smooth_key = jax.random.split(jax.random.fold_in(key, si))
-        u_Bl = 1.0 - jax.random.uniform(token_key, (B, pn * pn))  # in (0, 1]
+        begin, end = tcfg.token_range(si, si + 1)
+        u_Bl = u_BL[:, begin:end]
+        smooth_key = jax.random.fold_in(smooth_keys, si)
 
         def scale_step(x_brlC, cond_brD, u_bl, image_b, cache, si=si, smooth_key=smooth_key):
             """Tokens and their embeddings ``(b, l, Cvae)`` for a chunk of b images."""

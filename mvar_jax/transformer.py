@@ -38,6 +38,7 @@ the residual stream, LayerNorm, attention softmax and the logits stay float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -387,7 +388,7 @@ class Transformer(nn.Module):
             self.shared_ada_lin = nn.Dense(6 * C, dtype=cfg.compute_dtype,
                                            kernel_init=_normal(std))
         if self.scan_blocks:
-            self.stacked_blocks = self.param("blocks", self._init_stacked_blocks)
+            self.stacked_blocks = self.param("blocks", stacked_blocks_init(cfg, self.init_scales))
         else:
             self.blocks = [AdaLNSelfAttn(cfg, float(rate), init_scales=self.init_scales)
                            for rate in np.linspace(0.0, cfg.drop_path_rate, cfg.depth)]
@@ -515,16 +516,6 @@ class Transformer(nn.Module):
             new_cache.append(block_cache)
         return x_BlC, None if cache is None else tuple(new_cache)
 
-    def _init_stacked_blocks(self, rng: jax.Array) -> Any:
-        """Every block's fresh params, stacked on a leading depth axis."""
-        cfg = self.config
-        block = AdaLNSelfAttn(cfg, init_scales=self.init_scales, parent=None)
-        x_BlC = jnp.zeros((1, cfg.first_l, cfg.embed_dim))
-        cond = jnp.zeros((1, 6, cfg.embed_dim) if cfg.shared_aln else (1, cfg.embed_dim))
-        return jax.vmap(lambda key: block.init(key, x_BlC, cond, first_scale=0,
-                                               last_scale=1)["params"])(
-            jax.random.split(rng, cfg.depth))
-
     def _scanned_blocks(self, x_BlC, cond, first_scale, last_scale, cache):
         """The blocks as one ``lax.scan`` over the stacked params (and stacked cache)."""
         cfg = self.config
@@ -568,6 +559,25 @@ def init_kv_cache(config: TransformerConfig, batch_size: int, *,
     return tuple((jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
                  for _ in range(config.depth))
 
+
+
+@functools.cache
+def stacked_blocks_init(config: TransformerConfig, scales: InitScales) -> Any:
+    """``rng -> params`` of every block, stacked on a leading depth axis.
+
+    Jitted and cached per config: Flax checks a param's shape by tracing its
+    initialiser on every ``apply``, which the sampler calls twice per scale.
+    """
+    block = AdaLNSelfAttn(config, init_scales=scales, parent=None)
+    cond_shape = (1, 6, config.embed_dim) if config.shared_aln else (1, config.embed_dim)
+
+    def init(rng: jax.Array) -> Any:
+        x_BlC, cond = jnp.zeros((1, config.first_l, config.embed_dim)), jnp.zeros(cond_shape)
+        return jax.vmap(lambda key: block.init(key, x_BlC, cond, first_scale=0,
+                                               last_scale=1)["params"])(
+            jax.random.split(rng, config.depth))
+
+    return jax.jit(init)
 
 
 def _block_names(depth: int) -> list[str]:
