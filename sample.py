@@ -24,39 +24,24 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from mvar_jax import attention, checkpoint, sampling
+from mvar_jax import attention, checkpoint, cli, sampling
 from mvar_jax.torch_checkpoint import CheckpointError
 
 GRID_COLUMNS = 8
 CAPTION_PX = 14
 
 
-def parse_labels(text: str) -> list[int]:
-    """``"3,1"`` -> ``[3, 1]``, as an argparse ``type``."""
-    try:
-        return [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated class ids such as 3,1, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sample.py", description="Sample class-conditional images from an MVAR/VAR model.")
+        prog="sample.py",
+        description="Sample class-conditional images from an MVAR/VAR/M-VAR model.")
     parser.add_argument("--checkpoint", required=True, type=pathlib.Path,
                         help="model directory written by mvar_jax.convert or training")
-    parser.add_argument("--labels", type=parse_labels,
-                        help="comma-separated class ids (default: every class)")
+    cli.add_sampling_args(parser, batch_size=32, top_k=900, top_p=0.96)
     parser.add_argument("--num-per-class", type=int, default=1,
                         help="images per label (default 1)")
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="images per compiled call (default 32)")
-    parser.add_argument("--cfg", type=float, default=1.5, help="guidance scale (default 1.5)")
-    parser.add_argument("--top-k", type=int, default=900, help="0 disables (default 900)")
-    parser.add_argument("--top-p", type=float, default=0.96, help="0 disables (default 0.96)")
     parser.add_argument("--more-smooth", action="store_true",
                         help="Gumbel-softmax codebook mixing (visualisation only, not for FID)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                         help="transformer compute dtype (default: the checkpoint's)")
     parser.add_argument("--neighborhood-impl", choices=attention.NEIGHBORHOOD_IMPLS,
@@ -79,11 +64,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("nothing to write: pass --out FILE.npz|FILE.png and/or --fid-npz FILE")
     if args.out is not None and args.out.suffix not in (".npz", ".png"):
         parser.error(f"--out must end in .npz or .png, got {args.out}")
-    for name in ("num_per_class", "batch_size", "decode_batch_size", "chunk_tokens"):
+    for name in ("num_per_class", "decode_batch_size", "chunk_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.top_k < 0 or not 0.0 <= args.top_p <= 1.0:
-        parser.error(f"need --top-k >= 0 and 0 <= --top-p <= 1, got {args.top_k}, {args.top_p}")
+    cli.check_sampling_args(parser, args)
 
 
 def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> checkpoint.ModelBundle:

@@ -1,4 +1,4 @@
-"""Trains VAR / MVAR from a config file; all logic lives in mvar_jax.training.
+"""Trains a model from a config file (``config.task``); all logic lives in mvar_jax.training.
 
     python train.py --config configs/tiny_cpu.py --workdir /tmp/tiny
     python train.py --config configs/mvar_d16.py --workdir DIR --config.batch_size=64
@@ -26,9 +26,9 @@ def main(argv):
     # Multi-host start-up must precede every JAX computation, including any a
     # module might run at import time, hence the late import.
     parallel.initialize_distributed(config.parallel.distributed)
-    from mvar_jax.training import loop
+    from mvar_jax.training import trainer
 
-    loop.train_and_evaluate(config, _WORKDIR.value)
+    trainer.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 
 from bench.bench_sampling import OPTIONS as SAMPLE_OPTIONS, model_configs
 from bench.harness import run_case, write_results
-from mvar_jax import attention, sampling, transformer
+from mvar_jax import attention, parallel, sampling, transformer
 from mvar_jax.training import optimizer, state as state_lib, step as step_lib
 from mvar_jax.training.schedule import Segment, make_schedule
 from mvar_jax.vqvae import VQVAEConfig, abstract_variables
@@ -209,10 +209,6 @@ def analytic_flops(program: Program) -> dict[str, int]:
 # ----------------------------------------------------------------------------
 # The programs, lowered from abstract inputs.
 
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-
-
 def sampler_lowered(program: Program, *, loop_free: bool):
     """``sampling.generate`` lowered; ``loop_free`` for the cost view (see the module doc)."""
     vqvae_config, config = configs(program)
@@ -231,7 +227,7 @@ def sampler_lowered(program: Program, *, loop_free: bool):
 
 
 def train_step_lowered(program: Program):
-    """One train step of the program's segment (state donated), as the training loop jits it."""
+    """One train step of the program's segment, jitted as the trainer does (state donated)."""
     from configs import common  # ml_collections: imported only for the train steps
 
     _, config = configs(program)
@@ -247,7 +243,9 @@ def train_step_lowered(program: Program):
     step = step_lib.make_train_step(transformer.Transformer(config), tx, lr,
                                     Segment(*program.segment),
                                     label_smoothing=recipe.label_smoothing)
-    return jax.jit(step, donate_argnums=0).lower(_abstract(state), batch)
+    mesh = parallel.make_mesh(jax.local_devices())
+    jitted = parallel.jit_train_step(step, parallel.state_shardings(state, mesh, fsdp=False), mesh)
+    return jitted.lower(state, batch)
 
 
 def _cost(compiled) -> tuple[float, float]:

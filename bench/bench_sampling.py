@@ -5,8 +5,8 @@
 
 Random weights (the official initialisation for the transformer, small normal
 values for the VQVAE: timings do not depend on them), 256 px, bfloat16
-transformer (blocks stacked by ``sampling.prepare``), cfg 1.5, top-k 900, top-p 0.96, one image per class label. Each
-row is one (model, batch size, decode) case, run in its own process so that
+transformer (blocks stacked by ``sampling.prepare``), cfg 1.5, top-k 900,
+top-p 0.96, one image per class label. Each row is one (model, batch size, decode) case, run in its own process so that
 ``peak_bytes_in_use`` (``jax`` device ``memory_stats``, weights included) is that
 case's alone:
 
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.harness import run_case, write_results
-from mvar_jax import checkpoint, sampling, transformer
+from mvar_jax import attention, checkpoint, sampling, transformer
 from mvar_jax.vqvae import VQVAEConfig, abstract_variables
 
 GiB = 2 ** 30
@@ -132,12 +132,12 @@ def main() -> None:
     batches = args.batch_sizes or ("2" if args.smoke else "32,64")
     reps = 1 if args.smoke else args.reps
     rows = []
-    for attention in ("mvar", "var"):
+    for pattern in attention.PATTERNS:
         for batch in (int(b) for b in batches.split(",")):
             for decode in (True, False):
-                rows.append(run_isolated(Case(attention, batch, decode, args.smoke,
+                rows.append(run_isolated(Case(pattern, batch, decode, args.smoke,
                                               args.warmup, reps)))
-                print(f"{attention} batch {batch} decode {decode}: "
+                print(f"{pattern} batch {batch} decode {decode}: "
                       f"{rows[-1]['images_per_s']:.1f} img/s", flush=True)
     write_results(args.out, rows, markdown(rows))
 

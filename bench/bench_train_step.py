@@ -46,7 +46,7 @@ from mvar_jax import attention, parallel
 from mvar_jax.training import optimizer, schedule, state as state_lib, step as step_lib
 from mvar_jax.training.schedule import Segment
 from mvar_jax.training.synthetic import SyntheticTokenSource
-from mvar_jax.transformer import Transformer, TransformerConfig
+from mvar_jax.transformer import Transformer, TransformerConfig, official_drop_path_rate
 
 GiB = 2 ** 30
 DEFAULT_IMPLS = ("pallas", "masked", "reference")
@@ -62,7 +62,7 @@ def model_config(attention: str, smoke: bool) -> TransformerConfig:
                                  num_heads=4, patch_nums=(1, 2, 3, 4), refine_step=3,
                                  kernel_size=3, attention=attention, dtype="bfloat16")
     return TransformerConfig(vocab_size=4096, cvae=32, num_classes=1000, depth=16,
-                             attention=attention, drop_path_rate=0.1 * 16 / 24,
+                             attention=attention, drop_path_rate=official_drop_path_rate(16),
                              dtype="bfloat16")
 
 
@@ -103,11 +103,9 @@ def bench_model(config: TransformerConfig, recipe: ml_collections.ConfigDict, *,
         for impl in segment_impls:
             model_config = (config if impl == DENSE
                             else dataclasses.replace(config, neighborhood_impl=impl))
-            train_step = jax.jit(
+            train_step = parallel.jit_train_step(
                 step_lib.make_train_step(Transformer(model_config), tx, lr, segment,
-                                         label_smoothing=0.0),
-                in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+                                         label_smoothing=0.0), shardings, mesh)
             state, timing = time_step(train_step, state, inputs, warmup=warmup, reps=reps)
             begin, end = config.token_range(*segment)
             rows.append({
@@ -225,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe.init.adaln_gamma = 1e-3  # the README's --alng=1e-3
     batch = args.batch_per_device * jax.local_device_count()
     rows, ratios = [], []
-    for name in ("mvar", "var"):
+    for name in attention.PATTERNS:
         config = model_config(name, args.smoke)
         model_rows = bench_model(config, recipe, impls=impls, batch=batch, warmup=args.warmup,
                                  reps=args.reps)

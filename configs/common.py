@@ -1,7 +1,10 @@
-"""Defaults shared by every training config: the official recipe's fixed values.
+"""Defaults shared by the training configs.
 
-Sources are the official MVAR code (CVL-UESTC/MVAR): ``utils/arg_util.py`` (flag
-defaults), ``utils/lr_control.py`` (schedule, no-decay set), ``train.py``
+``trainer_config()`` holds the trainer's own settings (steps, batch, logging,
+checkpoints, data, parallelism), which every task's config starts from.
+``get_config()`` adds the generator (VAR / MVAR) with the official recipe's fixed
+values. Sources are the official MVAR code (CVL-UESTC/MVAR): ``utils/arg_util.py``
+(flag defaults), ``utils/lr_control.py`` (schedule, no-decay set), ``train.py``
 (optimizer), ``trainer.py`` (loss, 8:1:1 schedule) and ``models/__init__.py``
 (architecture per depth). VAR (FoundationVision/VAR) shares all of them. Each
 experiment file overrides what its README command line sets.
@@ -17,8 +20,39 @@ from mvar_jax.data.config import default_config as data_default_config
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # ILSVRC-2012 train split.
 
 
-def get_config() -> ml_collections.ConfigDict:
+def trainer_config() -> ml_collections.ConfigDict:
+    """What the trainer reads, for every task; the task's config sets ``task`` and the rest."""
     c = ml_collections.ConfigDict()
+    c.task = ""  # which model trains: 'generator' (VAR/MVAR); see mvar_jax.training.trainer.TASKS
+    c.seed = 0
+    c.data = data_default_config()
+    c.num_train_examples = 0  # the train split's size, if the data source does not report it
+    c.batch_size = 0  # global, over all devices and hosts
+    c.num_epochs = 0
+    c.num_train_steps = -1  # > 0 overrides num_epochs (tests, smoke runs)
+
+    c.log_every = 100  # steps between console/TensorBoard logs
+    c.checkpoint_every = 2000  # steps between train-state checkpoints
+    c.keep_checkpoints = 3  # newest train-state checkpoints kept
+    c.async_checkpointing = True  # save in the background while training continues
+
+    p = c.parallel = ml_collections.ConfigDict()
+    # Shard params + optimizer state over all devices (FSDP) instead of
+    # replicating them; for d24/d30 on small-memory devices.
+    p.fsdp = False
+    p.fsdp_min_size = 2**16  # arrays smaller than this stay replicated
+    dist = p.distributed = ml_collections.ConfigDict()
+    dist.enabled = False  # call jax.distributed.initialize (multi-host)
+    dist.coordinator_address = config_dict.placeholder(str)  # None: auto-detect
+    dist.num_processes = -1  # -1: auto-detect
+    dist.process_id = -1  # -1: auto-detect
+    return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The generator's defaults: the official VAR / MVAR recipe on ImageNet 256 px."""
+    c = trainer_config()
+    c.task = "generator"  # the VAR/MVAR transformer on a frozen VQVAE
     c.seed = 0  # arg_util.py --seed (None there: nondeterministic); fixed here
 
     m = c.model = ml_collections.ConfigDict()
@@ -53,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     # --finetune_from_var: official VAR .pth (or converted model dir) to start from.
     c.finetune_from = ""
 
-    d = c.data = data_default_config()
+    d = c.data
     d.name = "imagenet2012"  # --data_path: ImageNet-1k train/
     d.image_size = 256  # data_load_reso = max(patch_nums) * patch_size 16
     d.crop = "adm_center_crop"  # MVAR utils/data.py: ADM centre crop for train and val
@@ -63,7 +97,6 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.batch_size = 64  # --bs (global); every README command overrides it
     c.num_epochs = 250  # --ep
-    c.num_train_steps = -1  # > 0 overrides num_epochs (tests, smoke runs)
     c.ratio_k = 8  # --ratio_k 8: steps on scales [0, refine_step) per step on each larger scale
     c.label_smoothing = 0.0  # --ls 0.0
 
@@ -79,24 +112,9 @@ def get_config() -> ml_collections.ConfigDict:
     o.warmup_start = 0.005  # --wp0: lr ratio at the start of warm-up
     o.final_lr_ratio = 0.01  # --wpe: lr ratio at the end of training
 
-    c.log_every = 100  # steps between console/TensorBoard logs
-    c.checkpoint_every = 2000  # steps between train-state checkpoints
-    c.keep_checkpoints = 3  # newest train-state checkpoints kept
-    c.async_checkpointing = True  # save in the background while training continues
     c.sample_every = 10_000  # steps between sample grids (0: never)
     c.sample_classes = (980, 980, 437, 437, 22, 22, 562, 562)  # VAR demo_sample.ipynb
     c.sample_cfg = 2.7  # README: suggested d16 sampling cfg=2.7, top_p=0.99, top_k=1200
     c.sample_top_k = 1200
     c.sample_top_p = 0.99
-
-    p = c.parallel = ml_collections.ConfigDict()
-    # Shard params + optimizer state over all devices (FSDP) instead of
-    # replicating them; for d24/d30 on small-memory devices.
-    p.fsdp = False
-    p.fsdp_min_size = 2**16  # arrays smaller than this stay replicated
-    dist = p.distributed = ml_collections.ConfigDict()
-    dist.enabled = False  # call jax.distributed.initialize (multi-host)
-    dist.coordinator_address = config_dict.placeholder(str)  # None: auto-detect
-    dist.num_processes = -1  # -1: auto-detect
-    dist.process_id = -1  # -1: auto-detect
     return c

@@ -93,17 +93,60 @@ class Tiling:
                 f"num_warps and num_stages must be >= 1, got {self.num_warps}, {self.num_stages}")
 
 
-def default_tiling(height: int, width: int) -> Tiling:
+def default_tiling(height: int, width: int, dtype=jnp.bfloat16) -> Tiling:
     """Tiling for head_dim 64 on an H100.
 
-    Untuned guesses until a GPU run measures them: blocks of 64 positions
-    (several whole rows) for maps up to 32 wide; 16-column runs for wider maps
-    (each loads 32-column partner segments when k <= 11); never a block much
-    larger than the map.
+    bfloat16: untuned guesses until a GPU run measures them: blocks of 64
+    positions (several whole rows) on 4 warps for maps up to 32 wide; 16-column
+    runs on 2 warps for wider maps (each loads 32-column partner segments when
+    k <= 11). float32: IEEE float32 dots run on the FMA units with whole
+    operand tiles in registers, and 64-position blocks on 4 warps spill at
+    13x13 and 32x32, so blocks of 32 (16-column runs) on 4 warps. Never a block
+    much larger than the map. Compiled for sm_80 and sm_90 in CI (see
+    ``candidate_tilings``).
     """
-    block = 64 if width <= 32 else 16
-    block = max(_MIN_DOT_DIM, min(block, pl.next_power_of_2(height * width)))
-    return Tiling(block_q=block, block_k=block, num_warps=4 if block >= 64 else 2)
+    if jnp.dtype(dtype) == jnp.float32:
+        tiling = Tiling(16, 16) if width > 32 else Tiling(32, 32)
+    else:
+        tiling = Tiling(16, 16, num_warps=2) if width > 32 else Tiling(64, 64)
+    return _fit(tiling, height, width)
+
+
+# Square map sides whose candidate tilings CI compiles for the GPU: the models'
+# spatial-Markov maps (13, 16) and two larger ones. The tuner sweeps only these.
+CANDIDATE_MAPS = (13, 16, 32, 64)
+
+
+def candidate_tilings(height: int, width: int) -> tuple[Tiling, ...]:
+    """The tilings ``bench.tune_spatial_markov`` chooses among, the default first.
+
+    A short explicit list, each compiled for sm_80 and sm_90 at head_dim 64 in
+    CI (tests/test_spatial_markov_cubin.py: no spills, at most 255 registers,
+    shared memory within a block's limit). Left out because they spill or sit
+    near 255 registers (measured with triton 3.6, see docs/benchmarks.md):
+    128-position blocks on 4 warps or with partner chunks, 64-position blocks
+    with partner chunks, 32-position blocks with 128-position chunks, and
+    64-position blocks at 64x64.
+    """
+    if width <= 32:  # blocks of whole rows
+        others = [Tiling(64, 64, num_warps=4, num_stages=3),
+                  Tiling(32, 32, num_warps=4, num_stages=2),
+                  Tiling(32, 32, partner_chunk=64, num_warps=4, num_stages=2),
+                  Tiling(128, 128, num_warps=8, num_stages=2),
+                  Tiling(128, 128, num_warps=8, num_stages=3)]
+    else:  # runs of columns
+        others = [Tiling(16, 16, num_warps=2, num_stages=3),
+                  Tiling(32, 32, num_warps=4, num_stages=2),
+                  Tiling(32, 32, num_warps=4, num_stages=3)]
+    found = [default_tiling(height, width)] + [_fit(t, height, width) for t in others]
+    return tuple(dict.fromkeys(found))
+
+
+def _fit(tiling: Tiling, height: int, width: int) -> Tiling:
+    """Blocks no larger than the map (rounded up to a power of two)."""
+    cap = max(_MIN_DOT_DIM, pl.next_power_of_2(height * width))
+    return dataclasses.replace(tiling, block_q=min(tiling.block_q, cap),
+                               block_k=min(tiling.block_k, cap))
 
 
 # --------------------------------------------------------------------------
@@ -469,7 +512,7 @@ def spatial_markov_attention(
       kernel_size: odd window side, at most ``min(H, W)``.
       scale: logit multiplier (a Python number); ``head_dim ** -0.5`` when None.
       interpret: run the kernels in Pallas' interpreter (CPU, tests).
-      tiling: launch parameters; ``default_tiling(H, W)`` when None.
+      tiling: launch parameters; ``default_tiling(H, W, dtype)`` when None.
 
     Returns:
       ``(B, H, W, heads, head_dim)`` in q's dtype. Differentiable in q, k, v.
@@ -489,7 +532,7 @@ def spatial_markov_attention(
             f"got {kernel_size!r}")
     scale = head_dim ** -0.5 if scale is None else float(scale)
     cfg = _Config(height, width, int(kernel_size), scale,
-                  tiling or default_tiling(height, width), bool(interpret))
+                  tiling or default_tiling(height, width, q.dtype), bool(interpret))
     flat = (batch, height * width, heads, head_dim)
     out = _attention(q.reshape(flat), k.reshape(flat), v.reshape(flat), cfg)
     return out.reshape(q.shape)

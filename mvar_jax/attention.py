@@ -161,6 +161,8 @@ def neighborhood_attention_masked(
 
 
 NEIGHBORHOOD_IMPLS = ("auto", "masked", "reference", "pallas", "pallas_interpret")
+# The two models by their attention: ``TransformerConfig.attention``, a training
+# config's ``model.name``.
 PATTERNS = ("mvar", "var")
 
 

@@ -1,18 +1,23 @@
-"""A trained model on disk: both networks' params (Orbax) and their configs (JSON).
+"""A trained model on disk: params (Orbax) and their configs (JSON).
 
-Layout of a model directory::
+Two kinds of directory share one layout::
 
     vqvae_config.json        VQVAEConfig.to_dict()
-    transformer_config.json  TransformerConfig.to_dict()
+    transformer_config.json  TransformerConfig.to_dict()      (generator model only)
     params/                  Orbax tree {'vqvae': ..., 'transformer': ...}
+                             ({'vqvae': ...} alone in a tokenizer directory)
 
-Written by the converter (official .pth -> JAX) and at the end of training; read
-by the sampler. The configs travel with the params, so loading needs nothing else,
-and loading checks that they describe those params.
+A generator model (``save_model``) is written by the converter and at the end of
+transformer training, and read by the sampler. A tokenizer directory
+(``save_tokenizer``) holds a VQVAE alone, as the tokenizer trainer exports it;
+``load_tokenizer`` reads the VQVAE of either kind. The configs travel with the
+params, so loading needs nothing else, and loading checks that they describe
+those params.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -22,6 +27,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from mvar_jax import vqvae_weights
+from mvar_jax.quantizer import num_phis
 from mvar_jax.torch_checkpoint import CheckpointError, check_keys
 from mvar_jax.transformer import TransformerConfig, param_shapes
 from mvar_jax.vqvae import VQVAEConfig, abstract_variables
@@ -29,6 +36,7 @@ from mvar_jax.vqvae import VQVAEConfig, abstract_variables
 _VQVAE_CONFIG = "vqvae_config.json"
 _TRANSFORMER_CONFIG = "transformer_config.json"
 PARAMS_DIR = "params"  # Orbax commits it atomically: its presence means a complete save.
+_PARAMS_NAMES = {"vqvae": "VQVAE params", "transformer": "transformer params"}
 
 
 class ModelBundle(NamedTuple):
@@ -64,98 +72,180 @@ def _expected_params(vqvae_config: VQVAEConfig, transformer_config: TransformerC
             "transformer": param_shapes(transformer_config)}
 
 
-def check_bundle(bundle: ModelBundle, source: str = "model", *,
-                 expected: dict | None = None) -> None:
-    """Raises unless the configs fit together and each param tree has their shapes.
+def _check_params(params: dict[str, Any], expected: dict[str, Any], source: str) -> None:
+    """Raises unless each tree in ``expected`` has its shapes in ``params``.
 
-    A model whose config JSON was edited, or that was assembled from two models,
-    fails here with the differing parameters named (StateDictMismatchError)
-    rather than deep inside a compiled sampler or train step. Messages start
-    with ``source`` (e.g. the directory). Leaves need only a ``.shape``, so
-    this also checks Orbax metadata before anything is read. ``expected``:
-    ``_expected_params`` of the bundle's configs, if the caller already has it.
+    A directory whose config JSON was edited, or that was assembled from two
+    models, fails here with the differing parameters named
+    (StateDictMismatchError) rather than deep inside a compiled sampler or train
+    step. Leaves need only a ``.shape``, so this checks Orbax metadata before
+    anything is read. Messages start with ``source`` (the directory).
     """
-    mismatch = _config_mismatch(bundle.vqvae_config, bundle.transformer_config)
-    if mismatch:
-        raise CheckpointError(f"{source}: {mismatch}")
-    if expected is None:
-        expected = _expected_params(bundle.vqvae_config, bundle.transformer_config)
-    for what, key, params in (("VQVAE params", "vqvae", bundle.vqvae_params),
-                              ("transformer params", "transformer", bundle.transformer_params)):
-        check_keys(_flat(params), {k: v.shape for k, v in _flat(expected[key]).items()},
-                   what=f"{source}: {what}")
+    for name, tree in expected.items():
+        check_keys(_flat(params[name]), {k: v.shape for k, v in _flat(tree).items()},
+                   what=f"{source}: {_PARAMS_NAMES[name]}")
 
 
-def save_model(directory: str | os.PathLike, *, vqvae_config: VQVAEConfig, vqvae_params: Any,
-               transformer_config: TransformerConfig, transformer_params: Any,
-               overwrite: bool = False) -> None:
-    """Writes a model directory (all hosts must call it; process 0 writes the JSON)."""
+def _save(directory: str | os.PathLike, configs: dict[str, Any], params: dict[str, Any],
+          overwrite: bool) -> None:
+    """Writes ``{file name: config}`` and the params tree; removes a config left by another kind."""
     directory = pathlib.Path(directory).absolute()
     if (directory / PARAMS_DIR).exists() and not overwrite:
         raise FileExistsError(
             f"{directory} already holds a model; pass overwrite=True to replace it")
     if jax.process_index() == 0:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / _VQVAE_CONFIG).write_text(json.dumps(vqvae_config.to_dict(), indent=1))
-        (directory / _TRANSFORMER_CONFIG).write_text(
-            json.dumps(transformer_config.to_dict(), indent=1))
+        for name in (_VQVAE_CONFIG, _TRANSFORMER_CONFIG):
+            if name in configs:
+                (directory / name).write_text(json.dumps(configs[name].to_dict(), indent=1))
+            else:  # A tokenizer written over a generator model must not keep its transformer.
+                (directory / name).unlink(missing_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory / PARAMS_DIR,
-                          {"vqvae": vqvae_params, "transformer": transformer_params},
-                          force=overwrite)
+        checkpointer.save(directory / PARAMS_DIR, params, force=overwrite)
 
 
-def load_model(directory: str | os.PathLike) -> ModelBundle:
-    """Reads a model directory written by ``save_model``; params come back as jax arrays.
+def save_model(directory: str | os.PathLike, *, vqvae_config: VQVAEConfig, vqvae_params: Any,
+               transformer_config: TransformerConfig, transformer_params: Any,
+               overwrite: bool = False) -> None:
+    """Writes a generator model directory (all hosts must call it; process 0 writes the JSON)."""
+    _save(directory, {_VQVAE_CONFIG: vqvae_config, _TRANSFORMER_CONFIG: transformer_config},
+          {"vqvae": vqvae_params, "transformer": transformer_params}, overwrite)
 
-    Raises CheckpointError for a missing, incomplete or unreadable directory, and
-    StateDictMismatchError (a CheckpointError) when its configs do not describe
-    its params (``check_bundle``).
+
+def save_tokenizer(directory: str | os.PathLike, *, vqvae_config: VQVAEConfig, vqvae_params: Any,
+                   overwrite: bool = False) -> None:
+    """Writes a tokenizer directory: the VQVAE alone (``{'params': ...}``), no transformer.
+
+    All hosts must call it; process 0 writes the JSON. Transformer configs accept
+    the directory as ``vqvae_checkpoint``; ``python -m mvar_jax.convert
+    --to-official-vae`` turns it into an official ``.pth``.
     """
+    _save(directory, {_VQVAE_CONFIG: vqvae_config}, {"vqvae": vqvae_params}, overwrite)
+
+
+def _existing(directory: str | os.PathLike, kind: str, needed: tuple[str, ...]) -> pathlib.Path:
+    """The absolute directory; CheckpointError if it or one of ``needed`` is missing."""
     directory = pathlib.Path(directory).absolute()
     if not directory.is_dir():
-        raise CheckpointError(f"model directory not found: {directory}")
-    missing = [name for name in (_VQVAE_CONFIG, _TRANSFORMER_CONFIG, PARAMS_DIR)
-               if not (directory / name).exists()]
+        raise CheckpointError(f"{kind} directory not found: {directory}")
+    missing = [name for name in needed if not (directory / name).exists()]
     if missing:
         raise CheckpointError(
-            f"incomplete model directory {directory}: missing {', '.join(missing)} "
-            "(expected the output of save_model / mvar_jax.convert)")
+            f"incomplete {kind} directory {directory}: missing {', '.join(missing)} "
+            "(expected the output of save_model / save_tokenizer / mvar_jax.convert)")
+    return directory
+
+
+def _read_config(directory: pathlib.Path, name: str, cls: type) -> Any:
     try:
-        vqvae_config = VQVAEConfig.from_dict(json.loads((directory / _VQVAE_CONFIG).read_text()))
-        transformer_config = TransformerConfig.from_dict(
-            json.loads((directory / _TRANSFORMER_CONFIG).read_text()))
+        return cls.from_dict(json.loads((directory / name).read_text()))
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"invalid config JSON in {directory}: {e}") from e
-    params_dir = directory / PARAMS_DIR
-    expected = _expected_params(vqvae_config, transformer_config)
-    with ocp.StandardCheckpointer() as checkpointer:
+        raise CheckpointError(f"invalid config JSON in {directory}: {name}: {e}") from e
+
+
+def _stored_tree(params_dir: pathlib.Path) -> Any:
+    """The saved tree of array metadata (leaves have ``.shape``), or None if Orbax hides it.
+
+    Orbax 0.12 exposes it; other versions may not, and then the restore still
+    catches a mismatch, if less readably.
+    """
+    with ocp.PyTreeCheckpointer() as checkpointer:
         try:
             metadata = checkpointer.metadata(params_dir)
         except Exception as e:  # Orbax raises several types for unreadable metadata.
             raise CheckpointError(f"cannot read the params metadata in {params_dir}: "
                                   f"{type(e).__name__}: {e}") from e
-        # Orbax 0.12 exposes the saved tree here; other versions may not, and then
-        # the restore below still catches a mismatch, if less readably.
-        stored = getattr(getattr(metadata, "item_metadata", None), "tree", None)
+    return getattr(getattr(metadata, "item_metadata", None), "tree", None)
+
+
+def _restore(directory: pathlib.Path, expected: dict[str, Any]) -> dict[str, Any]:
+    """The subtrees named in ``expected`` from ``directory/params``, on one device.
+
+    The stored shapes are checked first (a mismatch names the parameters instead
+    of surfacing as an Orbax restore error). Stored subtrees not in ``expected``
+    (a generator's transformer when only the VQVAE is wanted) are not read.
+    """
+    params_dir = directory / PARAMS_DIR
+    stored = _stored_tree(params_dir)
+    with ocp.PyTreeCheckpointer() as checkpointer:
         if stored is not None:
-            if not isinstance(stored, dict) or set(stored) != {"vqvae", "transformer"}:
+            if not isinstance(stored, dict) or not set(expected) <= set(stored):
                 held = sorted(stored) if isinstance(stored, dict) else type(stored).__name__
-                raise CheckpointError(
-                    f"{params_dir} holds {held}, expected ['transformer', 'vqvae']")
-            # Check the stored shapes first: a mismatch names the parameters
-            # instead of surfacing as an Orbax restore error.
-            check_bundle(ModelBundle(vqvae_config, stored["vqvae"], transformer_config,
-                                     stored["transformer"]), source=str(directory),
-                         expected=expected)
+                raise CheckpointError(f"{params_dir} holds {held}, expected {sorted(expected)}")
+            _check_params(stored, expected, str(directory))
         # An explicit single-device target: without one Orbax rebuilds the saved
         # sharding, which fails on a machine with a different device count.
         on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device), expected)
         try:
-            params = checkpointer.restore(params_dir, target)
+            return checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True))
         except Exception as e:  # Orbax raises several types for unreadable arrays.
             raise CheckpointError(f"cannot restore params from {params_dir}: "
                                   f"{type(e).__name__}: {e}") from e
+
+
+def load_model(directory: str | os.PathLike) -> ModelBundle:
+    """Reads a generator model directory written by ``save_model``; params come back as jax arrays.
+
+    Raises CheckpointError for a missing, incomplete or unreadable directory, or a
+    tokenizer directory, and StateDictMismatchError (a CheckpointError) when its
+    configs do not describe its params.
+    """
+    directory = _existing(directory, "model", (_VQVAE_CONFIG, PARAMS_DIR))
+    if not (directory / _TRANSFORMER_CONFIG).exists():
+        stored = _stored_tree(directory / PARAMS_DIR)
+        if isinstance(stored, dict) and set(stored) == {"vqvae"}:
+            raise CheckpointError(
+                f"{directory} is a tokenizer directory (a VQVAE alone, no transformer); a "
+                "generator model (VQVAE + transformer, from train.py or mvar_jax.convert "
+                "--mvar/--var) was expected")
+        _existing(directory, "model", (_TRANSFORMER_CONFIG,))  # Raises: incomplete.
+    vqvae_config = _read_config(directory, _VQVAE_CONFIG, VQVAEConfig)
+    transformer_config = _read_config(directory, _TRANSFORMER_CONFIG, TransformerConfig)
+    mismatch = _config_mismatch(vqvae_config, transformer_config)
+    if mismatch:
+        raise CheckpointError(f"{directory}: {mismatch}")
+    params = _restore(directory, _expected_params(vqvae_config, transformer_config))
     return ModelBundle(vqvae_config, params["vqvae"], transformer_config, params["transformer"])
+
+
+def load_tokenizer(directory: str | os.PathLike) -> tuple[VQVAEConfig, Any]:
+    """``(config, {'params': ...})`` of a tokenizer directory or of a generator model's VQVAE.
+
+    From a generator model only the VQVAE subtree is read. Raises CheckpointError
+    as ``load_model`` does.
+    """
+    directory = _existing(directory, "tokenizer", (_VQVAE_CONFIG, PARAMS_DIR))
+    config = _read_config(directory, _VQVAE_CONFIG, VQVAEConfig)
+    return config, _restore(directory, {"vqvae": abstract_variables(config)})["vqvae"]
+
+
+def load_vqvae_checkpoint(path: str | os.PathLike, patch_nums: tuple[int, ...] | None = None
+                          ) -> tuple[VQVAEConfig, Any]:
+    """The VQVAE a config's ``vqvae_checkpoint`` names: an official ``.pth``, a tokenizer
+    directory, or a generator model directory (its VQVAE).
+
+    ``patch_nums``: the run's token pyramid (default: the file's, or the official
+    release's for a ``.pth``); it does not change the weights, except that a
+    tokenizer with one Phi per scale needs as many scales as it was trained with.
+    """
+    if not os.path.isdir(path):
+        extra = {} if patch_nums is None else {"patch_nums": tuple(patch_nums)}
+        return vqvae_weights.load_official_vqvae(path, **extra)
+    config, params = load_tokenizer(path)
+    if patch_nums is None or tuple(patch_nums) == config.patch_nums:
+        return config, params
+    try:
+        run_config = dataclasses.replace(config, patch_nums=tuple(patch_nums))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    held, needed = (num_phis(c.quant_resi, c.share_quant_resi, len(c.patch_nums))
+                    for c in (config, run_config))
+    if held != needed:
+        raise CheckpointError(
+            f"{path}: the tokenizer has one Phi per scale ({held}, share_quant_resi=0) but "
+            f"patch_nums {tuple(patch_nums)} has {needed} scales")
+    return run_config, params

@@ -8,7 +8,7 @@ that the device count divides. ``jax.jit`` inserts the collectives.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -74,6 +74,17 @@ def state_shardings(tree: Any, mesh: Mesh, *, fsdp: bool, min_size: int = 2**16)
         return NamedSharding(mesh, fsdp_spec(np.shape(x), mesh.size, min_size))
 
     return jax.tree.map(leaf_sharding, tree)
+
+
+def jit_train_step(step_fn: Callable[[Any, Any], tuple[Any, Any]], state_shardings: Any,
+                   mesh: Mesh) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """``step_fn(state, batch) -> (state, metrics)`` compiled over ``mesh``.
+
+    The state keeps ``state_shardings`` and is donated (the old one is dead after the
+    step), the batch is split along ``'data'``, the metrics come back replicated.
+    """
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding(mesh)),
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:

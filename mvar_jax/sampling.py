@@ -1,10 +1,11 @@
-"""Class-conditional generation for MVAR (no KV cache) and VAR (KV cache).
+"""Class-conditional generation for MVAR (no KV cache), VAR (KV cache) and M-VAR (Mamba states).
 
 MVAR's attention is Markovian in scale, so step ``si`` runs the transformer on the
 ``pn * pn`` tokens of scale ``si`` alone: nothing from earlier scales is kept besides
 the VQVAE's accumulated feature map ``f_hat``, which also feeds the next scale's
 input. VAR attends to every earlier scale and keeps their keys/values in the
-transformer's fixed-size cache.
+transformer's fixed-size cache. M-VAR also runs scale ``si``'s tokens alone, its
+Mamba layers advancing a fixed-size state carried from the previous scale.
 
 Guidance, filtering and the Gumbel "more smooth" mode follow the official
 samplers; randomness comes from one ``jax.random`` key (``generate``).
@@ -19,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mvar_jax import m_var
 from mvar_jax.checkpoint import ModelBundle, check_configs
 from mvar_jax.transformer import (Transformer, TransformerConfig, blocks_are_stacked,
-                                  init_kv_cache, stack_blocks)
+                                  init_kv_cache, stack_blocks, stack_cache)
 from mvar_jax.vqvae import VQVAE, VQVAEConfig
 
 
@@ -93,6 +95,19 @@ def top_p_filter(logits_BlV: jax.Array, top_p: float) -> jax.Array:
     return jnp.where(logits_BlV < threshold, -jnp.inf, logits_BlV)
 
 
+def check_filters(top_k: int, top_p: float, *, names: tuple[str, str] = ("top_k", "top_p")
+                  ) -> None:
+    """Raises ValueError unless ``top_k >= 0`` and ``0 <= top_p <= 1`` (0 disables either).
+
+    ``names``: how the caller's user spells the two settings (flags, config fields).
+    """
+    k_name, p_name = names
+    if top_k < 0:
+        raise ValueError(f"{k_name}={top_k} must be >= 0 (0: off)")
+    if not 0 <= top_p <= 1:
+        raise ValueError(f"{p_name}={top_p} must be in [0, 1] (0: off)")
+
+
 def filter_logits(logits_BlV: jax.Array, top_k: int, top_p: float) -> jax.Array:
     """Top-k, then top-p on what is left (the official order).
 
@@ -135,7 +150,8 @@ def guidance_schedule(cfg: float, config: TransformerConfig) -> np.ndarray | Non
     Row si holds ``(1 + t, t)`` with ``t = cfg * si / (num_scales - 1)``, so that
     ``logits = (1 + t) * cond - t * uncond``. The weights are computed in float64
     and rounded once, as PyTorch rounds the official Python scalars. MVAR skips
-    guidance (None: no unconditional half) when ``cfg == 1``; VAR always guides.
+    guidance (None: no unconditional half) when ``cfg == 1``; VAR and M-VAR
+    always guide, as their official samplers do (cfg 1 still ramps t = si / 9).
     """
     if config.attention == "mvar" and cfg == 1.0:
         return None
@@ -190,6 +206,7 @@ def generate(
     guidance_S2: jax.Array | None, *, top_k: int = 0, top_p: float = 0.0,
     more_smooth: bool = False, decode: bool = True,
     decode_batch_size: int = DECODE_BATCH_SIZE, chunk_tokens: int = CHUNK_TOKENS,
+    mamba_rerun: bool = False,
 ) -> Samples:
     """Generates one image per label, coarse to fine; traceable, see ``sample`` for the jit.
 
@@ -209,8 +226,11 @@ def generate(
       chunk_tokens: MVAR runs each scale's transformer, head and token draw on
         chunks of images of at most this many tokens (both guidance rows
         counted), one chunk after another: its scales keep nothing per image
-        but f_hat, so memory is one chunk's activations. VAR runs the whole batch
-        at once, as its cache holds every image anyway.
+        but f_hat, so memory is one chunk's activations. VAR and M-VAR run the
+        whole batch at once, as their caches hold every image anyway.
+      mamba_rerun: M-VAR only: the official algorithm, re-running every Mamba
+        layer over all earlier scales at each scale instead of carrying its state
+        (the same samples at a higher cost; the reference of tests and benchmarks).
 
     Each image's rows are side by side in the transformer batch: (conditional,
     unconditional) with guidance. Results do not depend on the chunking.
@@ -228,7 +248,10 @@ def generate(
     x_RlC, cond_RD = model.apply(transformer_params, label_B.reshape(-1),
                                  method=Transformer.start_input)
     x_BrlC, cond_BrD = x_RlC.reshape(B, rows, *x_RlC.shape[1:]), cond_RD.reshape(B, rows, -1)
-    cache = init_kv_cache(tcfg, B * rows, stacked=stacked)  # None for MVAR.
+    cache = (m_var.init_rerun_cache if mamba_rerun else init_kv_cache)(
+        tcfg, B * rows)  # None for MVAR.
+    if stacked:
+        cache = stack_cache(cache)
     codebook_VC = None
     if more_smooth:
         codebook_VC = vqvae.apply(vqvae_params, jnp.arange(tcfg.vocab_size)[None],
@@ -299,7 +322,7 @@ def generate(
 _generate_jit = jax.jit(
     generate, static_argnames=("vqvae_config", "transformer_config", "top_k", "top_p",
                                "more_smooth", "decode", "decode_batch_size",
-                               "chunk_tokens"))
+                               "chunk_tokens", "mamba_rerun"))
 
 
 def sample(model: ModelBundle, labels: Sequence[int] | np.ndarray | jax.Array,
@@ -326,8 +349,7 @@ def sample(model: ModelBundle, labels: Sequence[int] | np.ndarray | jax.Array,
     if bad.size:
         raise ValueError(f"labels {sorted(set(bad.tolist()))} are outside the model's "
                          f"{tcfg.num_classes} classes [0, {tcfg.num_classes - 1}]")
-    if top_k < 0 or not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"need top_k >= 0 and 0 <= top_p <= 1, got {top_k}, {top_p}")
+    check_filters(top_k, top_p)
     if decode_batch_size < 1 or chunk_tokens < 1:
         raise ValueError(f"decode_batch_size and chunk_tokens must be >= 1, got "
                          f"{decode_batch_size}, {chunk_tokens}")

@@ -1,12 +1,15 @@
-"""The VAR / MVAR class-conditional transformer over a token pyramid.
+"""The VAR / MVAR / M-VAR class-conditional transformer over a token pyramid.
 
-One model serves both papers; only the attention pattern differs
+One model serves the three papers; they differ in how the scales meet
 (``TransformerConfig.attention``):
 
 * ``'var'``: block-causal over all scales, so inference keeps a KV cache;
 * ``'mvar'``: scale-Markov (each scale attends only to itself; its input
   already carries the previous scale) and, from ``refine_step`` on,
-  spatial-Markov (a ``kernel_size``-square neighbourhood). No cache is needed.
+  spatial-Markov (a ``kernel_size``-square neighbourhood). No cache is needed;
+* ``'mamba'``: M-VAR (arXiv 2411.10433; blocks in ``m_var.py``): attention
+  within each scale plus a Mamba2 layer over the whole pyramid, so inference
+  carries each block's Mamba state from scale to scale.
 
 Teacher forcing (training, parity tests)::
 
@@ -15,7 +18,7 @@ Teacher forcing (training, parity tests)::
 Inference, one scale at a time (the sampler owns the loop, CFG and the VQVAE)::
 
     x, cond = model.apply(params, label_B, method=Transformer.start_input)
-    cache = init_kv_cache(config, batch)                  # None for MVAR
+    cache = init_kv_cache(config, batch)    # None for MVAR, Mamba states for M-VAR
     for si in range(config.num_scales):
       if si: x = model.apply(params, h_BlCv, si, method=Transformer.scale_input)
       logits, cache = model.apply(params, x, cond, si, cache,
@@ -48,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mvar_jax import attention
+from mvar_jax import attention, mamba2
 from mvar_jax.normalize import l2_normalize
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -62,13 +65,38 @@ MAX_SCALE_MUL = math.log(100.0)
 # (depth, B, L, heads, head_dim).
 KVCache = tuple[tuple[jax.Array, jax.Array], ...] | tuple[jax.Array, jax.Array]
 
+# The attention argument: VAR's and MVAR's patterns, and M-VAR ('mamba').
+ATTENTIONS = (*attention.PATTERNS, "mamba")
+# How each family is named for people.
+MODEL_NAMES = {"mvar": "MVAR", "var": "VAR", "mamba": "M-VAR"}
+
+
+def check_refine_step(refine_step: int, num_scales: int, *, training: bool = False) -> None:
+    """The one rule for ``refine_step``, the first scale with spatial-Markov attention.
+
+    Scales ``[0, refine_step)`` attend within themselves, so the model accepts
+    ``[1, num_scales]``. Training MVAR teaches those scales in one segment, which must
+    reach beyond the start token's 1x1 scale (the official trainer asserts
+    ``prog_ed > 0``), hence ``[2, num_scales]`` with ``training=True``.
+    """
+    low = 2 if training else 1
+    if not low <= refine_step <= num_scales:
+        raise ValueError(f"refine_step must be in [{low}, {num_scales}] for {num_scales} scales, "
+                         f"got {refine_step}")
+
+
+def official_drop_path_rate(depth: int) -> float:
+    """Stochastic depth of the official runs (models/__init__.py: ``dpr = 0.1 * depth / 24``)."""
+    return 0.1 * depth / 24
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """Architecture of a VAR / MVAR transformer.
 
     ``embed_dim`` and ``num_heads`` default to the official convention
-    ``64 * depth`` and ``depth``.
+    ``64 * depth`` and ``depth``. ``drop_path_rate`` only acts in training, where
+    the official runs use ``official_drop_path_rate(depth)``.
     """
 
     vocab_size: int = 4096
@@ -112,12 +140,22 @@ class TransformerConfig:
         if len(self.patch_nums) < 2 or min(self.patch_nums) < 1:
             # Guidance and sampling schedules interpolate over num_scales - 1 steps.
             fail(f"patch_nums must hold >= 2 positive scales, got {self.patch_nums}")
-        if self.attention not in attention.PATTERNS:
-            fail(f"attention must be one of {attention.PATTERNS}, got {self.attention!r}")
+        if self.attention not in ATTENTIONS:
+            fail(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             fail(f"kernel_size must be odd and positive, got {self.kernel_size}")
-        if not 1 <= self.refine_step <= self.num_scales:
-            fail(f"refine_step must be in [1, {self.num_scales}], got {self.refine_step}")
+        if self.attention != "mamba":  # M-VAR attends within whole scales: no refine_step.
+            try:
+                check_refine_step(self.refine_step, self.num_scales)
+            except ValueError as e:
+                fail(str(e))
+        if self.attention == "mamba":
+            if self.shared_aln:  # The official block offsets 6 modulations, it needs 9.
+                fail("M-VAR (attention='mamba') has no shared AdaLN")
+            try:
+                self.mamba
+            except ValueError as e:
+                fail(f"M-VAR's Mamba2 layer: {e}")
         spatial = self.patch_nums[self.refine_step:]
         if self.attention == "mvar" and spatial and self.kernel_size > min(spatial):
             fail(f"kernel_size {self.kernel_size} exceeds the smallest spatial-Markov "
@@ -156,6 +194,11 @@ class TransformerConfig:
     @property
     def compute_dtype(self) -> Any:
         return DTYPES[self.dtype]
+
+    @property
+    def mamba(self) -> mamba2.Mamba2Config:
+        """M-VAR's Mamba2 layer: the official settings at this width."""
+        return mamba2.Mamba2Config(d_model=self.embed_dim)
 
     def token_range(self, first_scale: int, last_scale: int) -> tuple[int, int]:
         """``[begin, end)`` token offsets of scales ``[first_scale, last_scale)``."""
@@ -201,7 +244,7 @@ class InitScales:
 # ----------------------------------------------------------------------------
 # Initialisers (the official init_weights recipe, init_std = sqrt(1 / (3 C))).
 
-def _init_std(config: TransformerConfig) -> float:
+def init_std(config: TransformerConfig) -> float:
     return (1.0 / (3 * config.embed_dim)) ** 0.5
 
 
@@ -212,8 +255,12 @@ def _normal(std: float) -> nn.initializers.Initializer:
     return nn.initializers.normal(std)
 
 
-def _ada_lin_init(std: float, embed_dim: int, scales: InitScales) -> nn.initializers.Initializer:
-    """Kernel ``(D, 6C)``: the gate columns (the first 2C) get their own multiplier."""
+def ada_lin_init(std: float, embed_dim: int, scales: InitScales) -> nn.initializers.Initializer:
+    """Kernel ``(D, kC)``: the first 2C columns get the gate multiplier.
+
+    They are VAR's two gates; of M-VAR's three (9C columns) the official init
+    likewise scales only the first two, and the FFN's gate gets ``adaln``.
+    """
     def init(key, shape, dtype=jnp.float32):
         column_gain = jnp.where(jnp.arange(shape[-1]) < 2 * embed_dim,
                                 scales.adaln_gamma, scales.adaln)
@@ -254,7 +301,7 @@ class SelfAttention(nn.Module):
                  cache: tuple[jax.Array, jax.Array] | None = None):
         cfg = self.config
         B, l, C = x_BlC.shape
-        dtype, std = cfg.compute_dtype, _init_std(cfg)
+        dtype, std = cfg.compute_dtype, init_std(cfg)
         # Only q and v have learnt biases, as in the official model, whose k bias
         # is a fixed zero buffer (zero_k_bias) rather than a parameter.
         q_bias = self.param("q_bias", nn.initializers.zeros, (C,))
@@ -284,10 +331,14 @@ class SelfAttention(nn.Module):
             cache = (k_cache, v_cache)
             k, v = k_cache[:, :end], v_cache[:, :end]
 
+        # M-VAR attends within each scale at every scale: MVAR's scale-Markov pattern
+        # with no spatial-Markov scales.
+        pattern, refine_step = (("mvar", cfg.num_scales) if cfg.attention == "mamba"
+                                else (cfg.attention, cfg.refine_step))
         out = attention.pyramid_attention(
-            q, k, v, pattern=cfg.attention, patch_nums=cfg.patch_nums,
+            q, k, v, pattern=pattern, patch_nums=cfg.patch_nums,
             first_scale=first_scale, last_scale=last_scale, scale=scale,
-            refine_step=cfg.refine_step, kernel_size=cfg.kernel_size,
+            refine_step=refine_step, kernel_size=cfg.kernel_size,
             impl=cfg.neighborhood_impl)
         proj = nn.Dense(C, dtype=dtype, kernel_init=_normal(std / math.sqrt(2 * cfg.depth)),
                         name="proj")
@@ -302,7 +353,7 @@ class FFN(nn.Module):
     @nn.compact
     def __call__(self, x_BlC: jax.Array) -> jax.Array:
         cfg = self.config
-        dtype, std = cfg.compute_dtype, _init_std(cfg)
+        dtype, std = cfg.compute_dtype, init_std(cfg)
         h = nn.Dense(cfg.mlp_dim, dtype=dtype, kernel_init=_normal(std), name="fc1")(x_BlC)
         h = nn.gelu(h, approximate=True)
         return nn.Dense(cfg.embed_dim, dtype=dtype,
@@ -330,7 +381,7 @@ class AdaLNSelfAttn(nn.Module):
             gss_B6C = cond + self.param("ada_gss", _ada_gss_init(self.init_scales), (6, C))
         else:
             ada_lin = nn.Dense(6 * C, dtype=cfg.compute_dtype,
-                               kernel_init=_ada_lin_init(_init_std(cfg), C, self.init_scales),
+                               kernel_init=ada_lin_init(init_std(cfg), C, self.init_scales),
                                name="ada_lin")
             gss_B6C = ada_lin(nn.silu(cond)).reshape(-1, 6, C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = jnp.split(gss_B6C, 6, axis=1)
@@ -356,7 +407,7 @@ class AdaLNBeforeHead(nn.Module):
     def __call__(self, x_BlC: jax.Array, cond_BD: jax.Array) -> jax.Array:
         C = self.config.embed_dim
         ada_lin = nn.Dense(2 * C,
-                           kernel_init=_normal(_init_std(self.config) * self.init_scales.adaln),
+                           kernel_init=_normal(init_std(self.config) * self.init_scales.adaln),
                            name="ada_lin")
         scale, shift = jnp.split(ada_lin(nn.silu(cond_BD)).reshape(-1, 2, C), 2, axis=1)
         return modulate(layer_norm(x_BlC, self.config.norm_eps), scale, shift)
@@ -377,7 +428,7 @@ class Transformer(nn.Module):
 
     def setup(self):
         cfg = self.config
-        C, std = cfg.embed_dim, _init_std(cfg)
+        C, std = cfg.embed_dim, init_std(cfg)
         # Embeddings and head stay float32 (the official code runs them outside autocast).
         self.word_embed = nn.Dense(C, kernel_init=_normal(std))
         self.class_emb = nn.Embed(cfg.num_classes + 1, C, embedding_init=_normal(std))
@@ -390,7 +441,7 @@ class Transformer(nn.Module):
         if self.scan_blocks:
             self.stacked_blocks = self.param("blocks", stacked_blocks_init(cfg, self.init_scales))
         else:
-            self.blocks = [AdaLNSelfAttn(cfg, float(rate), init_scales=self.init_scales)
+            self.blocks = [block_class(cfg)(cfg, float(rate), init_scales=self.init_scales)
                            for rate in np.linspace(0.0, cfg.drop_path_rate, cfg.depth)]
         self.head_nm = AdaLNBeforeHead(cfg, init_scales=self.init_scales)
         self.head = nn.Dense(cfg.vocab_size, kernel_init=_normal(std * self.init_scales.head))
@@ -405,17 +456,18 @@ class Transformer(nn.Module):
             excludes the ``first_l`` start tokens (the official
             ``x_BLCv_wo_first_l[:, :l - first_l]``; may be None when l == first_l),
             otherwise it is the input of exactly these scales.
-          first_scale, last_scale: static ints. VAR needs ``first_scale == 0``.
+          first_scale, last_scale: static ints. VAR and M-VAR need ``first_scale == 0``.
             MVAR accepts any range, each scale attending as it does at inference
             (within itself below refine_step, its neighbourhood from there on);
             the official schedule uses ``[0, refine_step)``, then one scale at a time.
           train: enables class dropout and drop path (rng stream 'dropout').
         """
         cfg = self.config
-        if cfg.attention == "var" and first_scale != 0:
+        if cfg.attention != "mvar" and first_scale != 0:
             raise ValueError(
-                f"VAR teacher forcing attends to every earlier scale, so it must start at "
-                f"scale 0; got first_scale={first_scale} (use scale_logits with a KV cache)")
+                f"{cfg.attention!r} teacher forcing reads every earlier scale, so it must "
+                f"start at scale 0; got first_scale={first_scale} (use scale_logits with "
+                f"a cache)")
         begin, end = cfg.token_range(first_scale, last_scale)
         B = label_B.shape[0]
         n_start = cfg.first_l if first_scale == 0 else 0
@@ -471,13 +523,16 @@ class Transformer(nn.Module):
         VAR: pass the cache from ``init_kv_cache`` (then from the previous scale);
         this scale's keys and values are written at its offsets and the updated
         cache is returned. The cache has a fixed size, so each ``si`` compiles once.
+        M-VAR: the same with each block's Mamba state, which this scale's tokens
+        advance (``m_var.py``).
         """
         cfg = self.config
         if not 0 <= si < cfg.num_scales:
             raise ValueError(f"si must be in [0, {cfg.num_scales}), got {si}")
         if (cache is None) != (cfg.attention == "mvar"):
-            raise ValueError("VAR inference needs a KV cache (init_kv_cache) and MVAR takes "
-                             f"none; attention={cfg.attention!r}, cache given: {cache is not None}")
+            raise ValueError("VAR inference needs a KV cache and M-VAR its Mamba states (both "
+                             "from init_kv_cache), MVAR takes none; attention="
+                             f"{cfg.attention!r}, cache given: {cache is not None}")
         n = cfg.patch_nums[si] ** 2
         if x_BlC.ndim != 3 or x_BlC.shape[1:] != (n, cfg.embed_dim):
             raise ValueError(f"x_BlC for scale {si} must be (B, {n}, {cfg.embed_dim}), "
@@ -517,48 +572,71 @@ class Transformer(nn.Module):
         return x_BlC, None if cache is None else tuple(new_cache)
 
     def _scanned_blocks(self, x_BlC, cond, first_scale, last_scale, cache):
-        """The blocks as one ``lax.scan`` over the stacked params (and stacked cache)."""
+        """The blocks as one ``lax.scan`` over the stacked params and cache (``stack_cache``).
+
+        VAR's cache is carried whole and this scale's keys and values written
+        into it in place; M-VAR's per-block state goes in and comes out as the
+        scan's inputs and outputs.
+        """
         cfg = self.config
-        block = AdaLNSelfAttn(cfg, parent=None)  # Applied to each layer's params in turn.
+        block = block_class(cfg)(cfg, parent=None)  # Applied to each layer's params in turn.
         begin, end = cfg.token_range(first_scale, last_scale)
+        carried, scanned = (cache, None) if cfg.attention == "var" else (None, cache)
 
         def step(carry, layer):
-            x_BlC, cache = carry
-            params, i = layer
+            x_BlC, kv = carry
+            params, i, block_cache = layer
+            if kv is not None:
+                block_cache = tuple(full[i] for full in kv)
             x_BlC, block_cache = block.apply(
                 {"params": params}, x_BlC, cond, first_scale=first_scale,
-                last_scale=last_scale, cache=None if cache is None else (cache[0][i], cache[1][i]))
-            if cache is not None:  # Write back this scale's keys and values only.
-                cache = tuple(jax.lax.dynamic_update_slice(full, new[None, :, begin:end],
-                                                           (i, 0, begin, 0, 0))
-                              for full, new in zip(cache, block_cache))
-            return (x_BlC, cache), None
+                last_scale=last_scale, cache=block_cache)
+            if kv is not None:  # Only this scale's keys and values are new.
+                kv = tuple(jax.lax.dynamic_update_slice(full, new[None, :, begin:end],
+                                                        (i, 0, begin, 0, 0))
+                           for full, new in zip(kv, block_cache))
+                block_cache = None
+            return (x_BlC, kv), block_cache
 
-        (x_BlC, cache), _ = jax.lax.scan(step, (x_BlC, cache),
-                                         (self.stacked_blocks, jnp.arange(cfg.depth)))
-        return x_BlC, cache
+        (x_BlC, carried), scanned = jax.lax.scan(
+            step, (x_BlC, carried), (self.stacked_blocks, jnp.arange(cfg.depth), scanned))
+        return x_BlC, carried if cfg.attention == "var" else scanned
 
     def _logits(self, h_BlC: jax.Array, cond_BD: jax.Array) -> jax.Array:
         return self.head(self.head_nm(h_BlC.astype(jnp.float32), cond_BD)).astype(jnp.float32)
 
 
-def init_kv_cache(config: TransformerConfig, batch_size: int, *,
-                  stacked: bool = False) -> KVCache | None:
-    """Zeroed VAR KV cache in the compute dtype (as the official cache).
+def init_kv_cache(config: TransformerConfig, batch_size: int
+                  ) -> KVCache | tuple[mamba2.MambaState, ...] | None:
+    """Zeroed VAR KV cache (one (k, v) pair of ``(B, L, heads, head_dim)`` per block,
+    in the compute dtype as the official cache).
 
-    One (k, v) pair of ``(B, L, heads, head_dim)`` per block, or with ``stacked``
-    (for ``scan_blocks``) one pair of ``(depth, B, L, heads, head_dim)``. Returns
-    None for MVAR, which needs no cache, so a sampler can treat both alike.
+    Returns None for MVAR, which needs no cache, so a sampler can treat all alike,
+    and M-VAR's zero Mamba state per block (what scale 0 starts from).
+    ``stack_cache`` turns a per-block cache into the form of scanned blocks.
     """
     if config.attention == "mvar":
         return None
+    if config.attention == "mamba":
+        return tuple(config.mamba.zero_state(batch_size) for _ in range(config.depth))
     shape = (batch_size, config.seq_len, config.num_heads, config.head_dim)
-    if stacked:
-        return tuple(jnp.zeros((config.depth, *shape), config.compute_dtype) for _ in "kv")
     # Distinct buffers, so that a jitted step may donate the whole cache.
     return tuple((jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
                  for _ in range(config.depth))
 
+
+def stack_cache(cache: tuple[Any, ...] | None) -> Any:
+    """A per-block cache (``init_kv_cache``, ``m_var.init_rerun_cache``) with its blocks'
+    leaves stacked on a leading depth axis, the form ``scan_blocks`` carries."""
+    return None if cache is None else jax.tree.map(lambda *leaves: jnp.stack(leaves), *cache)
+
+
+def block_class(config: TransformerConfig) -> type[AdaLNSelfAttn]:
+    """The block of the config's family (M-VAR's lives in ``m_var``)."""
+    if config.attention == "mamba":
+        from mvar_jax.m_var import AdaLNAttnMamba  # m_var builds on this module.
+        return AdaLNAttnMamba
+    return AdaLNSelfAttn
 
 
 @functools.cache
@@ -568,7 +646,7 @@ def stacked_blocks_init(config: TransformerConfig, scales: InitScales) -> Any:
     Jitted and cached per config: Flax checks a param's shape by tracing its
     initialiser on every ``apply``, which the sampler calls twice per scale.
     """
-    block = AdaLNSelfAttn(config, init_scales=scales, parent=None)
+    block = block_class(config)(config, init_scales=scales, parent=None)
     cond_shape = (1, 6, config.embed_dim) if config.shared_aln else (1, config.embed_dim)
 
     def init(rng: jax.Array) -> Any:

@@ -1,8 +1,9 @@
-"""Official VAR / MVAR transformer checkpoints -> ``(TransformerConfig, params)``.
+"""Official VAR / MVAR / M-VAR transformer checkpoints -> ``(TransformerConfig, params)``.
 
 Reads the plain VAR state dicts (``var_d16.pth`` .. ``var_d30.pth``) and the MVAR
 release trainer states (``mvar-d16.pth``, ``mvar-finetune-d16.pth``, ...); both
-share one key layout. The architecture is read off the tensor shapes; the
+share one key layout. M-VAR's (OliverRensu/MVAR) adds ``blocks.<i>.mamba.*`` and
+a 9-way ``ada_lin``. The architecture is read off the tensor shapes; the
 expected official keys are derived from the Flax parameter tree (``eval_shape``),
 so the converter cannot drift from the model.
 
@@ -30,6 +31,7 @@ _OFFICIAL_NAMES = {
     "embedding": "weight",
     "pos_embed": "pos_1LC",
     "scale_mul": "scale_mul_1H11",
+    "scale": "weight",  # Mamba2's gated RMSNorm
 }
 # Official modules that are nn.Sequential(SiLU, Linear): the Linear is item 1.
 _SEQUENTIAL_LINEARS = ("ada_lin", "shared_ada_lin")
@@ -40,6 +42,8 @@ _UNIT_AXES = {
     "scale_mul": lambda s: (1, *s, 1, 1),
     "ada_gss": lambda s: (1, 1, *s),
 }
+# Present in M-VAR state dicts only.
+_MAMBA_KEY = "blocks.0.mamba.in_proj.weight"
 # Config fields the converter reads off the tensors; they cannot be overridden.
 _FROM_TENSORS = ("vocab_size", "cvae", "num_classes", "depth", "embed_dim",
                  "mlp_ratio", "shared_aln", "attn_l2_norm")
@@ -66,9 +70,11 @@ def _official_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def buffer_keys(depth: int) -> tuple[str, ...]:
-    """Official buffers the Flax model recomputes (masks, level ids, zero k bias)."""
+    """Official buffers the Flax model recomputes (masks, level ids, zero k bias,
+    and M-VAR's per-scale token counts)."""
     return ("lvl_1L", "attn_bias_for_masking",
-            *(f"blocks.{i}.attn.zero_k_bias" for i in range(depth)))
+            *(f"blocks.{i}.attn.zero_k_bias" for i in range(depth)),
+            *(f"blocks.{i}.attn.patch_nums" for i in range(depth)))
 
 
 def _param_layout(config: TransformerConfig
@@ -86,11 +92,14 @@ def official_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
 
 def detect_attention(state_dict: Mapping[str, np.ndarray],
                      patch_nums: tuple[int, ...]) -> str:
-    """'var' or 'mvar', read off the ``attn_bias_for_masking`` buffer.
+    """'mamba' (M-VAR) when the blocks hold Mamba2 layers, else 'var' or 'mvar',
+    read off the ``attn_bias_for_masking`` buffer.
 
-    The weights of both are laid out alike; only the saved training mask
+    The weights of VAR and MVAR are laid out alike; only the saved training mask
     (block-causal for VAR, block-diagonal for MVAR) tells them apart.
     """
+    if _MAMBA_KEY in state_dict:
+        return "mamba"
     mask = state_dict.get("attn_bias_for_masking")
     if mask is None:
         raise CheckpointError("cannot tell VAR from MVAR: the state dict has no "
@@ -113,7 +122,7 @@ def config_from_state_dict(state_dict: Mapping[str, np.ndarray], *,
     """The architecture of an official state dict.
 
     Args:
-      attention: 'var' / 'mvar'; None reads it off the saved mask.
+      attention: 'var' / 'mvar' / 'mamba' (M-VAR); None reads it off the file.
       num_heads: needed only without L2-normalised attention (default: depth);
         otherwise the per-head ``scale_mul_1H11`` gives it.
       patch_nums: default TransformerConfig's, checked against ``pos_1LC``.
@@ -147,6 +156,12 @@ def config_from_state_dict(state_dict: Mapping[str, np.ndarray], *,
                          f"give {sum(pn * pn for pn in patch_nums)}; pass patch_nums=")
     if attention is None:
         attention = detect_attention(state_dict, tuple(patch_nums))
+    elif (attention == "mamba") != (_MAMBA_KEY in state_dict):
+        raise CheckpointError(
+            f"attention={attention!r}, but the state dict "
+            + ("has Mamba2 layers (blocks.<i>.mamba.*): an M-VAR checkpoint, convert it as "
+               "M-VAR (attention='mamba', --m-var)" if _MAMBA_KEY in state_dict else
+               f"has no Mamba2 layers ({_MAMBA_KEY}): not an M-VAR checkpoint"))
 
     return TransformerConfig(
         vocab_size=state_dict["head.weight"].shape[0],

@@ -1,9 +1,12 @@
-"""Official VQVAE state dict (``vae_ch160v4096z32.pth``) -> ``VQVAEConfig`` and Flax params.
+"""Official VQVAE state dict (``vae_ch160v4096z32.pth``) <-> ``VQVAEConfig`` and Flax params.
 
 One translation, ``official_key`` / ``official_shape``, maps each leaf of the
 Flax parameter tree to its official key and tensor shape. The expected state
 dict is generated from the tree (``jax.eval_shape``, nothing allocated), so the
-converter checks keys and shapes exactly before touching any value.
+converter checks keys and shapes exactly before touching any value. The same
+layout writes a tokenizer back as an official state dict
+(``vqvae_to_state_dict``, ``save_official_vqvae``) that the official ``VQVAE``
+loads with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -23,8 +26,14 @@ from mvar_jax import torch_checkpoint
 from mvar_jax.quantizer import num_phis
 from mvar_jax.vqvae import VQVAEConfig, abstract_variables
 
-# Training statistics of the official quantizer, not a parameter.
-IGNORED_KEYS = ("quantize.ema_vocab_hit_SV",)
+# Training statistics of the official quantizer (an EMA of code hits per scale,
+# (num_scales, vocab)), not a parameter; read and ignored, written for strict loading.
+VOCAB_HIT_KEY = "quantize.ema_vocab_hit_SV"
+IGNORED_KEYS = (VOCAB_HIT_KEY,)
+# The architecture the official VQVAE class hard-codes (models/vqvae.py ddconfig);
+# the other VQVAEConfig fields are its constructor arguments.
+_OFFICIAL_CLASS_FIXED = {"ch_mult": (1, 1, 2, 2, 4), "num_res_blocks": 2, "using_sa": True,
+                         "using_mid_sa": True}
 
 _DEFAULT = VQVAEConfig()
 # Flax names the items of a module list ``<list>_<i>``; the official ModuleLists use ``<list>.<i>``.
@@ -73,6 +82,15 @@ def _to_flax(path: tuple[str, ...], value: np.ndarray, shape: tuple[int, ...]) -
         return value[:, :, 0, 0].T
     if path[-1] == "kernel":
         return value.transpose(2, 3, 1, 0)
+    return value
+
+
+def _to_official(path: tuple[str, ...], value: jax.Array) -> jax.Array:
+    """A Flax param as its official tensor (``_to_flax`` undone): OIHW, 1x1 convs OI11."""
+    if path[-1] == "kernel" and value.ndim == 2:
+        return value.T[:, :, None, None]
+    if path[-1] == "kernel":
+        return value.transpose(3, 2, 0, 1)
     return value
 
 
@@ -197,3 +215,70 @@ def load_official_vqvae(
     """Reads an official VQVAE ``.pth`` file; see ``vqvae_from_state_dict``."""
     sd = torch_checkpoint.load_state_dict(path)
     return vqvae_from_state_dict(sd, patch_nums, quant_resi, using_znorm)
+
+
+def vqvae_to_state_dict(config: VQVAEConfig, variables: Mapping[str, Any], *,
+                        vocab_hits: jax.Array | np.ndarray | None = None) -> dict[str, jax.Array]:
+    """``{'params': ...}`` of ``VQVAE(config)`` -> the official state dict (float32).
+
+    The inverse of ``vqvae_from_state_dict``: every official key with its official
+    shape, plus the ``quantize.ema_vocab_hit_SV`` buffer that the official class
+    needs for ``strict=True`` loading: ``vocab_hits`` (code hits per scale,
+    ``(len(patch_nums), vocab_size)``) or zeros. Pure jnp, so ``jax.eval_shape``
+    gives the layout without allocating. Raises StateDictMismatchError naming the
+    params that do not fit the config.
+    """
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise torch_checkpoint.CheckpointError(
+            "VQVAE variables: expected a dict {'params': ...}, got "
+            + (f"keys {sorted(variables)}" if isinstance(variables, Mapping)
+               else type(variables).__name__))
+    flat = traverse_util.flatten_dict(dict(variables["params"]))
+    torch_checkpoint.check_keys(
+        {"/".join(path): x for path, x in flat.items()},
+        {"/".join(path): shape for path, shape in _flax_param_shapes(config)},
+        what="VQVAE params")
+    sd = {official_key(path, config): _to_official(path, jnp.asarray(flat[path], jnp.float32))
+          for path, _ in _flax_param_shapes(config)}
+    hits_shape = (len(config.patch_nums), config.vocab_size)
+    if vocab_hits is None:
+        vocab_hits = jnp.zeros(hits_shape, jnp.float32)
+    elif tuple(np.shape(vocab_hits)) != hits_shape:
+        raise ValueError(f"vocab_hits has shape {tuple(np.shape(vocab_hits))}, expected "
+                         f"(len(patch_nums), vocab_size) = {hits_shape}")
+    sd[VOCAB_HIT_KEY] = jnp.asarray(vocab_hits, jnp.float32)
+    return sd
+
+
+def official_class_args(config: VQVAEConfig) -> dict[str, Any]:
+    """Arguments of the official ``VQVAE(...)`` that rebuilds ``config``.
+
+    Raises ValueError naming the fields the official class hard-codes to other
+    values (its state dict is still written; only a modified class loads it).
+    """
+    differ = [f"{name}={getattr(config, name)!r} (official: {value!r})"
+              for name, value in _OFFICIAL_CLASS_FIXED.items() if getattr(config, name) != value]
+    if differ:
+        raise ValueError("the official VQVAE class cannot build this tokenizer: "
+                         + ", ".join(differ))
+    return dict(vocab_size=config.vocab_size, z_channels=config.z_channels, ch=config.ch,
+                beta=config.beta, using_znorm=config.using_znorm,
+                quant_conv_ks=config.quant_conv_ks, quant_resi=config.quant_resi,
+                share_quant_resi=config.share_quant_resi, v_patch_nums=config.patch_nums)
+
+
+def save_official_vqvae(path: str | os.PathLike, config: VQVAEConfig,
+                        variables: Mapping[str, Any], *,
+                        vocab_hits: np.ndarray | None = None) -> None:
+    """Writes ``vqvae_to_state_dict`` as a ``.pth`` (``torch.save`` of a dict of tensors).
+
+    Replaces ``path`` atomically. Call it from one process: the params must be
+    addressable here.
+    """
+    import torch  # Conversion-only dependency.
+
+    sd = vqvae_to_state_dict(config, variables, vocab_hits=vocab_hits)
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    torch.save({key: torch.from_numpy(np.array(value)) for key, value in sd.items()}, tmp)
+    os.replace(tmp, path)

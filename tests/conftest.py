@@ -15,6 +15,9 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "official"
+M_VAR_FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "m_var"
+# The M-VAR fixtures: attn_l2_norm True (l21) and False (l20).
+M_VAR_VARIANTS = ("l21", "l20")
 
 
 def pytest_addoption(parser):
@@ -52,9 +55,10 @@ def rel_err(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-def convert_tiny(fixture_dir: pathlib.Path, flag: str, weights: str, out: pathlib.Path,
-                 *extra: str) -> None:
-    """Runs the convert CLI on a tiny fixture (4 heads, as the fixtures were made)."""
+def convert_tiny(fixture_dir: pathlib.Path, flag: str, weights: str | pathlib.Path,
+                 out: pathlib.Path, *extra: str) -> None:
+    """Runs the convert CLI on a tiny fixture (4 heads, as the fixtures were made);
+    ``weights`` is relative to ``fixture_dir`` or absolute."""
     from mvar_jax import convert
 
     convert.main(["--vae", str(fixture_dir / "tiny_vae.pth"), flag, str(fixture_dir / weights),
@@ -70,3 +74,25 @@ def tiny_checkpoints(tmp_path_factory, fixture_dir) -> dict[str, pathlib.Path]:
         if not (path / "params").exists():  # Another module of this session may have made it.
             convert_tiny(fixture_dir, f"--{name}", f"tiny_{name}.pth", path)
     return dirs
+
+
+@pytest.fixture(scope="session")
+def m_var_checkpoints(tmp_path_factory, fixture_dir) -> dict[str, pathlib.Path]:
+    """``{'l21': dir, 'l20': dir}``: the M-VAR fixtures converted by the CLI (``--m-var``)."""
+    root = tmp_path_factory.getbasetemp() / "m_var_checkpoints"
+    dirs = {variant: root / variant for variant in M_VAR_VARIANTS}
+    for variant, path in dirs.items():
+        if not (path / "params").exists():
+            convert_tiny(fixture_dir, "--m-var", M_VAR_FIXTURES / f"tiny_mvar_m_{variant}.pth",
+                         path)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def m_var_io() -> dict[str, dict[str, np.ndarray]]:
+    """Each M-VAR variant's ``*_io.npz`` arrays (README in tests/fixtures/m_var)."""
+    out = {}
+    for variant in M_VAR_VARIANTS:
+        with np.load(M_VAR_FIXTURES / f"tiny_mvar_m_{variant}_io.npz") as f:
+            out[variant] = {k: f[k] for k in f.files}
+    return out

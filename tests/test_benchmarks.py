@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 
-from bench import (bench_cost, bench_cpu_sampling, bench_sampling, bench_spatial_markov,
-                   bench_train_step, tune_spatial_markov)
+from bench import (bench_cost, bench_cpu_sampling, bench_kernel_resources, bench_m_var_cost,
+                   bench_sampling, bench_spatial_markov, bench_train_step, tune_spatial_markov)
 
 
 def test_kernel_bench_and_tuner(tmp_path):
@@ -27,6 +27,18 @@ def test_kernel_bench_and_tuner(tmp_path):
     assert len(table["rows"]) == 2 and sum(r["default"] for r in table["rows"]) == 1
     assert table["rows"][0]["fwd_bwd_ms"] <= table["rows"][1]["fwd_bwd_ms"]
     assert "| default |" in (tmp_path / "tune" / "results.md").read_text()
+
+
+def test_kernel_resources_bench(tmp_path):
+    bench_kernel_resources.main(["--out", str(tmp_path), "--smoke", "--processes", "1"])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert sorted((r["dtype"], r["kernel"], r["capability"]) for r in rows) == sorted(
+        (dtype, kernel, capability) for dtype in ("bfloat16", "float32")
+        for kernel in ("fwd", "dq", "dkv") for capability in (80, 90))
+    assert all(r["registers"] > 0 and r["warps_per_sm"] >= r["num_warps"] for r in rows)
+    table = (tmp_path / "results.md").read_text()
+    assert "| 8x8 | float32 | dkv | 32/row/4w/2s |" in table
+    assert "| 8x8 | 64/row/4w/2s (default) |" in table
 
 
 def test_train_step_bench(tmp_path):
@@ -69,3 +81,15 @@ def test_cost_bench_programs():
     assert rows[1]["analytic"]["head"] == 3 * 2 * 30 * 2 * 64 * 64  # fwd+bwd, B 2, 30 tokens
     table = bench_cost.markdown(rows)
     assert "| MVAR-d2 | 2 | sample+decode |" in table and "| VAR-d2 | 2 | train 1-4 |" in table
+
+
+def test_m_var_cost_bench(tmp_path):
+    bench_m_var_cost.main(["--out", str(tmp_path), "--smoke"])
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["model"] == "M-VAR-d1" and r["batch"] == 2
+    # Carrying the state saves the re-run, less the state's own cost.
+    assert r["carried_flops"] < r["official_rerun_flops"]
+    saved = r["official_rerun_flops"] - r["carried_flops"]
+    assert 0 < r["state_flops"] < saved < r["rerun_flops"] < saved + 2 * r["state_flops"]
+    assert "| ours (Mamba state carried from scale to scale) |" in (
+        tmp_path / "results.md").read_text()

@@ -147,3 +147,119 @@ def test_configs_that_do_not_describe_the_params_are_refused(saved, tmp_path, co
     with pytest.raises(error, match=match) as info:
         checkpoint.load_model(copy)
     assert str(info.value).startswith(str(copy))
+
+
+# A tokenizer directory: the VQVAE alone.
+
+@pytest.fixture(scope="module")
+def saved_tokenizer(tiny_model, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("export") / "tokenizer"
+    checkpoint.save_tokenizer(directory, vqvae_config=tiny_model["vqvae_config"],
+                              vqvae_params=tiny_model["vqvae_params"])
+    return directory
+
+
+def _assert_same_params(got, want):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tokenizer_round_trip(tiny_model, saved_tokenizer):
+    assert sorted(p.name for p in saved_tokenizer.iterdir()) == ["params", "vqvae_config.json"]
+    config, params = checkpoint.load_tokenizer(saved_tokenizer)
+    assert config == tiny_model["vqvae_config"]
+    _assert_same_params(params, tiny_model["vqvae_params"])
+
+
+def test_load_model_on_a_tokenizer_directory_says_what_it_is(saved_tokenizer):
+    with pytest.raises(CheckpointError, match="is a tokenizer directory .*a generator model "
+                                              r"\(VQVAE \+ transformer.*\) was expected"):
+        checkpoint.load_model(saved_tokenizer)
+
+
+def test_load_tokenizer_reads_the_vqvae_of_a_generator_model(tiny_checkpoints, fixture_dir):
+    config, params = checkpoint.load_tokenizer(tiny_checkpoints["mvar"])
+    bundle = checkpoint.load_model(tiny_checkpoints["mvar"])
+    assert config == bundle.vqvae_config
+    _assert_same_params(params, bundle.vqvae_params)
+    # ... which are the official weights it was converted from.
+    _assert_same_params(params, load_official_vqvae(fixture_dir / "tiny_vae.pth")[1])
+
+
+def test_tokenizer_over_a_generator_model_drops_its_transformer(tiny_model, saved, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(saved, copy)
+    with pytest.raises(FileExistsError, match="already holds a model"):
+        checkpoint.save_tokenizer(copy, vqvae_config=tiny_model["vqvae_config"],
+                                  vqvae_params=tiny_model["vqvae_params"])
+    checkpoint.save_tokenizer(copy, vqvae_config=tiny_model["vqvae_config"],
+                              vqvae_params=tiny_model["vqvae_params"], overwrite=True)
+    assert not (copy / "transformer_config.json").exists()
+    with pytest.raises(CheckpointError, match="is a tokenizer directory"):
+        checkpoint.load_model(copy)
+
+
+def test_generator_model_without_transformer_config_is_incomplete(saved, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(saved, copy)
+    (copy / "transformer_config.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete model directory .*missing "
+                                              "transformer_config.json"):
+        checkpoint.load_model(copy)
+    checkpoint.load_tokenizer(copy)  # Its VQVAE is whole.
+
+
+@pytest.mark.parametrize("remove, match", [
+    (None, "tokenizer directory not found"),
+    ("vqvae_config.json", "incomplete tokenizer directory .*missing vqvae_config.json"),
+    ("params", "incomplete tokenizer directory .*missing params"),
+])
+def test_load_tokenizer_names_what_is_missing(saved_tokenizer, tmp_path, remove, match):
+    copy = tmp_path / "tokenizer"
+    if remove is not None:
+        shutil.copytree(saved_tokenizer, copy)
+        target = copy / remove
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(CheckpointError, match=match):
+        checkpoint.load_tokenizer(copy)
+
+
+def test_tokenizer_whose_config_does_not_describe_its_params(saved_tokenizer, tmp_path):
+    copy = tmp_path / "tokenizer"
+    shutil.copytree(saved_tokenizer, copy)
+    config = json.loads((copy / "vqvae_config.json").read_text())
+    (copy / "vqvae_config.json").write_text(json.dumps({**config, "z_channels": 16}))
+    with pytest.raises(StateDictMismatchError,
+                       match=r"(?s)VQVAE params does not match.*\n  wrong shape for "
+                             r"params/quant_conv/kernel: got \(3, 3, 8, 8\), expected "
+                             r"\(3, 3, 16, 16\)") as info:
+        checkpoint.load_tokenizer(copy)
+    assert str(info.value).startswith(f"{copy}: VQVAE params")
+
+
+def test_vqvae_checkpoint_accepts_a_pth_a_tokenizer_or_a_generator_model(
+        fixture_dir, saved_tokenizer, tiny_checkpoints):
+    want_config, want_params = load_official_vqvae(fixture_dir / "tiny_vae.pth",
+                                                   patch_nums=(1, 2, 3, 4))
+    for source in (fixture_dir / "tiny_vae.pth", saved_tokenizer, tiny_checkpoints["var"]):
+        config, params = checkpoint.load_vqvae_checkpoint(source, (1, 2, 3, 4))
+        assert config == want_config, source
+        _assert_same_params(params, want_params)
+    assert checkpoint.load_vqvae_checkpoint(saved_tokenizer)[0].patch_nums == \
+        VQVAEConfig().patch_nums
+
+
+def test_vqvae_checkpoint_with_one_phi_per_scale_keeps_its_scale_count(tmp_path):
+    config = VQVAEConfig(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 1), num_res_blocks=1,
+                         using_sa=False, using_mid_sa=False, share_quant_resi=0,
+                         patch_nums=(1, 2))
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_variables(config))
+    checkpoint.save_tokenizer(tmp_path / "tok", vqvae_config=config, vqvae_params=params)
+    assert checkpoint.load_vqvae_checkpoint(tmp_path / "tok", (1, 3))[0].patch_nums == (1, 3)
+    with pytest.raises(CheckpointError, match=r"one Phi per scale \(2, share_quant_resi=0\) "
+                                              r"but patch_nums \(1, 2, 3\) has 3 scales"):
+        checkpoint.load_vqvae_checkpoint(tmp_path / "tok", (1, 2, 3))
+    with pytest.raises(CheckpointError, match="patch_nums must be"):
+        checkpoint.load_vqvae_checkpoint(tmp_path / "tok", (2, 1))

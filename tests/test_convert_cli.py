@@ -1,4 +1,5 @@
-"""``python -m mvar_jax.convert``: official tiny fixtures -> model directories.
+"""``python -m mvar_jax.convert``: official tiny fixtures -> model directories, and a
+tokenizer back to the official VQVAE file.
 
 The ``tiny_checkpoints`` fixture (conftest) converts the fixtures through the CLI
 once per session.
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import convert_tiny
+from conftest import M_VAR_FIXTURES, convert_tiny
 from mvar_jax import checkpoint, convert
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -59,6 +60,21 @@ def test_var_weights_as_mvar_and_overwrite(tiny_checkpoints, fixture_dir, tmp_pa
                                   var.transformer_params["params"]["pos_embed"])
 
 
+def test_m_var_converts_with_its_own_flag(m_var_checkpoints, capsys, fixture_dir, tmp_path):
+    config = json.loads((m_var_checkpoints["l21"] / "transformer_config.json").read_text())
+    assert (config["attention"], config["attn_l2_norm"], config["num_heads"]) == (
+        "mamba", True, 4)
+    vae, out = str(fixture_dir / "tiny_vae.pth"), str(tmp_path / "out")
+    m_var = str(M_VAR_FIXTURES / "tiny_mvar_m_l21.pth")
+    err = _error_of(capsys, ["--vae", vae, "--mvar", m_var, "--out", out])
+    assert "an M-VAR checkpoint" in err and "--m-var" in err
+    err = _error_of(capsys, ["--vae", vae, "--m-var", str(fixture_dir / "tiny_mvar.pth"),
+                             "--out", out])
+    assert "not an M-VAR checkpoint" in err
+    err = _error_of(capsys, ["--vae", vae, "--m-var", m_var, "--out", out, "--kernel-size", "5"])
+    assert "M-VAR attends within whole scales" in err
+
+
 def test_errors_are_clear(capsys, fixture_dir, tmp_path):
     vae = str(fixture_dir / "tiny_vae.pth")
     out = str(tmp_path / "out")
@@ -89,3 +105,66 @@ def test_command_line_exit_status(tmp_path):
     assert result.returncode == 2
     assert "error:" in result.stderr and "missing.pth" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _official_tensors(path) -> dict[str, np.ndarray]:
+    state_dict = torch.load(path, weights_only=True)
+    assert all(v.dtype == torch.float32 for v in state_dict.values())
+    return {k: v.numpy() for k, v in state_dict.items()}
+
+
+def test_official_vae_round_trips_through_a_tokenizer_directory(capsys, fixture_dir, tmp_path):
+    convert.main(["--vae", str(fixture_dir / "tiny_vae.pth"), "--out", str(tmp_path / "tok")])
+    assert "tokenizer (VQVAE alone), vocab 64, Cvae 8" in capsys.readouterr().out
+    assert not (tmp_path / "tok" / "transformer_config.json").exists()
+    convert.main(["--to-official-vae", str(tmp_path / "out" / "vae.pth"),
+                  "--model", str(tmp_path / "tok")])
+    printed = capsys.readouterr().out
+    assert "VQVAE(vocab_size=64, z_channels=8, ch=32," in printed
+    assert "load_state_dict(state_dict, strict=True)" in printed
+    got = _official_tensors(tmp_path / "out" / "vae.pth")
+    want = _official_tensors(fixture_dir / "tiny_vae.pth")
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_generator_model_exports_its_vqvae(tiny_checkpoints, fixture_dir, tmp_path):
+    out = tmp_path / "vae.pth"
+    convert.main(["--to-official-vae", str(out), "--model", str(tiny_checkpoints["var"])])
+    out.write_bytes(b"stale")
+    convert.main(["--to-official-vae", str(out), "--model", str(tiny_checkpoints["mvar"]),
+                  "--overwrite"])
+    got = _official_tensors(out)
+    want = _official_tensors(fixture_dir / "tiny_vae.pth")
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_tokenizer_modes_report_bad_input(capsys, tiny_checkpoints, fixture_dir, tmp_path):
+    vae, model = str(fixture_dir / "tiny_vae.pth"), str(tiny_checkpoints["mvar"])
+    out = str(tmp_path / "vae.pth")
+    assert "--to-official-vae needs --model" in _error_of(capsys, ["--to-official-vae", out])
+    err = _error_of(capsys, ["--to-official-vae", out, "--model", model, "--vae", vae])
+    assert "--vae do not apply" in err
+    err = _error_of(capsys, ["--to-official-vae", out, "--model", str(tmp_path / "nope")])
+    assert "tokenizer directory not found" in err and "nope" in err
+    no_vqvae = tmp_path / "no_vqvae"
+    no_vqvae.mkdir()
+    (no_vqvae / "transformer_config.json").write_text("{}")
+    err = _error_of(capsys, ["--to-official-vae", out, "--model", str(no_vqvae)])
+    assert "incomplete tokenizer directory" in err and "missing vqvae_config.json, params" in err
+    err = _error_of(capsys, ["--to-official-vae", str(tmp_path), "--model", model])
+    assert "is a directory" in err
+    (tmp_path / "vae.pth").write_bytes(b"x")
+    err = _error_of(capsys, ["--to-official-vae", out, "--model", model])
+    assert "exists; pass --overwrite" in err
+    assert "--to-official-vae" in _error_of(capsys, ["--model", model, "--out", out])
+    assert "required: --vae, --out" in _error_of(capsys, ["--vae", vae])
+    err = _error_of(capsys, ["--vae", vae, "--out", str(tmp_path / "tok"), "--num-heads", "4"])
+    assert "--num-heads configure a transformer; they need --mvar or --var" in err
+    err = _error_of(capsys, ["--vae", str(fixture_dir / "tiny_mvar.pth"),
+                             "--out", str(tmp_path / "tok")])
+    assert "VQVAE state dict" in err and "missing keys" in err
+    assert (tmp_path / "vae.pth").read_bytes() == b"x"
+    assert not (tmp_path / "tok").exists()

@@ -82,7 +82,7 @@ def test_missing_tfds_dataset_and_wrong_class_count_are_clear_errors(built):
     cfg = data.default_config()
     cfg.update(data_dir=str(data_dir), name="tfds:builtin_shapes/res32")
     with pytest.raises(
-        FileNotFoundError, match="not prepared.*mvar_jax.data.prepare --name=tfds:builtin_shapes"
+        FileNotFoundError, match="not prepared.*mvar_jax.data.records --name=tfds:builtin_shapes"
     ):
         data.build_eval_source(cfg, global_batch_size=1, process_index=0, process_count=1)
     cfg.update(name="builtin_shapes", num_classes=1000)

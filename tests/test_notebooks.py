@@ -116,7 +116,43 @@ def test_notebook_is_clean_nbformat4(name):
     assert {cell["cell_type"] for cell in nb["cells"]} == {"code", "markdown"}
     install = "".join(code[0]["source"])
     assert 'find_spec("mvar_jax") is None' in install and "%pip install" in install
+    assert "://" not in install and "git clone -" not in install  # no repository URL to guess
     assert any("# @param" in "".join(cell["source"]) for cell in code[1:])
+
+
+def run_install_cell(name: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
+    """The notebook's install cell in a bare interpreter (no site-packages: mvar_jax is absent),
+    then ``import mvar_jax`` in the same process, as the next cell does."""
+    cell = code_cells(NOTEBOOKS / f"{name}.ipynb")[0]
+    script = "import sys\nexec(sys.argv[1])\nimport mvar_jax\nprint('imported', mvar_jax.__file__)"
+    return subprocess.run([sys.executable, "-I", "-S", "-c", script, cell], cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
+def fake_clone(root: pathlib.Path) -> pathlib.Path:
+    (root / "mvar_jax").mkdir(parents=True)
+    (root / "mvar_jax" / "__init__.py").write_text("")
+    (root / "pyproject.toml").write_text("")
+    (root / "notebooks").mkdir()
+    return root
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_install_cell_finds_the_clone_it_runs_in(name, tmp_path):
+    clone = fake_clone(tmp_path / "checkout")
+    for cwd in (clone / "notebooks", clone):  # Jupyter starts in notebooks/, a shell at the root
+        proc = run_install_cell(name, cwd)
+        assert proc.returncode == 0, proc.stderr
+        assert f"installing the clone at {clone}" in proc.stdout  # the %pip line's target
+        assert f"imported {clone / 'mvar_jax' / '__init__.py'}" in proc.stdout
+    fresh = fake_clone(tmp_path / "content" / "mvar_jax")  # `git clone URL` in Colab's /content
+    proc = run_install_cell(name, fresh.parent)
+    assert f"installing the clone at {fresh}" in proc.stdout, proc.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_install_cell(name, elsewhere)
+    assert proc.returncode != 0
+    assert "not inside a clone of it" in proc.stderr and "pip install" in proc.stderr
 
 
 def test_code_cells_skip_shell_lines_and_set_params(tmp_path):

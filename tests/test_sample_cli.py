@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import sample
-from mvar_jax import sampling
+from mvar_jax import checkpoint, sampling
 from mvar_jax.transformer import blocks_are_stacked
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -52,6 +52,21 @@ def test_npz_and_fid_layout(tiny_checkpoints, tiny_io, tmp_path):
     np.testing.assert_array_equal(arr, np.clip(images * 255, 0, 255).astype(np.uint8))
 
 
+def test_m_var_checkpoint_samples_the_official_images(m_var_checkpoints, m_var_io, capsys,
+                                                      tmp_path):
+    # Same batch and options as test_m_var's greedy test: one compilation serves both.
+    io, ckpt = m_var_io["l20"], str(m_var_checkpoints["l20"])
+    out = tmp_path / "m_var.npz"
+    sample.main(["--checkpoint", ckpt, "--labels", ",".join(map(str, io["label"])), *GREEDY,
+                 "--batch-size", "2", "--out", str(out)])
+    with np.load(out) as f:
+        np.testing.assert_array_equal(f["tokens"], io["greedy_BL"])
+        np.testing.assert_allclose(f["images"], io["greedy_img"].transpose(0, 2, 3, 1),
+                                   atol=1e-4, rtol=0)
+    assert "[10]" in _error_of(capsys, ["--checkpoint", ckpt, "--labels", "10", "--out",
+                                        str(out)])
+
+
 def test_png_grid_has_captions(tiny_checkpoints, tiny_io, tmp_path):
     out = tmp_path / "grid.png"
     sample.main(["--checkpoint", str(tiny_checkpoints["mvar"]), "--labels", "3,0", *GREEDY,
@@ -77,6 +92,12 @@ def test_bad_input_is_a_clear_error(tiny_checkpoints, capsys, tmp_path):
     (edited / "transformer_config.json").write_text(json.dumps(dict(config, depth=3)))
     err = _error_of(capsys, ["--checkpoint", str(edited), "--out", out])
     assert "transformer params does not match" in err and "blocks_2" in err
+    # A tokenizer directory where a generator model is expected.
+    vqvae_config, vqvae_params = checkpoint.load_tokenizer(ckpt)
+    checkpoint.save_tokenizer(tmp_path / "tokenizer", vqvae_config=vqvae_config,
+                              vqvae_params=vqvae_params)
+    err = _error_of(capsys, ["--checkpoint", str(tmp_path / "tokenizer"), "--out", out])
+    assert "is a tokenizer directory" in err and "generator model" in err
     assert not (tmp_path / "x.npz").exists()
 
 

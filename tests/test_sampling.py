@@ -96,6 +96,15 @@ def test_filters_keep_the_largest_and_drop_something():
         np.argmax(np.where(kept_p, logits, -np.inf), -1), np.argmax(logits, -1))
 
 
+def test_filter_settings_are_checked_under_the_callers_names():
+    sampling.check_filters(0, 0.0)
+    sampling.check_filters(900, 1.0)
+    with pytest.raises(ValueError, match=r"^top_k=-1 must be >= 0"):
+        sampling.check_filters(-1, 0.5)
+    with pytest.raises(ValueError, match=r"^--top-p=1.5 must be in \[0, 1\]"):
+        sampling.check_filters(0, 1.5, names=("--top-k", "--top-p"))
+
+
 # ----------------------------------------------------------------------------
 # Generation.
 

@@ -19,7 +19,8 @@ import pytest
 
 from configs import tiny_cpu
 from mvar_jax import checkpoint
-from mvar_jax.training import checkpointing, loop, schedule, state as state_lib, step as step_lib
+from mvar_jax.training import checkpointing, generator, metrics_writer, schedule, trainer
+from mvar_jax.training import state as state_lib, step as step_lib
 from mvar_jax.training.synthetic import SyntheticTokenSource
 from mvar_jax.transformer import Transformer
 from mvar_jax.vqvae import VQVAE
@@ -113,11 +114,11 @@ def test_tiny_config_learns_a_fixed_batch(tmp_path):
                      sample_every=30, sample_classes=(0, 1, 2),
                      **{"optim.warmup_fraction": 0.05, "optim.base_lr": 0.3})
     batch = _source(seed=1).batch(0)
-    state = loop.train_and_evaluate(config, tmp_path, source=_FixedSource(batch))
+    state = trainer.train_and_evaluate(config, tmp_path, source=_FixedSource(batch))
 
-    vqvae_config, vqvae_params = loop.load_tokenizer(config.vqvae_checkpoint,
-                                                     config.model.patch_nums)
-    model_config = loop.transformer_config(config, vqvae_config)
+    vqvae_config, vqvae_params = generator.load_tokenizer(config.vqvae_checkpoint,
+                                                          config.model.patch_nums)
+    model_config = generator.transformer_config(config, vqvae_config)
     model = Transformer(model_config)
     ids = jnp.split(batch["tokens"], np.cumsum([1, 4, 9])[:3], axis=1)
     x_BLCv = VQVAE(vqvae_config).apply(vqvae_params, ids, method=VQVAE.idx_to_var_input)
@@ -149,7 +150,7 @@ def test_tiny_config_learns_a_fixed_batch(tmp_path):
 
 def test_image_grid_tiles_row_major():
     images = np.stack([np.full((2, 3, 3), v, np.float32) for v in (0.0, 0.5, 1.0)])
-    grid = loop.image_grid(images, columns=2)
+    grid = metrics_writer.image_grid(images, columns=2)
     assert grid.shape == (4, 6, 3) and grid.dtype == np.uint8
     np.testing.assert_array_equal(grid[:2, :3], 0)
     np.testing.assert_array_equal(grid[:2, 3:], 128)
@@ -158,32 +159,32 @@ def test_image_grid_tiles_row_major():
 
 
 def test_crash_and_resume_equals_uninterrupted_run(tmp_path):
-    reference = loop.train_and_evaluate(_config(), tmp_path / "straight", source=_source())
+    reference = trainer.train_and_evaluate(_config(), tmp_path / "straight", source=_source())
 
     crashed = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):  # dies reading batch 6
-        loop.train_and_evaluate(_config(), crashed, source=_CrashingSource(_source(), 5))
+        trainer.train_and_evaluate(_config(), crashed, source=_CrashingSource(_source(), 5))
     assert checkpointing.Checkpointer(crashed / "checkpoints", max_to_keep=2).all_steps() == [3]
     assert not (crashed / "model").exists()
 
-    resumed = loop.train_and_evaluate(_config(), crashed, source=_source())  # a fresh start
+    resumed = trainer.train_and_evaluate(_config(), crashed, source=_source())  # a fresh start
     assert int(resumed.step) == STEPS
     _assert_trees_equal(resumed.params, reference.params)
     _assert_trees_equal(resumed.opt_state, reference.opt_state)
 
     # Running a finished workdir again changes nothing.
-    again = loop.train_and_evaluate(_config(), crashed, source=_source())
+    again = trainer.train_and_evaluate(_config(), crashed, source=_source())
     _assert_trees_equal(again.params, reference.params)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    good = loop.train_and_evaluate(_config(num_train_steps=3), tmp_path, source=_source())
+    good = trainer.train_and_evaluate(_config(num_train_steps=3), tmp_path, source=_source())
     shutil.rmtree(tmp_path / "model")
     # Same run continued to 6 steps with an absurd learning rate: the step-4 update
     # overflows; logging is off, so the check before the step-6 save must catch it.
     config = _config(log_every=100, **{"optim.base_lr": 1e37})
     with pytest.raises(FloatingPointError, match=r"step 4 .*Last good checkpoint: step 3"):
-        loop.train_and_evaluate(config, tmp_path, source=_source())
+        trainer.train_and_evaluate(config, tmp_path, source=_source())
     checkpointer = checkpointing.Checkpointer(tmp_path / "checkpoints", max_to_keep=2)
     assert checkpointer.all_steps() == [3]
     restored, _ = checkpointer.restore(3, jax.eval_shape(lambda: good))
@@ -208,28 +209,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 ])
 def test_invalid_configs_fail_before_training(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        loop.train_and_evaluate(_config(**overrides), tmp_path, source=_source())
+        trainer.train_and_evaluate(_config(**overrides), tmp_path, source=_source())
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_resuming_a_different_model_is_refused(tmp_path):
     (tmp_path / "transformer_config.json").write_text('{"depth": 3}')
     with pytest.raises(ValueError, match="different model"):
-        loop.train_and_evaluate(_config(), tmp_path, source=_source())
+        trainer.train_and_evaluate(_config(), tmp_path, source=_source())
 
 
 def test_resume_may_change_execution_fields_only(tmp_path):
-    loop.train_and_evaluate(_config(num_train_steps=3), tmp_path, source=_source())
+    trainer.train_and_evaluate(_config(num_train_steps=3), tmp_path, source=_source())
     config = json.loads((tmp_path / "transformer_config.json").read_text())
     assert config["neighborhood_impl"] == "auto" and config["dtype"] == "float32"
     # The documented fallback for a failing Pallas kernel, and bfloat16 compute, resume.
-    state = loop.train_and_evaluate(
+    state = trainer.train_and_evaluate(
         _config(num_train_steps=3, **{"model.neighborhood_impl": "reference",
                                        "model.dtype": "bfloat16"}), tmp_path, source=_source())
     assert int(state.step) == 3
     with pytest.raises(ValueError, match=r"different model \(fields \['depth'\]\)"):
-        loop.train_and_evaluate(_config(num_train_steps=3, **{"model.depth": 3}), tmp_path,
-                                source=_source())
+        trainer.train_and_evaluate(_config(num_train_steps=3, **{"model.depth": 3}), tmp_path,
+                                   source=_source())
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -237,22 +238,22 @@ def test_export_follows_extended_runs_and_repairs_an_incomplete_one(tmp_path):
     def exported():
         return checkpoint.load_model(tmp_path / "model").transformer_params["params"]
 
-    short = loop.train_and_evaluate(_config(num_train_steps=3), tmp_path, source=_source())
+    short = trainer.train_and_evaluate(_config(num_train_steps=3), tmp_path, source=_source())
     _assert_trees_equal(exported(), short.params)
     # Resuming with more steps trains on and replaces the stale export.
-    extended = loop.train_and_evaluate(_config(), tmp_path, source=_source())
+    extended = trainer.train_and_evaluate(_config(), tmp_path, source=_source())
     assert int(extended.step) == STEPS
     _assert_trees_equal(exported(), extended.params)
     # An export that died before its params were written is redone, with nothing to train.
     shutil.rmtree(tmp_path / "model" / "params")
-    again = loop.train_and_evaluate(_config(), tmp_path, source=_source())
+    again = trainer.train_and_evaluate(_config(), tmp_path, source=_source())
     _assert_trees_equal(exported(), extended.params)
     _assert_trees_equal(again.params, extended.params)
 
 
 def test_epochs_use_the_data_source_size(tmp_path):
     config = _config(num_train_steps=-1, num_epochs=2, checkpoint_every=100)
-    assert loop.total_steps(config) == 2 * math.ceil(config.num_train_examples / BATCH)
-    assert loop.total_steps(config, num_examples=20) == 6  # 2 epochs of ceil(20 / 8)
-    state = loop.train_and_evaluate(config, tmp_path, source=_SizedSource(num_examples=20))
+    assert trainer.total_steps(config) == 2 * math.ceil(config.num_train_examples / BATCH)
+    assert trainer.total_steps(config, num_examples=20) == 6  # 2 epochs of ceil(20 / 8)
+    state = trainer.train_and_evaluate(config, tmp_path, source=_SizedSource(num_examples=20))
     assert int(state.step) == 6

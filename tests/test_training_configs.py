@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mvar_jax import checkpoint
-from mvar_jax.training import loop, optimizer
+from mvar_jax.training import generator, optimizer, trainer
 from mvar_jax.transformer_weights import load_transformer
 from mvar_jax.vqvae import VQVAEConfig
 from mvar_jax.vqvae_weights import load_official_vqvae
@@ -34,7 +34,7 @@ OFFICIAL = {
 def test_official_configs(name):
     attention, depth, embed, batch, epochs, finetune, fsdp = OFFICIAL[name]
     config = importlib.import_module(f"configs.{name}").get_config()
-    model = loop.transformer_config(config, VQVAEConfig())  # the released tokenizer
+    model = generator.transformer_config(config, VQVAEConfig())  # the released tokenizer
     assert (model.attention, model.depth, model.embed_dim, model.num_heads) == (
         attention, depth, embed, depth)
     assert model.drop_path_rate == pytest.approx(0.1 * depth / 24)
@@ -45,16 +45,35 @@ def test_official_configs(name):
     assert config.parallel.fsdp == fsdp
     assert config.init.adaln_gamma == 1e-3 and config.optim.final_lr_ratio == 0.1
     assert optimizer.peak_learning_rate(config.optim, batch) == pytest.approx(1e-4 * batch / 256)
-    assert loop.total_steps(config) == epochs * -(-1_281_167 // batch)
+    assert trainer.total_steps(config) == epochs * -(-1_281_167 // batch)
 
 
 def test_tiny_cpu_config_fits_the_tiny_tokenizer(fixture_dir):
     config = importlib.import_module("configs.tiny_cpu").get_config()
     vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth",
                                           patch_nums=config.model.patch_nums)
-    model = loop.transformer_config(config, vqvae_config)
+    model = generator.transformer_config(config, vqvae_config)
     assert (model.vocab_size, model.cvae, model.seq_len) == (64, 8, 30)
     assert config.vqvae_checkpoint == "tests/fixtures/official/tiny_vae.pth"
+
+
+def test_tiny_cpu_var_is_tiny_cpu_with_var_attention(fixture_dir, monkeypatch):
+    """The MVAR-vs-VAR comparison's baseline: only the attention pattern differs."""
+    mvar = importlib.import_module("configs.tiny_cpu").get_config()
+    var = importlib.import_module("configs.tiny_cpu_var").get_config()
+    monkeypatch.chdir(REPO)  # vqvae_checkpoint is repo-relative
+    trainer.check_config(var)
+    generator.check_config(var)
+    assert trainer.task_class(var) is trainer.task_class(mvar)
+    vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth",
+                                          patch_nums=var.model.patch_nums)
+    mvar_model, var_model = (generator.transformer_config(c, vqvae_config) for c in (mvar, var))
+    assert (mvar_model.attention, var_model.attention) == ("mvar", "var")
+    assert dataclasses.replace(var_model, attention="mvar") == mvar_model
+    assert trainer.total_steps(var) == trainer.total_steps(mvar) == 2 * 157
+    differ = {k for k, v in var.to_dict().items() if v != mvar.to_dict()[k]}
+    assert differ == {"model"}
+    assert {k for k, v in var.model.items() if v != mvar.model[k]} == {"name"}
 
 
 def test_train_py_applies_overrides_and_reports_bad_values(tmp_path):
@@ -69,21 +88,21 @@ def test_train_py_applies_overrides_and_reports_bad_values(tmp_path):
 def test_finetune_and_tokenizer_from_official_files_or_a_model_dir(fixture_dir, tmp_path):
     var_config, var_params = load_transformer(fixture_dir / "tiny_var.pth", attention="var")
     mvar_config = var_config.__class__(**{**var_config.to_dict(), "attention": "mvar"})
-    params = loop.finetune_params(fixture_dir / "tiny_var.pth", mvar_config)
+    params = generator.finetune_params(fixture_dir / "tiny_var.pth", mvar_config)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(var_params["params"])):
         np.testing.assert_array_equal(a, b)
     # A converted model directory works too.
     vqvae_config, vqvae_params = load_official_vqvae(fixture_dir / "tiny_vae.pth")
     checkpoint.save_model(tmp_path / "model", vqvae_config=vqvae_config, vqvae_params=vqvae_params,
                           transformer_config=var_config, transformer_params=var_params)
-    params = loop.finetune_params(tmp_path / "model", mvar_config)
+    params = generator.finetune_params(tmp_path / "model", mvar_config)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(var_params["params"])):
         np.testing.assert_array_equal(np.asarray(a), b)
     # The tokenizer can come from the same directory, at the run's token pyramid.
-    tokenizer_config, tokenizer_params = loop.load_tokenizer(tmp_path / "model", (1, 2, 3, 4))
+    tokenizer_config, tokenizer_params = generator.load_tokenizer(tmp_path / "model", (1, 2, 3, 4))
     assert tokenizer_config == dataclasses.replace(vqvae_config, patch_nums=(1, 2, 3, 4))
     for a, b in zip(jax.tree.leaves(tokenizer_params), jax.tree.leaves(vqvae_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     deeper = var_config.__class__(**{**mvar_config.to_dict(), "depth": 3})
     with pytest.raises(ValueError, match="does not fit the model: depth: checkpoint 2 vs config 3"):
-        loop.finetune_params(fixture_dir / "tiny_var.pth", deeper)
+        generator.finetune_params(fixture_dir / "tiny_var.pth", deeper)

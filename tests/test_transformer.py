@@ -16,7 +16,8 @@ import pytest
 from conftest import rel_err
 from mvar_jax import transformer_weights
 from mvar_jax.transformer import (Transformer, TransformerConfig, blocks_are_stacked,
-                                  init_kv_cache, init_params, param_shapes, stack_blocks)
+                                  check_refine_step, init_kv_cache, init_params, param_shapes,
+                                  stack_blocks, stack_cache)
 
 # The official MVAR training segments of the tiny fixtures (tiny_meta.json).
 SEGMENTS = {"mvar_logits_seg0": (0, 8), "mvar_logits_seg1": (8, 9), "mvar_logits_seg2": (9, 10)}
@@ -94,10 +95,16 @@ SMALL = TransformerConfig(vocab_size=16, cvae=4, num_classes=5, depth=2, embed_d
 
 def _random_params(config, seed=0):
     """Every parameter random and O(1), so that every path visibly moves the logits
-    (the official init zeroes the residual gates)."""
+    (the official init zeroes the residual gates); M-VAR's Mamba decays slowly, so
+    that its memory spans the whole small pyramid."""
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda leaf: 0.3 * rng.standard_normal(leaf.shape, np.float32),
-                        param_shapes(config))
+
+    def draw(path, leaf):
+        if path[-1].key == "A_log":  # A = -0.01
+            return np.full(leaf.shape, np.log(0.01), np.float32)
+        return 0.3 * rng.standard_normal(leaf.shape, np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(config))
 
 
 @functools.cache
@@ -117,7 +124,8 @@ def _per_scale_logits(config, params, label_B, x_BLCv_wo_first_l):
     embed = jax.jit(functools.partial(model.apply, method=Transformer.scale_input),
                     static_argnames="si")
     x, cond = model.apply(params, label_B, method=Transformer.start_input)
-    cache = init_kv_cache(config, label_B.shape[0], stacked=stacked)
+    cache = init_kv_cache(config, label_B.shape[0])
+    cache = stack_cache(cache) if stacked else cache
     out = []
     for si in range(config.num_scales):
         if si:
@@ -157,7 +165,7 @@ def test_stacked_blocks_scan_to_the_same_logits(attention):
     assert rel_err(scanned, want) < 1e-6
     assert rel_err(_per_scale_logits(config, stacked, label, x), want) < 1e-6
     if attention == "var":
-        cache = init_kv_cache(config, 2, stacked=True)
+        cache = stack_cache(init_kv_cache(config, 2))
         assert [c.shape for c in cache] == [(config.depth, 2, config.seq_len, 2, 16)] * 2
 
 
@@ -178,7 +186,7 @@ def test_stacked_blocks_are_for_inference_and_need_every_block():
 
 
 @hypothesis.settings(max_examples=8, deadline=None, database=None)
-@hypothesis.given(attention=st.sampled_from(["mvar", "var"]), scale=st.integers(1, 4),
+@hypothesis.given(attention=st.sampled_from(["mvar", "var", "mamba"]), scale=st.integers(1, 4),
                   seed=st.integers(0, 2**16))
 def test_perturbing_one_scale_reaches_only_the_scales_that_attend_to_it(attention, scale, seed):
     config, params, forward = _small_forward(attention)
@@ -282,6 +290,15 @@ def test_config_defaults_roundtrip_and_validation():
     with pytest.raises(ValueError, match=r"patch_nums must hold >= 2 positive scales"):
         TransformerConfig(patch_nums=(1,), refine_step=1)
     assert TransformerConfig(patch_nums=(1, 2), refine_step=1, kernel_size=1).num_scales == 2
+
+
+def test_refine_step_rule_of_the_model_and_of_training():
+    check_refine_step(1, 4)  # only the start token's scale attends within itself
+    check_refine_step(4, 4)
+    with pytest.raises(ValueError, match=r"refine_step must be in \[2, 4\] for 4 scales, got 1"):
+        check_refine_step(1, 4, training=True)
+    with pytest.raises(ValueError, match=r"refine_step must be in \[1, 4\] for 4 scales, got 5"):
+        check_refine_step(5, 4)
 
 
 def test_invalid_ranges_and_inputs_raise():

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import M_VAR_FIXTURES, M_VAR_VARIANTS
 from mvar_jax import transformer_weights as tw
 from mvar_jax.torch_checkpoint import CheckpointError, StateDictMismatchError, load_state_dict
 from mvar_jax.transformer import TransformerConfig, param_shapes
@@ -146,3 +147,61 @@ def test_bad_requests_raise(mvar_sd):
     zero_mask = dict(mvar_sd, attn_bias_for_masking=np.zeros((1, 1, 680, 680), np.float32))
     with pytest.raises(CheckpointError, match="neither VAR's"):
         tw.config_from_state_dict(zero_mask)
+
+
+# ----------------------------------------------------------------------------
+# M-VAR (OliverRensu/MVAR): Mamba2 layers and a 9-way ada_lin.
+
+@pytest.fixture(scope="module")
+def m_var_sd():
+    return {variant: load_state_dict(M_VAR_FIXTURES / f"tiny_mvar_m_{variant}.pth")
+            for variant in M_VAR_VARIANTS}
+
+
+def test_m_var_architecture_and_values(m_var_sd):
+    l21 = tw.config_from_state_dict(m_var_sd["l21"])
+    assert l21 == TransformerConfig(vocab_size=64, cvae=8, num_classes=10, depth=2, embed_dim=64,
+                                    num_heads=4, attention="mamba")
+    # Without L2 attention nothing in the file gives the heads (as for MVAR/VAR).
+    l20 = tw.config_from_state_dict(m_var_sd["l20"], num_heads=4)
+    assert (l20.attention, l20.attn_l2_norm, l20.num_heads) == ("mamba", False, 4)
+    sd = m_var_sd["l21"]
+    mamba = tw.params_from_state_dict(sd, l21)["params"]["blocks_1"]["mamba"]
+    np.testing.assert_array_equal(mamba["in_proj"]["kernel"], sd["blocks.1.mamba.in_proj.weight"].T)
+    np.testing.assert_array_equal(mamba["conv1d"]["kernel"],
+                                  sd["blocks.1.mamba.conv1d.weight"].transpose(2, 1, 0))
+    np.testing.assert_array_equal(mamba["norm"]["scale"], sd["blocks.1.mamba.norm.weight"])
+    for name in ("A_log", "dt_bias", "D"):
+        np.testing.assert_array_equal(mamba[name], sd[f"blocks.1.mamba.{name}"])
+
+
+def test_m_var_full_size_layout_follows_the_official_constructor():
+    # models/basic_mvar.py: Mamba2(d_model=C, d_state=64, d_conv=4, expand=2), headdim 64;
+    # ada_lin Linear(C, 9C). At d16: d_inner 2048, 32 heads, conv over x, B, C.
+    shapes = tw.official_shapes(TransformerConfig(depth=16, attention="mamba",
+                                                  attn_l2_norm=False))
+    assert shapes["blocks.15.mamba.in_proj.weight"] == (2 * 2048 + 2 * 64 + 32, 1024)
+    assert shapes["blocks.15.mamba.conv1d.weight"] == (2048 + 2 * 64, 1, 4)
+    assert shapes["blocks.15.mamba.conv1d.bias"] == (2048 + 2 * 64,)
+    assert shapes["blocks.15.mamba.out_proj.weight"] == (1024, 2048)
+    assert shapes["blocks.15.mamba.norm.weight"] == (2048,)
+    assert shapes["blocks.0.mamba.A_log"] == shapes["blocks.0.mamba.D"] == (32,)
+    assert shapes["blocks.0.ada_lin.1.weight"] == (9 * 1024, 1024)
+    assert not any(k.endswith(("mamba.in_proj.bias", "out_proj.bias")) for k in shapes)
+
+
+def test_m_var_files_are_checked_strictly(m_var_sd, fixture_dir):
+    sd = m_var_sd["l21"]
+    config = tw.config_from_state_dict(sd)
+    broken = {k: v for k, v in sd.items() if k != "blocks.1.mamba.dt_bias"}
+    broken["blocks.0.mamba.in_proj.weight"] = np.zeros((450, 64), np.float32)  # d_state 96
+    with pytest.raises(StateDictMismatchError) as e:
+        tw.params_from_state_dict(broken, config)
+    assert e.value.missing == ["blocks.1.mamba.dt_bias"]
+    assert "wrong shape for blocks.0.mamba.in_proj.weight: got (450, 64), expected (386, 64)" \
+        in str(e.value)
+    with pytest.raises(CheckpointError, match="an M-VAR checkpoint"):
+        tw.config_from_state_dict(sd, attention="mvar")
+    with pytest.raises(CheckpointError, match="not an M-VAR checkpoint"):
+        tw.config_from_state_dict(load_state_dict(fixture_dir / "tiny_var.pth"),
+                                  attention="mamba")

@@ -1,21 +1,28 @@
-"""Official VQVAE state dict -> config + Flax params: key coverage and clear errors."""
+"""Official VQVAE state dict <-> config + Flax params: key coverage, exact round trips and
+clear errors."""
 
 from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
+import torch
 
 from mvar_jax.torch_checkpoint import CheckpointError, StateDictMismatchError, load_state_dict
-from mvar_jax.vqvae import VQVAEConfig
+from mvar_jax.vqvae import VQVAEConfig, abstract_variables
 from mvar_jax.vqvae_weights import (
     IGNORED_KEYS,
+    VOCAB_HIT_KEY,
     config_from_state_dict,
     expected_official_shapes,
     load_official_vqvae,
+    official_class_args,
     official_key,
+    save_official_vqvae,
     vqvae_from_state_dict,
+    vqvae_to_state_dict,
 )
 
 RELEASE = "vae_ch160v4096z32.pth"
@@ -141,3 +148,67 @@ def test_missing_phis_with_a_ratio_suggest_quant_resi_zero(tiny_sd):
         vqvae_from_state_dict(without_phis)
     config, _ = vqvae_from_state_dict(without_phis, quant_resi=0.0)
     assert config.quant_resi == 0.0
+
+
+# Flax params -> official state dict.
+
+def assert_same_state_dict(got, want):
+    """Every key, exact values, float32: what PyTorch's strict loading would see."""
+    assert set(got) == set(want)
+    for key in want:
+        assert np.asarray(got[key]).dtype == np.float32, key
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+
+
+def test_official_to_ours_to_official_is_exact(tiny_sd):
+    config, variables = vqvae_from_state_dict(tiny_sd)
+    assert_same_state_dict(vqvae_to_state_dict(config, variables), tiny_sd)
+
+
+def test_saved_pth_is_the_official_file(fixture_dir, tiny_sd, tmp_path):
+    config, variables = vqvae_from_state_dict(tiny_sd)
+    save_official_vqvae(tmp_path / "vae.pth", config, variables)
+    saved = torch.load(tmp_path / "vae.pth", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 for v in saved.values())
+    assert_same_state_dict({k: v.numpy() for k, v in saved.items()}, tiny_sd)
+    assert list(tmp_path.iterdir()) == [tmp_path / "vae.pth"]  # No temporary file left.
+
+
+def test_release_configuration_exports_the_release_layout(fixture_dir):
+    release = json.loads((fixture_dir / "official_checkpoint_keys.json").read_text())[RELEASE]
+    config = VQVAEConfig()
+    exported = jax.eval_shape(lambda v: vqvae_to_state_dict(config, v), abstract_variables(config))
+    assert {k: tuple(v.shape) for k, v in exported.items()} == \
+        {k: tuple(v) for k, v in release.items()}
+    assert {v.dtype for v in exported.values()} == {np.dtype(np.float32)}
+
+
+def test_vocab_hits_fill_the_ema_buffer(tiny_sd):
+    config, variables = vqvae_from_state_dict(tiny_sd)
+    hits = np.arange(10 * 64, dtype=np.int32).reshape(10, 64)
+    sd = vqvae_to_state_dict(config, variables, vocab_hits=hits)
+    np.testing.assert_array_equal(np.asarray(sd[VOCAB_HIT_KEY]), hits.astype(np.float32))
+    with pytest.raises(ValueError, match=r"vocab_hits has shape \(64,\), expected "
+                                         r"\(len\(patch_nums\), vocab_size\) = \(10, 64\)"):
+        vqvae_to_state_dict(config, variables, vocab_hits=hits[0])
+
+
+def test_params_that_do_not_fit_the_config_are_named(tiny_sd):
+    config, variables = vqvae_from_state_dict(tiny_sd)
+    with pytest.raises(StateDictMismatchError,
+                       match=r"(?s)VQVAE params does not match.*\n  wrong shape for "
+                             r"quant_conv/kernel: got \(3, 3, 8, 8\), expected \(3, 3, 16, 16\)"):
+        vqvae_to_state_dict(VQVAEConfig(vocab_size=64, z_channels=16, ch=32),
+                            variables)
+    with pytest.raises(CheckpointError, match=r"expected a dict \{'params': ...\}, got keys "
+                                              r"\['decoder', 'encoder'"):
+        vqvae_to_state_dict(config, variables["params"])
+
+
+def test_official_class_args():
+    assert official_class_args(VQVAEConfig()) == dict(
+        vocab_size=4096, z_channels=32, ch=160, beta=0.25, using_znorm=False, quant_conv_ks=3,
+        quant_resi=0.5, share_quant_resi=4, v_patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+    with pytest.raises(ValueError, match=r"cannot build this tokenizer: ch_mult=\(1, 2\) "
+                                         r"\(official: \(1, 1, 2, 2, 4\)\), using_sa=False"):
+        official_class_args(VQVAEConfig(ch_mult=(1, 2), using_sa=False))

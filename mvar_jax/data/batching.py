@@ -1,14 +1,17 @@
-"""A resumable iterator of host-local numpy batches, decoded on threads and prefetched.
+"""Resumable host-local numpy batches, decoded on threads, and their prefetch to the devices.
 
-`BatchSource` walks an order (`order.ShuffledEpochs` or `order.SinglePass`),
-loads each example with a `load(index, epoch)` function on a thread pool, stacks
+``BatchSource`` walks an order (``order.ShuffledEpochs`` or ``order.SinglePass``),
+loads each example with a ``load(index, epoch)`` function on a thread pool, stacks
 them, and tags every batch with the state reached after it. Because the order
-and each example's randomness are fixed by their indices, `get_state()` after
-batch k and `set_state()` on a fresh source reproduce batch k+1 exactly.
+and each example's randomness are fixed by their indices, ``get_state()`` after
+batch k and ``set_state()`` on a fresh source reproduce batch k+1 exactly.
+``DevicePrefetch`` keeps a few of those batches in flight to the devices
+without losing that exactness.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import itertools
@@ -18,8 +21,10 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
+import jax
 import numpy as np
 
+from mvar_jax import parallel
 from mvar_jax.data import order as order_lib
 
 Example = dict[str, np.ndarray]
@@ -56,7 +61,7 @@ def _batches(
     """Yields (batch, state after it).
 
     Unreadable examples are replaced by the next ones (training), or kept as
-    zero rows with `mask` False (eval, so that hosts stay in step).
+    zero rows with ``mask`` False (eval, so that hosts stay in step).
     """
     slots = order.slots({k: v for k, v in state.items() if k != _NUM_BAD})
     num_bad = state[_NUM_BAD]
@@ -99,7 +104,7 @@ def _stack(
     rows: list[Example | None], spec: Spec, batch_size: int, with_mask: bool
 ) -> dict[str, np.ndarray]:
     batch = {k: np.zeros((batch_size, *shape), dtype) for k, (shape, dtype) in spec.items()}
-    mask = np.zeros(batch_size, bool)
+    mask_B = np.zeros(batch_size, bool)
     for i, row in enumerate(rows):
         if row is None:
             continue
@@ -107,14 +112,14 @@ def _stack(
             raise ValueError(f"example has fields {sorted(row)}, expected {sorted(batch)}")
         for k, v in row.items():
             batch[k][i] = v
-        mask[i] = True
+        mask_B[i] = True
     if with_mask:
-        batch["mask"] = mask
+        batch["mask"] = mask_B
     return batch
 
 
 class _Background:
-    """Runs an iterator on a daemon thread, at most `size` items ahead."""
+    """Runs an iterator on a daemon thread, at most ``size`` items ahead."""
 
     _END = object()
 
@@ -162,7 +167,7 @@ class _Background:
 
 
 class BatchSource:
-    """Host-local batches with `get_state()` / `set_state()`; see the module docstring.
+    """Host-local batches with ``get_state()`` / ``set_state()``; see the module docstring.
 
     Attributes:
       num_examples: examples in the whole split (all hosts).
@@ -216,7 +221,7 @@ class BatchSource:
         return dict(self._state)
 
     def set_state(self, state: Mapping[str, int]) -> None:
-        """The next batch will be the one that followed `state` when it was taken."""
+        """The next batch will be the one that followed ``state`` when it was taken."""
         state = dict(state)
         if not isinstance(state.get(_NUM_BAD), int):
             raise ValueError(f"data source state lacks an int {_NUM_BAD!r}: {state!r}")
@@ -239,3 +244,45 @@ class BatchSource:
         if self._pending is not None:
             self._closer()
             self._pending = None
+
+
+class DevicePrefetch:
+    """Wraps a ``BatchSource``; yields global ``jax.Array`` batches laid out by ``sharding``.
+
+    Each host contributes its local batch (``parallel.host_batch_to_global``).
+    Up to ``size`` batches are transferred ahead, so ``get_state()`` reports the
+    state after the last batch *returned*, not the last one transferred.
+    """
+
+    def __init__(self, source: BatchSource, sharding: jax.sharding.Sharding, size: int = 2):
+        if size < 1:
+            raise ValueError(f"size={size} must be >= 1")
+        self._source = source
+        self._sharding = sharding
+        self._size = size
+        self._ahead: collections.deque = collections.deque()
+        self._state = source.get_state()
+
+    def __iter__(self) -> DevicePrefetch:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        while len(self._ahead) < self._size:
+            try:
+                batch = next(self._source)
+            except StopIteration:
+                break
+            global_batch = parallel.host_batch_to_global(batch, self._sharding)
+            self._ahead.append((global_batch, self._source.get_state()))
+        if not self._ahead:
+            raise StopIteration
+        batch, self._state = self._ahead.popleft()
+        return batch
+
+    def get_state(self) -> State:
+        return dict(self._state)
+
+    def set_state(self, state: Mapping[str, int]) -> None:
+        self._ahead.clear()
+        self._source.set_state(state)
+        self._state = self._source.get_state()

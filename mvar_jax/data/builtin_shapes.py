@@ -33,7 +33,7 @@ _SUPERSAMPLE = 4  # polygon edges are anti-aliased by drawing larger and box-red
 
 
 def _unit_outline(shape: str) -> np.ndarray:
-    """Outline vertices `(n, 2)` of a shape whose circumradius is 1."""
+    """Outline vertices ``(n, 2)`` of a shape whose circumradius is 1."""
     if shape == "circle":
         angles = np.linspace(0.0, 2 * np.pi, 48, endpoint=False)
         radii = np.ones_like(angles)
@@ -67,7 +67,7 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A muted two-colour gradient with faint stripes and grain, `(S, S, 3)` in [0, 1]."""
+    """A muted two-colour gradient with faint stripes and grain, ``(S, S, 3)`` in [0, 1]."""
     c0, c1 = (
         _hsv_to_rgb(rng.uniform(), rng.uniform(0.05, 0.35), rng.uniform(0.25, 0.9))
         for _ in range(2)
@@ -75,21 +75,21 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     y, x = (np.mgrid[0:size, 0:size] + 0.5) / size
     phi = rng.uniform(0.0, 2 * np.pi)
     t = np.clip(0.5 + (x - 0.5) * np.cos(phi) + (y - 0.5) * np.sin(phi), 0.0, 1.0)
-    img = c0 * (1.0 - t[..., None]) + c1 * t[..., None]
+    img_HW3 = c0 * (1.0 - t[..., None]) + c1 * t[..., None]
     psi = rng.uniform(0.0, np.pi)
     cycles = rng.uniform(2.0, 7.0)
     stripes = np.sin(
         2 * np.pi * cycles * (x * np.cos(psi) + y * np.sin(psi)) + rng.uniform(0, 2 * np.pi)
     )
-    img = img + rng.uniform(0.02, 0.07) * stripes[..., None]
-    img = img + rng.normal(0.0, 0.015, size=img.shape)
-    return np.clip(img, 0.0, 1.0)
+    img_HW3 = img_HW3 + rng.uniform(0.02, 0.07) * stripes[..., None]
+    img_HW3 = img_HW3 + rng.normal(0.0, 0.015, size=img_HW3.shape)
+    return np.clip(img_HW3, 0.0, 1.0)
 
 
 def _shape_alpha(
     shape: str, centre: np.ndarray, radius: float, angle: float, size: int
 ) -> np.ndarray:
-    """Anti-aliased coverage `(S, S)` in [0, 1] of the rotated, placed shape."""
+    """Anti-aliased coverage ``(S, S)`` in [0, 1] of the rotated, placed shape."""
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     vertices = (_OUTLINES[shape] @ rotation.T * radius + centre) * _SUPERSAMPLE
     big = size * _SUPERSAMPLE
@@ -99,17 +99,17 @@ def _shape_alpha(
 
 
 def draw_example(label: int, seed: int | np.random.SeedSequence, size: int) -> np.ndarray:
-    """The image `(S, S, 3)` uint8 of class `label` for a given per-image seed."""
+    """The image ``(S, S, 3)`` uint8 of class ``label`` for a given per-image seed."""
     if not 0 <= label < NUM_CLASSES:
         raise ValueError(f"label {label} is outside [0, {NUM_CLASSES})")
     colour, shape = divmod(label, len(SHAPES))
     shape = SHAPES[shape]
     rng = np.random.default_rng(seed)
-    img = _background(rng, size)
+    img_HW3 = _background(rng, size)
 
     radius = rng.uniform(0.2, 0.36) * size
     centre = rng.uniform(radius, size - radius, size=2)
-    alpha = _shape_alpha(shape, centre, radius, rng.uniform(0.0, 2 * np.pi), size)
+    alpha_HW = _shape_alpha(shape, centre, radius, rng.uniform(0.0, 2 * np.pi), size)
 
     hue = (tuple(COLOUR_HUES.values())[colour] + rng.uniform(-0.04, 0.04)) % 1.0
     fill = _hsv_to_rgb(hue, rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))
@@ -118,10 +118,10 @@ def draw_example(label: int, seed: int | np.random.SeedSequence, size: int) -> n
     y, x = np.mgrid[0:size, 0:size] + 0.5
     along = ((x - centre[0]) * np.cos(light) + (y - centre[1]) * np.sin(light)) / radius
     shade = np.clip(1.0 - 0.22 * along, 0.55, 1.2)[..., None]
-    obj = np.clip(fill * shade, 0.0, 1.0)
+    obj_HW3 = np.clip(fill * shade, 0.0, 1.0)
 
-    img = img * (1.0 - alpha[..., None]) + obj * alpha[..., None]
-    return np.round(img * 255.0).astype(np.uint8)
+    img_HW3 = img_HW3 * (1.0 - alpha_HW[..., None]) + obj_HW3 * alpha_HW[..., None]
+    return np.round(img_HW3 * 255.0).astype(np.uint8)
 
 
 def example_seed(seed: int, split: str, index: int) -> np.random.SeedSequence:
@@ -129,9 +129,9 @@ def example_seed(seed: int, split: str, index: int) -> np.random.SeedSequence:
     return np.random.SeedSequence([seed, _SPLIT_IDS[split], index])
 
 
-def _png(img: np.ndarray) -> bytes:
+def _png(img_HW3: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    PIL.Image.fromarray(img).save(buf, format="PNG", compress_level=3)  # fast, still lossless
+    PIL.Image.fromarray(img_HW3).save(buf, format="PNG", compress_level=3)  # fast, still lossless
     return buf.getvalue()
 
 
@@ -155,7 +155,7 @@ class BuiltinShapes(tfds.core.GeneratorBasedBuilder):
     @tfds.core.utils.classproperty
     @classmethod
     def code_path(cls) -> epath.Path:
-        # TFDS 4.9's default probes the `importlib_resources` backport, which is
+        # TFDS 4.9's default probes the ``importlib_resources`` backport, which is
         # not installed on Python >= 3.9; this file is the answer it would find.
         return epath.Path(__file__)
 
@@ -179,12 +179,12 @@ class BuiltinShapes(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         for index in range(SPLIT_SIZES[split]):
             label = index % NUM_CLASSES  # exact balance
-            img = draw_example(label, example_seed(cfg.seed, split, index), cfg.image_size)
-            yield index, {"image": _png(img), "label": label}
+            img_HW3 = draw_example(label, example_seed(cfg.seed, split, index), cfg.image_size)
+            yield index, {"image": _png(img_HW3), "label": label}
 
 
 def config_name_for(image_size: int) -> str:
-    """The smallest built-in resolution that covers `image_size` (no upsampling)."""
+    """The smallest built-in resolution that covers ``image_size`` (no upsampling)."""
     for s in RESOLUTIONS:
         if image_size <= s:
             return f"res{s}"

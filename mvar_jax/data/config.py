@@ -27,7 +27,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.mid_reso = 1.125
     cfg.hflip = False
     cfg.num_classes = 10
-    # Directory written by `python -m mvar_jax.data.token_cache`; when set the
+    # Directory written by ``python -m mvar_jax.data.token_cache``; when set the
     # sources yield token ids instead of images.
     cfg.token_cache_dir = config_dict.placeholder(str)
     cfg.on_bad_image = "skip"  # or 'raise'

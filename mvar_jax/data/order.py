@@ -1,4 +1,4 @@
-"""Which example goes where: epoch permutations, host shards, per-example randomness.
+"""Which example goes where: epoch permutations, host shards, per-example randomness, resume state.
 
 Everything is a pure function of (seed, epoch, index) and the host layout, so
 the stream is identical whatever the thread count, and a state of two integers
@@ -19,12 +19,12 @@ _EXAMPLE_STREAM = 1
 
 
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The augmentation randomness of example `index` in `epoch`."""
+    """The augmentation randomness of example ``index`` in ``epoch``."""
     return np.random.default_rng([_EXAMPLE_STREAM, seed, epoch, index])
 
 
 class Slot(NamedTuple):
-    """One place in a host's stream: example `index` (None: padding) and the state after it."""
+    """One place in a host's stream: example ``index`` (None: padding) and the state after it."""
 
     index: int | None
     epoch: int
@@ -50,7 +50,7 @@ def _check_state(state: Any, keys: tuple[str, ...]) -> dict[str, int]:
 class ShuffledEpochs:
     """Endless training order: each epoch a fresh permutation, dealt round-robin to hosts.
 
-    The last `num_records % process_count` examples of each permutation are
+    The last ``num_records % process_count`` examples of each permutation are
     dropped so that every host sees the same number per epoch.
     """
 
@@ -105,7 +105,7 @@ class ShuffledEpochs:
 class SinglePass:
     """Finite eval order: index i goes to host i % process_count, in order.
 
-    Each host's share is padded to `num_batches * batch_size` slots so that all
+    Each host's share is padded to ``num_batches * batch_size`` slots so that all
     hosts run the same number of steps; padding slots have index None.
     """
 

@@ -1,11 +1,11 @@
-"""`build_train_source` / `build_eval_source`: the interface the trainer uses.
+"""``build_train_source`` / ``build_eval_source``: the interface the trainer uses.
 
-Images: `{'image': (b, S, S, 3) uint8, 'label': (b,) int32}` (`preprocess.to_pm1`
+Images: ``{'image': (b, S, S, 3) uint8, 'label': (b,) int32}`` (``preprocess.to_pm1``
 on the device gives the model's [-1, 1]).
-With `data.token_cache_dir`: `{'tokens': (b, L) int32, 'label': (b,) int32}`.
-Eval batches also carry `'mask': (b,) bool`, False on padding and on images
+With ``data.token_cache_dir``: ``{'tokens': (b, L) int32, 'label': (b,) int32}``.
+Eval batches also carry ``'mask': (b,) bool``, False on padding and on images
 that could not be read, since every host must run the same number of steps.
-`b = global_batch_size // process_count`.
+``b = global_batch_size // process_count``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mvar_jax.data import batching, loaders, order, token_cache
+from mvar_jax.data import batching, order, records, token_cache
 from mvar_jax.data import config as config_lib
 
 
@@ -31,14 +31,14 @@ def _host_batch_size(global_batch_size: int, process_count: int) -> int:
 def _loader_and_spec(
     cfg: Any, role: str, seed: int | None
 ) -> tuple[batching.LoadFn, batching.Spec, int]:
-    """How to load one example of `role`, its fields, and the split size."""
+    """How to load one example of ``role``, its fields, and the split size."""
     label = {"label": ((), np.int32)}
     if cfg.token_cache_dir:
         cache = token_cache.TokenCache(cfg.token_cache_dir, role)
         cache.check_matches(cfg)
         load = token_cache.token_loader(cache, seed=seed, hflip=bool(cfg.hflip))
         return load, {"tokens": ((cache.seq_len,), np.int32), **label}, len(cache)
-    load, n = loaders.image_loader_for(cfg, role, seed=seed)
+    load, n = records.image_loader_for(cfg, role, seed=seed)
     s = int(cfg.image_size)
     return load, {"image": ((s, s, 3), np.uint8), **label}, n
 
@@ -52,7 +52,7 @@ def _batch_source(
     process_count: int,
     seed: int | None,
 ) -> batching.BatchSource:
-    """Batches of `role` in the order `make_order(num_examples, host_batch_size)` gives."""
+    """Batches of ``role`` in the order ``make_order(num_examples, host_batch_size)`` gives."""
     config_lib.check_config(data_cfg)
     batch_size = _host_batch_size(global_batch_size, process_count)
     load, spec, n = _loader_and_spec(data_cfg, role, seed)
@@ -93,7 +93,7 @@ def build_eval_source(
     process_index: int,
     process_count: int,
 ) -> batching.BatchSource:
-    """One pass over the eval split in order (centre crop, no flip); `reset()` for another."""
+    """One pass over the eval split in order (centre crop, no flip); ``reset()`` for another."""
     return _batch_source(
         data_cfg,
         "eval",

@@ -1,2 +1,3 @@
-"""Training: the official recipe (optimizer, segment schedule, loss), train step,
-checkpoints with exact resume, and the loop behind ``train.py``."""
+"""Training behind ``train.py``: one trainer (``trainer``) for every model, each model a
+``task`` (``generator``: VAR/MVAR); checkpoints with exact resume, logging, export; the
+generator's official recipe (optimizer, segment schedule, state, step)."""

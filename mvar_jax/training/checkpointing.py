@@ -2,8 +2,8 @@
 
 A checkpoint at step ``s`` (the number of optimizer steps taken) holds two items:
 
-* ``state``: the ``TrainState`` (params, optimizer state, step, base RNG key),
-  restored with the shardings of the current mesh;
+* ``state``: the task's train state (any pytree with a ``step``: params,
+  optimizer states, RNG key, ...), restored with the shardings of the current mesh;
 * ``data``: every host's data-source position (JSON), so that host ``i`` resumes
   with the batch it would have read next.
 
@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from mvar_jax.training.state import TrainState
+from mvar_jax.training.task import State
 
 
 def _gather_host_states(local_state: dict[str, Any]) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def _gather_host_states(local_state: dict[str, Any]) -> dict[str, Any]:
 
 
 class Checkpointer:
-    """Saves and restores ``(TrainState, data-source state)`` under ``directory``."""
+    """Saves and restores ``(train state, data-source state)`` under ``directory``."""
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
@@ -52,14 +52,14 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, state: TrainState, data_state: dict[str, Any]) -> None:
+    def save(self, state: State, data_state: dict[str, Any]) -> None:
         """Starts saving at ``state.step`` (returns before an async save is done)."""
         step = int(jax.device_get(state.step))
         self._manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(_gather_host_states(data_state))))
 
-    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
+    def restore(self, step: int, abstract_state: State) -> tuple[State, dict[str, Any]]:
         """State at ``step`` laid out like ``abstract_state`` (``ShapeDtypeStruct`` with
         shardings), and this host's data-source state."""
         restored = self._manager.restore(step, args=ocp.args.Composite(

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
+from mvar_jax import attention, transformer
+
 
 class Segment(NamedTuple):
     """Scales ``[first_scale, last_scale)`` of the pyramid, taught in one call."""
@@ -31,12 +33,9 @@ class Segment(NamedTuple):
 def mvar_segments(num_scales: int, refine_step: int) -> tuple[Segment, ...]:
     """``[0, refine_step)`` together, then each larger scale alone.
 
-    The official trainer requires the first segment to go beyond the start token
-    (``prog_ed > 0``), hence refine_step >= 2.
+    ``refine_step`` must be trainable (``transformer.check_refine_step``).
     """
-    if not 2 <= refine_step <= num_scales:
-        raise ValueError(f"refine_step must be in [2, {num_scales}] for {num_scales} scales, "
-                         f"got {refine_step}")
+    transformer.check_refine_step(refine_step, num_scales, training=True)
     return (Segment(0, refine_step),) + tuple(
         Segment(s, s + 1) for s in range(refine_step, num_scales))
 
@@ -65,10 +64,10 @@ def make_schedule(model_name: str, num_scales: int, *, refine_step: int = 0,
     large scales, which covers every official setting. The general form is used here,
     so every large scale is visited once per cycle for any ratio_k.
     """
+    if model_name not in attention.PATTERNS:
+        raise ValueError(f"unknown model name {model_name!r}; expected one of {attention.PATTERNS}")
     if model_name == "var":
         return SegmentSchedule((Segment(0, num_scales),), (0,))
-    if model_name != "mvar":
-        raise ValueError(f"unknown model name {model_name!r}; expected 'mvar' or 'var'")
     if ratio_k < 1:
         raise ValueError(f"ratio_k must be >= 1, got {ratio_k}")
     segments = mvar_segments(num_scales, refine_step)

@@ -1,4 +1,4 @@
-"""The train state and the model's initial parameters.
+"""The generator's train state and the transformer's initial parameters.
 
 Everything a run needs to continue bit-for-bit lives in ``TrainState``; the data
 source's position is saved beside it by the checkpointer.

@@ -1,4 +1,4 @@
-"""Loss, metrics and the jitted train step of one segment.
+"""The generator's loss, metrics and train step of one segment.
 
 The official loss weights every token by ``1 / L`` (``loss_weight``), with L the
 length of the whole pyramid, whatever the segment: a step on the 13x13 scale sums
@@ -8,7 +8,7 @@ Segments therefore contribute in proportion to their size, as in VAR.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -17,10 +17,8 @@ import optax
 
 from mvar_jax.training.schedule import Segment
 from mvar_jax.training.state import TrainState
+from mvar_jax.training.task import Batch, Metrics, StepFn
 from mvar_jax.transformer import Transformer
-
-Batch = dict[str, jax.Array]
-Metrics = dict[str, jax.Array]
 
 
 def cross_entropy(logits_BlV: jax.Array, targets_Bl: jax.Array,
@@ -52,12 +50,9 @@ def scale_metrics(logits_BlV: jax.Array, targets_Bl: jax.Array, patch_nums: Sequ
     return metrics
 
 
-TrainStep = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
-
-
 def make_train_step(model: Transformer, tx: optax.GradientTransformation,
                     learning_rate: optax.Schedule, segment: Segment, *,
-                    label_smoothing: float) -> TrainStep:
+                    label_smoothing: float) -> StepFn:
     """One optimizer step on scales ``segment`` (pure; jit it with the shardings).
 
     The batch holds ``label`` ``(B,)``, ``tokens`` ``(B, L)`` and ``x_BLCv``

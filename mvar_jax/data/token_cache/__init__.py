@@ -1,16 +1,19 @@
-"""Token ids of a dataset computed once (as the official `main_cache.py` does).
+"""Token ids of a dataset computed once (as the official ``main_cache.py`` does).
+
+``python -m mvar_jax.data.token_cache`` (``__main__.py``) writes them with a
+VQ-VAE; ``write_token_cache`` takes any encoder.
 
 Training on the cache skips image decoding and the VQ-VAE encoder. Every image
 is stored twice, as itself and as its horizontal flip, so the flip augmentation
 survives caching; a source picks one per example per epoch from
-`order.example_rng`, deterministically. Images go through the eval
+``order.example_rng``, deterministically. Images go through the eval
 preprocessing (centre crop), as upstream.
 
-Layout of `<cache_dir>/<role>/` (role 'train' or 'eval'):
+Layout of ``<cache_dir>/<role>/`` (role 'train' or 'eval'):
   meta.json                 what was cached (dataset, image size, crop, counts)
   chunk-000000.tokens.npy   (n, 2, L) int32: [:, 0] the image, [:, 1] its flip
   chunk-000000.labels.npy   (n,) int32, -1 where the image could not be read
-Chunks hold `chunk_size` consecutive examples, so hosts can write disjoint
+Chunks hold ``chunk_size`` consecutive examples, so hosts can write disjoint
 chunks in parallel and an interrupted run resumes at the first missing chunk.
 """
 
@@ -30,7 +33,7 @@ import numpy as np
 from absl import logging
 
 from mvar_jax import parallel
-from mvar_jax.data import batching, loaders, order, preprocess
+from mvar_jax.data import batching, order, preprocess, records
 
 EncodeFn = Callable[[np.ndarray], np.ndarray]  # img (B, S, S, 3) uint8 -> ids (B, L) int32
 _VERSION = 1
@@ -59,7 +62,7 @@ def sharded_encoder(
     params: Any,
     devices: list[jax.Device] | None = None,
 ) -> EncodeFn:
-    """`tokenize(params, img_BHW3) -> ids_BL`, jitted with the batch split over `devices`.
+    """``tokenize(params, img_BHW3) -> ids_BL``, jitted with the batch split over ``devices``.
 
     Defaults to this host's devices: hosts cache disjoint chunks independently,
     so no step has to run in lock-step across hosts.
@@ -71,15 +74,15 @@ def sharded_encoder(
 
     def encode_fn(img_BHW3: np.ndarray) -> np.ndarray:
         b = img_BHW3.shape[0]
-        padded = np.pad(img_BHW3, [(0, -b % mesh.size)] + [(0, 0)] * (img_BHW3.ndim - 1))
-        return np.asarray(encode(params, jax.device_put(padded, batch)))[:b]
+        padded_BHW3 = np.pad(img_BHW3, [(0, -b % mesh.size)] + [(0, 0)] * (img_BHW3.ndim - 1))
+        return np.asarray(encode(params, jax.device_put(padded_BHW3, batch)))[:b]
 
     return encode_fn
 
 
 def vqvae_tokenize(vqvae: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
-    """`(variables, uint8 img_BHW3) -> ids (B, L)` of a `mvar_jax.vqvae.VQVAE`: the
-    per-scale ids of `img_to_idx`, concatenated."""
+    """``(variables, uint8 img_BHW3) -> ids (B, L)`` of a ``mvar_jax.vqvae.VQVAE``: the
+    per-scale ids of ``img_to_idx``, concatenated."""
 
     def tokenize(variables: Any, img_BHW3: jax.Array) -> jax.Array:
         ids = vqvae.apply(variables, preprocess.to_pm1(img_BHW3), method="img_to_idx")
@@ -94,8 +97,8 @@ def _encode_chunk(
     batch_size: int,
     image_shape: tuple[int, ...],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Ids `(n, 2, L)` of the examples and their flips, and labels `(n,)` (-1: unreadable)."""
-    tokens = []
+    """Ids ``(n, 2, L)`` of the examples and their flips, and labels ``(n,)`` (-1: unreadable)."""
+    tokens_N2L = []
     for start in range(0, len(examples), batch_size):
         part = examples[start : start + batch_size]
         # A fixed batch shape keeps the encoder to one compilation.
@@ -104,19 +107,19 @@ def _encode_chunk(
             if ex is not None:
                 img_BHW3[i] = ex["image"]
         both = [encode_fn(img_BHW3), encode_fn(img_BHW3[:, :, ::-1])]
-        for ids in both:
+        for ids_BL in both:
             if (
-                ids.ndim != 2
-                or ids.shape[0] != batch_size
-                or not np.issubdtype(ids.dtype, np.integer)
+                ids_BL.ndim != 2
+                or ids_BL.shape[0] != batch_size
+                or not np.issubdtype(ids_BL.dtype, np.integer)
             ):
                 raise ValueError(
                     f"encode_fn must return integer ids (B={batch_size}, L), "
-                    f"got {ids.dtype} {ids.shape}"
+                    f"got {ids_BL.dtype} {ids_BL.shape}"
                 )
-        tokens.append(np.stack(both, axis=1)[: len(part)].astype(np.int32))
-    labels = np.array([-1 if ex is None else ex["label"] for ex in examples], np.int32)
-    return np.concatenate(tokens), labels
+        tokens_N2L.append(np.stack(both, axis=1)[: len(part)].astype(np.int32))
+    labels_N = np.array([-1 if ex is None else ex["label"] for ex in examples], np.int32)
+    return np.concatenate(tokens_N2L), labels_N
 
 
 def write_token_cache(
@@ -130,9 +133,9 @@ def write_token_cache(
     process_index: int = 0,
     process_count: int = 1,
 ) -> pathlib.Path:
-    """Encodes the `role` split of `cfg`'s dataset; this host writes every
-    `process_count`-th chunk. Existing chunks are kept. Returns the split dir."""
-    load, num_examples = loaders.image_loader_for(cfg, role, seed=None)
+    """Encodes the ``role`` split of ``cfg``'s dataset; this host writes every
+    ``process_count``-th chunk. Existing chunks are kept. Returns the split dir."""
+    load, num_examples = records.image_loader_for(cfg, role, seed=None)
     split_dir = pathlib.Path(cache_dir) / role
     split_dir.mkdir(parents=True, exist_ok=True)
     meta = _expected_meta(cfg, num_examples, chunk_size)
@@ -157,9 +160,9 @@ def write_token_cache(
                 continue
             indices = range(chunk * chunk_size, min((chunk + 1) * chunk_size, num_examples))
             examples = list(pool.map(lambda i: load(i, 0), indices))
-            tokens, labels = _encode_chunk(examples, encode_fn, batch_size, (s, s, 3))
-            _save_atomic(labels_path, labels)
-            _save_atomic(tokens_path, tokens)  # last: its presence marks the chunk done
+            tokens_N2L, labels_N = _encode_chunk(examples, encode_fn, batch_size, (s, s, 3))
+            _save_atomic(labels_path, labels_N)
+            _save_atomic(tokens_path, tokens_N2L)  # last: its presence marks the chunk done
             logging.info("cached %s chunk %d/%d", role, chunk + 1, num_chunks)
     return split_dir
 
@@ -173,7 +176,7 @@ class TokenCache:
         if not meta_path.exists():
             raise FileNotFoundError(
                 f"no token cache at {self.split_dir} (missing meta.json); write it with "
-                "`python -m mvar_jax.data.cache_tokens` (docs/data.md)"
+                "`python -m mvar_jax.data.token_cache` (docs/data.md)"
             )
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("version") != _VERSION:
@@ -191,20 +194,20 @@ class TokenCache:
         self._tokens = [
             np.load(_chunk_paths(self.split_dir, c)[0], mmap_mode="r") for c in range(num_chunks)
         ]
-        self._labels = np.concatenate(
+        self._labels_N = np.concatenate(
             [np.load(_chunk_paths(self.split_dir, c)[1]) for c in range(num_chunks)]
         )
         lengths = {t.shape[2] for t in self._tokens}
-        if len(lengths) != 1 or len(self._labels) != n:
+        if len(lengths) != 1 or len(self._labels_N) != n:
             raise ValueError(
                 f"token cache {self.split_dir} is inconsistent: seq lengths {lengths}, "
-                f"{len(self._labels)} labels for {n} examples"
+                f"{len(self._labels_N)} labels for {n} examples"
             )
         self.seq_len = lengths.pop()
         self.num_classes = self.meta["num_classes"]
 
     def check_matches(self, cfg: Any) -> None:
-        """Raises if the cache was made from another dataset or preprocessing than `cfg`."""
+        """Raises if the cache was made from another dataset or preprocessing than ``cfg``."""
         for k in _META_FIELDS:
             if self.meta[k] != getattr(cfg, k):
                 raise ValueError(
@@ -213,23 +216,23 @@ class TokenCache:
                 )
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return len(self._labels_N)
 
     def read(self, index: int) -> tuple[np.ndarray, int]:
-        """Ids `(2, L)` (image, flipped image) and the label (-1: unreadable at caching)."""
+        """Ids ``(2, L)`` (image, flipped image) and the label (-1: unreadable at caching)."""
         chunk, row = divmod(index, self.meta["chunk_size"])
-        return np.asarray(self._tokens[chunk][row]), int(self._labels[index])
+        return np.asarray(self._tokens[chunk][row]), int(self._labels_N[index])
 
 
 def token_loader(cache: TokenCache, *, seed: int | None, hflip: bool) -> batching.LoadFn:
-    """Loads `{'tokens': (L,) int32, 'label': () int32}`; the flipped ids with
-    probability 1/2 when training with `hflip`."""
+    """Loads ``{'tokens': (L,) int32, 'label': () int32}``; the flipped ids with
+    probability 1/2 when training with ``hflip``."""
 
     def load(index: int, epoch: int) -> batching.Example | None:
-        ids, label = cache.read(index)
+        ids_2L, label = cache.read(index)
         if label < 0:
             return None
         flip = hflip and seed is not None and order.example_rng(seed, epoch, index).random() < 0.5
-        return {"tokens": ids[int(flip)], "label": np.int32(label)}
+        return {"tokens": ids_2L[int(flip)], "label": np.int32(label)}
 
     return load

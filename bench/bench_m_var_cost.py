@@ -1,0 +1,183 @@
+"""M-VAR sampling cost: our carried Mamba state vs the official re-run, in compiled FLOPs.
+
+    python -m bench.bench_m_var_cost --out bench_out/m_var_cost            # M-VAR-d16, batch 64
+    python -m bench.bench_m_var_cost --out /tmp/m_var_cost --smoke        # toy model
+
+Nothing is allocated or run: each program is lowered with abstract inputs
+(``jax.ShapeDtypeStruct``: no weights), compiled for the CPU, and XLA's
+``cost_analysis()`` counts its floating-point operations. M-VAR-d16 as released
+(attn_l2_norm off), the released tokenizer, bfloat16 transformer, batch 64 with
+classifier-free guidance (128 rows through the transformer), top-k 900, top-p
+0.96 (the official FID settings).
+
+* ``carried`` (ours): ``sampling.generate``; each scale's Mamba layers advance
+  the state carried from the previous scale, so they see that scale's tokens only;
+* ``official re-run``: the same with ``mamba_rerun=True``, the official
+  algorithm: at every scale each block's Mamba runs from scratch over all tokens
+  so far and keeps the outputs of the last scale's;
+* ``re-run share``: what the official sampler spends on the re-running itself,
+  i.e. on the Mamba branch (LayerNorm, modulation, Mamba2) of earlier scales'
+  tokens: ``depth * sum_si [F(scales <= si, outputs of scale si kept) - F(scale si)]``
+  with F from compiling that branch alone, as a share of the official sampler;
+* ``state hand-on``: what carrying costs in its place: computing each scale's
+  final Mamba state for the next (all scales but the last), which a re-run
+  never needs: ``depth * sum_si [F(scale si, final state kept) - F(scale si)]``.
+
+Both samplers run without the VQVAE decode; the decoder's FLOPs (the same for
+both) are on a row of their own. Target (issue 15): ours is lower than the
+official by at least the re-run's share. Writes ``results.md`` and
+``results.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mvar_jax import sampling
+from mvar_jax.mamba2 import Mamba2
+from mvar_jax.transformer import TransformerConfig, layer_norm, modulate, param_shapes
+from mvar_jax.vqvae import VQVAE, VQVAEConfig, abstract_variables
+
+OPTIONS = dict(top_k=900, top_p=0.96)
+BATCH = 64
+_generate = jax.jit(sampling.generate, static_argnames=(
+    "vqvae_config", "transformer_config", "top_k", "top_p", "more_smooth", "decode",
+    "mamba_rerun"))
+
+
+def model_configs(smoke: bool) -> tuple[VQVAEConfig, TransformerConfig]:
+    """The released tokenizer and M-VAR-d16 at 256 px, or a toy for --smoke."""
+    if smoke:
+        patch_nums = (1, 2)
+        return (VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2),
+                            num_res_blocks=1, using_sa=False, using_mid_sa=False,
+                            patch_nums=patch_nums),
+                TransformerConfig(vocab_size=64, cvae=8, num_classes=10, depth=1, embed_dim=64,
+                                  num_heads=4, patch_nums=patch_nums, attention="mamba",
+                                  attn_l2_norm=False, dtype="bfloat16"))
+    # Official README: d16 and d20 are released with attn_l2_norm=False.
+    return VQVAEConfig(), TransformerConfig(depth=16, attention="mamba", attn_l2_norm=False,
+                                            dtype="bfloat16")
+
+
+def flops(lowered: jax.stages.Lowered) -> float:
+    cost = lowered.compile().cost_analysis()
+    if isinstance(cost, list):  # Older jax: one dict per computation.
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def sampler_flops(vqvae_config: VQVAEConfig, config: TransformerConfig, batch: int, *,
+                  mamba_rerun: bool) -> float:
+    """FLOPs of one compiled ``sampling.generate`` call with guidance, without decode."""
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    return flops(_generate.lower(
+        vqvae_config, config, abstract_variables(vqvae_config), param_shapes(config),
+        jax.ShapeDtypeStruct((batch,), jnp.int32), key,
+        jax.ShapeDtypeStruct((config.num_scales, 2), jnp.float32),
+        decode=False, mamba_rerun=mamba_rerun, **OPTIONS))
+
+
+def decoder_flops(vqvae_config: VQVAEConfig, batch: int) -> float:
+    side = vqvae_config.patch_nums[-1]
+    fn = jax.jit(lambda p, f: VQVAE(vqvae_config).apply(p, f, method=VQVAE.fhat_to_img))
+    return flops(fn.lower(abstract_variables(vqvae_config),
+                          jax.ShapeDtypeStruct((batch, side, side, vqvae_config.z_channels),
+                                               jnp.float32)))
+
+
+def mamba_branch_flops(config: TransformerConfig, rows: int, tokens: int, kept: int,
+                       final_state: bool = False) -> float:
+    """One block's Mamba branch over ``tokens`` from a zero state, keeping the last ``kept``
+    outputs (the official inference slices off the earlier ones) and, if asked, the state."""
+    mamba = Mamba2(config.mamba, dtype=config.compute_dtype)
+    C = config.embed_dim
+    params = jax.eval_shape(mamba.init, jax.random.PRNGKey(0), jnp.zeros((1, 1, C)))
+
+    def branch(params, x_BLC, scale_B1C, shift_B1C):
+        out, state = mamba.apply(params, modulate(layer_norm(x_BLC, config.norm_eps),
+                                                  scale_B1C, shift_B1C))
+        return (out[:, -kept:], state) if final_state else out[:, -kept:]
+
+    mod = jax.ShapeDtypeStruct((rows, 1, C), jnp.float32)
+    return flops(jax.jit(branch).lower(
+        params, jax.ShapeDtypeStruct((rows, tokens, C), jnp.float32), mod, mod))
+
+
+def rerun_and_state_flops(config: TransformerConfig, rows: int) -> tuple[float, float]:
+    """FLOPs the official sampler spends re-running Mamba over earlier scales' tokens, and
+    those ours spends computing the state it carries to the next scale."""
+    rerun = state = 0.0
+    prefix = 0
+    for si, pn in enumerate(config.patch_nums):
+        n = pn * pn
+        prefix += n
+        own = mamba_branch_flops(config, rows, n, n)
+        if prefix > n:
+            rerun += mamba_branch_flops(config, rows, prefix, n) - own
+        if si < config.num_scales - 1:
+            state += mamba_branch_flops(config, rows, n, n, final_state=True) - own
+    return config.depth * rerun, config.depth * state
+
+
+def measure(smoke: bool, batch: int) -> dict[str, Any]:
+    vqvae_config, config = model_configs(smoke)
+    ours = sampler_flops(vqvae_config, config, batch, mamba_rerun=False)
+    official = sampler_flops(vqvae_config, config, batch, mamba_rerun=True)
+    rerun, state = rerun_and_state_flops(config, 2 * batch)  # Guidance doubles the rows.
+    return dict(model=f"M-VAR-d{config.depth}", batch=batch, smoke=smoke,
+                dtype=config.dtype, options=OPTIONS, carried_flops=ours,
+                official_rerun_flops=official, rerun_flops=rerun, state_flops=state,
+                decoder_flops=decoder_flops(vqvae_config, batch),
+                saving=1 - ours / official, rerun_share=rerun / official,
+                meets_target=official - ours >= rerun, jax=jax.__version__)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    G = 1e9
+    return "\n".join([
+        f"{r['model']} sampler, batch {r['batch']} with cfg (2 x {r['batch']} rows), "
+        f"top-k {r['options']['top_k']}, top-p {r['options']['top_p']}, {r['dtype']}, "
+        f"no decode; XLA CPU cost_analysis, jax {r['jax']}"
+        f"{' (smoke: toy model)' if r['smoke'] else ''}.", "",
+        "| program | GFLOP | vs official |",
+        "| --- | ---: | ---: |",
+        f"| official re-run (Mamba from scratch over all scales so far) | "
+        f"{r['official_rerun_flops'] / G:,.1f} | 1.000 |",
+        f"| ours (Mamba state carried from scale to scale) | {r['carried_flops'] / G:,.1f} | "
+        f"{r['carried_flops'] / r['official_rerun_flops']:.3f} |",
+        f"| re-run share of the official (Mamba branch on earlier scales' tokens) | "
+        f"{r['rerun_flops'] / G:,.1f} | {r['rerun_share']:.3f} |",
+        f"| ours: handing each scale's Mamba state on (included in ours) | "
+        f"{r['state_flops'] / G:,.1f} | {r['state_flops'] / r['official_rerun_flops']:.3f} |",
+        f"| VQVAE decode (either sampler, not included above) | {r['decoder_flops'] / G:,.1f} | "
+        f"{r['decoder_flops'] / r['official_rerun_flops']:.3f} |", "",
+        f"Ours saves {r['saving']:.2%} of the official sampler's FLOPs; the re-run's share is "
+        f"{r['rerun_share']:.2%}, the state hand-on costs "
+        f"{r['state_flops'] / r['official_rerun_flops']:.2%}: target (saving >= re-run share) "
+        f"{'met' if r['meets_target'] else 'MISSED'}.", ""])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=pathlib.Path, required=True,
+                        help="directory for results.md/.json")
+    parser.add_argument("--smoke", action="store_true", help="toy model, batch 2")
+    parser.add_argument("--batch", type=int, default=None, help=f"default {BATCH}")
+    args = parser.parse_args(argv)
+    result = measure(args.smoke, args.batch or (2 if args.smoke else BATCH))
+    table = markdown(result)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("results.json", json.dumps(result, indent=1)), ("results.md", table)):
+        (args.out / name).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""The VAR twin of configs/tiny_cpu.py: the same tokenizer, width, depth, data and steps.
+
+    python train.py --config configs/tiny_cpu_var.py --workdir /tmp/tiny_var
+
+Block-causal attention over every scale, one segment per step (no 8:1 cycle),
+sampled with a KV cache: the baseline MVAR is compared with at the same budget.
+Everything but the attention pattern comes from tiny_cpu, so the two cannot drift.
+"""
+
+from configs import tiny_cpu
+
+
+def get_config():
+    c = tiny_cpu.get_config()
+    c.model.name = "var"
+    return c

@@ -1,0 +1,96 @@
+"""M-VAR (Ren et al., arXiv 2411.10433): VAR's AdaLN transformer with Mamba2 between scales.
+
+``Transformer(TransformerConfig(attention='mamba', ...))`` builds it from the
+blocks below; embeddings, head, attention and FFN are ``transformer.py``'s. Each
+block has three residual branches, modulated and gated by the class (9-way AdaLN)::
+
+    x += attn(LN(x) (1 + scale1) + shift1) * gamma1    bidirectional, within each scale
+    x += mamba(LN(x) (1 + scale2) + shift2) * gamma2   causal over the whole pyramid
+    x += ffn(LN(x) (1 + scale3) + shift3) * gamma3
+
+The pyramid is the scales concatenated coarse to fine (row-major inside a
+scale); the Mamba2 layer is the only path from one scale to the next.
+
+Inference is linear in the pyramid: each block's Mamba state (conv history, SSM
+state) is carried from scale to scale, so scale si processes only its own
+``pn * pn`` tokens (``Transformer.scale_logits`` with the cache of
+``transformer.init_kv_cache``). The official sampler instead re-runs every
+block's Mamba from scratch over all earlier scales at each scale; a cache from
+``init_rerun_cache`` selects that algorithm, the reference for the tests and the
+cost benchmark (``bench/bench_m_var_cost.py``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mvar_jax import mamba2
+from mvar_jax.transformer import (FFN, AdaLNSelfAttn, SelfAttention, TransformerConfig,
+                                  ada_lin_init, init_std, layer_norm, modulate)
+
+
+class RerunPrefix(NamedTuple):
+    """The official inference's per-block cache: the residual stream (after attention)
+    of every token generated so far, ``(B, tokens, C)``."""
+
+    x_BLC: jax.Array
+
+
+def init_rerun_cache(config: TransformerConfig, batch_size: int) -> tuple[RerunPrefix, ...]:
+    """An empty prefix per block: ``scale_logits`` then re-runs Mamba as the official code."""
+    if config.attention != "mamba":
+        raise ValueError(f"the Mamba re-run is M-VAR's (attention='mamba'), "
+                         f"got attention={config.attention!r}")
+    empty = jnp.zeros((batch_size, 0, config.embed_dim), jnp.float32)
+    return tuple(RerunPrefix(empty) for _ in range(config.depth))
+
+
+class AdaLNAttnMamba(AdaLNSelfAttn):
+    """M-VAR block: attention within each scale, Mamba2 over the pyramid, FFN.
+
+    It keeps the VAR/MVAR block's fields and call, so that ``Transformer`` runs
+    either alike. ``cache``: None for teacher forcing (Mamba from a zero state
+    over scales starting at 0), else this block's ``MambaState`` (advanced by
+    this scale's tokens and returned) or ``RerunPrefix`` (the official re-run).
+    """
+
+    @nn.compact
+    def __call__(self, x_BlC: jax.Array, cond_BD: jax.Array, *, first_scale: int,
+                 last_scale: int, deterministic: bool = True,
+                 cache: mamba2.MambaState | RerunPrefix | None = None):
+        cfg = self.config
+        C = cfg.embed_dim
+        ada_lin = nn.Dense(9 * C, dtype=cfg.compute_dtype,
+                           kernel_init=ada_lin_init(init_std(cfg), C, self.init_scales),
+                           name="ada_lin")
+        (gamma1, gamma2, gamma3, scale1, scale2, scale3,
+         shift1, shift2, shift3) = jnp.split(ada_lin(nn.silu(cond_BD)).reshape(-1, 9, C), 9, 1)
+        drop_path = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2))
+
+        def add(x, h, gamma):  # One gated residual branch; drop path per sample.
+            return x + drop_path(h * gamma, deterministic=deterministic)
+
+        def normed(x, scale, shift):
+            return modulate(layer_norm(x, cfg.norm_eps), scale, shift)
+
+        h, _ = SelfAttention(cfg, name="attn")(normed(x_BlC, scale1, shift1),
+                                               first_scale=first_scale, last_scale=last_scale)
+        x_BlC = add(x_BlC, h, gamma1)
+
+        mamba = mamba2.Mamba2(cfg.mamba, dtype=cfg.compute_dtype, proj_std=init_std(cfg),
+                              name="mamba")
+        if isinstance(cache, RerunPrefix):  # From scratch over every token so far.
+            prefix_BLC = jnp.concatenate([cache.x_BLC, x_BlC], axis=1)
+            h, _ = mamba(normed(prefix_BLC, scale2, shift2))
+            h, cache = h[:, -x_BlC.shape[1]:], RerunPrefix(prefix_BLC)
+        else:
+            h, state = mamba(normed(x_BlC, scale2, shift2), cache)
+            cache = None if cache is None else state
+        x_BlC = add(x_BlC, h, gamma2)
+
+        x_BlC = add(x_BlC, FFN(cfg, name="ffn")(normed(x_BlC, scale3, shift3)), gamma3)
+        return x_BlC, cache

@@ -1,0 +1,246 @@
+"""The VAR / MVAR generator as a trainer task (``config.task = 'generator'``).
+
+The transformer learns the token pyramid of a frozen VQVAE: the batch is
+tokenized on the device (or read from the token cache), each step trains one
+segment of the schedule (MVAR's ``ratio_k``:1:...:1 cycle, VAR's whole pyramid),
+the evaluation is a grid of class-conditional samples, and the export is a model
+directory (VQVAE + transformer) for ``sample.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from mvar_jax import attention, checkpoint, data, parallel, sampling, transformer_weights
+from mvar_jax.training import optimizer, schedule
+from mvar_jax.training import state as state_lib
+from mvar_jax.training import step as step_lib
+from mvar_jax.training.metrics_writer import MetricsWriter, image_grid
+from mvar_jax.training.task import Batch, StepFn
+from mvar_jax.training.workdir import Architecture
+from mvar_jax.transformer import Transformer, TransformerConfig, official_drop_path_rate
+from mvar_jax.vqvae import VQVAE, VQVAEConfig, split_scales
+
+# Execution choices that leave the params unchanged, so a run may resume with others
+# (e.g. neighborhood_impl='reference' when the Pallas kernel fails on a GPU).
+EXECUTION_FIELDS = ("neighborhood_impl", "dtype")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, naming the field, on generator settings that cannot train.
+
+    Architecture checks that need the tokenizer (vocabulary, kernel size vs map
+    size) happen in ``transformer_config``.
+    """
+    m = config.model
+    if m.name not in attention.PATTERNS:
+        raise ValueError(f"config.model.name={m.name!r} is unknown; expected one of "
+                         f"{attention.PATTERNS}")
+    schedule.make_schedule(m.name, len(m.patch_nums), refine_step=m.refine_step,
+                           ratio_k=config.ratio_k)  # raises on refine_step / ratio_k
+    if config.sample_every < 0:
+        raise ValueError(f"config.sample_every={config.sample_every} must be >= 0 (0: never)")
+    if config.sample_every:
+        _check_sampling(config)
+    if config.init.std != -1:
+        raise ValueError(f"config.init.std={config.init.std}: only the official automatic init "
+                         "(-1, std = sqrt(1 / (3 * embed_dim))) is implemented")
+    o = config.optim
+    if o.base_lr <= 0 or not math.isfinite(o.base_lr):
+        raise ValueError(f"config.optim.base_lr={o.base_lr} must be positive and finite")
+    if o.schedule not in optimizer.SCHEDULES:
+        raise ValueError(f"config.optim.schedule={o.schedule!r}; expected one of "
+                         f"{optimizer.SCHEDULES}")
+    if not 0 <= o.warmup_fraction < 1:
+        raise ValueError(f"config.optim.warmup_fraction={o.warmup_fraction} must be in [0, 1)")
+    if not 0 <= config.label_smoothing < 1:
+        raise ValueError(f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
+    if not os.path.exists(config.vqvae_checkpoint):
+        raise ValueError(f"config.vqvae_checkpoint: not found: {config.vqvae_checkpoint!r} "
+                         "(download vae_ch160v4096z32.pth from the VAR release)")
+    if config.finetune_from and not os.path.exists(config.finetune_from):
+        raise ValueError(f"config.finetune_from: not found: {config.finetune_from!r}")
+
+
+def _check_sampling(config: ml_collections.ConfigDict) -> None:
+    """The sample-grid settings, checked up front rather than at the first grid hours in."""
+    classes, num_classes = tuple(config.sample_classes), config.data.num_classes
+    if not classes:
+        raise ValueError("config.sample_classes is empty; set classes or config.sample_every=0")
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"config.sample_classes {bad} outside [0, config.data.num_classes="
+                         f"{num_classes})")
+    sampling.check_filters(config.sample_top_k, config.sample_top_p,
+                           names=("config.sample_top_k", "config.sample_top_p"))
+
+
+def load_tokenizer(path: str | os.PathLike, patch_nums: tuple[int, ...]
+                   ) -> tuple[VQVAEConfig, Any]:
+    """The frozen VQVAE: an official ``.pth``, a tokenizer directory or a generator model's VQVAE.
+
+    The token pyramid (``patch_nums``) is the run's; it does not change the weights.
+    """
+    return checkpoint.load_vqvae_checkpoint(path, patch_nums)
+
+
+def transformer_config(config: ml_collections.ConfigDict, vqvae_config: VQVAEConfig
+                       ) -> TransformerConfig:
+    """The architecture: the config's model section plus the tokenizer's vocabulary.
+
+    Raises ValueError when the images do not fit the token pyramid, or (from
+    TransformerConfig) on an invalid architecture such as a kernel larger than a map.
+    """
+    m = config.model
+    if config.data.image_size != vqvae_config.image_size:
+        raise ValueError(
+            f"config.data.image_size={config.data.image_size} does not fit the token pyramid: "
+            f"patch_nums {tuple(m.patch_nums)} at the VQVAE's {vqvae_config.downsample}x "
+            f"downsampling need {vqvae_config.image_size} px images")
+    return TransformerConfig(
+        vocab_size=vqvae_config.vocab_size, cvae=vqvae_config.z_channels,
+        num_classes=config.data.num_classes, depth=m.depth, embed_dim=m.embed_dim,
+        num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, norm_eps=m.norm_eps,
+        shared_aln=m.shared_aln, attn_l2_norm=m.attn_l2_norm, patch_nums=tuple(m.patch_nums),
+        attention=m.name, kernel_size=m.kernel_size, refine_step=m.refine_step,
+        drop_path_rate=(official_drop_path_rate(m.depth) if m.drop_path_rate is None
+                        else m.drop_path_rate),
+        cond_drop_rate=m.cond_drop_rate, dtype=m.dtype,
+        neighborhood_impl=m.neighborhood_impl)
+
+
+def finetune_params(path: str | os.PathLike, model_config: TransformerConfig) -> Any:
+    """Transformer params (the tree under 'params') to start from, checked against the model.
+
+    ``path``: an official VAR/MVAR ``.pth`` (the official ``--finetune_from_var``
+    loads ``var_d*.pth`` into MVAR: same keys) or a model directory written by
+    ``mvar_jax.convert`` or a previous training run.
+    """
+    if os.path.isdir(path):
+        bundle = checkpoint.load_model(path)
+        source_config, params = bundle.transformer_config, bundle.transformer_params
+    else:
+        source_config, params = transformer_weights.load_transformer(
+            path, attention=model_config.attention, patch_nums=model_config.patch_nums,
+            kernel_size=model_config.kernel_size, refine_step=model_config.refine_step)
+    fields = ("vocab_size", "cvae", "num_classes", "depth", "embed_dim", "num_heads",
+              "mlp_ratio", "shared_aln", "attn_l2_norm", "patch_nums")
+    differ = [f"{f}: checkpoint {getattr(source_config, f)} vs config {getattr(model_config, f)}"
+              for f in fields if getattr(source_config, f) != getattr(model_config, f)]
+    if differ:
+        raise ValueError(f"config.finetune_from={path!r} does not fit the model: "
+                         + "; ".join(differ))
+    return params["params"]
+
+
+def _tokenizer(vqvae: VQVAE, patch_nums: tuple[int, ...]):
+    """Images (or cached token ids) -> the step's inputs: ids, teacher-forcing input, label."""
+    def tokenize(vqvae_params: Any, batch: Batch) -> Batch:
+        if "tokens" in batch:
+            ids = split_scales(batch["tokens"], patch_nums)
+        else:
+            ids = vqvae.apply(vqvae_params, data.to_pm1(batch["image"]), method=VQVAE.img_to_idx)
+        x_BLCv = vqvae.apply(vqvae_params, ids, method=VQVAE.idx_to_var_input)
+        return {"label": batch["label"], "tokens": jnp.concatenate(ids, axis=1),
+                "x_BLCv": x_BLCv}
+
+    return tokenize
+
+
+class GeneratorTask:
+    """The transformer's part of training (``task.Task``); the VQVAE stays frozen."""
+
+    finite_metrics = ("loss", "grad_norm", "param_norm")
+    check_config = staticmethod(check_config)
+
+    def __init__(self, config: ml_collections.ConfigDict, *, mesh: Mesh, num_steps: int):
+        self._config = config
+        vqvae_config, vqvae_params = load_tokenizer(config.vqvae_checkpoint,
+                                                    tuple(config.model.patch_nums))
+        self._model = Transformer(transformer_config(config, vqvae_config))
+        self.architecture = Architecture("transformer_config.json",
+                                         self._model.config.to_dict(), EXECUTION_FIELDS)
+        self.eval_every = config.sample_every
+        self._vqvae = VQVAE(vqvae_config)
+        # On the mesh, so that every host can take part in saving them with the export.
+        self._vqvae_params = jax.device_put(vqvae_params, parallel.replicated(mesh))
+        self._tokenize = jax.jit(
+            _tokenizer(self._vqvae, self._model.config.patch_nums),
+            in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+            out_shardings=parallel.batch_sharding(mesh))
+        self._tx, self._learning_rate = optimizer.make_optimizer(
+            config.optim, global_batch_size=config.batch_size, total_steps=num_steps,
+            warmup_steps=round(config.optim.warmup_fraction * num_steps))
+        m = self._model.config
+        self._schedule = schedule.make_schedule(m.attention, m.num_scales,
+                                                refine_step=m.refine_step, ratio_k=config.ratio_k)
+        self._rng = jax.random.PRNGKey(config.seed)
+
+    def _fresh_state(self) -> state_lib.TrainState:
+        """Official init (traced: jit it to place the params)."""
+        params = state_lib.init_params(self._model.config, self._config.init, self._rng)
+        return state_lib.create_train_state(params, self._tx, self._rng)
+
+    def abstract_state(self) -> state_lib.TrainState:
+        return jax.eval_shape(self._fresh_state)
+
+    def init_state(self, shardings: Any) -> state_lib.TrainState:
+        """Fresh (official init) or fine-tuned params, born with their shardings."""
+        if not self._config.finetune_from:
+            return jax.jit(self._fresh_state, out_shardings=shardings)()
+        params = jax.device_put(finetune_params(self._config.finetune_from, self._model.config),
+                                shardings.params)
+        create = jax.jit(lambda p: state_lib.create_train_state(p, self._tx, self._rng),
+                         out_shardings=shardings)
+        return create(params)
+
+    def train_steps(self) -> list[StepFn]:
+        """One step per segment: each has its own static shapes."""
+        return [step_lib.make_train_step(self._model, self._tx, self._learning_rate, segment,
+                                         label_smoothing=self._config.label_smoothing)
+                for segment in self._schedule.segments]
+
+    def step_index(self, step: int) -> int:
+        return self._schedule.index_at(step)
+
+    def prepare_batch(self, batch: Batch) -> Batch:
+        return self._tokenize(self._vqvae_params, batch)
+
+    def summarize(self, step: int, scalars: Mapping[str, float]) -> tuple[str, dict[str, str]]:
+        segment = self._schedule.segment_at(step - 1)  # the last step's
+        line = (f"loss {scalars['loss']:.4f}, lr {scalars['learning_rate']:.3g}, "
+                f"grad_norm {scalars['grad_norm']:.3g}")
+        return line, {"loss": f"{scalars['loss']:.4f}",
+                      "seg": segment.name(self._model.config.patch_nums)}
+
+    def _bundle(self, state: state_lib.TrainState) -> checkpoint.ModelBundle:
+        return checkpoint.ModelBundle(self._vqvae.config, self._vqvae_params,
+                                      self._model.config, {"params": state.params})
+
+    def evaluate(self, state: state_lib.TrainState, step: int, writer: MetricsWriter) -> None:
+        """Samples ``config.sample_classes`` with the current params: a ``samples`` grid."""
+        c = self._config
+        samples = sampling.sample(self._bundle(state), np.asarray(c.sample_classes),
+                                  jax.random.fold_in(jax.random.PRNGKey(c.seed), step),
+                                  cfg=c.sample_cfg, top_k=c.sample_top_k, top_p=c.sample_top_p)
+        images = multihost_utils.process_allgather(samples.images, tiled=True)
+        grid = image_grid(np.asarray(images), columns=min(8, len(c.sample_classes)))
+        writer.write_image("samples", grid, step)
+
+    def export(self, state: state_lib.TrainState, model_dir: pathlib.Path) -> None:
+        bundle = self._bundle(state)
+        checkpoint.save_model(model_dir, vqvae_config=bundle.vqvae_config,
+                              vqvae_params=bundle.vqvae_params,
+                              transformer_config=bundle.transformer_config,
+                              transformer_params=bundle.transformer_params, overwrite=True)

@@ -1,0 +1,96 @@
+"""Metrics and images to TensorBoard, a tqdm progress bar, console and log lines; host 0 writes."""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+
+import jax
+import numpy as np
+import tqdm
+from absl import logging
+
+from mvar_jax.training import workdir as workdir_lib
+
+# The task's console line and progress-bar postfix from the averaged metrics after a step.
+Summarize = Callable[[int, Mapping[str, float]], tuple[str, dict[str, str]]]
+
+
+def announce(message: str) -> None:
+    """A line for the console (above the progress bar) and the log, from host 0."""
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(message)
+    logging.info(message)
+
+
+def image_grid(images_BHW3: np.ndarray, columns: int) -> np.ndarray:
+    """Images in [0, 1] tiled row-major into one uint8 ``(rows * H, columns * W, 3)`` image."""
+    B, H, W, _ = images_BHW3.shape
+    rows = -(-B // columns)
+    padded = np.zeros((rows * columns, H, W, 3), np.float32)
+    padded[:B] = images_BHW3
+    grid = padded.reshape(rows, columns, H, W, 3).transpose(0, 2, 1, 3, 4)
+    return np.round(np.clip(grid.reshape(rows * H, columns * W, 3), 0, 1) * 255).astype(np.uint8)
+
+
+def average(window: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """Each metric averaged over the steps of ``window`` that report it (per-scale metrics
+    exist only on steps that train that scale)."""
+    sums, counts = defaultdict(float), defaultdict(int)
+    for metrics in window:
+        for k, v in metrics.items():
+            sums[k] += float(v)
+            counts[k] += 1
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+class MetricsWriter:
+    """Writes under ``workdir``: ``tensorboard/`` events and ``<tag>/step_*.png`` images."""
+
+    def __init__(self, workdir: pathlib.Path, *, start: int, total: int, global_batch: int,
+                 summarize: Summarize):
+        self._workdir, self._global_batch, self._summarize = workdir, global_batch, summarize
+        self._main = jax.process_index() == 0
+        self._events = None  # opened at the first write, so a finished run adds no file
+        self._bar = tqdm.tqdm(total=total, initial=start, disable=not self._main or start >= total,
+                              desc="train", dynamic_ncols=True)
+        self._since = time.perf_counter()
+
+    def _tensorboard(self):
+        if self._events is None:
+            from tensorboardX import SummaryWriter
+            self._events = SummaryWriter(str(self._workdir / "tensorboard"))
+        return self._events
+
+    def write_train(self, step: int, window: list[Mapping[str, np.ndarray]]) -> None:
+        """The train metrics of the steps since the last call, averaged, after ``step`` steps."""
+        scalars = average(window)
+        now = time.perf_counter()
+        scalars["images_per_sec"] = len(window) * self._global_batch / (now - self._since)
+        self._since = now
+        line, postfix = self._summarize(step, scalars)
+        self._bar.update(len(window))
+        self._bar.set_postfix(postfix)
+        self.write_scalars(step, scalars)
+        announce(f"step {step}: {line}, {scalars['images_per_sec']:.1f} img/s")
+        logging.info("step %d: %s", step,
+                     ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        if self._main:
+            for k, v in scalars.items():
+                self._tensorboard().add_scalar(k, v, step)
+            self._tensorboard().flush()
+
+    def write_image(self, tag: str, image_HW3: np.ndarray, step: int) -> None:
+        """A uint8 ``(H, W, 3)`` image to TensorBoard and ``<tag>/step_<step>.png``."""
+        if self._main:
+            self._tensorboard().add_image(tag, image_HW3, step, dataformats="HWC")
+        workdir_lib.write_png(self._workdir / tag / f"step_{step:08d}.png", image_HW3)
+
+    def close(self) -> None:
+        self._bar.close()
+        if self._events is not None:
+            self._events.close()
