@@ -148,10 +148,11 @@ def test_per_scale_inference_reproduces_teacher_forcing(attention):
     assert err < 1e-6, err
 
 
-@pytest.mark.parametrize("attention", ["mvar", "var"])
+@pytest.mark.parametrize("attention", ["mvar", "var", "mamba"])
 def test_stacked_blocks_scan_to_the_same_logits(attention):
     """stack_blocks + scan_blocks (the sampler's form) against the per-block model:
-    teacher forcing and per-scale inference (VAR: through the stacked cache)."""
+    teacher forcing and per-scale inference (VAR's cache carried and written in
+    place, M-VAR's Mamba states scanned through)."""
     config, params, forward = _small_forward(attention)
     stacked = stack_blocks(params, config.depth)
     assert blocks_are_stacked(stacked) and not blocks_are_stacked(params)
