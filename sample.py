@@ -9,6 +9,8 @@
 (N, L) int32 and ``labels``; ending ``.png`` it is a grid with each image's class
 written under it. ``--fid-npz`` stores uint8 ``arr_0`` (N, H, W, 3). Batch b draws
 from ``fold_in(PRNGKey(seed), b)``: the same seed and batch size give the same images.
+A file appears only when whole: a run killed while writing ``FILE`` leaves
+``FILE.incomplete-<pid>``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from mvar_jax import attention, checkpoint, cli, sampling
+from mvar_jax.atomic_write import atomic_write
 from mvar_jax.torch_checkpoint import CheckpointError
 
 GRID_COLUMNS = 8
@@ -139,10 +142,11 @@ def write_out(path: pathlib.Path, images_NHW3: np.ndarray, tokens_NL: np.ndarray
               labels_N: np.ndarray) -> None:
     """``.npz`` with images, tokens and labels, or a labelled ``.png`` grid."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".npz":
-        np.savez(path, images=images_NHW3, tokens=tokens_NL, labels=labels_N)
-    else:
-        labelled_grid(images_NHW3, labels_N).save(path)
+    with atomic_write(path) as f:  # killed half-way: no file named ``path``
+        if path.suffix == ".npz":
+            np.savez(f, images=images_NHW3, tokens=tokens_NL, labels=labels_N)
+        else:
+            labelled_grid(images_NHW3, labels_N).save(f, format="PNG")
     print(f"wrote {len(images_NHW3)} images to {path}")
 
 
@@ -170,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.fid_npz is not None:
         fid_images = np.concatenate(fid_images)
         args.fid_npz.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.fid_npz, arr_0=fid_images)
+        with atomic_write(args.fid_npz) as f:
+            np.savez(f, arr_0=fid_images)
         print(f"wrote arr_0 {fid_images.shape} uint8 to {args.fid_npz}")
     return 0
 

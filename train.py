@@ -3,8 +3,11 @@
     python train.py --config configs/tiny_cpu.py --workdir /tmp/tiny
     python train.py --config configs/mvar_d16.py --workdir DIR --config.batch_size=64
 
-Running again with the same --workdir resumes from its last checkpoint.
+Running again with the same --workdir resumes from its last checkpoint. A second run
+on a work directory in use, or a full disk, stops with a message (exit status 1).
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,9 +29,12 @@ def main(argv):
     # Multi-host start-up must precede every JAX computation, including any a
     # module might run at import time, hence the late import.
     parallel.initialize_distributed(config.parallel.distributed)
-    from mvar_jax.training import trainer
+    from mvar_jax.training import trainer, workdir
 
-    trainer.train_and_evaluate(config, _WORKDIR.value)
+    try:
+        trainer.train_and_evaluate(config, _WORKDIR.value)
+    except (workdir.WorkdirInUse, workdir.DiskFull) as e:
+        sys.exit(f"train.py: {e}")  # says what to do; Orbax's stack would not
 
 
 if __name__ == "__main__":

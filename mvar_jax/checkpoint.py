@@ -12,7 +12,8 @@ transformer training, and read by the sampler. A tokenizer directory
 (``save_tokenizer``) holds a VQVAE alone, as the tokenizer trainer exports it;
 ``load_tokenizer`` reads the VQVAE of either kind. The configs travel with the
 params, so loading needs nothing else, and loading checks that they describe
-those params.
+those params. A save replaces a directory whole (written beside it, then renamed):
+a crash never leaves one model's configs beside another's params.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
-from mvar_jax import vqvae_weights
+from mvar_jax import faults, vqvae_weights
 from mvar_jax.quantizer import num_phis
 from mvar_jax.torch_checkpoint import CheckpointError, check_keys
 from mvar_jax.transformer import TransformerConfig, param_shapes
@@ -36,6 +39,8 @@ from mvar_jax.vqvae import VQVAEConfig, abstract_variables
 _VQVAE_CONFIG = "vqvae_config.json"
 _TRANSFORMER_CONFIG = "transformer_config.json"
 PARAMS_DIR = "params"  # Orbax commits it atomically: its presence means a complete save.
+_MODEL_ENTRIES = {_VQVAE_CONFIG, _TRANSFORMER_CONFIG, PARAMS_DIR}
+_INCOMPLETE, _REPLACED = ".incomplete", ".replaced"  # <directory><suffix>: see _save
 _PARAMS_NAMES = {"vqvae": "VQVAE params", "transformer": "transformer params"}
 
 
@@ -86,22 +91,60 @@ def _check_params(params: dict[str, Any], expected: dict[str, Any], source: str)
                    what=f"{source}: {_PARAMS_NAMES[name]}")
 
 
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _put_in_place(staging: pathlib.Path, directory: pathlib.Path, replaced: pathlib.Path
+                  ) -> None:
+    """Renames ``staging`` to ``directory``, moving an existing ``directory`` aside first."""
+    if directory.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(directory, replaced)
+        faults.point("export-swap")
+    os.rename(staging, directory)
+    shutil.rmtree(replaced, ignore_errors=True)  # also one a killed save left
+
+
 def _save(directory: str | os.PathLike, configs: dict[str, Any], params: dict[str, Any],
           overwrite: bool) -> None:
-    """Writes ``{file name: config}`` and the params tree; removes a config left by another kind."""
+    """Writes ``{file name: config}`` and the params tree as ``directory``, whole or not at all.
+
+    They go into ``<directory>.incomplete`` first, which then takes the place of
+    ``directory`` (moved to ``<directory>.replaced`` and deleted), so a reader finds
+    the old model or the new one, never new configs beside old params. A process
+    killed between the two renames leaves no ``directory``: the next save cleans up.
+    A directory holding anything but a model is never replaced.
+    """
     directory = pathlib.Path(directory).absolute()
-    if (directory / PARAMS_DIR).exists() and not overwrite:
-        raise FileExistsError(
-            f"{directory} already holds a model; pass overwrite=True to replace it")
+    staging, replaced = (directory.with_name(directory.name + suffix)
+                         for suffix in (_INCOMPLETE, _REPLACED))
+    if directory.exists():
+        if (directory / PARAMS_DIR).exists() and not overwrite:
+            raise FileExistsError(
+                f"{directory} already holds a model; pass overwrite=True to replace it")
+        others = sorted(p.name for p in directory.iterdir() if p.name not in _MODEL_ENTRIES)
+        if others:
+            raise FileExistsError(f"{directory} holds files that are not part of a model "
+                                  f"({', '.join(others)}); refusing to replace it")
     if jax.process_index() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        for name in (_VQVAE_CONFIG, _TRANSFORMER_CONFIG):
-            if name in configs:
-                (directory / name).write_text(json.dumps(configs[name].to_dict(), indent=1))
-            else:  # A tokenizer written over a generator model must not keep its transformer.
-                (directory / name).unlink(missing_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory / PARAMS_DIR, params, force=overwrite)
+        shutil.rmtree(staging, ignore_errors=True)  # a killed save's
+        staging.mkdir(parents=True)
+        for name, config in configs.items():
+            (staging / name).write_text(json.dumps(config.to_dict(), indent=1))
+    _sync("mvar_jax.checkpoint:staging")
+    try:
+        faults.point("export-configs")
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(staging / PARAMS_DIR, params)
+        if jax.process_index() == 0:
+            _put_in_place(staging, directory, replaced)
+    except Exception:
+        if jax.process_index() == 0:
+            shutil.rmtree(staging, ignore_errors=True)  # gives a full disk its space back
+        raise
+    _sync("mvar_jax.checkpoint:saved")
 
 
 def save_model(directory: str | os.PathLike, *, vqvae_config: VQVAEConfig, vqvae_params: Any,
@@ -127,7 +170,10 @@ def _existing(directory: str | os.PathLike, kind: str, needed: tuple[str, ...]) 
     """The absolute directory; CheckpointError if it or one of ``needed`` is missing."""
     directory = pathlib.Path(directory).absolute()
     if not directory.is_dir():
-        raise CheckpointError(f"{kind} directory not found: {directory}")
+        replaced = directory.with_name(directory.name + _REPLACED)
+        hint = (f" (a save into it was interrupted; the model it replaced is in {replaced})"
+                if replaced.is_dir() else "")
+        raise CheckpointError(f"{kind} directory not found: {directory}{hint}")
     missing = [name for name in needed if not (directory / name).exists()]
     if missing:
         raise CheckpointError(

@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", type=pathlib.Path,
                         help="with --to-official-vae: a tokenizer or generator model directory")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the contents of a non-empty --out, or an existing "
-                             "--to-official-vae file")
+                        help="replace the model in --out (whole: written beside it, then "
+                             "renamed; a directory holding other files is refused), or an "
+                             "existing --to-official-vae file")
     parser.add_argument("--num-heads", type=int,
                         help="attention heads (default: depth, or read off the checkpoint)")
     parser.add_argument("--kernel-size", type=int,
@@ -165,7 +166,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a directory")
     if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
-        parser.error(f"--out {args.out} is not empty; pass --overwrite to replace its contents")
+        parser.error(f"--out {args.out} is not empty; pass --overwrite to replace the model in it")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

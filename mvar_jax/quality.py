@@ -44,6 +44,7 @@ from flax import traverse_util
 from tqdm import tqdm
 
 from mvar_jax import checkpoint, cli, data, sampling
+from mvar_jax.atomic_write import atomic_write
 from mvar_jax.data import builtin_shapes
 from mvar_jax.torch_checkpoint import CheckpointError
 from mvar_jax.transformer import MODEL_NAMES
@@ -297,9 +298,8 @@ def save_classifier(path: str | os.PathLike, classifier: TrainedClassifier) -> N
             "train_cpu_seconds": classifier.train_cpu_seconds, "version": CLASSIFIER_VERSION}
     flat = {"/".join(k): np.asarray(v)
             for k, v in traverse_util.flatten_dict(classifier.params).items()}
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, __meta__=np.asarray(json.dumps(meta)), **flat)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:  # also safe with several processes filling one cache
+        np.savez(f, __meta__=np.asarray(json.dumps(meta)), **flat)
 
 
 def load_classifier(path: str | os.PathLike) -> TrainedClassifier:
@@ -630,9 +630,11 @@ def write_report(report: dict[str, Any], json_path: str | os.PathLike) -> pathli
     """Writes ``report`` to ``json_path`` and its tables beside it (``.md``); returns the latter."""
     json_path = pathlib.Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
     md_path = json_path.with_suffix(".md")
-    md_path.write_text(report_markdown(report))
+    for path, text in ((json_path, json.dumps(report, indent=1) + "\n"),
+                       (md_path, report_markdown(report))):
+        with atomic_write(path) as f:  # whole or absent, if the run is killed
+            f.write(text.encode())
     return md_path
 
 

@@ -9,11 +9,19 @@ The last scale works at full size, with neither resize.
 Phi: ``phi(h) = (1 - r) h + r conv3x3(h)`` with ``r = |quant_resi|``; one of
 ``num_phis`` convs serves each scale (``share_quant_resi`` = 0: one per scale,
 1: a single shared one, K > 1: K convs spread over the scales), and
-``quant_resi == 0`` makes Phi the identity. Inference only: the VQVAE is never
-trained here, so there is no straight-through estimator or codebook usage EMA.
+``quant_resi == 0`` makes Phi the identity.
+
+Training (``quantize_train``) follows the official ``VectorQuantizer2.forward``:
+the same residual loop picks the same tokens; a VQ loss per scale pulls f and
+the running f_hat together (commitment ``beta * |sg(f_hat_s) - f|^2`` moves the
+encoder, ``|f_hat_s - sg(f)|^2`` moves the codebook and Phi), and the decoder
+sees f_hat through a straight-through estimator. Codebook usage statistics
+live outside the model, in ``mvar_jax.codebook``.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -47,6 +55,27 @@ def phi_index(si: int, num_scales: int, num_phis: int) -> int:
     return int(np.argmin(np.abs(ticks - si / (num_scales - 1))))
 
 
+class ScaleCodes(NamedTuple):
+    """One scale of the residual loop (pn = the scale's side, l = pn * pn)."""
+
+    z_BlC: jax.Array  # (B, l, Cvae): residual f - f_hat area-downsampled to pn x pn; chose ids
+    ids_Bl: jax.Array  # (B, l) int32: the nearest code of each row of z
+    f_hat_BHWC: jax.Array  # (B, H, H, Cvae): running f_hat after this scale
+
+
+class QuantizerTrainOutput(NamedTuple):
+    """What the training forward gives the decoder, the loss and the codebook statistics."""
+
+    f_hat_BHWC: jax.Array  # straight-through: f_hat's value, the identity's gradient to f
+    vq_loss: jax.Array  # () float32, averaged over scales
+    ids: list[jax.Array]  # per scale (B, pn * pn) int32, as ``quantize`` gives them
+    z: list[jax.Array]  # per scale (B, pn * pn, Cvae), the lookup inputs (no gradient)
+
+
+def _mse(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.square(a - b))
+
+
 class MultiScaleQuantizer(nn.Module):
     """Codebook ``embedding`` (vocab, Cvae) and the Phi convs ``phi_k``.
 
@@ -60,6 +89,7 @@ class MultiScaleQuantizer(nn.Module):
     quant_resi: float = 0.5
     share_quant_resi: int = 4
     using_znorm: bool = False
+    beta: float = 0.25  # Commitment weight of the VQ loss (training only).
 
     def setup(self):
         if len(self.patch_nums) < 2:
@@ -112,10 +142,11 @@ class MultiScaleQuantizer(nn.Module):
 
     # ------------------------------------------------------------- operations
 
-    def quantize(self, f_BHWC: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
-        """Tokenizes ``f``; returns (token ids per scale, f_hat after each scale).
+    def residual_codes(self, f_BHWC: jax.Array) -> list[ScaleCodes]:
+        """The residual loop shared by inference and training, coarse to fine.
 
-        Ask only for what you need: under jit the unused half is dropped.
+        Token choice never carries a gradient (argmin); f_hat carries one to the
+        codebook and Phi only, through the embedding lookups.
         """
         B, H, W, C = f_BHWC.shape
         pn_last = self.patch_nums[-1]
@@ -129,7 +160,7 @@ class MultiScaleQuantizer(nn.Module):
                 conv(f_BHWC)
         f_rest = f_BHWC
         f_hat = jnp.zeros_like(f_BHWC)
-        ids, f_hats = [], []
+        scales = []
         for si, pn in enumerate(self.patch_nums):
             z_BhwC = f_rest if si == self.num_scales - 1 else resize_area(f_rest, (pn, pn))
             idx_N = self.nearest_code(z_BhwC.reshape(-1, C))
@@ -137,9 +168,37 @@ class MultiScaleQuantizer(nn.Module):
             h_BHWC = self.scale_residual(si, h_BhwC)
             f_hat = f_hat + h_BHWC
             f_rest = f_rest - h_BHWC
-            ids.append(idx_N.reshape(B, pn * pn))
-            f_hats.append(f_hat)
-        return ids, f_hats
+            scales.append(ScaleCodes(z_BlC=z_BhwC.reshape(B, pn * pn, C),
+                                     ids_Bl=idx_N.reshape(B, pn * pn), f_hat_BHWC=f_hat))
+        return scales
+
+    def quantize(self, f_BHWC: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
+        """Tokenizes ``f``; returns (token ids per scale, f_hat after each scale).
+
+        Ask only for what you need: under jit the unused half is dropped.
+        """
+        scales = self.residual_codes(f_BHWC)
+        return [s.ids_Bl for s in scales], [s.f_hat_BHWC for s in scales]
+
+    def quantize_train(self, f_BHWC: jax.Array) -> QuantizerTrainOutput:
+        """The official training forward (``VectorQuantizer2.forward``).
+
+        Per scale s, ``beta * mse(sg(f_hat_s), f) + mse(f_hat_s, sg(f))`` with
+        f_hat_s the running sum after scale s, averaged over scales; the output
+        ``sg(f_hat) - sg(f) + f`` passes the decoder's gradient to the encoder
+        unchanged. Tokens are the ones ``quantize`` picks.
+        """
+        f_sg = jax.lax.stop_gradient(f_BHWC)
+        scales = self.residual_codes(f_sg)
+        vq_loss = 0.0
+        for s in scales:
+            vq_loss = vq_loss + (self.beta * _mse(jax.lax.stop_gradient(s.f_hat_BHWC), f_BHWC)
+                                 + _mse(s.f_hat_BHWC, f_sg))
+        vq_loss = vq_loss * (1 / self.num_scales)
+        f_hat_st = (jax.lax.stop_gradient(scales[-1].f_hat_BHWC) - f_sg) + f_BHWC
+        return QuantizerTrainOutput(
+            f_hat_BHWC=f_hat_st, vq_loss=vq_loss, ids=[s.ids_Bl for s in scales],
+            z=[jax.lax.stop_gradient(s.z_BlC) for s in scales])
 
     def embed_to_fhat(self, ms_h_BhwC: list[jax.Array]) -> list[jax.Array]:
         """Sums refined, upsampled per-scale embeddings into f_hat at full size.

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvar_jax.quantizer import MultiScaleQuantizer
+from mvar_jax.quantizer import MultiScaleQuantizer, QuantizerTrainOutput
 
 _GROUPS = 32
 
@@ -37,7 +37,7 @@ class VQVAEConfig:
     quant_resi: float = 0.5
     share_quant_resi: int = 4
     using_znorm: bool = False
-    beta: float = 0.25  # Commitment weight of VQVAE training; kept for completeness.
+    beta: float = 0.25  # Commitment weight of the VQ loss in tokenizer training.
     patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
     def __post_init__(self):
@@ -270,7 +270,7 @@ class VQVAE(nn.Module):
         self.quantize = MultiScaleQuantizer(
             vocab_size=c.vocab_size, Cvae=c.z_channels, patch_nums=c.patch_nums,
             quant_resi=c.quant_resi, share_quant_resi=c.share_quant_resi,
-            using_znorm=c.using_znorm)
+            using_znorm=c.using_znorm, beta=c.beta)
         ks = c.quant_conv_ks
         self.quant_conv = nn.Conv(c.z_channels, (ks, ks), padding=ks // 2)
         self.post_quant_conv = nn.Conv(c.z_channels, (ks, ks), padding=ks // 2)
@@ -278,6 +278,15 @@ class VQVAE(nn.Module):
     def __call__(self, img_BHW3: jax.Array) -> jax.Array:
         """Reconstruction through the full token pyramid (also builds every parameter)."""
         return self.fhat_to_img(self.fhat_per_scale(self.encode(img_BHW3))[-1])
+
+    def train_forward(self, img_BHW3: jax.Array) -> tuple[jax.Array, QuantizerTrainOutput]:
+        """The official training forward: (reconstruction, unclamped; quantizer output).
+
+        The decoder sees the straight-through f_hat; the VQ loss, token ids and
+        lookup inputs per scale come with the quantizer output.
+        """
+        q = self.quantize.quantize_train(self.encode(img_BHW3))
+        return self.decoder(self.post_quant_conv(q.f_hat_BHWC)), q
 
     def encode(self, img_BHW3: jax.Array) -> jax.Array:
         """Images in [-1, 1] -> the features ``f_BhwC`` that get quantized."""

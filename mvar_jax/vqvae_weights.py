@@ -23,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from mvar_jax import torch_checkpoint
+from mvar_jax.atomic_write import atomic_write
 from mvar_jax.quantizer import num_phis
 from mvar_jax.vqvae import VQVAEConfig, abstract_variables
 
@@ -278,7 +279,5 @@ def save_official_vqvae(path: str | os.PathLike, config: VQVAEConfig,
     import torch  # Conversion-only dependency.
 
     sd = vqvae_to_state_dict(config, variables, vocab_hits=vocab_hits)
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    torch.save({key: torch.from_numpy(np.array(value)) for key, value in sd.items()}, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        torch.save({key: torch.from_numpy(np.array(value)) for key, value in sd.items()}, f)

@@ -1,11 +1,16 @@
-"""Shared test set-up: float32 parity on the CPU, fixture paths, the slow marker."""
+"""Shared test set-up: float32 parity on the CPU, fixture paths, the slow marker, data."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import struct
+import subprocess
+import sys
 
 import numpy as np
+import PIL.Image
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -18,6 +23,7 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "official"
 M_VAR_FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "m_var"
 # The M-VAR fixtures: attn_l2_norm True (l21) and False (l20).
 M_VAR_VARIANTS = ("l21", "l20")
+REPO = pathlib.Path(__file__).parent.parent
 
 
 def pytest_addoption(parser):
@@ -48,11 +54,55 @@ def tiny_io() -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
+def make_image_folder(root: pathlib.Path, num_classes: int, per_class: int) -> None:
+    """``train/class<c>/<i>.png``: distinct random 72x80 images (resized and cropped to 64)."""
+    rng = np.random.default_rng(0)
+    for c in range(num_classes):
+        class_dir = root / "train" / f"class{c}"
+        class_dir.mkdir(parents=True)
+        for i in range(per_class):
+            PIL.Image.fromarray(rng.integers(0, 256, (72, 80, 3), np.uint8)).save(
+                class_dir / f"{i}.png")
+
+
+def event_scalars(directory: pathlib.Path) -> dict[tuple[str, int], set[float]]:
+    """``(tag, step) -> values`` of every TensorBoard event file in ``directory``; a torn
+    last record ends its file, as for TensorBoard."""
+    from tensorboardX.proto import event_pb2
+
+    values: dict[tuple[str, int], set[float]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos + 12 <= len(data):  # length (8), its CRC (4), event, its CRC (4)
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            end = pos + 12 + length + 4
+            if end > len(data):
+                break
+            event = event_pb2.Event.FromString(data[pos + 12:end - 4])
+            for value in event.summary.value:
+                values.setdefault((value.tag, event.step), set()).add(value.simple_value)
+            pos = end
+    return values
+
+
 def rel_err(out, ref) -> float:
     """``||out - ref|| / ||ref||``, the fixtures' parity metric."""
     out = np.asarray(out, np.float64)
     ref = np.asarray(ref, np.float64)
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def run_on_eight_devices(script: str | os.PathLike, cwd: pathlib.Path) -> dict:
+    """Runs ``script`` on 8 simulated CPU devices; its last stdout line, parsed as JSON.
+
+    The device count must be set before JAX starts, hence a fresh process.
+    """
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=cwd)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def convert_tiny(fixture_dir: pathlib.Path, flag: str, weights: str | pathlib.Path,

@@ -3,6 +3,8 @@ and refusal of a directory whose configs do not describe its params."""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -12,6 +14,7 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from mvar_jax import checkpoint
@@ -101,6 +104,30 @@ def test_round_trip_keeps_configs_and_every_param(tiny_model, saved):
 def test_save_refuses_to_overwrite_unless_asked(tiny_model, saved):
     with pytest.raises(FileExistsError, match="already holds a model"):
         checkpoint.save_model(saved, **tiny_model)
+
+
+def test_a_failed_save_leaves_the_model_it_would_replace(tiny_model, saved, tmp_path,
+                                                        monkeypatch):
+    """New configs never sit beside old params: a save that dies after writing its configs
+    (here it raises; a kill leaves the same files) leaves the old model, whole."""
+    copy = tmp_path / "model"
+    shutil.copytree(saved, copy)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", no_space)
+    other = dataclasses.replace(tiny_model["transformer_config"], dtype="bfloat16")
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_model(copy, **{**tiny_model, "transformer_config": other},
+                              overwrite=True)
+    assert checkpoint.load_model(copy).transformer_config == tiny_model["transformer_config"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # nothing half-written beside it
+    # A directory holding anything but a model is never replaced.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("")
+    with pytest.raises(FileExistsError, match=r"not part of a model \(todo.txt\)"):
+        checkpoint.save_model(tmp_path / "notes", **tiny_model, overwrite=True)
 
 
 def test_missing_directory(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -46,10 +47,9 @@ def test_converted_directory_is_self_contained(tiny_checkpoints, fixture_dir):
         vae_sd["quantize.embedding.weight"].numpy())
 
 
-def test_var_weights_as_mvar_and_overwrite(tiny_checkpoints, fixture_dir, tmp_path):
+def test_var_weights_as_mvar_and_overwrite(tiny_checkpoints, fixture_dir, tmp_path, capsys):
     out = tmp_path / "as_mvar"
-    out.mkdir()
-    (out / "stale.txt").write_text("x")
+    shutil.copytree(tiny_checkpoints["mvar"], out)  # a model to replace
     convert_tiny(fixture_dir, "--var", "tiny_var.pth", out, "--as-mvar", "--kernel-size", "5",
              "--overwrite")
     as_mvar = checkpoint.load_model(out)
@@ -58,6 +58,13 @@ def test_var_weights_as_mvar_and_overwrite(tiny_checkpoints, fixture_dir, tmp_pa
     assert as_mvar.transformer_config.kernel_size == 5
     np.testing.assert_array_equal(as_mvar.transformer_params["params"]["pos_embed"],
                                   var.transformer_params["params"]["pos_embed"])
+    # --overwrite replaces a model, never a directory holding anything else.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "stale.txt").write_text("x")
+    with pytest.raises(SystemExit):
+        convert_tiny(fixture_dir, "--var", "tiny_var.pth", tmp_path / "notes", "--overwrite")
+    assert "not part of a model (stale.txt)" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "stale.txt").exists()
 
 
 def test_m_var_converts_with_its_own_flag(m_var_checkpoints, capsys, fixture_dir, tmp_path):

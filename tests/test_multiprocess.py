@@ -28,9 +28,9 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import PIL.Image
 import pytest
 
+from conftest import make_image_folder
 from mvar_jax import checkpoint
 
 REPO = pathlib.Path(__file__).parent.parent
@@ -41,17 +41,6 @@ NUM_CLASSES, PER_CLASS = 10, 2
 HOST_EPOCH = NUM_CLASSES * PER_CLASS // 2  # 10 examples per host: step 3 spans two epochs
 TIMEOUT_S = 300
 Jobs = dict[str, tuple[pathlib.Path, list[subprocess.Popen]]]  # name -> (workdir, processes)
-
-
-def _make_image_folder(root: pathlib.Path) -> None:
-    """``train/<class>/<i>.png``: distinct random 72x80 images (resized and cropped to 64)."""
-    rng = np.random.default_rng(0)
-    for c in range(NUM_CLASSES):
-        class_dir = root / "train" / f"class{c}"
-        class_dir.mkdir(parents=True)
-        for i in range(PER_CLASS):
-            PIL.Image.fromarray(rng.integers(0, 256, (72, 80, 3), np.uint8)).save(
-                class_dir / f"{i}.png")
 
 
 def _free_port() -> int:
@@ -131,7 +120,7 @@ def runs(tmp_path_factory) -> dict[str, tuple[pathlib.Path, list[str]]]:
     (1 process x 4 devices) and 'resumed' ('two' resumed from step ``RESUME_FROM``)."""
     root = tmp_path_factory.mktemp("multiprocess")
     data_dir = root / "images"
-    _make_image_folder(data_dir)
+    make_image_folder(data_dir, NUM_CLASSES, PER_CLASS)
     workdirs = {name: root / name for name in ("two", "one", "resumed")}
     # The 1-process run shares the cores while the two processes wait on each other.
     jobs = {"two": (workdirs["two"], _start(data_dir, workdirs["two"], processes=2,

@@ -7,12 +7,8 @@ starts, so the test runs this file as a script in a subprocess (``_worker``).
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
-REPO = pathlib.Path(__file__).parent.parent
+from conftest import run_on_eight_devices
 
 
 def test_fsdp_spec_splits_the_largest_divisible_axis():
@@ -45,12 +41,7 @@ def test_host_batch_to_global_takes_a_mesh_or_a_sharding():
 
 
 def test_eight_devices_match_one(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-4000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report = run_on_eight_devices(__file__, tmp_path)
     assert report["device_count"] == 8
     for name, err in report["max_rel_err"].items():
         # Only the batch reduction is split across devices: float32 rounding.

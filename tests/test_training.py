@@ -6,20 +6,27 @@ official-layout VQVAE for the teacher-forcing input, and a few steps each.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import errno
 import json
 import math
+import os
 import pathlib
 import shutil
+import subprocess
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
 
+from conftest import event_scalars
 from configs import tiny_cpu
 from mvar_jax import checkpoint
-from mvar_jax.training import checkpointing, generator, metrics_writer, schedule, trainer
+from mvar_jax.training import checkpointing, generator, metrics_writer, schedule, trainer, workdir
 from mvar_jax.training import state as state_lib, step as step_lib
 from mvar_jax.training.synthetic import SyntheticTokenSource
 from mvar_jax.transformer import Transformer
@@ -158,14 +165,139 @@ def test_image_grid_tiles_row_major():
     np.testing.assert_array_equal(grid[2:, 3:], 0)  # padding
 
 
-def test_crash_and_resume_equals_uninterrupted_run(tmp_path):
+def test_logged_scalars_are_on_disk_when_the_write_returns(tmp_path):
+    """A killed run loses nothing it logged; a record it tore does not trouble the next run."""
+    writer = metrics_writer.MetricsWriter(tmp_path, start=0, total=3, global_batch=1,
+                                          summarize=None)
+    for step in (1, 2, 3):
+        writer.write_scalars(step, {"loss": float(step)})
+    (events,) = (tmp_path / "tensorboard").iterdir()
+    assert event_scalars(tmp_path / "tensorboard") == {("loss", s): {float(s)} for s in (1, 2, 3)}
+    with open(events, "ab") as f:  # a record torn by a kill: half a length header
+        f.write(bytes(5))
+    resumed = metrics_writer.MetricsWriter(tmp_path, start=3, total=4, global_batch=1,
+                                           summarize=None)
+    resumed.write_scalars(4, {"loss": 4.0})  # into a file of its own
+    assert event_scalars(tmp_path / "tensorboard") == {("loss", s): {float(s)}
+                                                       for s in (1, 2, 3, 4)}
+    writer.close()
+    resumed.close()
+
+
+class _SmallDisk:
+    """A directory on a filesystem the test can fill: a tmpfs it mounts where it may (root),
+    else a plain directory where a patched ``open`` refuses writes (ENOSPC) under the
+    directory ``fill`` names (Python's writes only: TensorStore's array files still land,
+    Orbax's metadata does not)."""
+
+    SIZE, SLACK = 64 * 2**20, 64 * 2**10  # bytes; the slack fits logs, not a checkpoint
+
+    def __init__(self, path: pathlib.Path, monkeypatch, *, mount: bool = True):
+        self.path, self._full = path, None
+        path.mkdir()
+        self.mounted = mount and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={self.SIZE}", "tmpfs", str(path)],
+            capture_output=True).returncode == 0
+        if not self.mounted:
+            real_open = builtins.open
+
+            def open_(file, mode="r", *args, **kwargs):
+                if (self._full and any(m in mode for m in "wax+")
+                        and str(file).startswith(str(self._full))):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+                return real_open(file, mode, *args, **kwargs)
+
+            monkeypatch.setattr(builtins, "open", open_)
+
+    def fill(self, where: pathlib.Path) -> None:
+        """Fills the tmpfs (``where`` is on it), or refuses writes under ``where``."""
+        self._full = where
+        if self.mounted:
+            with open(self.path / "filler", "wb") as f:
+                f.write(bytes(shutil.disk_usage(self.path).free - self.SLACK))
+
+    def free(self) -> None:
+        self._full = None
+        (self.path / "filler").unlink(missing_ok=True)
+
+    def __enter__(self) -> _SmallDisk:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.mounted:
+            subprocess.run(["umount", str(self.path)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """A tmpfs where the machine allows it, else the patched ``open``."""
+    with _SmallDisk(tmp_path / "small_disk", monkeypatch) as disk:
+        yield disk
+
+
+@pytest.fixture(params=[True, False], ids=["tmpfs-if-allowed", "patched-open"])
+def each_small_disk(request, tmp_path, monkeypatch):
+    with _SmallDisk(tmp_path / "small_disk", monkeypatch, mount=request.param) as disk:
+        yield disk
+
+
+@flax.struct.dataclass
+class _TinyState:
+    step: jax.Array
+    w: jax.Array
+
+
+def _tiny_state(step: int) -> _TinyState:
+    """1 MB of random floats: more than the full disk's slack, whatever the compression."""
+    return _TinyState(jnp.int32(step), jax.random.normal(jax.random.PRNGKey(step), (250_000,)))
+
+
+# A failed Orbax save's thread may still touch its closed event loop.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_save_on_a_full_disk_names_its_step_and_keeps_the_last_checkpoint(each_small_disk):
+    small_disk = each_small_disk
+    directory = small_disk.path / "checkpoints"
+    checkpointer = checkpointing.Checkpointer(directory, max_to_keep=1)
+    checkpointer.save(_tiny_state(1), {"position": 1})
+    checkpointer.wait()
+    small_disk.fill(directory)
+    checkpointer.save(_tiny_state(2), {"position": 2})  # returns; the write fails meanwhile
+    with pytest.raises(workdir.DiskFull, match=(
+            rf"disk full while saving the checkpoint of step 2: no space left writing "
+            rf"{directory}/2\.orbax-checkpoint-tmp.* \(.* free there\)\. The newest whole "
+            "checkpoint is step 1")):
+        checkpointer.save(_tiny_state(3), {"position": 3})
+    with contextlib.suppress(workdir.DiskFull):  # Orbax may raise the failure once more
+        checkpointer.close()
+    small_disk.free()
+    # Keeping the last 1 did not delete step 1 for a step 2 that never completed.
+    fresh = checkpointing.Checkpointer(directory, max_to_keep=1)
+    assert fresh.all_steps() == [1]
+    restored, position = fresh.restore(1, jax.eval_shape(lambda: _tiny_state(1)))
+    _assert_trees_equal(restored, _tiny_state(1))
+    assert position == {"position": 1}
+    fresh.close()
+
+
+def test_a_crash_and_a_full_disk_then_resume_equal_an_uninterrupted_run(tmp_path, small_disk):
     reference = trainer.train_and_evaluate(_config(), tmp_path / "straight", source=_source())
 
-    crashed = tmp_path / "crashed"
+    crashed = small_disk.path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):  # dies reading batch 6
         trainer.train_and_evaluate(_config(), crashed, source=_CrashingSource(_source(), 5))
     assert checkpointing.Checkpointer(crashed / "checkpoints", max_to_keep=2).all_steps() == [3]
     assert not (crashed / "model").exists()
+
+    # The disk fills up: the final (step-6) save fails in the background, and the run
+    # stops when it waits for it, before the export, saying so.
+    small_disk.fill(crashed / "checkpoints")
+    with pytest.raises(workdir.DiskFull, match=(
+            rf"disk full while saving the checkpoint of step {STEPS}: no space left writing "
+            rf"{crashed}/checkpoints/.* \(.* free there\)\. The newest whole checkpoint is "
+            "step 3: free space and run the same command to resume from it.")):
+        trainer.train_and_evaluate(_config(), crashed, source=_source())
+    assert not (crashed / "model").exists()
+    small_disk.free()
 
     resumed = trainer.train_and_evaluate(_config(), crashed, source=_source())  # a fresh start
     assert int(resumed.step) == STEPS
@@ -231,7 +363,7 @@ def test_resume_may_change_execution_fields_only(tmp_path):
     with pytest.raises(ValueError, match=r"different model \(fields \['depth'\]\)"):
         trainer.train_and_evaluate(_config(num_train_steps=3, **{"model.depth": 3}), tmp_path,
                                    source=_source())
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.incomplete-*"))
 
 
 def test_export_follows_extended_runs_and_repairs_an_incomplete_one(tmp_path):

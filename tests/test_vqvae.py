@@ -14,7 +14,7 @@ from conftest import rel_err
 
 from mvar_jax.quantizer import MultiScaleQuantizer, num_phis, phi_index
 from mvar_jax.vqvae import VQVAE, VQVAEConfig, split_scales
-from mvar_jax.vqvae_weights import load_official_vqvae
+from mvar_jax.vqvae_weights import load_official_vqvae, official_key, official_shape
 
 
 def _nhwc(x_NCHW: np.ndarray) -> np.ndarray:
@@ -108,6 +108,75 @@ def test_embed_tokens_reads_the_codebook(tiny_vae, fixture_dir):
     np.testing.assert_array_equal(np.asarray(got)[0], codebook.numpy()[[0, 5, config.vocab_size - 1]])
 
 
+# ------------------------------------------------------- training forward
+
+
+@pytest.fixture(scope="module")
+def train_io(fixture_dir):
+    with np.load(fixture_dir / "tiny_vqvae_train.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def train_outputs(tiny_vae, train_io):
+    """Training forward, losses and gradients of ``mse(rec, img) + vq_loss`` (one jit).
+
+    The fixture's input gradient is the gradient w.r.t. the network's input with
+    the reconstruction target held fixed (it lacks the direct ``2 (img - rec) / N``
+    of the target), so the target enters as a separate, undifferentiated argument.
+    """
+    config, variables = tiny_vae
+    model = VQVAE(config)
+
+    def loss_fn(params, img, target):
+        rec, q = model.apply({"params": params}, img, method=VQVAE.train_forward)
+        rec_loss = jnp.mean(jnp.square(rec - target))
+        return rec_loss + q.vq_loss, {"rec": rec, "vq_loss": q.vq_loss, "rec_loss": rec_loss,
+                                      "ids": q.ids}
+
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
+    img = _nhwc(train_io["img"])
+    (loss, aux), (g_params, g_img) = grad_fn(variables["params"], img, img)
+    flat = jax.tree_util.tree_flatten_with_path(g_params)[0]
+    grads = {}
+    for keypath, leaf in flat:
+        path = tuple(k.key for k in keypath)
+        name = official_key(path, config)
+        g = np.asarray(leaf)
+        if path[-1] == "kernel" and g.ndim == 4:
+            g = g.transpose(3, 2, 0, 1)  # Flax (kh, kw, in, out) -> official (out, in, kh, kw)
+        elif path[-1] == "kernel":
+            g = g.T[:, :, None, None]  # 1x1 conv, a Dense here: (in, out) -> (out, in, 1, 1)
+        assert g.shape == official_shape(path, leaf.shape), name
+        grads[name] = g
+    out = {k: np.asarray(v) for k, v in aux.items() if k != "ids"}
+    out.update(loss=np.asarray(loss), grad_img=np.asarray(g_img).transpose(0, 3, 1, 2),
+               rec=out["rec"].transpose(0, 3, 1, 2), grads=grads,
+               gt_BL=np.concatenate([np.asarray(i) for i in aux["ids"]], axis=1))
+    return out
+
+
+@pytest.mark.parametrize("name", ["rec", "vq_loss", "rec_loss", "loss"])
+def test_training_forward_matches_official(train_outputs, train_io, name):
+    err = rel_err(train_outputs[name], train_io[name])
+    print(f"{name}: rel err {err:.2e}")
+    assert err < 1e-5
+
+
+def test_training_forward_picks_the_official_tokens(train_outputs, train_io):
+    np.testing.assert_array_equal(train_outputs["gt_BL"], train_io["gt_BL"])
+
+
+def test_training_gradients_match_official(train_outputs, train_io):
+    names = [k.removeprefix("grad/") for k in train_io if k.startswith("grad/")]
+    assert len(names) == 12
+    errs = {"img": rel_err(train_outputs["grad_img"], train_io["grad_img"])}
+    errs.update({n: rel_err(train_outputs["grads"][n], train_io[f"grad/{n}"]) for n in names})
+    for n, err in errs.items():
+        print(f"grad {n}: rel err {err:.2e}")
+    assert max(errs.values()) < 1e-4, errs
+
+
 # --------------------------------------------------------------- quantizer
 
 
@@ -186,6 +255,31 @@ def test_quantizer_is_batch_independent_and_checks_shapes():
         q.apply(variables, [ids[0], ids[2]], method=MultiScaleQuantizer.idx_to_fhat)
     with pytest.raises(ValueError, match="token ids of 2 or 3 scales"):
         q.apply(variables, ids[:1], method=MultiScaleQuantizer.idx_to_var_input)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.5])
+def test_quantize_train_loss_tokens_and_straight_through(beta):
+    """Same tokens and f_hats as ``quantize``; loss value (1 + beta) mean_s mse(f_hat_s, f);
+    the encoder's gradient is the identity (straight-through) plus beta's commitment pull."""
+    q = MultiScaleQuantizer(vocab_size=16, Cvae=4, patch_nums=(1, 2, 4), beta=beta)
+    f = np.random.default_rng(3).standard_normal((2, 4, 4, 4)).astype(np.float32)
+    variables = q.init(jax.random.PRNGKey(2), f, method=MultiScaleQuantizer.quantize)
+    ids, f_hats = q.apply(variables, f, method=MultiScaleQuantizer.quantize)
+    out = q.apply(variables, f, method=MultiScaleQuantizer.quantize_train)
+    for a, b in zip(out.ids, ids):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(out.f_hat_BHWC, f_hats[-1], atol=1e-6)
+    mses = [np.mean((np.asarray(h) - f) ** 2) for h in f_hats]
+    np.testing.assert_allclose(out.vq_loss, (1 + beta) * np.mean(mses), rtol=1e-6)
+    assert [z.shape for z in out.z] == [(2, 1, 4), (2, 4, 4), (2, 16, 4)]
+
+    def probe(f):  # d/df of <w, f_hat_st> + vq_loss
+        o = q.apply(variables, f, method=MultiScaleQuantizer.quantize_train)
+        return jnp.sum(o.f_hat_BHWC * w) + o.vq_loss
+
+    w = np.random.default_rng(4).standard_normal(f.shape).astype(np.float32)
+    commit = sum(2 * beta * (f - np.asarray(h)) / f.size for h in f_hats) / len(f_hats)
+    np.testing.assert_allclose(jax.grad(probe)(f), w + commit, atol=1e-6)
 
 
 # ------------------------------------------------------------------ config

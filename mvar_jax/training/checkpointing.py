@@ -8,12 +8,21 @@ A checkpoint at step ``s`` (the number of optimizer steps taken) holds two items
   with the batch it would have read next.
 
 Together they make a resumed run continue exactly like an uninterrupted one.
+
+Orbax writes a checkpoint under a temporary name and renames it when complete, so
+a killed save leaves no step that looks whole; the next start deletes what it
+left (the caller must hold the work directory's lock). A save that fails for lack
+of space raises ``workdir.DiskFull`` naming the step, the file and the newest
+whole checkpoint, which the failure leaves in place; an asynchronous save's
+failure surfaces at the next ``save`` or at ``wait``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pathlib
 from typing import Any
 
 import jax
@@ -21,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from mvar_jax.training import workdir
 from mvar_jax.training.task import State
 
 
@@ -41,10 +51,13 @@ class Checkpointer:
     """Saves and restores ``(train state, data-source state)`` under ``directory``."""
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int, async_save: bool = True):
+        self._directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(
-            os.path.abspath(directory), options=options, item_names=("state", "data"))
+            self._directory, options=options, item_names=("state", "data"))
+        self._last_save: int | None = None  # the step an asynchronous failure belongs to
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -52,12 +65,26 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def _stop_when_disk_full(self, step: int) -> contextlib.AbstractContextManager:
+        """``workdir.DiskFull`` instead of Orbax's error when saving ``step`` found no space."""
+        return workdir.stop_when_disk_full(
+            f"saving the checkpoint of step {step}", self._directory,
+            lambda: f"The newest whole checkpoint is {self._newest_whole()}: free space and "
+                    "run the same command to resume from it.")
+
+    def _newest_whole(self) -> str:
+        steps = ocp.utils.checkpoint_steps(self._directory)  # read from disk: renamed ones
+        return f"step {max(steps)}" if steps else "none (the run starts afresh)"
+
     def save(self, state: State, data_state: dict[str, Any]) -> None:
         """Starts saving at ``state.step`` (returns before an async save is done)."""
         step = int(jax.device_get(state.step))
-        self._manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(_gather_host_states(data_state))))
+        self.wait()  # the previous save's failure names that save's step
+        with self._stop_when_disk_full(step):
+            self._manager.save(step, force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(_gather_host_states(data_state))))
+        self._last_save = step
 
     def restore(self, step: int, abstract_state: State) -> tuple[State, dict[str, Any]]:
         """State at ``step`` laid out like ``abstract_state`` (``ShapeDtypeStruct`` with
@@ -72,7 +99,14 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
+        with self._stop_when_disk_full(self._last_save):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        """Waits for the saves in flight and stops Orbax's threads (which may raise a failed
+        save's error once more)."""
+        with self._stop_when_disk_full(self._last_save):
+            try:
+                self._manager.wait_until_finished()
+            finally:
+                self._manager.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 
@@ -47,7 +49,13 @@ def average(window: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """Writes under ``workdir``: ``tensorboard/`` events and ``<tag>/step_*.png`` images."""
+    """Writes under ``workdir``: ``tensorboard/`` events and ``<tag>/step_*.png`` images.
+
+    Each write reaches the event file before it returns (no writer thread, no
+    buffer), so a killed run loses nothing it logged. Every start writes a file
+    of its own; a record torn by a kill ends that file for TensorBoard's reader and
+    nothing else (the steps after the last checkpoint are logged again, equal).
+    """
 
     def __init__(self, workdir: pathlib.Path, *, start: int, total: int, global_batch: int,
                  summarize: Summarize):
@@ -58,11 +66,20 @@ class MetricsWriter:
                               desc="train", dynamic_ncols=True)
         self._since = time.perf_counter()
 
-    def _tensorboard(self):
+    def _write_event(self, step: int, summary) -> None:
+        """One TensorBoard event, written and flushed."""
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event
+
         if self._events is None:
-            from tensorboardX import SummaryWriter
-            self._events = SummaryWriter(str(self._workdir / "tensorboard"))
-        return self._events
+            directory = self._workdir / "tensorboard"
+            directory.mkdir(parents=True, exist_ok=True)
+            # A name of its own (tensorboardX truncates an existing file), as TensorFlow's
+            # events.out.tfevents.<time>.<host>.<pid>.<uid>.
+            self._events = EventsWriter(str(directory / "events"),
+                                        f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        self._events.write_event(Event(wall_time=time.time(), step=step, summary=summary))
+        self._events.flush()
 
     def write_train(self, step: int, window: list[Mapping[str, np.ndarray]]) -> None:
         """The train metrics of the steps since the last call, averaged, after ``step`` steps."""
@@ -79,15 +96,18 @@ class MetricsWriter:
                      ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        from tensorboardX.proto.summary_pb2 import Summary
+
         if self._main:
-            for k, v in scalars.items():
-                self._tensorboard().add_scalar(k, v, step)
-            self._tensorboard().flush()
+            self._write_event(step, Summary(value=[Summary.Value(tag=k, simple_value=v)
+                                                   for k, v in scalars.items()]))
 
     def write_image(self, tag: str, image_HW3: np.ndarray, step: int) -> None:
         """A uint8 ``(H, W, 3)`` image to TensorBoard and ``<tag>/step_<step>.png``."""
+        from tensorboardX import summary
+
         if self._main:
-            self._tensorboard().add_image(tag, image_HW3, step, dataformats="HWC")
+            self._write_event(step, summary.image(tag, image_HW3, dataformats="HWC"))
         workdir_lib.write_png(self._workdir / tag / f"step_{step:08d}.png", image_HW3)
 
     def close(self) -> None:

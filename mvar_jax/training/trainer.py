@@ -4,6 +4,7 @@
 ``config.task`` picks the model's part (``TASKS``, see ``task.Task``). The work
 directory holds::
 
+    lock                  held by the run writing the directory: a second run is refused
     checkpoints/<step>/   Orbax train state + every host's data position (keep-last-N)
     tensorboard/          event files
     <tag>/step_*.png      evaluation images (the generator's samples/)
@@ -24,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mvar_jax import data, parallel
+from mvar_jax import data, faults, parallel
 from mvar_jax.data import config as data_config
 from mvar_jax.training import checkpointing, generator
 from mvar_jax.training import workdir as workdir_lib
@@ -108,6 +109,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         its ``num_examples``, if it has one, sizes the epochs.
     Returns:
       The final train state (its model also exported to ``workdir/model``).
+    Raises:
+      workdir.WorkdirInUse: another run holds ``workdir``.
+      workdir.DiskFull: a write found no space (the newest checkpoint stays whole).
     """
     make_task = task_class(config)
     check_config(config)
@@ -118,6 +122,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     parallel.check_batch_size(config.batch_size, mesh)
 
     with contextlib.ExitStack() as cleanup:
+        # Before anything is written; released last, after the export.
+        cleanup.enter_context(workdir_lib.lock(workdir))
+        cleanup.enter_context(workdir_lib.stop_when_disk_full(f"training in {workdir}", workdir))
         if source is None:
             source = data.build_train_source(
                 config.data, global_batch_size=config.batch_size,
@@ -162,6 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             state, metrics = train_steps[task.step_index(step)](state, batch)
             window.append(metrics)
             done = step + 1
+            faults.point("train-step", done)
             save = done % config.checkpoint_every == 0 or done == num_steps
             if save or done % config.log_every == 0:
                 window = jax.device_get(window)
@@ -171,13 +179,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 window = []
             if save:
                 checkpointer.save(state, batches.get_state())
+                faults.point("checkpoint-save", done)
                 last_saved = done
             if task.eval_every and done % task.eval_every == 0:
                 task.evaluate(state, done, writer)
         checkpointer.wait()
 
-    final_step = max(start, num_steps)  # the state's step, known on every host
-    if workdir_lib.export_model(workdir / "model", final_step,
-                                lambda model_dir: task.export(state, model_dir)):
-        announce(f"exported the model at step {final_step} to {workdir / 'model'}")
+        final_step = max(start, num_steps)  # the state's step, known on every host
+        if workdir_lib.export_model(workdir / "model", final_step,
+                                    lambda model_dir: task.export(state, model_dir)):
+            announce(f"exported the model at step {final_step} to {workdir / 'model'}")
     return state

@@ -15,6 +15,9 @@ Layout of ``<cache_dir>/<role>/`` (role 'train' or 'eval'):
   chunk-000000.labels.npy   (n,) int32, -1 where the image could not be read
 Chunks hold ``chunk_size`` consecutive examples, so hosts can write disjoint
 chunks in parallel and an interrupted run resumes at the first missing chunk.
+Every file appears whole or not at all (``atomic_write``), a chunk's tokens after
+its labels: a killed run leaves only ``*.incomplete-<pid>`` files and chunks
+without tokens, which the next run writes again.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mvar_jax import parallel
+from mvar_jax import faults, parallel
+from mvar_jax.atomic_write import atomic_write
 from mvar_jax.data import batching, order, preprocess, records
 
 EncodeFn = Callable[[np.ndarray], np.ndarray]  # img (B, S, S, 3) uint8 -> ids (B, L) int32
@@ -46,10 +50,8 @@ def _chunk_paths(split_dir: pathlib.Path, chunk: int) -> tuple[pathlib.Path, pat
 
 
 def _save_atomic(path: pathlib.Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 def _expected_meta(cfg: Any, num_examples: int, chunk_size: int) -> dict[str, Any]:
@@ -147,9 +149,8 @@ def write_token_cache(
                 f"this run would write {meta}. Use another cache_dir."
             )
     else:  # hosts may race here: each writes its own temporary file, then renames it
-        tmp = meta_path.with_name(f"meta.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, meta_path)
+        with atomic_write(meta_path) as f:
+            f.write(json.dumps(meta, indent=1).encode())
 
     s = int(cfg.image_size)
     num_chunks = -(-num_examples // chunk_size)
@@ -162,6 +163,7 @@ def write_token_cache(
             examples = list(pool.map(lambda i: load(i, 0), indices))
             tokens_N2L, labels_N = _encode_chunk(examples, encode_fn, batch_size, (s, s, 3))
             _save_atomic(labels_path, labels_N)
+            faults.point("token-cache-chunk", chunk)
             _save_atomic(tokens_path, tokens_N2L)  # last: its presence marks the chunk done
             logging.info("cached %s chunk %d/%d", role, chunk + 1, num_chunks)
     return split_dir
