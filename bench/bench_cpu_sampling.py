@@ -1,4 +1,4 @@
-"""CPU sampling speed and first-call (compile) time, the setting the official PyTorch MVAR was timed in.
+"""CPU sampling speed and first-call (compile) time, as the official PyTorch MVAR was timed.
 
     python -m bench.bench_cpu_sampling --out bench_out/cpu_sampling          # d16, B=2, float32
     python -m bench.bench_cpu_sampling --out /tmp/cpu_sampling_smoke --smoke  # toy model

@@ -6,7 +6,8 @@
 Random weights (the official initialisation for the transformer, small normal
 values for the VQVAE: timings do not depend on them), 256 px, bfloat16
 transformer (blocks stacked by ``sampling.prepare``), cfg 1.5, top-k 900,
-top-p 0.96, one image per class label. Each row is one (model, batch size, decode) case, run in its own process so that
+top-p 0.96, one image per class label. Each row is one (model, batch size,
+decode) case, run in its own process so that
 ``peak_bytes_in_use`` (``jax`` device ``memory_stats``, weights included) is that
 case's alone:
 

@@ -681,6 +681,7 @@ def stack_blocks(variables: Mapping[str, Any], depth: int) -> dict[str, Any]:
     params["blocks"] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)
     return {**variables, "params": params}
 
+
 def _init_fn(config: TransformerConfig, scales: InitScales = InitScales()):
     """``rng -> variables``: teacher forcing on the start token alone touches every param."""
     model = Transformer(config, init_scales=scales)

@@ -177,7 +177,8 @@ def test_stacked_blocks_are_for_inference_and_need_every_block():
     x = jnp.zeros((1, config.seq_len - 1, config.cvae))
     with pytest.raises(ValueError, match="scanned blocks are for inference"):
         model.apply(stacked, jnp.zeros((1,), jnp.int32), x, first_scale=0,
-                    last_scale=config.num_scales, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
+                    last_scale=config.num_scales, train=True,
+                    rngs={"dropout": jax.random.PRNGKey(0)})
     with pytest.raises(ValueError, match=r"\['blocks_2'\] not found"):
         stack_blocks(params, config.depth + 1)
     # A scanned model initialises stacked blocks of the per-block shapes.
