@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     # README trains with --fp16=1 (float16 autocast + GradScaler); bfloat16 compute
     # needs no loss scaling. Params, optimizer state and loss stay float32.
     m.dtype = "bfloat16"
-    m.neighborhood_impl = "auto"  # Pallas kernel on GPU, pure-jnp reference elsewhere
+    m.neighborhood_impl = "auto"  # Pallas kernel on GPU, the lean "masked" XLA path elsewhere
 
     init = c.init = ml_collections.ConfigDict()
     init.adaln = 0.5  # --aln: ada_lin weight multiplier
