@@ -23,7 +23,7 @@ DEMO_DIR ?= demo_out
 demo: $(STAMP)
 	$(PY) train.py --config configs/tiny_cpu.py --workdir $(DEMO_DIR)
 	$(PY) sample.py --checkpoint $(DEMO_DIR)/model --labels 0,1,2,3,4,5,6,7,8,9 \
-	    --num-per-class 2 --cfg 1.5 --seed 0 --out $(DEMO_DIR)/samples.png
+	    --num_per_class 2 --cfg 1.5 --seed 0 --out $(DEMO_DIR)/samples.png
 
 # The CPU test suite (what CI runs); slow tests are opt-in with `make test-all`.
 test: $(STAMP)

@@ -1,28 +1,30 @@
 """Class-conditional sampling from a model directory (``mvar_jax.convert`` or training).
 
-    python sample.py --checkpoint ckpt/mvar-d16 --labels 3,1 --cfg 1.5 --top-k 900 \\
-        --top-p 0.96 --seed 0 --out samples.png
-    python sample.py --checkpoint ckpt/mvar-d16 --num-per-class 50 --batch-size 64 \\
-        --fid-npz mvar-d16-50k.npz        # every class, for the standard FID evaluators
+    python sample.py --checkpoint ckpt/mvar-d16 --labels 3,1 --cfg 1.5 --top_k 900 \\
+        --top_p 0.96 --seed 0 --out samples.png
+    python sample.py --checkpoint ckpt/mvar-d16 --num_per_class 50 --batch_size 64 \\
+        --fid_npz mvar-d16-50k.npz        # every class, for the standard FID evaluators
 
 ``--out`` ending ``.npz`` stores ``images`` (N, H, W, 3) float32 in [0, 1], ``tokens``
 (N, L) int32 and ``labels``; ending ``.png`` it is a grid with each image's class
-written under it. ``--fid-npz`` stores uint8 ``arr_0`` (N, H, W, 3). Batch b draws
+written under it. ``--fid_npz`` stores uint8 ``arr_0`` (N, H, W, 3). Batch b draws
 from ``fold_in(PRNGKey(seed), b)``: the same seed and batch size give the same images.
 A file appears only when whole: a run killed while writing ``FILE`` leaves
-``FILE.incomplete-<pid>``.
+``FILE.incomplete-<pid>``. Flags are absl's (see ``mvar_jax.cli``); the dashed spellings
+of earlier versions (``--num-per-class``) still work.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import pathlib
 import sys
+import types
 from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
+from absl import flags
 from tqdm import tqdm
 
 from mvar_jax import attention, checkpoint, cli, sampling
@@ -30,52 +32,50 @@ from mvar_jax.atomic_write import atomic_write
 from mvar_jax.images import labelled_grid, to_uint8
 from mvar_jax.torch_checkpoint import CheckpointError
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sample.py",
-        description="Sample class-conditional images from an MVAR/VAR/M-VAR model.")
-    parser.add_argument("--checkpoint", required=True, type=pathlib.Path,
-                        help="model directory written by mvar_jax.convert or training")
-    cli.add_sampling_args(parser, batch_size=32, top_k=900, top_p=0.96)
-    parser.add_argument("--num-per-class", type=int, default=1,
-                        help="images per label (default 1)")
-    parser.add_argument("--more-smooth", action="store_true",
-                        help="Gumbel-softmax codebook mixing (visualisation only, not for FID)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
-                        help="transformer compute dtype (default: the checkpoint's)")
-    parser.add_argument("--neighborhood-impl", choices=attention.NEIGHBORHOOD_IMPLS,
-                        help="spatial-Markov attention: the Pallas kernel or the pure-jnp "
-                             "reference (default: the checkpoint's, normally 'auto')")
-    parser.add_argument("--decode-batch-size", type=int, default=sampling.DECODE_BATCH_SIZE,
-                        help="images the VQVAE decodes at a time, so that decoding never sets "
-                             f"the peak memory (default {sampling.DECODE_BATCH_SIZE})")
-    parser.add_argument("--chunk-tokens", type=int, default=sampling.CHUNK_TOKENS,
-                        help="MVAR: tokens per chunk of images each scale runs at a time "
-                             f"(memory vs speed; default {sampling.CHUNK_TOKENS})")
-    parser.add_argument("--out", type=pathlib.Path, help="FILE.npz or FILE.png")
-    parser.add_argument("--fid-npz", type=pathlib.Path,
-                        help="also write uint8 arr_0 (N, H, W, 3) for FID evaluators")
-    return parser
+PROG = "sample.py"
+FLAGS = flags.FlagValues()  # this command's own, so that tests can import several commands
+flags.DEFINE_string("checkpoint", None, "model directory written by mvar_jax.convert or training",
+                    required=True, flag_values=FLAGS)
+cli.define_sampling_flags(FLAGS, batch_size=32, top_k=900, top_p=0.96)
+flags.DEFINE_integer("num_per_class", 1, "images per label", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_bool("more_smooth", False, "Gumbel-softmax codebook mixing (visualisation only, "
+                  "not for FID)", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "transformer compute dtype (default: "
+                  "the checkpoint's)", flag_values=FLAGS)
+flags.DEFINE_enum("neighborhood_impl", None, list(attention.NEIGHBORHOOD_IMPLS),
+                  "spatial-Markov attention: the Pallas kernel or the pure-jnp reference "
+                  "(default: the checkpoint's, normally 'auto')", flag_values=FLAGS)
+flags.DEFINE_integer("decode_batch_size", sampling.DECODE_BATCH_SIZE, "images the VQVAE decodes "
+                     "at a time, so that decoding never sets the peak memory", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_integer("chunk_tokens", sampling.CHUNK_TOKENS, "MVAR: tokens per chunk of images "
+                     "each scale runs at a time (memory vs speed)", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_string("out", None, "FILE.npz or FILE.png", flag_values=FLAGS)
+flags.DEFINE_string("fid_npz", None, "also write uint8 arr_0 (N, H, W, 3) for FID evaluators",
+                    flag_values=FLAGS)
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def parse(argv: Sequence[str] | None) -> types.SimpleNamespace:
+    """The flags, checked; ``out`` and ``fid_npz`` as paths."""
+    args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
+    args.out = None if args.out is None else pathlib.Path(args.out)
+    args.fid_npz = None if args.fid_npz is None else pathlib.Path(args.fid_npz)
     if args.out is None and args.fid_npz is None:
-        parser.error("nothing to write: pass --out FILE.npz|FILE.png and/or --fid-npz FILE")
+        cli.usage_error(PROG, "nothing to write: pass --out FILE.npz|FILE.png and/or "
+                              "--fid_npz FILE")
     if args.out is not None and args.out.suffix not in (".npz", ".png"):
-        parser.error(f"--out must end in .npz or .png, got {args.out}")
-    for name in ("num_per_class", "decode_batch_size", "chunk_tokens"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    cli.check_sampling_args(parser, args)
+        cli.usage_error(PROG, f"--out must end in .npz or .png, got {args.out}")
+    cli.check_sampling_flags(FLAGS, PROG)
+    return args
 
 
-def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> checkpoint.ModelBundle:
+def load(args: types.SimpleNamespace) -> checkpoint.ModelBundle:
     """The model, checked against its configs, at the requested precision (per-block params)."""
     try:
         model = checkpoint.load_model(args.checkpoint)  # Checks configs against weights.
     except (CheckpointError, ValueError, OSError) as e:
-        parser.error(f"--checkpoint {args.checkpoint}: {e}")
+        cli.usage_error(PROG, f"--checkpoint {args.checkpoint}: {e}")
     overrides = {name: value for name, value in (("dtype", args.dtype),
                                                   ("neighborhood_impl", args.neighborhood_impl))
                  if value is not None}
@@ -86,7 +86,7 @@ def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> checkpoin
 
 
 def sample_batches(model: checkpoint.ModelBundle, labels_N: np.ndarray,
-                   args: argparse.Namespace) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                   args: types.SimpleNamespace) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields images ``(b, H, W, 3)`` float32 in [0, 1] and tokens ``(b, L)`` per batch.
 
     The last batch is padded to the batch size so that one compilation serves all.
@@ -129,15 +129,13 @@ def write_out(path: pathlib.Path, images_NHW3: np.ndarray, tokens_NL: np.ndarray
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    model = sampling.prepare(load(parser, args))  # Blocks stacked: compiles ~2x faster.
+    args = parse(argv)
+    model = sampling.prepare(load(args))  # Blocks stacked: compiles ~2x faster.
     num_classes = model.transformer_config.num_classes
     labels = list(range(num_classes)) if args.labels is None else args.labels
     bad = sorted({c for c in labels if not 0 <= c < num_classes})
     if bad:
-        parser.error(f"--labels {bad} outside the model's classes 0..{num_classes - 1}")
+        cli.usage_error(PROG, f"--labels {bad} outside the model's classes 0..{num_classes - 1}")
     labels_N = np.repeat(np.asarray(labels, np.int32), args.num_per_class)
 
     images, fid_images, tokens = [], [], []

@@ -10,12 +10,11 @@ spellings of earlier versions (``--num-per-class``) still work and warn with the
 
 from __future__ import annotations
 
-import argparse
 import sys
 import textwrap
 import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NoReturn
 
 from absl import flags
@@ -28,21 +27,6 @@ def _ints(text: str, what: str, example: str) -> tuple[int, ...]:
         return tuple(int(s) for s in text.split(","))
     except ValueError:
         raise ValueError(f"expected comma-separated {what} such as {example}, got {text!r}") from None
-
-
-def int_list(what: str, example: str) -> Callable[[str], tuple[int, ...]]:
-    """An argparse ``type`` for comma-separated ints: ``"3,1"`` -> ``(3, 1)``.
-
-    A malformed value is reported as ``expected comma-separated <what> such as <example>``.
-    """
-
-    def parse(text: str) -> tuple[int, ...]:
-        try:
-            return _ints(text, what, example)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    return parse
 
 
 class IntListParser(flags.ArgumentParser):
@@ -155,28 +139,3 @@ def check_sampling_flags(flag_values: flags.FlagValues, prog: str) -> None:
         sampling.check_filters(flag_values.top_k, flag_values.top_p, names=("--top_k", "--top_p"))
     except ValueError as e:
         usage_error(prog, str(e))
-
-
-def add_sampling_args(parser: argparse.ArgumentParser, *, batch_size: int, top_k: int,
-                      top_p: float) -> None:
-    """argparse twin of ``define_sampling_flags`` for sample.py until it moves to absl."""
-    parser.add_argument("--labels", type=int_list("class ids", "3,1"),
-                        help="comma-separated class ids (default: every class)")
-    parser.add_argument("--batch-size", type=int, default=batch_size,
-                        help=f"images per compiled call (default {batch_size})")
-    parser.add_argument("--cfg", type=float, default=1.5, help="guidance scale (default 1.5)")
-    parser.add_argument("--top-k", type=int, default=top_k, help=f"0 disables (default {top_k})")
-    parser.add_argument("--top-p", type=float, default=top_p,
-                        help=f"0 disables (default {top_p})")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="batch b draws from fold_in(PRNGKey(seed), b) (default 0)")
-
-
-def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Exits with a usage error naming the flag when ``add_sampling_args``' values are invalid."""
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    try:
-        sampling.check_filters(args.top_k, args.top_p, names=("--top-k", "--top-p"))
-    except ValueError as e:
-        parser.error(str(e))

@@ -300,7 +300,7 @@ import resource, signal, sys, types
 import numpy as np
 import sample
 
-def load(parser, args):
+def load(args):
     return types.SimpleNamespace(transformer_config=types.SimpleNamespace(num_classes=4))
 
 def sample_batches(model, labels_N, args):
@@ -308,18 +308,19 @@ def sample_batches(model, labels_N, args):
     yield rng.random((len(labels_N), 64, 64, 3), np.float32), np.zeros((len(labels_N), 30), np.int32)
 
 sample.load, sample.sample_batches = load, sample_batches
+sample.sampling.prepare = lambda model: model  # nothing to stack in the stand-in
 signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024,) * 2)
 sys.exit(sample.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("output", ["--out=samples.npz", "--out=grid.png", "--fid-npz=fid.npz"])
+@pytest.mark.parametrize("output", ["--out=samples.npz", "--out=grid.png", "--fid_npz=fid.npz"])
 def test_sampler_killed_while_writing_leaves_no_file_that_looks_complete(output, tmp_path):
     # 64 images: 3 MiB of float32 (npz), about 0.8 MiB as uint8 (png grid, fid npz).
     proc = subprocess.run(
         [sys.executable, "-c", _SAMPLER, "--checkpoint=unused", "--labels=0,1,2,3",
-         "--num-per-class=16", output], cwd=tmp_path, capture_output=True, text=True,
+         "--num_per_class=16", output], cwd=tmp_path, capture_output=True, text=True,
         env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}, timeout=TIMEOUT_S)
     assert proc.returncode == -signal.SIGXFSZ, proc.stderr[-3000:]
     result = output.split("=")[1]

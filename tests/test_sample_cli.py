@@ -22,7 +22,7 @@ from mvar_jax.images import CAPTION_PX
 from mvar_jax.transformer import blocks_are_stacked
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-GREEDY = ["--cfg", "1.5", "--top-k", "1", "--top-p", "0", "--seed", "0"]
+GREEDY = ["--cfg", "1.5", "--top_k", "1", "--top_p", "0", "--seed", "0"]
 
 
 def _error_of(capsys, argv: list[str]) -> str:
@@ -36,8 +36,8 @@ def test_npz_and_fid_layout(tiny_checkpoints, tiny_io, tmp_path):
     labels = tiny_io["label"]  # Two labels; two per class in batches of two.
     out, fid = tmp_path / "samples.npz", tmp_path / "fid.npz"
     sample.main(["--checkpoint", str(tiny_checkpoints["mvar"]),
-                 "--labels", ",".join(map(str, labels)), "--num-per-class", "2",
-                 "--batch-size", "2", *GREEDY, "--out", str(out), "--fid-npz", str(fid)])
+                 "--labels", ",".join(map(str, labels)), "--num_per_class", "2",
+                 "--batch_size", "2", *GREEDY, "--out", str(out), "--fid_npz", str(fid)])
     with np.load(out) as f:
         images, tokens = f["images"], f["tokens"]
         np.testing.assert_array_equal(f["labels"], np.repeat(labels, 2))
@@ -59,7 +59,7 @@ def test_m_var_checkpoint_samples_the_official_images(m_var_checkpoints, m_var_i
     io, ckpt = m_var_io["l20"], str(m_var_checkpoints["l20"])
     out = tmp_path / "m_var.npz"
     sample.main(["--checkpoint", ckpt, "--labels", ",".join(map(str, io["label"])), *GREEDY,
-                 "--batch-size", "2", "--out", str(out)])
+                 "--batch_size", "2", "--out", str(out)])
     with np.load(out) as f:
         np.testing.assert_array_equal(f["tokens"], io["greedy_BL"])
         np.testing.assert_allclose(f["images"], io["greedy_img"].transpose(0, 2, 3, 1),
@@ -106,10 +106,10 @@ def test_memory_options_are_checked_and_reach_the_sampler(tiny_checkpoints, caps
                                                          monkeypatch):
     ckpt = str(tiny_checkpoints["mvar"])
     out = str(tmp_path / "x.npz")
-    err = _error_of(capsys, ["--checkpoint", ckpt, "--decode-batch-size", "0", "--out", out])
-    assert "--decode-batch-size must be >= 1" in err
-    assert "--chunk-tokens must be >= 1" in _error_of(
-        capsys, ["--checkpoint", ckpt, "--chunk-tokens", "-1", "--out", out])
+    err = _error_of(capsys, ["--checkpoint", ckpt, "--decode_batch_size", "0", "--out", out])
+    assert "--decode_batch_size=0: 0 is not a positive integer" in err
+    assert "--chunk_tokens=-1: -1 is not a positive integer" in _error_of(
+        capsys, ["--checkpoint", ckpt, "--chunk_tokens", "-1", "--out", out])
     calls = []
 
     def fake_sample(model, labels, key, **options):  # Records the call, skips the work.
@@ -119,7 +119,7 @@ def test_memory_options_are_checked_and_reach_the_sampler(tiny_checkpoints, caps
 
     monkeypatch.setattr(sampling, "sample", fake_sample)
     sample.main(["--checkpoint", ckpt, "--labels", "1", "--out", out,
-                 "--decode-batch-size", "1", "--chunk-tokens", "64"])
+                 "--decode_batch_size", "1", "--chunk_tokens", "64"])
     (model, options), = calls
     assert (options["decode_batch_size"], options["chunk_tokens"]) == (1, 64)
     assert blocks_are_stacked(model.transformer_params)  # sampling.prepare ran
@@ -136,10 +136,20 @@ def test_command_line_exit_status(tiny_checkpoints, tmp_path):
 
 
 def test_precision_and_attention_overrides_reach_the_model(tiny_checkpoints):
-    parser = sample.build_parser()
-    args = parser.parse_args(["--checkpoint", str(tiny_checkpoints["mvar"]), "--out", "x.png",
-                              "--dtype", "bfloat16", "--neighborhood-impl", "reference"])
-    config = sample.load(parser, args).transformer_config
+    args = sample.parse(["--checkpoint", str(tiny_checkpoints["mvar"]), "--out", "x.png",
+                         "--dtype", "bfloat16", "--neighborhood_impl", "reference"])
+    config = sample.load(args).transformer_config
     assert (config.dtype, config.neighborhood_impl) == ("bfloat16", "reference")
-    args = parser.parse_args(["--checkpoint", str(tiny_checkpoints["mvar"]), "--out", "x.png"])
-    assert sample.load(parser, args).transformer_config.neighborhood_impl == "auto"
+    args = sample.parse(["--checkpoint", str(tiny_checkpoints["mvar"]), "--out", "x.png"])
+    assert sample.load(args).transformer_config.neighborhood_impl == "auto"
+
+
+def test_old_dashed_spellings_still_work(tiny_checkpoints):
+    with pytest.warns(FutureWarning) as warned:
+        args = sample.parse(["--checkpoint", str(tiny_checkpoints["mvar"]), "--fid-npz", "f.npz",
+                             "--neighborhood-impl", "reference", "--num-per-class", "3"])
+    assert [str(w.message) for w in warned] == [
+        "--fid-npz is now --fid_npz", "--neighborhood-impl is now --neighborhood_impl",
+        "--num-per-class is now --num_per_class"]
+    assert (args.neighborhood_impl, args.num_per_class, str(args.fid_npz)) == (
+        "reference", 3, "f.npz")

@@ -467,6 +467,6 @@ def test_m_var_model_samples_and_evaluates(m_var_run, builtin_shapes_dir, tmp_pa
     # sample.py with evaluate_model's batch and options: the same compiled sampler.
     npz = tmp_path / "samples.npz"
     sample.main(["--checkpoint", str(m_var_run / "model"), "--labels", "0,3", "--cfg", "1.5",
-                 "--top-k", "0", "--top-p", "0", "--batch-size", "2", "--out", str(npz)])
+                 "--top_k", "0", "--top_p", "0", "--batch_size", "2", "--out", str(npz)])
     with np.load(npz) as f:
         assert f["images"].shape == (2, 64, 64, 3) and f["tokens"].shape == (2, 30)
