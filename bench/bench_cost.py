@@ -54,13 +54,12 @@ import jax
 import jax.numpy as jnp
 
 from bench.bench_sampling import OPTIONS as SAMPLE_OPTIONS, model_configs
-from bench.harness import run_case, write_results
+from bench.common import GiB, run_case, write_results
 from mvar_jax import attention, parallel, sampling, transformer
 from mvar_jax.training import optimizer, state as state_lib, step as step_lib
 from mvar_jax.training.schedule import Segment, make_schedule
 from mvar_jax.vqvae import VQVAEConfig, abstract_variables
 
-GiB = 2 ** 30
 PROGRAMS = ("sample", "sample+decode", "train")
 UNCHUNKED = 2 ** 62  # chunk_tokens that keeps every image in one chunk
 

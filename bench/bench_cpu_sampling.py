@@ -32,7 +32,7 @@ from typing import Any
 import jax
 
 from bench.bench_sampling import OPTIONS, random_model
-from bench.harness import run_case, write_results
+from bench.common import run_case, write_results
 from mvar_jax import sampling
 
 

@@ -32,11 +32,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bench.harness import run_case, write_results
+from bench.common import GiB, run_case, write_results
 from mvar_jax import attention, checkpoint, sampling, transformer
 from mvar_jax.vqvae import VQVAEConfig, abstract_variables
 
-GiB = 2 ** 30
 OPTIONS = dict(cfg=1.5, top_k=900, top_p=0.96)
 
 

@@ -41,6 +41,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from bench.common import GiB
 from configs import common
 from mvar_jax import attention, parallel
 from mvar_jax.training import optimizer, schedule, state as state_lib, step as step_lib
@@ -48,7 +49,6 @@ from mvar_jax.training.schedule import Segment
 from mvar_jax.training.synthetic import SyntheticTokenSource
 from mvar_jax.transformer import Transformer, TransformerConfig, official_drop_path_rate
 
-GiB = 2 ** 30
 DEFAULT_IMPLS = ("pallas", "masked", "reference")
 # The interpreter runs the kernel's code on CPU, so the smoke run exercises both paths.
 SMOKE_IMPLS = ("reference", "pallas_interpret")

@@ -1,7 +1,10 @@
-"""What the benchmark scripts share: their two common flags, the run's header, the results files.
+"""What the benchmark scripts share: their two common flags, the run's header, the results files,
+one case per process.
 
 Every bench writes ``results.md`` (the table for docs/benchmarks.md) and ``results.json`` into
-``--out``; ``--smoke`` shrinks the run to a CPU check of the script.
+``--out``; ``--smoke`` shrinks the run to a CPU check of the script. A case that measures
+compilation, a device's peak memory or a multi-GB compile needs a process of its own: the
+JIT cache, the peak counter and the compiler's memory are per process (``run_case``).
 """
 
 from __future__ import annotations
@@ -10,12 +13,15 @@ import datetime
 import json
 import pathlib
 import platform
+import subprocess
+import sys
 from typing import Any
 
 import jax
 from absl import flags
 
 GiB = 2 ** 30
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def define_flags(flag_values: flags.FlagValues, smoke: str) -> None:
@@ -41,3 +47,12 @@ def write_results(out: str | pathlib.Path, results: Any, markdown: str) -> None:
     (out / "results.md").write_text(markdown)
     print(markdown)
     print(f"wrote {out}/results.md and results.json")
+
+
+def run_case(module: str, flag: str, case: dict[str, Any]) -> dict[str, Any]:
+    """``python -m module flag JSON`` from the repository root; the last stdout line as JSON."""
+    result = subprocess.run([sys.executable, "-m", module, flag, json.dumps(case)],
+                            cwd=REPO, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{module} {flag} {case} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
