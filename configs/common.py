@@ -121,7 +121,17 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _adam(lr: float, b1: float, b2: float) -> ml_collections.ConfigDict:
+def use_builtin_shapes(c: ml_collections.ConfigDict) -> None:
+    """Points a config at the built-in shapes dataset at 64 px (no download)."""
+    c.data.name = "builtin_shapes"
+    c.data.image_size = 64
+    c.data.crop = "resize_random_crop"
+    c.data.num_classes = 10
+    c.data.num_workers = 2
+    c.num_train_examples = 5000  # builtin_shapes train split
+
+
+def adam_config(lr: float, b1: float, b2: float) -> ml_collections.ConfigDict:
     """An optimizer block of the tokenizer (``mvar_jax.training.tokenizer.make_optimizer``)."""
     o = ml_collections.ConfigDict()
     o.lr = lr  # peak learning rate (absolute, not scaled by the batch)
@@ -175,9 +185,9 @@ def tokenizer_config() -> ml_collections.ConfigDict:
     gan.loss = "hinge"  # or 'vanilla'
     gan.ndf = 64
     gan.n_layers = 3
-    gan.optim = _adam(lr=1e-4, b1=0.5, b2=0.9)
+    gan.optim = adam_config(lr=1e-4, b1=0.5, b2=0.9)
 
-    c.optim = _adam(lr=1e-4, b1=0.5, b2=0.9)
+    c.optim = adam_config(lr=1e-4, b1=0.5, b2=0.9)
 
     cb = c.codebook = ml_collections.ConfigDict()
     cb.window = 100  # steps of the usage window (usage/<pn>x<pn>, perplexity)

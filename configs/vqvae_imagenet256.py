@@ -7,8 +7,8 @@
 
 Neither VAR nor MVAR publishes its tokenizer's training recipe. The sources, cited
 per value: the architecture is the released checkpoint's (VAR ``models/__init__.py``
-``build_vae_var`` and ``models/vqvae.py``); the VAR paper (sec. 4, "tokenizer") says
-it is a VQGAN-style VQVAE with a shared V = 4096 codebook and 16x downsampling,
+``build_vae_var`` and ``models/vqvae.py``); the VAR paper's implementation details
+say it is a VQGAN-style VQVAE with a shared V = 4096 codebook and 16x downsampling,
 trained on OpenImages with L2 + VQ + perceptual + GAN losses; the optimisation
 and loss weights are FoundationVision/vaex's defaults (``utils/arg_util.py``, the
 VAR authors' later tokenizer trainer; it also trains on OpenImages + CC12M and
@@ -21,6 +21,17 @@ entropy loss, and the lower clamp (0.015) of its adaptive weight.
 import math
 
 from configs import common
+
+
+def _vaex_adam(lr: float, weight_decay: float):
+    """vaex's AdamW settings, shared by its VAE and discriminator optimizers."""
+    o = common.adam_config(lr=lr, b1=0.5, b2=0.9)  # vaex --*_opt_beta 0.5_0.9 (= VQGAN's Adam)
+    o.weight_decay = weight_decay
+    o.grad_clip = 10.0  # vaex --grad_clip 10
+    o.schedule = "cos"  # vaex --sche cos
+    o.warmup_start = 0.005  # vaex --wp0 0.005
+    o.final_lr_ratio = 0.3  # vaex --sche_end 0.3
+    return o
 
 
 def get_config():
@@ -71,24 +82,11 @@ def get_config():
     gan.loss = "hinge"  # vaex --dcrit hg; VQGAN disc_loss 'hinge'
     gan.ndf = 64  # VQGAN NLayerDiscriminator ndf 64
     gan.n_layers = 3  # VQGAN disc_num_layers 3
-    go = gan.optim
-    go.lr = 3e-4  # vaex --disc_lr 3e-4
-    go.b1, go.b2 = 0.5, 0.9  # vaex --disc_opt_beta 0.5_0.9; VQGAN Adam betas (0.5, 0.9)
-    go.weight_decay = 0.0005  # vaex --disc_wd 0.0005
-    go.grad_clip = 10.0  # vaex --grad_clip 10
-    go.schedule = "cos"  # vaex --sche cos
-    go.warmup_steps = 0  # our choice: the discriminator starts late, at full rate
-    go.final_lr_ratio = 0.3  # vaex --sche_end 0.3
+    gan.optim = _vaex_adam(lr=3e-4, weight_decay=0.0005)  # vaex --disc_lr 3e-4 --disc_wd 5e-4
+    # Our choice: no warm-up for the discriminator, which starts late anyway.
 
-    o = c.optim
-    o.lr = 3e-4  # vaex --vae_lr 3e-4
-    o.b1, o.b2 = 0.5, 0.9  # vaex --vae_opt_beta 0.5_0.9; VQGAN Adam betas (0.5, 0.9)
-    o.weight_decay = 0.005  # vaex --vae_wd 0.005
-    o.grad_clip = 10.0  # vaex --grad_clip 10
-    o.schedule = "cos"  # vaex --sche cos
-    o.warmup_steps = round(0.01 * steps)  # vaex: warmup_ep = 0.01 * ep when unset
-    o.warmup_start = 0.005  # vaex --wp0 0.005
-    o.final_lr_ratio = 0.3  # vaex --sche_end 0.3
+    c.optim = _vaex_adam(lr=3e-4, weight_decay=0.005)  # vaex --vae_lr 3e-4 --vae_wd 0.005
+    c.optim.warmup_steps = round(0.01 * steps)  # vaex: warmup_ep = 0.01 * ep when unset
 
     c.codebook.window = 1000  # our choice: about 0.8M images a window
     c.codebook.dead_after = 0  # our choice: off, as in VAR / vaex (no restart there)

@@ -25,12 +25,7 @@ def get_config():
     m.z_channels = 16
     m.patch_nums = (1, 2, 3, 4, 6, 8)
 
-    c.data.name = "builtin_shapes"
-    c.data.image_size = 64
-    c.data.crop = "resize_random_crop"
-    c.data.num_classes = 10
-    c.data.num_workers = 2
-    c.num_train_examples = 5000  # builtin_shapes train split
+    common.use_builtin_shapes(c)
 
     c.batch_size = 16
     c.num_train_steps = 400

@@ -15,7 +15,7 @@ import optax
 import PIL.Image
 import pytest
 
-from conftest import event_scalars
+from conftest import event_scalars, set_fields
 from configs import tiny_cpu, vqvae_imagenet256, vqvae_tiny_cpu
 from mvar_jax import checkpoint, data, parallel, torch_checkpoint
 from mvar_jax.data import builtin_shapes
@@ -55,12 +55,7 @@ def _config(shapes, **overrides):
     c.log_every, c.checkpoint_every = 1, 2
     c.codebook.window, c.codebook.dead_after = 2, 2
     c.eval_every, c.eval_images, c.eval_batch_size, c.grid_images = STEPS, 4, 4, 2
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        target = c
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+    set_fields(c, overrides)
     return c
 
 

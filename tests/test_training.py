@@ -23,7 +23,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from conftest import event_scalars
+from conftest import event_scalars, set_fields
 from configs import tiny_cpu
 from mvar_jax import checkpoint
 from mvar_jax.training import checkpointing, generator, metrics_writer, schedule, trainer, workdir
@@ -45,12 +45,7 @@ def _config(**overrides):
     c.ratio_k = 2
     c.log_every = 1
     c.checkpoint_every = 3
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+    set_fields(c, overrides)
     return c
 
 
