@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -187,8 +187,8 @@ def _decoder_norm_out(module: nn.Module, method_name: str) -> bool:
     """capture_intermediates filter: the decoder's last norm (its output, after silu, is
     the input of ``conv_out``, the layer the adaptive GAN weight is measured at)."""
     del method_name
-    return module.name == "norm_out" and module.parent is not None \
-        and module.parent.name == "decoder"
+    return (module.name == "norm_out" and module.parent is not None
+            and module.parent.name == "decoder")
 
 
 def _value_and_cotangent(fn, x: jax.Array) -> tuple[tuple[jax.Array, Any], jax.Array]:
@@ -197,7 +197,7 @@ def _value_and_cotangent(fn, x: jax.Array) -> tuple[tuple[jax.Array, Any], jax.A
     return (loss, aux), jax.lax.stop_gradient(pullback(jnp.ones_like(loss))[0])
 
 
-def _conv_out(h_BHWC: jax.Array, bias: jax.Array):
+def _conv_out(h_BHWC: jax.Array, bias: jax.Array) -> Callable[[jax.Array], jax.Array]:
     """The decoder's ``conv_out`` (3x3, padding 1) as a function of its kernel."""
     def apply(kernel):
         y = jax.lax.conv_general_dilated(h_BHWC, kernel, (1, 1), ((1, 1), (1, 1)),
