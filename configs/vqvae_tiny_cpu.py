@@ -1,0 +1,53 @@
+"""A small multi-scale VQVAE trained on the built-in shapes; finishes on 2 CPU cores in minutes.
+
+    python train.py --config configs/vqvae_tiny_cpu.py --workdir /tmp/vqvae_tiny
+
+Not an official setting (every value is our choice, sized for a CPU): 64 px
+images, 8x downsampling to 8x8 latents, six scales, a 512-code book, the
+official training losses (L2 + VQ) and the dead-code restart. The export
+(WORKDIR/model) is a tokenizer directory that configs/tiny_cpu.py can use as
+``--config.vqvae_checkpoint``.
+"""
+
+from configs import common
+
+
+def get_config():
+    c = common.tokenizer_config()
+
+    m = c.model
+    m.ch = 32
+    m.ch_mult = (1, 1, 2, 2)  # 8x downsampling: 64 px -> 8x8
+    m.num_res_blocks = 1
+    m.using_sa = False  # attention costs more than it gives at this size
+    m.using_mid_sa = False
+    m.vocab_size = 512
+    m.z_channels = 16
+    m.patch_nums = (1, 2, 3, 4, 6, 8)
+
+    common.use_builtin_shapes(c)
+
+    c.batch_size = 16
+    c.num_train_steps = 400
+
+    c.loss.l2 = 1.0
+    c.loss.vq = 1.0
+
+    o = c.optim
+    o.lr = 2e-3
+    o.b1, o.b2 = 0.9, 0.99
+    o.warmup_steps = 20
+    o.schedule = "cos"
+    o.final_lr_ratio = 0.1
+
+    c.codebook.window = 50
+    c.codebook.dead_after = 50
+
+    c.log_every = 20
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 2
+    c.eval_every = 200
+    c.eval_images = 500  # the whole builtin_shapes validation split
+    c.eval_batch_size = 100
+    c.grid_images = 16
+    return c
