@@ -50,7 +50,7 @@ def _config(shapes, **overrides):
     c = vqvae_tiny_cpu.get_config()
     c.data.name, c.data.data_dir = "folder", str(shapes)
     c.data.image_size, c.data.num_classes, c.data.num_workers = SIZE, CLASSES, 1
-    c.model.ch_mult = (1, 1, 2)  # 4x downsampling: 4x4 latents
+    c.model.ch, c.model.ch_mult = 32, (1, 1, 2)  # 4x downsampling: 4x4 latents
     c.model.vocab_size, c.model.z_channels, c.model.patch_nums = 64, 8, PATCH_NUMS
     c.batch_size, c.num_train_steps = 4, STEPS
     c.log_every, c.checkpoint_every = 1, 2
@@ -195,7 +195,7 @@ def test_reset_code_moments_touches_only_the_codebook_rows():
     ({"data.image_size": 48}, ValueError, r"image_size=48: .* image_size / 4 = 12"),
     ({"model.vocab_size": 1}, ValueError, "vocab_size=1: a codebook needs >= 2 codes"),
     ({"model.ch": 40}, ValueError, "config.model: .* not divisible by the 32 GroupNorm groups"),
-    ({"loss.l2": 0.0}, ValueError, "no reconstruction loss"),
+    ({"loss.l2": 0.0, "loss.l1": 0.0}, ValueError, "no reconstruction loss"),
     ({"loss.lpips": 0.1}, torch_checkpoint.CheckpointError,
      "LPIPS is enabled but no file is given for its VGG16 weights"),
     ({"loss.lpips": 0.1, "loss.lpips_vgg": "/nonexistent/vgg16.pth",
