@@ -28,12 +28,7 @@ def get_config():
     m.kernel_size = 3  # must fit the 4x4 map
     m.dtype = "float32"  # bfloat16 matmuls are slow on CPUs
 
-    c.data.name = "builtin_shapes"
-    c.data.image_size = 64
-    c.data.crop = "resize_random_crop"
-    c.data.num_classes = 10
-    c.data.num_workers = 2
-    c.num_train_examples = 5000  # builtin_shapes train split
+    common.use_builtin_shapes(c)
 
     c.batch_size = 32
     c.num_epochs = 2  # 2 x 157 steps
