@@ -23,10 +23,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mvar_jax import checkpoint, data, parallel, sampling, transformer_weights
+from mvar_jax.images import image_grid
 from mvar_jax.training import optimizer, schedule
 from mvar_jax.training import state as state_lib
 from mvar_jax.training import step as step_lib
-from mvar_jax.training.metrics_writer import MetricsWriter, image_grid
+from mvar_jax.training.metrics_writer import MetricsWriter
 from mvar_jax.training.task import Batch, StepFn
 from mvar_jax.training.workdir import Architecture
 from mvar_jax.transformer import (ATTENTIONS, Transformer, TransformerConfig,

@@ -14,7 +14,6 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from mvar_jax.images import image_grid  # noqa: F401  (training/generator.py imports it from here)
 from mvar_jax.training import workdir as workdir_lib
 
 # The task's console line and progress-bar postfix from the averaged metrics after a step.

@@ -34,8 +34,9 @@ import optax
 from jax.sharding import Mesh
 
 from mvar_jax import checkpoint, codebook, data, discriminator, image_metrics, lpips, parallel
+from mvar_jax.images import image_grid
 from mvar_jax.training import optimizer
-from mvar_jax.training.metrics_writer import MetricsWriter, announce, image_grid
+from mvar_jax.training.metrics_writer import MetricsWriter, announce
 from mvar_jax.training.task import Batch, Metrics, StepFn
 from mvar_jax.training.workdir import Architecture
 from mvar_jax.vqvae import VQVAE, VQVAEConfig
