@@ -164,7 +164,8 @@ def test_restart_reseeds_dead_codes_and_zeroes_their_adam_rows(shapes):
         assert np.abs(plain_rows[dead]).sum(axis=1).astype(bool).any()
         np.testing.assert_array_equal(rows[~dead], plain_rows[~dead])  # live rows untouched
     table, plain_table = _codebook_rows(restarted.params), _codebook_rows(plain.params)
-    np.testing.assert_array_equal(table[~dead], plain_table[~dead])
+    # Two compiled programs: XLA may fuse the live rows' Adam update differently (1 ulp seen).
+    np.testing.assert_allclose(table[~dead], plain_table[~dead], rtol=1e-6, atol=0)
     assert not np.any(table[dead] == plain_table[dead])
     # The rest of the model and of the optimizer state is the same with and without.
     _assert_trees_equal(restarted.params["decoder"], plain.params["decoder"])
