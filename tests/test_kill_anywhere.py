@@ -51,7 +51,8 @@ TIMEOUT_S = 240
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """A config the chain trains: its file, its own overrides, and its model directory's reader."""
+    """A config the chain trains: its file (``FILE.py`` or ``FILE.py:ARG``), its own overrides,
+    and its model directory's reader."""
 
     config: str
     overrides: dict
@@ -61,7 +62,7 @@ class Run:
 # One line per task. The overrides (beyond ``_overrides``') shrink its run to cheap steps.
 GENERATOR = {"vqvae_checkpoint": str(TINY_VAE), "model.depth": 1, "ratio_k": 2, "sample_every": 0}
 RUNS = [
-    pytest.param(Run("configs/tiny_cpu.py", GENERATOR, checkpoint.load_model), id="generator"),
+    pytest.param(Run("configs/tiny_cpu.py:fixture", GENERATOR, checkpoint.load_model), id="generator"),
 ]
 
 # The kills, in order, each followed by a restart: a hook point (``mvar_jax.faults``),
@@ -108,7 +109,8 @@ def _train_command(run: Run, data_dir: pathlib.Path, workdir: pathlib.Path,
 
 def _config(run: Run, data_dir: pathlib.Path, **extra):
     """What ``_train_command`` runs, as a config for an in-process run."""
-    config = importlib.import_module(run.config.removesuffix(".py").replace("/", ".")).get_config()
+    path, *arg = run.config.split(":")
+    config = importlib.import_module(path.removesuffix(".py").replace("/", ".")).get_config(*arg)
     for key, value in _overrides(run, data_dir, **extra).items():
         *parents, leaf = key.split(".")
         target = config

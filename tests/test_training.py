@@ -38,7 +38,7 @@ STEPS = 6  # with ratio_k 2 the cycle is [1-3, 1-3, 4]: both segments, twice
 
 
 def _config(**overrides):
-    c = tiny_cpu.get_config()
+    c = tiny_cpu.get_config("fixture")
     c.vqvae_checkpoint = str(REPO / c.vqvae_checkpoint)
     c.batch_size = BATCH
     c.num_train_steps = STEPS

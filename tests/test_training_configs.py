@@ -48,32 +48,54 @@ def test_official_configs(name):
     assert trainer.total_steps(config) == epochs * -(-1_281_167 // batch)
 
 
-def test_tiny_cpu_config_fits_the_tiny_tokenizer(fixture_dir):
-    config = importlib.import_module("configs.tiny_cpu").get_config()
+def test_tiny_cpu_fixture_config_fits_the_fixture_tokenizer(fixture_dir):
+    config = importlib.import_module("configs.tiny_cpu").get_config("fixture")
     vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth",
                                           patch_nums=config.model.patch_nums)
     model = generator.transformer_config(config, vqvae_config)
     assert (model.vocab_size, model.cvae, model.seq_len) == (64, 8, 30)
     assert config.vqvae_checkpoint == "tests/fixtures/official/tiny_vae.pth"
+    assert config.data.token_cache_dir is None
 
 
-def test_tiny_cpu_var_is_tiny_cpu_with_var_attention(fixture_dir, monkeypatch):
+def test_tiny_cpu_config_fits_the_demo_tokenizer():
+    """The default tiny_cpu trains on the tokens of the tokenizer configs/vqvae_tiny_cpu.py makes."""
+    tiny_cpu = importlib.import_module("configs.tiny_cpu")
+    config = tiny_cpu.get_config()
+    tokenizer = importlib.import_module("configs.vqvae_tiny_cpu").get_config()
+    vqvae_config = importlib.import_module("mvar_jax.training.tokenizer").vqvae_config(tokenizer)
+    model = generator.transformer_config(config, vqvae_config)  # raises if the maps do not fit
+    assert (model.vocab_size, model.cvae) == (tokenizer.model.vocab_size,
+                                              tokenizer.model.z_channels)
+    assert model.patch_nums == tuple(tokenizer.model.patch_nums)
+    assert vqvae_config.image_size == config.data.image_size == tokenizer.data.image_size
+    with pytest.raises(ValueError, match="configs/tiny_cpu.py:vqgan: expected one of"):
+        tiny_cpu.get_config("vqgan")
+
+
+@pytest.mark.parametrize("tokenizer", ["demo", "fixture"])
+def test_tiny_cpu_var_is_tiny_cpu_with_var_attention(tokenizer):
     """The MVAR-vs-VAR comparison's baseline: only the attention pattern differs."""
-    mvar = importlib.import_module("configs.tiny_cpu").get_config()
-    var = importlib.import_module("configs.tiny_cpu_var").get_config()
+    mvar = importlib.import_module("configs.tiny_cpu").get_config(tokenizer)
+    var = importlib.import_module("configs.tiny_cpu_var").get_config(tokenizer)
+    assert trainer.task_class(var) is trainer.task_class(mvar)
+    assert trainer.total_steps(var) == trainer.total_steps(mvar)
+    differ = {k for k, v in var.to_dict().items() if v != mvar.to_dict()[k]}
+    assert differ == {"model"}
+    assert {k for k, v in var.model.items() if v != mvar.model[k]} == {"name"}
+
+
+def test_tiny_cpu_var_builds_on_the_fixture_tokenizer(fixture_dir, monkeypatch):
+    mvar = importlib.import_module("configs.tiny_cpu").get_config("fixture")
+    var = importlib.import_module("configs.tiny_cpu_var").get_config("fixture")
     monkeypatch.chdir(REPO)  # vqvae_checkpoint is repo-relative
     trainer.check_config(var)
     generator.check_config(var)
-    assert trainer.task_class(var) is trainer.task_class(mvar)
     vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth",
                                           patch_nums=var.model.patch_nums)
     mvar_model, var_model = (generator.transformer_config(c, vqvae_config) for c in (mvar, var))
     assert (mvar_model.attention, var_model.attention) == ("mvar", "var")
     assert dataclasses.replace(var_model, attention="mvar") == mvar_model
-    assert trainer.total_steps(var) == trainer.total_steps(mvar) == 2 * 157
-    differ = {k for k, v in var.to_dict().items() if v != mvar.to_dict()[k]}
-    assert differ == {"model"}
-    assert {k for k, v in var.model.items() if v != mvar.model[k]} == {"name"}
 
 
 def test_train_py_applies_overrides_and_reports_bad_values(tmp_path):
