@@ -2,7 +2,7 @@
 
 ``trainer_config()`` holds the trainer's own settings (steps, batch, logging,
 checkpoints, data, parallelism), which every task's config starts from.
-``get_config()`` adds the generator (VAR / MVAR) with the official recipe's fixed
+``get_config()`` adds the generator (VAR / MVAR / M-VAR) with the official recipe's fixed
 values. Sources are the official MVAR code (CVL-UESTC/MVAR): ``utils/arg_util.py``
 (flag defaults), ``utils/lr_control.py`` (schedule, no-decay set), ``train.py``
 (optimizer), ``trainer.py`` (loss, 8:1:1 schedule) and ``models/__init__.py``
@@ -56,7 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0  # arg_util.py --seed (None there: nondeterministic); fixed here
 
     m = c.model = ml_collections.ConfigDict()
-    m.name = "mvar"  # 'mvar' (scale/spatial-Markov) or 'var' (block-causal baseline)
+    # 'mvar' (scale/spatial-Markov), 'var' (block-causal baseline) or 'mamba' (M-VAR:
+    # attention within each scale, Mamba2 across the pyramid).
+    m.name = "mvar"
     m.depth = 16  # --depth
     # None derives the size from depth, as models/__init__.py does:
     m.embed_dim = config_dict.placeholder(int)  # width = depth * 64

@@ -54,6 +54,19 @@ def tiny_io() -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
+@pytest.fixture(scope="session")
+def builtin_shapes_dir(tmp_path_factory) -> pathlib.Path:
+    """A TFDS directory holding the built-in dataset at 64 px, built once per session."""
+    from mvar_jax import data
+
+    data_dir = tmp_path_factory.mktemp("builtin_tfds")
+    cfg = data.default_config()
+    cfg.update(data_dir=str(data_dir), num_workers=2, prefetch=0)
+    data.build_train_source(cfg, global_batch_size=8, process_index=0, process_count=1,
+                            seed=0).close()
+    return data_dir
+
+
 def make_image_folder(root: pathlib.Path, num_classes: int, per_class: int) -> None:
     """``train/class<c>/<i>.png``: distinct random 72x80 images (resized and cropped to 64)."""
     rng = np.random.default_rng(0)

@@ -194,34 +194,6 @@ def test_m_var_settings_and_errors():
         m_var.init_rerun_cache(TransformerConfig(depth=2), 1)
 
 
-# depth, global batch, epochs, tblr, alng, wpe, attn_l2_norm: the official README commands.
-RECIPES = {"d16": (16, 768, 200, 1e-4, 1e-3, 0.1, False),
-           "d20": (20, 768, 250, 1e-4, 1e-3, 0.1, False),
-           "d24": (24, 768, 350, 8e-5, 1e-4, 0.01, True)}
-
-
-def test_recipes_follow_the_official_commands():
-    from configs import m_var_recipes
-
-    assert not hasattr(m_var_recipes, "get_config")  # Not offered to train.py yet.
-    for name, (depth, batch, epochs, tblr, alng, wpe, l2) in RECIPES.items():
-        c = m_var_recipes.recipe(name)
-        assert (c.model.name, c.model.depth, c.model.attn_l2_norm) == ("mamba", depth, l2)
-        assert (c.batch_size, c.num_epochs, c.optim.base_lr) == (batch, epochs, tblr)
-        assert (c.init.adaln_gamma, c.optim.final_lr_ratio) == (alng, wpe)
-        assert (c.data.crop, c.sample_cfg, c.sample_top_k, c.sample_top_p) == (
-            "resize_random_crop", 1.5, 900, 0.96)
-        TransformerConfig(depth=depth, attention=c.model.name, attn_l2_norm=l2)
-    tiny = m_var_recipes.recipe("tiny_builtin")
-    assert (tiny.model.name, tiny.data.name, tiny.model.patch_nums) == (
-        "mamba", "builtin_shapes", (1, 2, 3, 4))
-    TransformerConfig(depth=tiny.model.depth, embed_dim=tiny.model.embed_dim,
-                      num_heads=tiny.model.num_heads, patch_nums=tiny.model.patch_nums,
-                      attention=tiny.model.name)
-    with pytest.raises(ValueError, match="unknown M-VAR recipe 'd30'"):
-        m_var_recipes.recipe("d30")
-
-
 def test_init_params_follow_the_official_recipe():
     # models/mvar.py init_weights over mamba_ssm's own init: Linear weights normal(init_std)
     # (in_proj, out_proj: no 1/sqrt(2 depth)), Conv1d normal(0.02) with zero bias; ada_lin's

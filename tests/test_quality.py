@@ -103,9 +103,9 @@ def test_degrade_blurs_and_adds_bounded_noise():
 
 
 @pytest.fixture(scope="module")
-def data_cfg(tmp_path_factory) -> ml_collections.ConfigDict:
+def data_cfg(builtin_shapes_dir) -> ml_collections.ConfigDict:
     cfg = data.default_config()
-    cfg.update(data_dir=str(tmp_path_factory.mktemp("tfds")), num_workers=2)
+    cfg.update(data_dir=str(builtin_shapes_dir), num_workers=2)
     return cfg
 
 

@@ -15,6 +15,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import flax
 import jax
@@ -23,9 +24,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
+import sample
 from conftest import event_scalars
-from configs import tiny_cpu
-from mvar_jax import checkpoint
+from configs import tiny_cpu, tiny_cpu_m_var
+from mvar_jax import checkpoint, quality
 from mvar_jax.training import checkpointing, generator, metrics_writer, schedule, trainer, workdir
 from mvar_jax.training import state as state_lib, step as step_lib
 from mvar_jax.training.synthetic import SyntheticTokenSource
@@ -389,3 +391,92 @@ def test_epochs_use_the_data_source_size(tmp_path):
     assert trainer.total_steps(config, num_examples=20) == 6  # 2 epochs of ceil(20 / 8)
     state = trainer.train_and_evaluate(config, tmp_path, source=_SizedSource(num_examples=20))
     assert int(state.step) == 6
+
+
+def _m_var_overrides(**extra) -> dict:
+    """tiny_cpu_m_var:fixture at depth 1: the M-VAR runs' cheap steps."""
+    return {"vqvae_checkpoint": str(REPO / tiny_cpu_m_var.get_config("fixture").vqvae_checkpoint),
+            "model.depth": 1, "batch_size": BATCH, "log_every": 1, "checkpoint_every": 2,
+            "sample_every": 0, **extra}
+
+
+@pytest.mark.slow  # ~50 s of compiling; test_a_crash_and_a_full_disk_... covers the trainer
+def test_m_var_resumes_exactly(tmp_path):
+    config = tiny_cpu_m_var.get_config("fixture")
+    for key, value in _m_var_overrides(num_train_steps=4).items():
+        *parents, leaf = key.split(".")
+        target = config
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    reference = trainer.train_and_evaluate(config, tmp_path / "straight", source=_source())
+    with pytest.raises(RuntimeError, match="simulated crash"):  # dies reading batch 4
+        trainer.train_and_evaluate(config, tmp_path / "crashed",
+                                   source=_CrashingSource(_source(), 3))
+    resumed = trainer.train_and_evaluate(config, tmp_path / "crashed", source=_source())
+    _assert_trees_equal(resumed, reference)
+
+
+@pytest.fixture(scope="module")
+def m_var_run(builtin_shapes_dir, tmp_path_factory) -> pathlib.Path:
+    """The work directory of a 2-step ``train.py`` run of tiny_cpu_m_var on the built-in data,
+    with a sample grid after step 2."""
+    workdir = tmp_path_factory.mktemp("m_var") / "run"
+    overrides = _m_var_overrides(**{"data.data_dir": builtin_shapes_dir, "num_train_steps": 2,
+                                    "sample_every": 2, "sample_classes": "(0,3)"})
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
+           "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # compiles faster
+    out = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--config",
+         f"{REPO / 'configs/tiny_cpu_m_var.py'}:fixture", "--workdir", str(workdir),
+         *(f"--config.{k}={v}" for k, v in overrides.items())],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir
+
+
+def _m_var_data_config(builtin_shapes_dir):
+    data_cfg = tiny_cpu_m_var.get_config("fixture").data
+    data_cfg.data_dir = str(builtin_shapes_dir)
+    return data_cfg
+
+
+def test_m_var_trains_every_scale_in_each_step_through_train_py(m_var_run, builtin_shapes_dir):
+    grid = np.asarray(PIL.Image.open(m_var_run / "samples" / "step_00000002.png"))
+    assert grid.shape == (64, 2 * 64, 3)  # sample_classes (0, 3)
+    # One segment: every step reports all four scales, and the loss is their sum over
+    # the pyramid's 30 tokens (each token weighs 1 / L, as in the official trainer).
+    scalars = event_scalars(m_var_run / "tensorboard")
+    for step in (1, 2):
+        (ce,) = zip(*(scalars[f"ce/{pn}x{pn}", step] for pn in (1, 2, 3, 4)))
+        assert all(len(scalars[f"acc/{pn}x{pn}", step]) == 1 for pn in (1, 2, 3, 4))
+        (loss,) = scalars["loss", step]
+        assert loss == pytest.approx(np.dot(ce, [1, 4, 9, 16]) / 30, rel=1e-5)
+    # The export is an M-VAR model that the quality measure's checks accept.
+    model, labels = quality.load_generator(m_var_run / "model",
+                                           _m_var_data_config(builtin_shapes_dir))
+    assert model.transformer_config.attention == "mamba" and labels == list(range(10))
+
+
+@pytest.mark.slow  # ~30 s of compiling; the sampler is tested on M-VAR in test_sample_cli
+def test_m_var_model_samples_and_evaluates(m_var_run, builtin_shapes_dir, tmp_path):
+    """sample.py and the demo's quality measure on the trained export."""
+    # An untrained judge: this test is about the model's path.
+    data_cfg = _m_var_data_config(builtin_shapes_dir)
+    judge = jax.jit(quality.Classifier(quality.ClassifierConfig(), 10).init)(
+        jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+    quality.save_classifier(quality.classifier_cache_path(tmp_path, data_cfg),
+                            quality.TrainedClassifier(quality.ClassifierConfig(), 10, 64, judge,
+                                                      0.0, 0.0))
+    report = quality.evaluate_model(m_var_run / "model", classifier_cache=tmp_path,
+                                    data_cfg=data_cfg, labels=[0, 3], samples_per_class=1,
+                                    batch_size=2, progress=False)
+    assert report["model"]["attention"] == "mamba"
+    assert np.isfinite(report["frechet_distance"]["generated"])
+    assert quality.report_markdown(report).startswith("M-VAR depth 1, 64 px")
+    # sample.py with evaluate_model's batch and options: the same compiled sampler.
+    npz = tmp_path / "samples.npz"
+    sample.main(["--checkpoint", str(m_var_run / "model"), "--labels", "0,3", "--cfg", "1.5",
+                 "--top-k", "0", "--top-p", "0", "--batch-size", "2", "--out", str(npz)])
+    with np.load(npz) as f:
+        assert f["images"].shape == (2, 64, 64, 3) and f["tokens"].shape == (2, 30)

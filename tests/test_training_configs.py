@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mvar_jax import checkpoint
-from mvar_jax.training import generator, optimizer, trainer
+from mvar_jax.training import generator, optimizer, schedule, trainer
 from mvar_jax.transformer_weights import load_transformer
 from mvar_jax.vqvae import VQVAEConfig
 from mvar_jax.vqvae_weights import load_official_vqvae
@@ -48,6 +48,36 @@ def test_official_configs(name):
     assert trainer.total_steps(config) == epochs * -(-1_281_167 // batch)
 
 
+# name: (depth, global batch, epochs, tblr, alng, wpe, attn_l2_norm) from the M-VAR README's
+# commands (OliverRensu/MVAR); attn_l2_norm off for d16/d20 per its inference note.
+M_VAR_OFFICIAL = {"m_var_d16": (16, 768, 200, 1e-4, 1e-3, 0.1, False),
+                  "m_var_d20": (20, 768, 250, 1e-4, 1e-3, 0.1, False),
+                  "m_var_d24": (24, 768, 350, 8e-5, 1e-4, 0.01, True)}
+
+
+@pytest.mark.parametrize("name", sorted(M_VAR_OFFICIAL))
+def test_official_m_var_configs(name, fixture_dir):
+    depth, batch, epochs, tblr, alng, wpe, l2_norm = M_VAR_OFFICIAL[name]
+    config = importlib.import_module(f"configs.{name}").get_config()
+    checked = config.copy_and_resolve_references()
+    checked.vqvae_checkpoint = str(fixture_dir / "tiny_vae.pth")  # the released one is not here
+    generator.check_config(checked)
+    model = generator.transformer_config(config, VQVAEConfig())  # the released tokenizer
+    assert (model.attention, model.depth, model.embed_dim, model.num_heads) == (
+        "mamba", depth, 64 * depth, depth)
+    assert (model.attn_l2_norm, model.shared_aln, model.dtype) == (l2_norm, False, "bfloat16")
+    assert model.drop_path_rate == pytest.approx(0.1 * depth / 24)
+    assert (model.mamba.d_state, model.mamba.d_conv, model.mamba.expand) == (64, 4, 2)
+    assert (config.batch_size, config.num_epochs, config.optim.base_lr) == (batch, epochs, tblr)
+    assert (config.init.adaln_gamma, config.optim.final_lr_ratio) == (alng, wpe)
+    assert (config.data.crop, config.data.hflip, config.label_smoothing) == (
+        "resize_random_crop", False, 0.0)
+    assert (config.sample_cfg, config.sample_top_k, config.sample_top_p) == (1.5, 900, 0.96)
+    assert trainer.total_steps(config) == epochs * -(-1_281_167 // batch)
+    assert schedule.make_schedule("mamba", model.num_scales, ratio_k=config.ratio_k) == (
+        schedule.SegmentSchedule((schedule.Segment(0, 10),), (0,)))
+
+
 def test_tiny_cpu_fixture_config_fits_the_fixture_tokenizer(fixture_dir):
     config = importlib.import_module("configs.tiny_cpu").get_config("fixture")
     vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth",
@@ -74,28 +104,27 @@ def test_tiny_cpu_config_fits_the_demo_tokenizer():
 
 
 @pytest.mark.parametrize("tokenizer", ["demo", "fixture"])
-def test_tiny_cpu_var_is_tiny_cpu_with_var_attention(tokenizer):
-    """The MVAR-vs-VAR comparison's baseline: only the attention pattern differs."""
+@pytest.mark.parametrize("twin,family", [("tiny_cpu_var", "var"), ("tiny_cpu_m_var", "mamba")])
+def test_tiny_cpu_twins_differ_from_tiny_cpu_in_the_model_family_only(twin, family, tokenizer,
+                                                                       fixture_dir, monkeypatch):
+    """The MVAR / VAR / M-VAR comparison at one budget: only the model family differs."""
     mvar = importlib.import_module("configs.tiny_cpu").get_config(tokenizer)
-    var = importlib.import_module("configs.tiny_cpu_var").get_config(tokenizer)
-    assert trainer.task_class(var) is trainer.task_class(mvar)
-    assert trainer.total_steps(var) == trainer.total_steps(mvar)
-    differ = {k for k, v in var.to_dict().items() if v != mvar.to_dict()[k]}
+    other = importlib.import_module(f"configs.{twin}").get_config(tokenizer)
+    assert trainer.task_class(other) is trainer.task_class(mvar)
+    assert trainer.total_steps(other) == trainer.total_steps(mvar)
+    differ = {k for k, v in other.to_dict().items() if v != mvar.to_dict()[k]}
     assert differ == {"model"}
-    assert {k for k, v in var.model.items() if v != mvar.model[k]} == {"name"}
-
-
-def test_tiny_cpu_var_builds_on_the_fixture_tokenizer(fixture_dir, monkeypatch):
-    mvar = importlib.import_module("configs.tiny_cpu").get_config("fixture")
-    var = importlib.import_module("configs.tiny_cpu_var").get_config("fixture")
-    monkeypatch.chdir(REPO)  # vqvae_checkpoint is repo-relative
-    trainer.check_config(var)
-    generator.check_config(var)
-    vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth",
-                                          patch_nums=var.model.patch_nums)
-    mvar_model, var_model = (generator.transformer_config(c, vqvae_config) for c in (mvar, var))
-    assert (mvar_model.attention, var_model.attention) == ("mvar", "var")
-    assert dataclasses.replace(var_model, attention="mvar") == mvar_model
+    assert {k for k, v in other.model.items() if v != mvar.model[k]} == {"name"}
+    if tokenizer == "fixture":  # the demo's tokenizer is made by `make demo`
+        monkeypatch.chdir(REPO)  # vqvae_checkpoint is repo-relative
+        trainer.check_config(other)
+        generator.check_config(other)
+        vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth",
+                                              patch_nums=other.model.patch_nums)
+        mvar_model, other_model = (generator.transformer_config(c, vqvae_config)
+                                   for c in (mvar, other))
+        assert (mvar_model.attention, other_model.attention) == ("mvar", family)
+        assert dataclasses.replace(other_model, attention="mvar") == mvar_model
 
 
 def test_train_py_applies_overrides_and_reports_bad_values(tmp_path):

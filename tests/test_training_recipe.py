@@ -248,3 +248,19 @@ def test_segment_loss_weights_tokens_by_one_over_L():
     assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
     assert float(metrics["ce/3x3"]) == pytest.approx(float(ce.mean()), rel=1e-5)
     assert set(metrics) >= {"grad_norm", "param_norm", "learning_rate", "acc/3x3"}
+
+
+def test_no_decay_set_of_m_var_is_the_official_one():
+    """filter_params on M-VAR's Mamba2 layer: its 1-D tensors and biases are not decayed."""
+    config = transformer.TransformerConfig(depth=1, embed_dim=64, num_heads=2, patch_nums=(1, 2),
+                                           attention="mamba")
+    params = transformer.param_shapes(config)["params"]
+    flat = jax.tree_util.tree_flatten_with_path(optimizer.decay_mask(params))[0]
+    decayed = {transformer_weights.official_key(tuple(k.key for k in path)): d
+               for path, d in flat}
+    assert {k.removeprefix("blocks.0.mamba."): d for k, d in decayed.items()
+            if ".mamba." in k} == {
+        "in_proj.weight": True, "out_proj.weight": True, "conv1d.weight": True,  # (C, 1, 4)
+        "conv1d.bias": False, "dt_bias": False, "A_log": False, "D": False,
+        "norm.weight": False}
+    assert decayed["blocks.0.ada_lin.1.weight"]  # the 9-way AdaLN, as VAR's 6-way one

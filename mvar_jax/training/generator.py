@@ -1,10 +1,10 @@
-"""The VAR / MVAR generator as a trainer task (``config.task = 'generator'``).
+"""The VAR / MVAR / M-VAR generator as a trainer task (``config.task = 'generator'``).
 
 The transformer learns the token pyramid of a frozen VQVAE: the batch is
 tokenized on the device (or read from the token cache), each step trains one
-segment of the schedule (MVAR's ``ratio_k``:1:...:1 cycle, VAR's whole pyramid),
-the evaluation is a grid of class-conditional samples, and the export is a model
-directory (VQVAE + transformer) for ``sample.py``.
+segment of the schedule (MVAR's ``ratio_k``:1:...:1 cycle, VAR's and M-VAR's
+whole pyramid), the evaluation is a grid of class-conditional samples, and the
+export is a model directory (VQVAE + transformer) for ``sample.py``.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from mvar_jax import attention, checkpoint, data, parallel, sampling, transformer_weights
+from mvar_jax import checkpoint, data, parallel, sampling, transformer_weights
 from mvar_jax.training import optimizer, schedule
 from mvar_jax.training import state as state_lib
 from mvar_jax.training import step as step_lib
 from mvar_jax.training.metrics_writer import MetricsWriter, image_grid
 from mvar_jax.training.task import Batch, StepFn
 from mvar_jax.training.workdir import Architecture
-from mvar_jax.transformer import Transformer, TransformerConfig, official_drop_path_rate
+from mvar_jax.transformer import (ATTENTIONS, Transformer, TransformerConfig,
+                                  official_drop_path_rate)
 from mvar_jax.vqvae import VQVAE, VQVAEConfig, split_scales
 
 # Execution choices that leave the params unchanged, so a run may resume with others
@@ -44,9 +45,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     size) happen in ``transformer_config``.
     """
     m = config.model
-    if m.name not in attention.PATTERNS:
+    if m.name not in ATTENTIONS:
         raise ValueError(f"config.model.name={m.name!r} is unknown; expected one of "
-                         f"{attention.PATTERNS}")
+                         f"{ATTENTIONS}")
     schedule.make_schedule(m.name, len(m.patch_nums), refine_step=m.refine_step,
                            ratio_k=config.ratio_k)  # raises on refine_step / ratio_k
     if config.sample_every < 0:

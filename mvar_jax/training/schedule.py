@@ -1,7 +1,9 @@
 """Which scales a training step teaches: the segment schedule.
 
-VAR teaches all scales at once through its block-causal mask. MVAR's attention
-never looks further back than the previous scale, so the official trainer splits
+VAR teaches all scales at once through its block-causal mask, and so does M-VAR
+(attention within each scale, its Mamba2 layers causal over the whole pyramid
+in teacher forcing). MVAR's attention never looks further back than the previous
+scale, so the official trainer splits
 the pyramid into segments: scales ``[0, refine_step)`` in one call (block-diagonal
 attention, cheap because the maps are small), then every larger scale alone with
 spatial-Markov attention. A cycle spends ``ratio_k`` steps on the first segment and
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
-from mvar_jax import attention, transformer
+from mvar_jax import transformer
 
 
 class Segment(NamedTuple):
@@ -56,7 +58,8 @@ class SegmentSchedule(NamedTuple):
 
 def make_schedule(model_name: str, num_scales: int, *, refine_step: int = 0,
                   ratio_k: int = 1) -> SegmentSchedule:
-    """The official schedule: MVAR's ``ratio_k``:1:...:1 cycle, or VAR's single segment.
+    """The official schedule: MVAR's ``ratio_k``:1:...:1 cycle, or VAR's and M-VAR's
+    single segment (``refine_step`` and ``ratio_k`` are MVAR's alone).
 
     The official MVAR trainer picks the large scale of cycle position ``p >= ratio_k``
     as ``refine_step + p % ratio_k`` (``p - 1`` when ratio_k is 1); that is
@@ -64,9 +67,10 @@ def make_schedule(model_name: str, num_scales: int, *, refine_step: int = 0,
     large scales, which covers every official setting. The general form is used here,
     so every large scale is visited once per cycle for any ratio_k.
     """
-    if model_name not in attention.PATTERNS:
-        raise ValueError(f"unknown model name {model_name!r}; expected one of {attention.PATTERNS}")
-    if model_name == "var":
+    if model_name not in transformer.ATTENTIONS:
+        raise ValueError(f"unknown model name {model_name!r}; expected one of "
+                         f"{transformer.ATTENTIONS}")
+    if model_name != "mvar":  # VAR, M-VAR: every scale in every step.
         return SegmentSchedule((Segment(0, num_scales),), (0,))
     if ratio_k < 1:
         raise ValueError(f"ratio_k must be >= 1, got {ratio_k}")
