@@ -1,6 +1,6 @@
 """The paper's table in miniature: MVAR vs VAR (vs M-VAR) on the demo's tokenizer, same budget.
 
-    python -m mvar_jax.demo --out demo_out                                  # first: tokenizer + tokens
+    python -m mvar_jax.demo --out demo_out                      # first: tokenizer + tokens
     python -m bench.bench_demo_table --demo-out demo_out --out bench_out/demo_table
 
 Each family trains its ``configs/tiny_cpu*.py`` (the same width, depth, batch,
@@ -179,7 +179,8 @@ def main() -> None:
                         help="a finished (or at least tokenized) demo directory")
     parser.add_argument("--out", type=pathlib.Path, help="work and results directory")
     parser.add_argument("--families", default=None,
-                        help=f"comma-separated, of {tuple(FAMILIES)} (default: those with a config)")
+                        help=f"comma-separated, of {tuple(FAMILIES)} "
+                             "(default: those with a config)")
     parser.add_argument("--data-dir", default=os.environ.get("TFDS_DATA_DIR"))
     parser.add_argument("--classifier-cache", type=pathlib.Path, default=None,
                         help="default: mvar_jax.quality's user cache")

@@ -1,6 +1,6 @@
-"""A small MVAR on the built-in shapes dataset: the demo's generator, trained on 2 CPU cores in minutes.
+"""A small MVAR on the built-in shapes: the demo's generator, trained on 2 CPU cores in minutes.
 
-    python train.py --config configs/tiny_cpu.py --workdir demo_out      # after the demo's tokenizer
+    python train.py --config configs/tiny_cpu.py --workdir demo_out   # after the demo's tokens
     python train.py --config configs/tiny_cpu.py:fixture --workdir /tmp/tiny
 
 Not an official setting: the whole official pipeline (frozen tokenizer, segment

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import pathlib
 import resource
@@ -34,7 +35,10 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 
-from mvar_jax import quality
+from mvar_jax import checkpoint, quality
+from mvar_jax.data import records, token_cache
+from mvar_jax.training import trainer, workdir
+from mvar_jax.vqvae import VQVAE
 
 REPO = pathlib.Path(__file__).resolve().parent.parent  # configs/ and sample.py live here
 GRID_PER_CLASS = 2
@@ -91,31 +95,21 @@ def _newer(output: pathlib.Path, *inputs: pathlib.Path) -> bool:
     return output.exists() and all(output.stat().st_mtime >= p.stat().st_mtime for p in inputs)
 
 
-def _config(module: str, out: pathlib.Path, data_dir: str | None) -> ml_collections.ConfigDict:
-    """A demo config (``configs/<module>.py``) with the data dir and ``out``'s paths."""
+def _config(module: str, data_dir: str | None) -> ml_collections.ConfigDict:
+    """``configs/<module>.py``'s config (its default variant) reading the data from ``data_dir``."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    import importlib
-
     config = importlib.import_module(f"configs.{module}").get_config()
     config.data.data_dir = data_dir
-    if module == "tiny_cpu":
-        config.vqvae_checkpoint = str(out / "tokenizer" / "model")
-        config.data.token_cache_dir = str(out / "tokens")
     return config
 
 
 def _trained(model_dir: pathlib.Path, config: ml_collections.ConfigDict) -> bool:
     """Whether ``model_dir`` holds the export of a finished run of ``config``."""
-    from mvar_jax.training import trainer, workdir
-
     return workdir.exported_step(model_dir) == trainer.total_steps(config)
 
 
 def _token_cache_done(cache_dir: pathlib.Path, tokenizer_model: pathlib.Path) -> bool:
-    from mvar_jax.data import token_cache
-    from mvar_jax.training import workdir
-
     try:
         token_cache.TokenCache(cache_dir, "train")
     except FileNotFoundError:
@@ -125,13 +119,10 @@ def _token_cache_done(cache_dir: pathlib.Path, tokenizer_model: pathlib.Path) ->
 
 def _write_token_cache(config: ml_collections.ConfigDict) -> None:
     """The train split's ids under the demo tokenizer; a cache of an older tokenizer is replaced."""
-    from mvar_jax import checkpoint
-    from mvar_jax.data import token_cache
-    from mvar_jax.vqvae import VQVAE
-
     cache_dir = pathlib.Path(config.data.token_cache_dir)
     meta = cache_dir / "train" / "meta.json"
-    if meta.exists() and not _newer(meta, pathlib.Path(config.vqvae_checkpoint)):
+    if meta.exists() and not _newer(meta, pathlib.Path(config.vqvae_checkpoint)
+                                    / workdir.EXPORTED_STEP):
         shutil.rmtree(cache_dir)  # made by a tokenizer since retrained
     vqvae_config, params = checkpoint.load_vqvae_checkpoint(config.vqvae_checkpoint,
                                                             tuple(config.model.patch_nums))
@@ -141,10 +132,8 @@ def _write_token_cache(config: ml_collections.ConfigDict) -> None:
                                   chunk_size=1000)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    from mvar_jax.training import trainer
-
-    trainer.train_and_evaluate(config, workdir)
+def _train(config: ml_collections.ConfigDict, directory: pathlib.Path) -> None:
+    trainer.train_and_evaluate(config, directory)
 
 
 def _sample_grid(model: pathlib.Path, num_classes: int, path: pathlib.Path) -> None:
@@ -156,8 +145,8 @@ def _sample_grid(model: pathlib.Path, num_classes: int, path: pathlib.Path) -> N
                     "--out", str(path)], check=True)
 
 
-def _report(model: pathlib.Path, data_cfg: ml_collections.ConfigDict, classifier_cache: pathlib.Path,
-            path: pathlib.Path) -> None:
+def _report(model: pathlib.Path, data_cfg: ml_collections.ConfigDict,
+            classifier_cache: pathlib.Path, path: pathlib.Path) -> None:
     data_cfg = data_cfg.copy_and_resolve_references()
     data_cfg.token_cache_dir = None  # the judge reads images
     report = quality.evaluate_model(model, classifier_cache=classifier_cache, data_cfg=data_cfg,
@@ -170,13 +159,12 @@ def _report(model: pathlib.Path, data_cfg: ml_collections.ConfigDict, classifier
 def demo_stages(out: pathlib.Path, *, data_dir: str | None,
                 classifier_cache: pathlib.Path) -> list[Stage]:
     """The demo's stages writing under ``out`` (see the module docstring)."""
-    from mvar_jax.data import records
-    from mvar_jax.training import workdir
-
     out = out.absolute()
-    tokenizer_config = _config("vqvae_tiny_cpu", out, data_dir)
-    generator_config = _config("tiny_cpu", out, data_dir)
     tokenizer_model = out / "tokenizer" / "model"
+    tokenizer_config = _config("vqvae_tiny_cpu", data_dir)
+    generator_config = _config("tiny_cpu", data_dir)
+    generator_config.vqvae_checkpoint = str(tokenizer_model)
+    generator_config.data.token_cache_dir = str(out / "tokens")
     model = out / "model"
     exported = model / workdir.EXPORTED_STEP
     samples, report = out / "samples.png", out / "report.json"
@@ -184,7 +172,8 @@ def demo_stages(out: pathlib.Path, *, data_dir: str | None,
 
     return [
         Stage("data", pathlib.Path(data_dir or "~/tensorflow_datasets") / "builtin_shapes",
-              lambda: records.builtin_prepared(data_dir, size), lambda: records.prepare("builtin_shapes", data_dir, image_size=size)),
+              lambda: records.builtin_prepared(data_dir, size),
+              lambda: records.prepare("builtin_shapes", data_dir, image_size=size)),
         Stage("tokenizer", tokenizer_model, lambda: _trained(tokenizer_model, tokenizer_config),
               lambda: _train(tokenizer_config, out / "tokenizer")),
         Stage("tokens", out / "tokens",

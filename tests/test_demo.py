@@ -68,8 +68,8 @@ def test_each_stage_is_done_when_its_output_is_whole_and_newer_than_its_input(tm
                                                   classifier_cache=tmp_path / "classifiers")}
     assert list(stages) == ["data", "tokenizer", "tokens", "generator", "samples", "report"]
     assert not any(stages[n].done() for n in list(stages)[1:])
-    tokenizer_steps = trainer.total_steps(demo._config("vqvae_tiny_cpu", out, None))
-    generator_steps = trainer.total_steps(demo._config("tiny_cpu", out, None))
+    tokenizer_steps = trainer.total_steps(demo._config("vqvae_tiny_cpu", None))
+    generator_steps = trainer.total_steps(demo._config("tiny_cpu", None))
 
     # A training stage is done when its export holds the run's last step.
     _fake_export(out / "tokenizer" / "model", tokenizer_steps - 1, 1000)
@@ -90,7 +90,8 @@ def test_each_stage_is_done_when_its_output_is_whole_and_newer_than_its_input(tm
     token_cache.write_token_cache(cfg, lambda img: np.zeros((len(img), 5), np.int32),
                                   out / "tokens", "train", batch_size=2, chunk_size=4)
     assert stages["tokens"].done()
-    _fake_export(out / "tokenizer" / "model", tokenizer_steps, (split / "meta.json").stat().st_mtime + 1)
+    _fake_export(out / "tokenizer" / "model", tokenizer_steps,
+                 (split / "meta.json").stat().st_mtime + 1)
     assert not stages["tokens"].done()  # the tokenizer was trained again since
 
     # The generator, then the grid and the report made from its export.
