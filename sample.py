@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--neighborhood-impl", choices=attention.NEIGHBORHOOD_IMPLS,
                         help="spatial-Markov attention: the Pallas kernel or the pure-jnp "
                              "reference (default: the checkpoint's, normally 'auto')")
+    parser.add_argument("--decode-batch-size", type=int, default=sampling.DECODE_BATCH_SIZE,
+                        help="images the VQVAE decodes at a time, so that decoding never sets "
+                             f"the peak memory (default {sampling.DECODE_BATCH_SIZE})")
+    parser.add_argument("--chunk-tokens", type=int, default=sampling.CHUNK_TOKENS,
+                        help="MVAR: tokens per chunk of images each scale runs at a time "
+                             f"(memory vs speed; default {sampling.CHUNK_TOKENS})")
     parser.add_argument("--out", type=pathlib.Path, help="FILE.npz or FILE.png")
     parser.add_argument("--fid-npz", type=pathlib.Path,
                         help="also write uint8 arr_0 (N, H, W, 3) for FID evaluators")
@@ -61,13 +67,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("nothing to write: pass --out FILE.npz|FILE.png and/or --fid-npz FILE")
     if args.out is not None and args.out.suffix not in (".npz", ".png"):
         parser.error(f"--out must end in .npz or .png, got {args.out}")
-    if args.num_per_class < 1:
-        parser.error(f"--num-per-class must be >= 1, got {args.num_per_class}")
+    for name in ("num_per_class", "decode_batch_size", "chunk_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     cli.check_sampling_args(parser, args)
 
 
 def load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> checkpoint.ModelBundle:
-    """The model, checked against its configs, at the requested precision."""
+    """The model, checked against its configs, at the requested precision (per-block params)."""
     try:
         model = checkpoint.load_model(args.checkpoint)  # Checks configs against weights.
     except (CheckpointError, ValueError, OSError) as e:
@@ -99,7 +106,9 @@ def sample_batches(model: checkpoint.ModelBundle, labels_N: np.ndarray,
         n = len(labels_B)
         out = sampling.sample(model, np.pad(labels_B, (0, batch_size - n), mode="edge"),
                               jax.random.fold_in(key, b), cfg=args.cfg, top_k=args.top_k,
-                              top_p=args.top_p, more_smooth=args.more_smooth)
+                              top_p=args.top_p, more_smooth=args.more_smooth,
+                              decode_batch_size=args.decode_batch_size,
+                              chunk_tokens=args.chunk_tokens)
         if pending is not None:
             yield _to_host(*pending)
         pending = (out, n)
@@ -145,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    model = load(parser, args)
+    model = sampling.prepare(load(parser, args))  # Blocks stacked: compiles ~2x faster.
     num_classes = model.transformer_config.num_classes
     labels = list(range(num_classes)) if args.labels is None else args.labels
     bad = sorted({c for c in labels if not 0 <= c < num_classes})

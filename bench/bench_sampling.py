@@ -5,8 +5,9 @@
 
 Random weights (the official initialisation for the transformer, small normal
 values for the VQVAE: timings do not depend on them), 256 px, bfloat16
-transformer, cfg 1.5, top-k 900, top-p 0.96, one image per class label. Each
-row is one (model, batch size, decode) case, run in its own process so that
+transformer (blocks stacked by ``sampling.prepare``), cfg 1.5, top-k 900,
+top-p 0.96, one image per class label. Each row is one (model, batch size,
+decode) case, run in its own process so that
 ``peak_bytes_in_use`` (``jax`` device ``memory_stats``, weights included) is that
 case's alone:
 
@@ -25,18 +26,16 @@ import dataclasses
 import json
 import pathlib
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from bench.harness import run_case, write_results
 from mvar_jax import attention, checkpoint, sampling, transformer
 from mvar_jax.vqvae import VQVAEConfig, abstract_variables
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 GiB = 2 ** 30
 OPTIONS = dict(cfg=1.5, top_k=900, top_p=0.96)
 
@@ -51,7 +50,8 @@ class Case:
     reps: int
 
 
-def model_configs(attention: str, smoke: bool) -> tuple[VQVAEConfig, transformer.TransformerConfig]:
+def model_configs(attention: str, smoke: bool, dtype: str = "bfloat16",
+                  ) -> tuple[VQVAEConfig, transformer.TransformerConfig]:
     """The released tokenizer and d16 at 256 px, or a toy for --smoke."""
     if smoke:
         patch_nums = (1, 2, 3, 4)
@@ -60,13 +60,14 @@ def model_configs(attention: str, smoke: bool) -> tuple[VQVAEConfig, transformer
         return vqvae_config, transformer.TransformerConfig(
             vocab_size=64, cvae=8, num_classes=10, depth=2, embed_dim=64, num_heads=4,
             patch_nums=patch_nums, refine_step=3, kernel_size=3, attention=attention,
-            dtype="bfloat16")
+            dtype=dtype)
     return VQVAEConfig(), transformer.TransformerConfig(depth=16, attention=attention,
-                                                        dtype="bfloat16")
+                                                        dtype=dtype)
 
 
-def random_model(attention: str, smoke: bool) -> checkpoint.ModelBundle:
-    vqvae_config, transformer_config = model_configs(attention, smoke)
+def random_model(attention: str, smoke: bool, dtype: str = "bfloat16") -> checkpoint.ModelBundle:
+    """Random weights for ``model_configs`` (no checkpoint needed)."""
+    vqvae_config, transformer_config = model_configs(attention, smoke, dtype)
     leaves, treedef = jax.tree.flatten(abstract_variables(vqvae_config))
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
     vqvae_params = jax.tree.unflatten(
@@ -78,7 +79,7 @@ def random_model(attention: str, smoke: bool) -> checkpoint.ModelBundle:
 
 def measure(case: Case) -> dict[str, Any]:
     """Runs one case in this process."""
-    model = random_model(case.attention, case.smoke)
+    model = sampling.prepare(random_model(case.attention, case.smoke))
     labels = jnp.arange(case.batch) % model.transformer_config.num_classes
     seconds = []
     for i in range(case.warmup + case.reps):
@@ -97,13 +98,7 @@ def measure(case: Case) -> dict[str, Any]:
 
 def run_isolated(case: Case) -> dict[str, Any]:
     """``measure`` in a fresh process: the device's peak counter cannot be reset."""
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.bench_sampling",
-         "--case", json.dumps(dataclasses.asdict(case))],
-        cwd=REPO, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"case {case} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_case("bench.bench_sampling", "--case", dataclasses.asdict(case))
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -145,10 +140,7 @@ def main() -> None:
                                               args.warmup, reps)))
                 print(f"{pattern} batch {batch} decode {decode}: "
                       f"{rows[-1]['images_per_s']:.1f} img/s", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    (args.out / "results.md").write_text(markdown(rows))
-    print(markdown(rows))
+    write_results(args.out, rows, markdown(rows))
 
 
 if __name__ == "__main__":

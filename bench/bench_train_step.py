@@ -11,8 +11,9 @@ removes it from training), so the teacher-forcing input is random too.
 
 * ``attention impl``: MVAR's spatial-Markov segments (13x13 and 16x16 at
   256 px) run once per ``--neighborhood-impls`` entry
-  (``TransformerConfig.neighborhood_impl``: the Pallas kernel, the pure-jnp
-  reference); the other segments use dense attention only;
+  (``TransformerConfig.neighborhood_impl``: the Pallas kernel, XLA's dense
+  attention under the window mask, the gather reference); the other segments
+  use dense attention only;
 * ``ms/step``: median over ``--reps`` steps after ``--warmup``, each ended by
   ``block_until_ready``;
 * ``XLA GiB``: the compiled step's arguments + outputs + temporaries
@@ -48,7 +49,7 @@ from mvar_jax.training.synthetic import SyntheticTokenSource
 from mvar_jax.transformer import Transformer, TransformerConfig, official_drop_path_rate
 
 GiB = 2 ** 30
-DEFAULT_IMPLS = ("pallas", "reference")
+DEFAULT_IMPLS = ("pallas", "masked", "reference")
 # The interpreter runs the kernel's code on CPU, so the smoke run exercises both paths.
 SMOKE_IMPLS = ("reference", "pallas_interpret")
 DENSE = "dense"  # The attention impl column of segments without spatial-Markov attention.

@@ -23,7 +23,8 @@ IMAGENET_TRAIN_EXAMPLES = 1_281_167  # ILSVRC-2012 train split.
 def trainer_config() -> ml_collections.ConfigDict:
     """What the trainer reads, for every task; the task's config sets ``task`` and the rest."""
     c = ml_collections.ConfigDict()
-    c.task = ""  # which model trains: 'generator' (VAR/MVAR); see mvar_jax.training.trainer.TASKS
+    c.task = ""  # which model trains: 'generator' (VAR/MVAR) or 'tokenizer' (the VQVAE);
+    # see mvar_jax.training.trainer.TASKS
     c.seed = 0
     c.data = data_default_config()
     c.num_train_examples = 0  # the train split's size, if the data source does not report it
@@ -75,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     # README trains with --fp16=1 (float16 autocast + GradScaler); bfloat16 compute
     # needs no loss scaling. Params, optimizer state and loss stay float32.
     m.dtype = "bfloat16"
-    m.neighborhood_impl = "auto"  # Pallas kernel on GPU, pure-jnp reference elsewhere
+    m.neighborhood_impl = "auto"  # Pallas kernel on GPU, the lean "masked" XLA path elsewhere
 
     init = c.init = ml_collections.ConfigDict()
     init.adaln = 0.5  # --aln: ada_lin weight multiplier
@@ -119,4 +120,83 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample_cfg = 2.7  # README: suggested d16 sampling cfg=2.7, top_p=0.99, top_k=1200
     c.sample_top_k = 1200
     c.sample_top_p = 0.99
+    return c
+
+
+def use_builtin_shapes(c: ml_collections.ConfigDict) -> None:
+    """Points a config at the built-in shapes dataset at 64 px (no download)."""
+    c.data.name = "builtin_shapes"
+    c.data.image_size = 64
+    c.data.crop = "resize_random_crop"
+    c.data.num_classes = 10
+    c.data.num_workers = 2
+    c.num_train_examples = 5000  # builtin_shapes train split
+
+
+def adam_config(lr: float, b1: float, b2: float) -> ml_collections.ConfigDict:
+    """An optimizer block of the tokenizer (``mvar_jax.training.tokenizer.make_optimizer``)."""
+    o = ml_collections.ConfigDict()
+    o.lr = lr  # peak learning rate (absolute, not scaled by the batch)
+    o.b1, o.b2 = b1, b2
+    o.eps = 1e-8
+    o.weight_decay = 0.0  # on arrays of >= 2 dims (kernels, the codebook)
+    o.grad_clip = 0.0  # global-norm clipping; <= 0 disables
+    o.schedule = "cos"  # 'cos' | 'lin' | 'lin0' after the warm-up (mvar_jax.training.optimizer)
+    o.warmup_steps = 0
+    o.warmup_start = 0.0  # lr ratio at the start of warm-up
+    o.final_lr_ratio = 1.0  # lr ratio at the last step (1: constant after warm-up)
+    return o
+
+
+def tokenizer_config() -> ml_collections.ConfigDict:
+    """The tokenizer's fields (``config.task = 'tokenizer'``); recipes set their values.
+
+    Defaults: the released VQVAE's architecture (vae_ch160v4096z32.pth), the
+    official training forward's losses (L2 + VQ), no LPIPS, no GAN.
+    """
+    c = trainer_config()
+    c.task = "tokenizer"
+
+    m = c.model = ml_collections.ConfigDict()  # mvar_jax.vqvae.VQVAEConfig
+    m.vocab_size = 4096
+    m.z_channels = 32  # Cvae
+    m.ch = 160
+    m.ch_mult = (1, 1, 2, 2, 4)  # downsampling 2 ** (len - 1)
+    m.num_res_blocks = 2
+    m.using_sa = True
+    m.using_mid_sa = True
+    m.quant_conv_ks = 3
+    m.quant_resi = 0.5
+    m.share_quant_resi = 4
+    m.using_znorm = False
+    m.beta = 0.25  # commitment weight inside the VQ loss
+    m.patch_nums = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # last = image_size / downsampling
+
+    loss = c.loss = ml_collections.ConfigDict()
+    loss.l1 = 0.0
+    loss.l2 = 1.0
+    loss.vq = 1.0  # weight of the VQ loss (beta is in model)
+    loss.lpips = 0.0  # > 0 needs the two weight files below
+    loss.lpips_vgg = ""  # torchvision's vgg16 state dict (.pth), see mvar_jax/lpips.py
+    loss.lpips_lin = ""  # the lpips package's weights/v0.1/vgg.pth
+
+    gan = c.gan = ml_collections.ConfigDict()
+    gan.weight = 0.0  # 0: no discriminator; else the GAN loss weight (times the adaptive ratio)
+    gan.adaptive = True  # VQGAN's adaptive weight at the decoder's last layer
+    gan.start = 0  # the first step that trains the discriminator and uses its loss
+    gan.loss = "hinge"  # or 'vanilla'
+    gan.ndf = 64
+    gan.n_layers = 3
+    gan.optim = adam_config(lr=1e-4, b1=0.5, b2=0.9)
+
+    c.optim = adam_config(lr=1e-4, b1=0.5, b2=0.9)
+
+    cb = c.codebook = ml_collections.ConfigDict()
+    cb.window = 100  # steps of the usage window (usage/<pn>x<pn>, perplexity)
+    cb.dead_after = 0  # re-seed codes no scale chose for this many steps (0: never)
+
+    c.eval_every = 1000  # steps between evaluations (0: never)
+    c.eval_images = 500  # validation images per evaluation
+    c.eval_batch_size = 50  # global
+    c.grid_images = 8  # input|reconstruction pairs in the grid (<= eval_batch_size)
     return c

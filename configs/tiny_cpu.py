@@ -57,13 +57,8 @@ def get_config(tokenizer: str = "demo"):
     m.kernel_size = t["kernel_size"]
     m.dtype = "float32"  # bfloat16 matmuls are slow on CPUs
 
-    c.data.name = "builtin_shapes"
-    c.data.image_size = 64
-    c.data.crop = "resize_random_crop"
-    c.data.num_classes = 10
-    c.data.num_workers = 2
+    common.use_builtin_shapes(c)
     c.data.token_cache_dir = t["token_cache_dir"]
-    c.num_train_examples = 5000  # builtin_shapes train split
 
     c.batch_size = 32
     c.num_epochs = 0

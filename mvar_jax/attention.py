@@ -17,25 +17,26 @@ kernel in ``kernels/spatial_markov.py``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def neighborhood_window_starts(size: int, kernel_size: int) -> jnp.ndarray:
+def neighborhood_window_starts(size: int, kernel_size: int) -> np.ndarray:
     """First row (or column) of each query's window, shape ``(size,)``.
 
     NATTEN (dilation 1, non-causal) keeps every window inside the map: the window
     of query i starts at ``clamp(i - k // 2, 0, size - k)``, so border queries see
     a shifted window rather than a padded one, and every query sees k*k keys.
+    A static numpy array: the windows depend on shapes only.
     """
     if kernel_size % 2 != 1 or not 1 <= kernel_size <= size:
         raise ValueError(
             f"kernel_size must be odd and in [1, {size}] for a map of size {size}, "
             f"got {kernel_size}")
-    i = jnp.arange(size)
-    return jnp.clip(i - kernel_size // 2, 0, size - kernel_size)
+    return np.clip(np.arange(size) - kernel_size // 2, 0, size - kernel_size)
 
 
 def neighborhood_attention_reference(
@@ -71,7 +72,95 @@ def neighborhood_attention_reference(
     return out.astype(q.dtype)
 
 
-NEIGHBORHOOD_IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
+# The masked formulation attends each axis whole up to this size (dense attention
+# under the static window mask: 16x16 costs 256 logits a query instead of 49, but
+# no copy of k or v); a longer axis is cut into query tiles of 4 to 8 rows, each
+# attending the span of rows its windows cover (8 + k - 1 at most).
+MASKED_WHOLE_AXIS = 16
+MASKED_TILES = (8, 7, 6, 5, 4)
+
+
+class AxisTiling(NamedTuple):
+    """How the masked formulation cuts one axis of the map (all static)."""
+
+    tile: int  # queries per tile; the axis length when the axis is attended whole
+    key_start: np.ndarray  # (num_tiles,) first key of each tile's span
+    span: int  # keys per tile
+    allowed: np.ndarray  # (num_tiles, tile, span) bool: key in the query's window
+
+
+def axis_tiling(size: int, kernel_size: int) -> AxisTiling:
+    """Query tiles along one axis and the key span each tile's windows cover."""
+    starts = neighborhood_window_starts(size, kernel_size)
+    tile = size
+    if size > MASKED_WHOLE_AXIS:
+        tile = next((t for t in MASKED_TILES if size % t == 0), size)
+    first = starts[::tile]
+    span = int(np.max(starts[tile - 1::tile] + kernel_size - first))
+    key_start = np.minimum(first, size - span)
+    keys = key_start[:, None, None] + np.arange(span)  # (n, 1, span)
+    query_starts = starts.reshape(-1, tile)[:, :, None]  # (n, tile, 1)
+    allowed = (keys >= query_starts) & (keys < query_starts + kernel_size)
+    return AxisTiling(tile, key_start, span, allowed)
+
+
+def _key_tiles(x: jax.Array, tiling: AxisTiling, axis: int) -> jax.Array:
+    """Splits ``axis`` (of length L) into ``(num_tiles, span)`` overlapping key spans."""
+    if len(tiling.key_start) == 1:  # The whole axis: a reshape, no copy.
+        return jnp.expand_dims(x, axis)
+    index = tiling.key_start[:, None] + np.arange(tiling.span)
+    return jnp.take(x, index, axis=axis)
+
+
+def neighborhood_attention_masked(
+    q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: int,
+    scale: float | None = None,
+) -> jax.Array:
+    """Spatial-Markov attention as dense attention under the static window mask.
+
+    The memory-lean pure-XLA path (what ``auto`` picks off GPU): maps up to
+    ``MASKED_WHOLE_AXIS`` a side attend the whole map under the ``(HW, HW)``
+    mask, so no per-query copy of the k x k keys and values is made (the
+    reference's gather holds k*k copies of k and v in float32). Longer axes are
+    tiled (``axis_tiling``): each query tile attends the span of key rows and
+    columns its windows cover, keeping the logits and the key copies a few
+    times the size of k.
+
+    Args:
+      q, k, v: ``(B, H, W, heads, head_dim)``.
+      kernel_size: odd window side, at most ``min(H, W)``.
+      scale: logit multiplier; ``head_dim ** -0.5`` when None.
+
+    Returns:
+      ``(B, H, W, heads, head_dim)`` in q's dtype; logits and softmax in float32,
+      the probabilities cast to v's dtype for the second matmul (as
+      ``jax.nn.dot_product_attention`` does).
+    """
+    B, H, W, heads, head_dim = q.shape
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share a shape, got {q.shape}, {k.shape}, {v.shape}")
+    if scale is None:
+        scale = head_dim ** -0.5
+    rows, cols = axis_tiling(H, kernel_size), axis_tiling(W, kernel_size)
+    nh, nw = H // rows.tile, W // cols.tile
+    q_t = q.reshape(B, nh, rows.tile, nw, cols.tile, heads, head_dim)
+    k_t, v_t = (_key_tiles(_key_tiles(x, rows, 1), cols, 3) for x in (k, v))
+    # (B, nh, nw, heads, tile_h, tile_w, span_h, span_w)
+    logits = jnp.einsum("zxiyjnd,zxaycnd->zxynijac", q_t, k_t,
+                        preferred_element_type=jnp.float32) * scale
+    allowed = (rows.allowed[:, None, None, :, None, :, None]
+               & cols.allowed[None, :, None, None, :, None, :])
+    queries, keys = rows.tile * cols.tile, rows.span * cols.span
+    logits = jnp.where(allowed.reshape(nh, nw, 1, queries, keys),
+                       logits.reshape(B, nh, nw, heads, queries, keys), -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(
+        B, nh, nw, heads, rows.tile, cols.tile, rows.span, cols.span)
+    out = jnp.einsum("zxynijac,zxaycnd->zxiyjnd", probs, v_t,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(q.shape).astype(q.dtype)
+
+
+NEIGHBORHOOD_IMPLS = ("auto", "masked", "reference", "pallas", "pallas_interpret")
 # The two models by their attention: ``TransformerConfig.attention``, a training
 # config's ``model.name``.
 PATTERNS = ("mvar", "var")
@@ -143,14 +232,17 @@ def neighborhood_attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel_size
                            scale: float | None = None, impl: str = "auto") -> jax.Array:
     """MVAR spatial-Markov attention on ``(B, H, W, heads, head_dim)`` maps.
 
-    ``impl``: 'reference' (pure jnp, any backend), 'pallas' (the fused kernel),
-    'pallas_interpret' (the kernel run by the Pallas interpreter, for CPU tests)
-    or 'auto' (the kernel on GPU, the reference elsewhere).
+    ``impl``: 'masked' (pure XLA, memory-lean: ``neighborhood_attention_masked``),
+    'reference' (the gather of every window: the test oracle), 'pallas' (the
+    fused kernel), 'pallas_interpret' (the kernel run by the Pallas interpreter,
+    for CPU tests) or 'auto' (the kernel on GPU, 'masked' elsewhere).
     """
     if impl not in NEIGHBORHOOD_IMPLS:
         raise ValueError(f"neighborhood impl must be one of {NEIGHBORHOOD_IMPLS}, got {impl!r}")
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "reference"
+        impl = "pallas" if jax.default_backend() == "gpu" else "masked"
+    if impl == "masked":
+        return neighborhood_attention_masked(q, k, v, kernel_size, scale)
     if impl == "reference":
         return neighborhood_attention_reference(q, k, v, kernel_size, scale)
     # Imported lazily: the kernel needs Pallas/Triton, the reference does not.

@@ -27,6 +27,13 @@ Inference, one scale at a time (the sampler owns the loop, CFG and the VQVAE)::
 Scale indices (``first_scale``, ``last_scale``, ``si``) are static Python ints:
 jit with ``static_argnames`` and each scale compiles once.
 
+Params keep one subtree per block (``blocks_0`` ... ``blocks_{depth-1}``), the
+layout of checkpoints and converters. ``stack_blocks`` turns them into one
+``blocks`` subtree with a leading depth axis, which ``Transformer(config,
+scan_blocks=True)`` runs with ``jax.lax.scan``: one compiled block per scale
+instead of ``depth`` (the sampler's compile time), and the per-block weight
+casts stay inside the loop.
+
 Params are float32. With ``dtype='bfloat16'`` the matmuls run in bfloat16 while
 the residual stream, LayerNorm, attention softmax and the logits stay float32.
 """
@@ -34,6 +41,7 @@ the residual stream, LayerNorm, attention softmax and the logits stay float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -53,8 +61,9 @@ INIT_SCALE_MUL = math.log(4.0)
 MAX_SCALE_MUL = math.log(100.0)
 
 # Per block, one (k, v) pair of shape (B, L, heads, head_dim) holding every token
-# generated so far (VAR only).
-KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+# generated so far (VAR only); with scanned blocks one (k, v) pair of shape
+# (depth, B, L, heads, head_dim).
+KVCache = tuple[tuple[jax.Array, jax.Array], ...] | tuple[jax.Array, jax.Array]
 
 # The attention argument: VAR's and MVAR's patterns, and M-VAR ('mamba').
 ATTENTIONS = (*attention.PATTERNS, "mamba")
@@ -415,6 +424,7 @@ class Transformer(nn.Module):
 
     config: TransformerConfig
     init_scales: InitScales = InitScales()
+    scan_blocks: bool = False  # params from stack_blocks, blocks run by lax.scan (inference)
 
     def setup(self):
         cfg = self.config
@@ -428,12 +438,11 @@ class Transformer(nn.Module):
         if cfg.shared_aln:
             self.shared_ada_lin = nn.Dense(6 * C, dtype=cfg.compute_dtype,
                                            kernel_init=_normal(std))
-        block = AdaLNSelfAttn
-        if cfg.attention == "mamba":
-            from mvar_jax.m_var import AdaLNAttnMamba  # m_var builds on this module.
-            block = AdaLNAttnMamba
-        self.blocks = [block(cfg, float(rate), init_scales=self.init_scales)
-                       for rate in np.linspace(0.0, cfg.drop_path_rate, cfg.depth)]
+        if self.scan_blocks:
+            self.stacked_blocks = self.param("blocks", stacked_blocks_init(cfg, self.init_scales))
+        else:
+            self.blocks = [block_class(cfg)(cfg, float(rate), init_scales=self.init_scales)
+                           for rate in np.linspace(0.0, cfg.drop_path_rate, cfg.depth)]
         self.head_nm = AdaLNBeforeHead(cfg, init_scales=self.init_scales)
         self.head = nn.Dense(cfg.vocab_size, kernel_init=_normal(std * self.init_scales.head))
 
@@ -528,7 +537,7 @@ class Transformer(nn.Module):
         if x_BlC.ndim != 3 or x_BlC.shape[1:] != (n, cfg.embed_dim):
             raise ValueError(f"x_BlC for scale {si} must be (B, {n}, {cfg.embed_dim}), "
                              f"got {x_BlC.shape}")
-        if cache is not None and len(cache) != cfg.depth:
+        if cache is not None and not self.scan_blocks and len(cache) != cfg.depth:
             raise ValueError(f"cache has {len(cache)} blocks, the model {cfg.depth}")
         h_BlC, cache = self._blocks(x_BlC, cond_BD, si, si + 1, deterministic=True,
                                     cache=cache)
@@ -549,6 +558,11 @@ class Transformer(nn.Module):
             cond = self.shared_ada_lin(nn.silu(cond_BD)).reshape(-1, 6, cfg.embed_dim)
         else:
             cond = cond_BD
+        if self.scan_blocks:
+            if not deterministic:
+                raise ValueError("scanned blocks are for inference: train with the per-block "
+                                 "params (scan_blocks=False)")
+            return self._scanned_blocks(x_BlC, cond, first_scale, last_scale, cache)
         new_cache = []
         for i, block in enumerate(self.blocks):
             x_BlC, block_cache = block(
@@ -557,16 +571,49 @@ class Transformer(nn.Module):
             new_cache.append(block_cache)
         return x_BlC, None if cache is None else tuple(new_cache)
 
+    def _scanned_blocks(self, x_BlC, cond, first_scale, last_scale, cache):
+        """The blocks as one ``lax.scan`` over the stacked params and cache (``stack_cache``).
+
+        VAR's cache is carried whole and this scale's keys and values written
+        into it in place; M-VAR's per-block state goes in and comes out as the
+        scan's inputs and outputs.
+        """
+        cfg = self.config
+        block = block_class(cfg)(cfg, parent=None)  # Applied to each layer's params in turn.
+        begin, end = cfg.token_range(first_scale, last_scale)
+        carried, scanned = (cache, None) if cfg.attention == "var" else (None, cache)
+
+        def step(carry, layer):
+            x_BlC, kv = carry
+            params, i, block_cache = layer
+            if kv is not None:
+                block_cache = tuple(full[i] for full in kv)
+            x_BlC, block_cache = block.apply(
+                {"params": params}, x_BlC, cond, first_scale=first_scale,
+                last_scale=last_scale, cache=block_cache)
+            if kv is not None:  # Only this scale's keys and values are new.
+                kv = tuple(jax.lax.dynamic_update_slice(full, new[None, :, begin:end],
+                                                        (i, 0, begin, 0, 0))
+                           for full, new in zip(kv, block_cache))
+                block_cache = None
+            return (x_BlC, kv), block_cache
+
+        (x_BlC, carried), scanned = jax.lax.scan(
+            step, (x_BlC, carried), (self.stacked_blocks, jnp.arange(cfg.depth), scanned))
+        return x_BlC, carried if cfg.attention == "var" else scanned
+
     def _logits(self, h_BlC: jax.Array, cond_BD: jax.Array) -> jax.Array:
         return self.head(self.head_nm(h_BlC.astype(jnp.float32), cond_BD)).astype(jnp.float32)
 
 
 def init_kv_cache(config: TransformerConfig, batch_size: int
                   ) -> KVCache | tuple[mamba2.MambaState, ...] | None:
-    """Zeroed VAR KV cache (one (k, v) pair of ``(B, L, heads, head_dim)`` per block).
+    """Zeroed VAR KV cache (one (k, v) pair of ``(B, L, heads, head_dim)`` per block,
+    in the compute dtype as the official cache).
 
     Returns None for MVAR, which needs no cache, so a sampler can treat all alike,
     and M-VAR's zero Mamba state per block (what scale 0 starts from).
+    ``stack_cache`` turns a per-block cache into the form of scanned blocks.
     """
     if config.attention == "mvar":
         return None
@@ -576,6 +623,63 @@ def init_kv_cache(config: TransformerConfig, batch_size: int
     # Distinct buffers, so that a jitted step may donate the whole cache.
     return tuple((jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
                  for _ in range(config.depth))
+
+
+def stack_cache(cache: tuple[Any, ...] | None) -> Any:
+    """A per-block cache (``init_kv_cache``, ``m_var.init_rerun_cache``) with its blocks'
+    leaves stacked on a leading depth axis, the form ``scan_blocks`` carries."""
+    return None if cache is None else jax.tree.map(lambda *leaves: jnp.stack(leaves), *cache)
+
+
+def block_class(config: TransformerConfig) -> type[AdaLNSelfAttn]:
+    """The block of the config's family (M-VAR's lives in ``m_var``)."""
+    if config.attention == "mamba":
+        from mvar_jax.m_var import AdaLNAttnMamba  # m_var builds on this module.
+        return AdaLNAttnMamba
+    return AdaLNSelfAttn
+
+
+@functools.cache
+def stacked_blocks_init(config: TransformerConfig, scales: InitScales) -> Any:
+    """``rng -> params`` of every block, stacked on a leading depth axis.
+
+    Jitted and cached per config: Flax checks a param's shape by tracing its
+    initialiser on every ``apply``, which the sampler calls twice per scale.
+    """
+    block = block_class(config)(config, init_scales=scales, parent=None)
+    cond_shape = (1, 6, config.embed_dim) if config.shared_aln else (1, config.embed_dim)
+
+    def init(rng: jax.Array) -> Any:
+        x_BlC, cond = jnp.zeros((1, config.first_l, config.embed_dim)), jnp.zeros(cond_shape)
+        return jax.vmap(lambda key: block.init(key, x_BlC, cond, first_scale=0,
+                                               last_scale=1)["params"])(
+            jax.random.split(rng, config.depth))
+
+    return jax.jit(init)
+
+
+def _block_names(depth: int) -> list[str]:
+    return [f"blocks_{i}" for i in range(depth)]
+
+
+def blocks_are_stacked(variables: Mapping[str, Any]) -> bool:
+    """Whether ``{'params': ...}`` holds the blocks stacked (``stack_blocks``) or one per block."""
+    return "blocks" in variables["params"]
+
+
+def stack_blocks(variables: Mapping[str, Any], depth: int) -> dict[str, Any]:
+    """``{'params': ...}`` with ``blocks_0`` ... ``blocks_{depth-1}`` replaced by one
+    ``blocks`` subtree whose leaves carry a leading depth axis (for ``scan_blocks``).
+
+    A new copy of the block weights: drop the per-block tree to free its memory.
+    """
+    params = dict(variables["params"])
+    missing = [name for name in _block_names(depth) if name not in params]
+    if missing:
+        raise ValueError(f"stack_blocks: per-block params {missing} not found")
+    blocks = [params.pop(name) for name in _block_names(depth)]
+    params["blocks"] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)
+    return {**variables, "params": params}
 
 
 def _init_fn(config: TransformerConfig, scales: InitScales = InitScales()):

@@ -78,6 +78,16 @@ def make_image_folder(root: pathlib.Path, num_classes: int, per_class: int) -> N
                 class_dir / f"{i}.png")
 
 
+def set_fields(config, overrides: dict) -> None:
+    """``config[a][b] = value`` for each ``'a.b': value`` of ``overrides`` (as --config.a.b does)."""
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        target = config
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+
+
 def event_scalars(directory: pathlib.Path) -> dict[tuple[str, int], set[float]]:
     """``(tag, step) -> values`` of every TensorBoard event file in ``directory``; a torn
     last record ends its file, as for TensorBoard."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -82,6 +83,57 @@ def test_neighborhood_dispatch():
         attention.neighborhood_attention(q, k, v, 3, 0.5, impl="natten")
     with pytest.raises(ValueError, match="kernel_size"):
         attention.neighborhood_attention(q, k, v, 9, 0.5, impl="reference")
+
+
+def test_neighborhood_masked_matches_window_loop():
+    # Whole axes (dense under the mask) up to 16; tiles of 4 to 8 rows above, with ragged
+    # border spans (18: tiles of 6; 20: tiles of 5), and a prime side attended whole (17).
+    rng = np.random.default_rng(7)
+    for H, W, ks in [(5, 8, 3), (13, 13, 7), (16, 16, 7), (24, 20, 5), (18, 17, 7), (32, 9, 3),
+                     (20, 6, 1)]:
+        q, k, v = (_rand(rng, 2, H, W, 2, 8) for _ in range(3))
+        out = attention.neighborhood_attention_masked(q, k, v, ks, scale=0.7)
+        assert out.shape == q.shape
+        assert rel_err(out, _neighborhood_loop(q, k, v, ks, 0.7)) < 1e-6, (H, W, ks)
+
+
+@pytest.mark.parametrize("size,ks", [(13, 7), (16, 7), (24, 7), (18, 5), (64, 7), (17, 3)])
+def test_axis_tiling_covers_every_window_exactly(size, ks):
+    tiling = attention.axis_tiling(size, ks)
+    starts = attention.neighborhood_window_starts(size, ks)
+    assert size % tiling.tile == 0 and tiling.allowed.shape[1:] == (tiling.tile, tiling.span)
+    whole = size <= attention.MASKED_WHOLE_AXIS or size == 17  # 17 has no tile of 4 to 8
+    assert tiling.tile == size if whole else tiling.tile in attention.MASKED_TILES
+    for i in range(size):
+        t, j = divmod(i, tiling.tile)
+        keys = tiling.key_start[t] + np.flatnonzero(tiling.allowed[t, j])
+        np.testing.assert_array_equal(keys, np.arange(starts[i], starts[i] + ks))
+    assert np.all(tiling.key_start >= 0) and np.all(tiling.key_start + tiling.span <= size)
+
+
+def test_neighborhood_masked_gradients_and_bfloat16_match_reference():
+    rng = np.random.default_rng(5)
+    q, k, v, do = (jnp.asarray(_rand(rng, 2, 18, 9, 2, 8)) for _ in range(4))
+
+    def grads(fn):
+        return jax.vjp(lambda *qkv: fn(*qkv, 5, 0.7), q, k, v)[1](do)
+
+    for got, want in zip(grads(attention.neighborhood_attention_masked),
+                         grads(attention.neighborhood_attention_reference)):
+        assert rel_err(got, want) < 1e-5
+    bf16 = [t.astype(jnp.bfloat16) for t in (q, k, v)]
+    out = attention.neighborhood_attention_masked(*bf16, 5, 0.7)
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out, attention.neighborhood_attention_reference(*bf16, 5, 0.7)) < 1e-2
+
+
+def test_auto_picks_the_masked_path_off_gpu():
+    rng = np.random.default_rng(6)
+    q, k, v = (_rand(rng, 1, 6, 7, 2, 4) for _ in range(3))
+    masked = attention.neighborhood_attention_masked(q, k, v, 3, 0.5)
+    for impl in ("masked", "auto"):
+        np.testing.assert_array_equal(attention.neighborhood_attention(q, k, v, 3, 0.5, impl),
+                                      masked)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("kernels.spatial_markov") is None,

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 
-from bench import (bench_kernel_resources, bench_m_var_cost, bench_sampling, bench_spatial_markov,
-                   bench_train_step,
-                   tune_spatial_markov)
+from bench import (bench_cost, bench_cpu_sampling, bench_kernel_resources, bench_m_var_cost,
+                   bench_sampling, bench_spatial_markov, bench_train_step, tune_spatial_markov)
 
 
 def test_kernel_bench_and_tuner(tmp_path):
@@ -56,11 +55,31 @@ def test_train_step_bench(tmp_path):
     assert "reference / pallas_interpret" in (tmp_path / "results.md").read_text()
 
 
-def test_sampling_bench_case():
-    case = bench_sampling.Case("mvar", batch=2, decode=True, smoke=True, warmup=1, reps=1)
+def test_sampling_bench_cases():
+    """The two sampling benches on one toy program (the second call hits the first's compile)."""
+    case = bench_sampling.Case("mvar", batch=2, decode=False, smoke=True, warmup=1, reps=1)
     row = bench_sampling.measure(case)
     assert row["images_per_s"] > 0 and row["depth"] == 2
-    assert "| MVAR-d2 | 2 | yes |" in bench_sampling.markdown([row])
+    assert "| MVAR-d2 | 2 | no |" in bench_sampling.markdown([row])
+    row = bench_cpu_sampling.measure(bench_cpu_sampling.Case("mvar", 2, "bfloat16", 1, True))
+    assert row["first_call_s"] > 0 and row["seconds_per_call"] > 0
+    assert row["cpu_seconds_per_call"] > 0
+    assert "| MVAR-d2 | 2 | bfloat16 |" in bench_cpu_sampling.markdown([row])
+
+
+def test_cost_bench_programs():
+    """Compiled, never run: XLA's counts beside the analytic one, and the memory analysis."""
+    programs = [bench_cost.Program("mvar", 2, 2, "sample+decode", smoke=True),
+                bench_cost.Program("var", 2, 2, "train", segment=(0, 4), smoke=True)]
+    rows = [bench_cost.measure(program) for program in programs]
+    for row in rows:
+        assert row["xla_flops"] > 0 and row["temp_bytes"] > 0 and row["peak_bytes"] > 0
+        # The toy's elementwise work (softmax, norms, filters) weighs more than at scale.
+        assert 0.8 < row["ratio"] < 1.6, row["ratio"]
+    assert {"linear", "attention", "adaln", "head", "vqvae", "decoder"} <= set(rows[0]["analytic"])
+    assert rows[1]["analytic"]["head"] == 3 * 2 * 30 * 2 * 64 * 64  # fwd+bwd, B 2, 30 tokens
+    table = bench_cost.markdown(rows)
+    assert "| MVAR-d2 | 2 | sample+decode |" in table and "| VAR-d2 | 2 | train 1-4 |" in table
 
 
 def test_m_var_cost_bench(tmp_path):

@@ -61,8 +61,15 @@ class Run:
 
 # One line per task. The overrides (beyond ``_overrides``') shrink its run to cheap steps.
 GENERATOR = {"vqvae_checkpoint": str(TINY_VAE), "model.depth": 1, "ratio_k": 2, "sample_every": 0}
+# A 16 px VQVAE (4x4 latents). The image folder has no val/ split, hence no evaluation;
+# the restart re-seeds codes.
+TOKENIZER = {"data.image_size": 16, "model.ch": 32, "model.ch_mult": (1, 1, 2),
+             "model.patch_nums": (1, 2, 4), "model.vocab_size": 64, "model.z_channels": 8, "eval_every": 0,
+             "codebook.window": 2, "codebook.dead_after": 2}
 RUNS = [
     pytest.param(Run("configs/tiny_cpu.py:fixture", GENERATOR, checkpoint.load_model), id="generator"),
+    pytest.param(Run("configs/vqvae_tiny_cpu.py", TOKENIZER, checkpoint.load_tokenizer),
+                 id="tokenizer"),
 ]
 
 # The kills, in order, each followed by a restart: a hook point (``mvar_jax.faults``),

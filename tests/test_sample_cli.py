@@ -1,6 +1,7 @@
 """``sample.py`` end to end on the CLI-converted tiny fixture.
 
-Greedy runs with two images per call reuse the compilation of the sampling tests.
+Greedy runs with two images per call share one compilation (of the prepared,
+block-stacked model that sample.py samples from).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import pytest
 from PIL import Image
 
 import sample
-from mvar_jax import checkpoint
+from mvar_jax import checkpoint, sampling
+from mvar_jax.transformer import blocks_are_stacked
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GREEDY = ["--cfg", "1.5", "--top-k", "1", "--top-p", "0", "--seed", "0"]
@@ -103,6 +105,29 @@ def test_bad_input_is_a_clear_error(tiny_checkpoints, capsys, tmp_path):
     assert "missing vqvae_config.json" in err
     assert f"its model is {tmp_path / 'tokenizer_run' / 'model'}" in err
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_memory_options_are_checked_and_reach_the_sampler(tiny_checkpoints, capsys, tmp_path,
+                                                         monkeypatch):
+    ckpt = str(tiny_checkpoints["mvar"])
+    out = str(tmp_path / "x.npz")
+    err = _error_of(capsys, ["--checkpoint", ckpt, "--decode-batch-size", "0", "--out", out])
+    assert "--decode-batch-size must be >= 1" in err
+    assert "--chunk-tokens must be >= 1" in _error_of(
+        capsys, ["--checkpoint", ckpt, "--chunk-tokens", "-1", "--out", out])
+    calls = []
+
+    def fake_sample(model, labels, key, **options):  # Records the call, skips the work.
+        calls.append((model, options))
+        n, L = len(labels), model.transformer_config.seq_len
+        return sampling.Samples(np.zeros((n, L), np.int32), None, np.zeros((n, 2, 2, 3)))
+
+    monkeypatch.setattr(sampling, "sample", fake_sample)
+    sample.main(["--checkpoint", ckpt, "--labels", "1", "--out", out,
+                 "--decode-batch-size", "1", "--chunk-tokens", "64"])
+    (model, options), = calls
+    assert (options["decode_batch_size"], options["chunk_tokens"]) == (1, 64)
+    assert blocks_are_stacked(model.transformer_params)  # sampling.prepare ran
 
 
 def test_command_line_exit_status(tiny_checkpoints, tmp_path):

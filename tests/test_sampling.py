@@ -13,7 +13,8 @@ import pytest
 from conftest import rel_err
 
 from mvar_jax import checkpoint, sampling
-from mvar_jax.transformer import SelfAttention, Transformer, TransformerConfig, param_shapes
+from mvar_jax.transformer import (SelfAttention, Transformer, TransformerConfig,
+                                  blocks_are_stacked, param_shapes)
 from mvar_jax.vqvae import VQVAEConfig, abstract_variables
 
 
@@ -45,6 +46,44 @@ def test_filter_logits_matches_official_rule(top_k, top_p):
     want = _official_filter_numpy(logits, top_k, top_p)
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
     np.testing.assert_array_equal(got[np.isfinite(got)], logits[np.isfinite(want)])
+
+
+def test_tokens_from_uniform_is_the_inverse_cdf():
+    probs = np.array([0.0, 0.1, 0.2, 0.0, 0.7])  # Zero-probability entries: filtered out.
+    n = 1000
+    u = (np.arange(n) + 0.5) / n  # Evenly spread quantiles: counts follow the probabilities.
+    with np.errstate(divide="ignore"):
+        logits = np.broadcast_to(np.log(probs), (n, 5))[None]
+    drawn = np.asarray(sampling.tokens_from_uniform(jnp.asarray(logits), jnp.asarray(u)[None]))
+    np.testing.assert_array_equal(np.bincount(drawn[0], minlength=5), [0, 100, 200, 0, 700])
+    # The ends of (0, 1] land on the first and last entries that carry mass.
+    ends = sampling.tokens_from_uniform(jnp.asarray(logits[:, :2]), jnp.array([[1e-9, 1.0]]))
+    np.testing.assert_array_equal(ends, [[1, 4]])
+
+
+def test_chunks_split_the_batch_evenly_and_keep_every_row():
+    assert sampling.images_per_chunk(64, 2 * 256, 8192) == 16
+    assert sampling.images_per_chunk(64, 2 * 169, 8192) == 16  # 24 fit; 16 divides 64
+    assert sampling.images_per_chunk(67, 2 * 256, 8192) == 16  # prime: 4 x 16 + 3
+    assert sampling.images_per_chunk(2, 2 * 256, 8192) == 2
+    x = np.arange(21, dtype=np.float32).reshape(7, 3)
+
+    def fn(a, b):
+        return a * 2, b.sum(-1)
+
+    for chunk in (1, 3, 7, 9):
+        for got, want in zip(sampling.map_chunks(fn, chunk, x, x), fn(x, x)):
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 0.5), (12, 0.9), (3, 0.99), (1, 0.5), (30, 0.3)])
+def test_joint_top_k_top_p_equals_the_two_filters_in_turn(top_k, top_p):
+    """filter_logits finds the nucleus among the k largest alone; with integer logits,
+    which tie often (at the k-th largest and at the nucleus threshold too), it must
+    still equal top-k then top-p over the whole vocabulary."""
+    logits = np.random.default_rng(top_k).integers(-4, 4, size=(4, 9, 32)).astype(np.float32)
+    want = sampling.top_p_filter(sampling.top_k_filter(logits, top_k), top_p)
+    np.testing.assert_array_equal(sampling.filter_logits(logits, top_k, top_p), want)
 
 
 def test_filters_keep_the_largest_and_drop_something():
@@ -214,6 +253,21 @@ def test_more_smooth_and_bfloat16(mini_model):
     assert out.images is None and out.tokens.dtype == jnp.int32
     assert out.tokens.shape == (4, mini_model.transformer_config.seq_len)
     assert out.f_hat.dtype == jnp.float32
+
+
+def test_prepared_chunked_and_micro_batched_sampling_draw_the_same(mini_model):
+    """Stacked blocks, one image per chunk and 2-image decode batches change no token."""
+    key = jax.random.PRNGKey(3)
+    whole = sampling.sample(mini_model, _LABELS, key, **_OPTIONS)
+    prepared = sampling.prepare(mini_model)
+    assert blocks_are_stacked(prepared.transformer_params)
+    assert sampling.prepare(prepared) is prepared
+    chunked = sampling.sample(prepared, _LABELS, key, **_OPTIONS, chunk_tokens=1,
+                              decode_batch_size=3)
+    np.testing.assert_array_equal(chunked.tokens, whole.tokens)
+    np.testing.assert_allclose(chunked.images, whole.images, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
+        sampling.sample(prepared, _LABELS, key, chunk_tokens=0)
 
 
 def test_bad_labels_and_mismatched_configs_raise(mini_model):

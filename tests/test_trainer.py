@@ -133,7 +133,7 @@ def test_the_config_picks_the_task(toy_task, tmp_path):
     config = _config()
     config.task = "vqgan"
     with pytest.raises(ValueError, match=r"config.task='vqgan' is unknown; expected one of "
-                                         r"\('generator', 'toy'\)"):
+                                         r"\('generator', 'tokenizer', 'toy'\)"):
         trainer.train_and_evaluate(config, tmp_path, source=_source())
     config = _config()
     config.toy_rate = 0.0

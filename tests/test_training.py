@@ -25,7 +25,7 @@ import PIL.Image
 import pytest
 
 import sample
-from conftest import event_scalars
+from conftest import event_scalars, set_fields
 from configs import tiny_cpu, tiny_cpu_m_var
 from mvar_jax import checkpoint, quality
 from mvar_jax.training import checkpointing, generator, metrics_writer, schedule, trainer, workdir
@@ -47,12 +47,7 @@ def _config(**overrides):
     c.ratio_k = 2
     c.log_every = 1
     c.checkpoint_every = 3
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+    set_fields(c, overrides)
     return c
 
 

@@ -15,8 +15,9 @@ import pytest
 
 from conftest import rel_err
 from mvar_jax import transformer_weights
-from mvar_jax.transformer import (Transformer, TransformerConfig, check_refine_step,
-                                  init_kv_cache, init_params, param_shapes)
+from mvar_jax.transformer import (Transformer, TransformerConfig, blocks_are_stacked,
+                                  check_refine_step, init_kv_cache, init_params, param_shapes,
+                                  stack_blocks, stack_cache)
 
 # The official MVAR training segments of the tiny fixtures (tiny_meta.json).
 SEGMENTS = {"mvar_logits_seg0": (0, 8), "mvar_logits_seg1": (8, 9), "mvar_logits_seg2": (9, 10)}
@@ -116,13 +117,15 @@ def _small_forward(attention):
 
 def _per_scale_logits(config, params, label_B, x_BLCv_wo_first_l):
     """The inference API driven with teacher-forcing inputs, one scale at a time."""
-    model = Transformer(config)
+    stacked = blocks_are_stacked(params)
+    model = Transformer(config, scan_blocks=stacked)
     step = jax.jit(functools.partial(model.apply, method=Transformer.scale_logits),
                    static_argnames="si")
     embed = jax.jit(functools.partial(model.apply, method=Transformer.scale_input),
                     static_argnames="si")
     x, cond = model.apply(params, label_B, method=Transformer.start_input)
     cache = init_kv_cache(config, label_B.shape[0])
+    cache = stack_cache(cache) if stacked else cache
     out = []
     for si in range(config.num_scales):
         if si:
@@ -143,6 +146,45 @@ def test_per_scale_inference_reproduces_teacher_forcing(attention):
     assert (init_kv_cache(config, 2) is None) == (attention == "mvar")
     err = rel_err(_per_scale_logits(config, params, label, x), forward(params, label, x))
     assert err < 1e-6, err
+
+
+@pytest.mark.parametrize("attention", ["mvar", "var", "mamba"])
+def test_stacked_blocks_scan_to_the_same_logits(attention):
+    """stack_blocks + scan_blocks (the sampler's form) against the per-block model:
+    teacher forcing and per-scale inference (VAR's cache carried and written in
+    place, M-VAR's Mamba states scanned through)."""
+    config, params, forward = _small_forward(attention)
+    stacked = stack_blocks(params, config.depth)
+    assert blocks_are_stacked(stacked) and not blocks_are_stacked(params)
+    assert jax.tree.leaves(stacked["params"]["blocks"])[0].shape[0] == config.depth
+    x = np.random.default_rng(1).standard_normal(
+        (2, config.seq_len - 1, config.cvae)).astype(np.float32)
+    label = jnp.array([4, 1])
+    want = forward(params, label, x)
+    scanned = Transformer(config, scan_blocks=True).apply(
+        stacked, label, x, first_scale=0, last_scale=config.num_scales)
+    assert rel_err(scanned, want) < 1e-6
+    assert rel_err(_per_scale_logits(config, stacked, label, x), want) < 1e-6
+    if attention == "var":
+        cache = stack_cache(init_kv_cache(config, 2))
+        assert [c.shape for c in cache] == [(config.depth, 2, config.seq_len, 2, 16)] * 2
+
+
+def test_stacked_blocks_are_for_inference_and_need_every_block():
+    config, params, _ = _small_forward("mvar")
+    model = Transformer(config, scan_blocks=True)
+    stacked = stack_blocks(params, config.depth)
+    x = jnp.zeros((1, config.seq_len - 1, config.cvae))
+    with pytest.raises(ValueError, match="scanned blocks are for inference"):
+        model.apply(stacked, jnp.zeros((1,), jnp.int32), x, first_scale=0,
+                    last_scale=config.num_scales, train=True,
+                    rngs={"dropout": jax.random.PRNGKey(0)})
+    with pytest.raises(ValueError, match=r"\['blocks_2'\] not found"):
+        stack_blocks(params, config.depth + 1)
+    # A scanned model initialises stacked blocks of the per-block shapes.
+    fresh = model.init(jax.random.PRNGKey(0), jnp.zeros((1,), jnp.int32), None,
+                       first_scale=0, last_scale=1)
+    assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, stacked)
 
 
 @hypothesis.settings(max_examples=8, deadline=None, database=None)

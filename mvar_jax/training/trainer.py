@@ -7,7 +7,8 @@ directory holds::
     lock                  held by the run writing the directory: a second run is refused
     checkpoints/<step>/   Orbax train state + every host's data position (keep-last-N)
     tensorboard/          event files
-    <tag>/step_*.png      evaluation images (the generator's samples/)
+    <tag>/step_*.png      evaluation images (the generator's samples/, the tokenizer's
+                          reconstructions/)
     model/                the final model; model/exported_step.json says which step it holds
     <model>_config.json   the architecture, checked when resuming
 """
@@ -27,13 +28,14 @@ import numpy as np
 
 from mvar_jax import data, faults, parallel
 from mvar_jax.data import config as data_config
-from mvar_jax.training import checkpointing, generator
+from mvar_jax.training import checkpointing, generator, tokenizer
 from mvar_jax.training import workdir as workdir_lib
 from mvar_jax.training.metrics_writer import MetricsWriter, announce
 from mvar_jax.training.task import State, Task
 
 # config.task -> the task class (constructor and ``check_config``, see task.Task).
-TASKS: dict[str, Any] = {"generator": generator.GeneratorTask}
+TASKS: dict[str, Any] = {"generator": generator.GeneratorTask,
+                         "tokenizer": tokenizer.TokenizerTask}
 
 
 def task_class(config: ml_collections.ConfigDict) -> Any:

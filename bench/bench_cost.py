@@ -1,0 +1,383 @@
+"""The real programs' cost from XLA's own analyses, compiled on the CPU: no GPU, no weights.
+
+    python -m bench.bench_cost --out bench_out/cost        # d16/d20/d24 x batch 32/64, all programs
+    python -m bench.bench_cost --out bench_out/cost --models mvar --depths 16 --batches 64 \\
+        --programs sample                                   # one program
+    python -m bench.bench_cost --out /tmp/cost_smoke --smoke  # toy model, seconds (CI)
+
+Every program is lowered with abstract inputs (``jax.ShapeDtypeStruct``: no weight
+is allocated) and compiled for the CPU, never run. Each runs in its own process
+(compiling d24 at batch 64 takes minutes and GBs); finished rows are kept in
+``results.json``, so an interrupted sweep resumes. Programs:
+
+* ``sample`` / ``sample+decode``: ``sampling.generate`` at bfloat16, cfg 1.5,
+  top-k 900, top-p 0.96, the neighbourhood impl ``auto`` resolves to here (the
+  memory-lean 'masked' path, as on TPUs; ``--neighborhood-impl`` for another);
+* ``train <scales>``: the train step (forward, backward, AdamW) of each MVAR
+  segment (scales 1-8, 13 and 16 at 256 px) and of VAR, bfloat16.
+
+Columns:
+
+* ``XLA GFLOP`` and ``XLA GB``: ``compiled.cost_analysis()`` flops and bytes
+  accessed. XLA counts a while loop's body once, so the sampler's cost is read
+  off its loop-free form (per-block params, one image chunk, one decode batch):
+  the same arithmetic as the production program, unrolled;
+* ``temp``, ``args``, ``out``, ``peak`` GiB: ``compiled.memory_analysis()`` of the
+  production program (the sampler as ``sample.py`` runs it: ``sampling.prepare``d
+  block-stacked params, the default image chunks and decode batches); peak is
+  arguments + outputs + temporaries - aliased, i.e. the device memory the
+  program needs with its weights;
+* ``analytic GFLOP``: the matmul work the model needs (``analytic_flops``):
+  attention counted as each pattern needs it (block-diagonal: the tokens of
+  the query's scale; neighbourhood: k*k; block-causal: every token of the
+  scales up to the query's), the linear layers, AdaLN, the head, the VQVAE's
+  per-scale Phi convs and resizes, the decoder; training is 3x the forward.
+  ``ratio`` is XLA / analytic: XLA also counts elementwise work (softmax,
+  LayerNorm, GELU, the logit filters), so ~1.0-1.1 is the expected floor and
+  more than 1.15 points at waste (dense attention where a pattern needs less,
+  padding, recomputation);
+* ``compile s``: CPU seconds to lower and compile the production program.
+
+Writes ``results.md`` and ``results.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bench.bench_sampling import OPTIONS as SAMPLE_OPTIONS, model_configs
+from bench.harness import run_case, write_results
+from mvar_jax import attention, parallel, sampling, transformer
+from mvar_jax.training import optimizer, state as state_lib, step as step_lib
+from mvar_jax.training.schedule import Segment, make_schedule
+from mvar_jax.vqvae import VQVAEConfig, abstract_variables
+
+GiB = 2 ** 30
+PROGRAMS = ("sample", "sample+decode", "train")
+UNCHUNKED = 2 ** 62  # chunk_tokens that keeps every image in one chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    model: str  # 'mvar' or 'var'
+    depth: int
+    batch: int
+    kind: str  # 'sample', 'sample+decode' or 'train'
+    segment: tuple[int, int] | None = None  # train: scales [first, last)
+    neighborhood_impl: str = "auto"
+    # The sampler's production form (ablations: 'per-block' params run unrolled).
+    blocks: str = "stacked"
+    chunk_tokens: int = sampling.CHUNK_TOKENS
+    smoke: bool = False
+
+    def name(self, config: transformer.TransformerConfig) -> str:
+        if self.kind != "train":
+            return self.kind
+        return f"train {Segment(*self.segment).name(config.patch_nums)}"
+
+
+def configs(program: Program) -> tuple[VQVAEConfig, transformer.TransformerConfig]:
+    """The released tokenizer and the official d-depth model at bfloat16 (toy with smoke)."""
+    vqvae_config, config = model_configs(program.model, program.smoke)
+    config = dataclasses.replace(config, neighborhood_impl=program.neighborhood_impl)
+    if not program.smoke:
+        config = dataclasses.replace(config, depth=program.depth, embed_dim=64 * program.depth,
+                                     num_heads=program.depth,
+                                     drop_path_rate=0.1 * program.depth / 24)
+    return vqvae_config, config
+
+
+def programs_for(model: str, depth: int, batch: int, kinds: tuple[str, ...],
+                 **options: Any) -> list[Program]:
+    """One Program per kind, one train step per segment of the model's schedule."""
+    base = Program(model, depth, batch, "sample", **options)
+    config = configs(base)[1]
+    out = []
+    for kind in kinds:
+        if kind != "train":
+            out.append(dataclasses.replace(base, kind=kind))
+            continue
+        schedule = make_schedule(model, config.num_scales, refine_step=config.refine_step)
+        out += [dataclasses.replace(base, kind=kind, segment=tuple(s)) for s in schedule.segments]
+    return out
+
+
+# ----------------------------------------------------------------------------
+# The analytic count: matmul FLOPs (2 per multiply-add) the model needs.
+
+def _resize_flops(size_in: int, size_out: int, channels: int) -> int:
+    """A separable resize of a square map: two matmuls with interpolation matrices."""
+    return 2 * channels * (size_in * size_in * size_out + size_in * size_out * size_out)
+
+
+def decoder_flops(config: VQVAEConfig) -> int:
+    """post_quant_conv and the decoder, one image."""
+    side = config.patch_nums[-1]
+    hw = side * side
+    conv = lambda k, cin, cout, pixels: 2 * k * k * cin * cout * pixels  # noqa: E731
+
+    def resnet(cin, cout, pixels):
+        return (conv(3, cin, cout, pixels) + conv(3, cout, cout, pixels)
+                + (conv(1, cin, cout, pixels) if cin != cout else 0))
+
+    def attn(c, pixels):
+        return conv(1, c, 4 * c, pixels) + 4 * pixels * pixels * c  # qkv + proj, logits + mix
+
+    z, top = config.z_channels, config.ch * config.ch_mult[-1]
+    flops = conv(config.quant_conv_ks, z, z, hw) + conv(3, z, top, hw)
+    flops += 2 * resnet(top, top, hw) + (attn(top, hw) if config.using_mid_sa else 0)
+    channels, last = top, len(config.ch_mult) - 1
+    for i in reversed(range(len(config.ch_mult))):
+        out = config.ch * config.ch_mult[i]
+        for _ in range(config.num_res_blocks + 1):
+            flops += resnet(channels, out, hw)
+            flops += attn(out, hw) if config.using_sa and i == last else 0
+            channels = out
+        if i:
+            hw *= 4
+            flops += conv(3, out, out, hw)
+    return flops + conv(3, channels, 3, hw)
+
+
+def _keys(config: transformer.TransformerConfig, si: int) -> int:
+    """Keys a query of scale si attends, as its attention pattern needs."""
+    pn = config.patch_nums[si]
+    if config.attention == "var":
+        return config.token_range(0, si + 1)[1]
+    return pn * pn if si < config.refine_step else config.kernel_size ** 2
+
+
+def transformer_flops(config: transformer.TransformerConfig, rows: int, first: int,
+                      last: int, input_rows: int) -> dict[str, int]:
+    """One forward over scales [first, last) for ``rows`` rows.
+
+    ``input_rows`` rows get the word embedding of their VQVAE input (the sampler
+    embeds each image once and shares it between the guidance rows).
+    """
+    C, N, D = config.embed_dim, config.depth, config.embed_dim
+    begin, end = config.token_range(first, last)
+    tokens = end - begin
+    embedded = tokens - (config.first_l if first == 0 else 0)
+    attention = sum(config.patch_nums[si] ** 2 * 4 * C * _keys(config, si)
+                    for si in range(first, last))
+    return {
+        "linear": rows * tokens * N * 2 * C * (4 * C + 2 * config.mlp_dim),
+        "attention": rows * N * attention,
+        "adaln": rows * (N * 2 * D * 6 * C + 2 * D * 2 * C),
+        "head": rows * tokens * 2 * C * config.vocab_size,
+        "embed": input_rows * embedded * 2 * config.cvae * C,
+    }
+
+
+def analytic_flops(program: Program) -> dict[str, int]:
+    """The work the program needs, by component (``analytic_flops(p)['total']``)."""
+    vqvae_config, config = configs(program)
+    B = program.batch
+    parts: dict[str, int] = {}
+
+    def add(counts: dict[str, int], times: int = 1):
+        for key, value in counts.items():
+            parts[key] = parts.get(key, 0) + times * value
+
+    if program.kind == "train":
+        add(transformer_flops(config, B, *program.segment, input_rows=B), times=3)
+    else:
+        rows = 2 * B  # cfg 1.5: conditional and unconditional rows (VAR always guides)
+        side = config.patch_nums[-1]
+        for si, pn in enumerate(config.patch_nums):
+            add(transformer_flops(config, rows, si, si + 1, input_rows=B))
+            # f_hat += Phi(upsampled scale); the next input is f_hat area-downsampled.
+            vqvae = 2 * 9 * config.cvae ** 2 * side * side
+            if si + 1 < config.num_scales:
+                vqvae += (_resize_flops(pn, side, config.cvae)
+                          + _resize_flops(side, config.patch_nums[si + 1], config.cvae))
+            add({"vqvae": B * vqvae})
+        if program.kind == "sample+decode":
+            add({"decoder": B * decoder_flops(vqvae_config)})
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+# ----------------------------------------------------------------------------
+# The programs, lowered from abstract inputs.
+
+def sampler_lowered(program: Program, *, loop_free: bool):
+    """``sampling.generate`` lowered; ``loop_free`` for the cost view (see the module doc)."""
+    vqvae_config, config = configs(program)
+    params = transformer.param_shapes(config)
+    if not loop_free and program.blocks == "stacked":
+        params = jax.eval_shape(lambda p: transformer.stack_blocks(p, config.depth), params)
+    B = program.batch
+    guidance = sampling.guidance_schedule(SAMPLE_OPTIONS["cfg"], config)
+    return sampling._generate_jit.lower(
+        vqvae_config, config, abstract_variables(vqvae_config), params,
+        jax.ShapeDtypeStruct((B,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32),
+        guidance, top_k=SAMPLE_OPTIONS["top_k"], top_p=SAMPLE_OPTIONS["top_p"],
+        decode=program.kind == "sample+decode",
+        decode_batch_size=B if loop_free else sampling.DECODE_BATCH_SIZE,
+        chunk_tokens=UNCHUNKED if loop_free else program.chunk_tokens)
+
+
+def train_step_lowered(program: Program):
+    """One train step of the program's segment, jitted as the trainer does (state donated)."""
+    from configs import common  # ml_collections: imported only for the train steps
+
+    _, config = configs(program)
+    recipe = common.get_config()
+    tx, lr = optimizer.make_optimizer(recipe.optim, global_batch_size=program.batch,
+                                      total_steps=10_000, warmup_steps=100)
+    state = jax.eval_shape(lambda rng: state_lib.create_train_state(
+        state_lib.init_params(config, recipe.init, rng), tx, rng), jax.random.PRNGKey(0))
+    B, L = program.batch, config.seq_len
+    batch = {"label": jax.ShapeDtypeStruct((B,), jnp.int32),
+             "tokens": jax.ShapeDtypeStruct((B, L), jnp.int32),
+             "x_BLCv": jax.ShapeDtypeStruct((B, L - config.first_l, config.cvae), jnp.float32)}
+    step = step_lib.make_train_step(transformer.Transformer(config), tx, lr,
+                                    Segment(*program.segment),
+                                    label_smoothing=recipe.label_smoothing)
+    mesh = parallel.make_mesh(jax.local_devices())
+    jitted = parallel.jit_train_step(step, parallel.state_shardings(state, mesh, fsdp=False), mesh)
+    return jitted.lower(state, batch)
+
+
+def _cost(compiled) -> tuple[float, float]:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def measure(program: Program) -> dict[str, Any]:
+    """Compiles the program (twice for the sampler: production and loop-free views)."""
+    _, config = configs(program)
+    started = time.process_time()
+    lowered = (train_step_lowered(program) if program.kind == "train"
+               else sampler_lowered(program, loop_free=False))
+    compiled = lowered.compile()
+    compile_s = time.process_time() - started
+    memory = compiled.memory_analysis()
+    if program.kind != "train":
+        compiled = sampler_lowered(program, loop_free=True).compile()
+    flops, accessed = _cost(compiled)
+    analytic = analytic_flops(program)
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    return dict(dataclasses.asdict(program), name=program.name(config),
+                xla_flops=flops, xla_bytes_accessed=accessed, analytic_flops=analytic["total"],
+                analytic=analytic, ratio=flops / analytic["total"],
+                temp_bytes=memory.temp_size_in_bytes, argument_bytes=memory.argument_size_in_bytes,
+                output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
+                peak_bytes=peak, compile_cpu_s=compile_s, jax=jax.__version__,
+                device=jax.devices()[0].device_kind)
+
+
+def run_isolated(program: Program) -> dict[str, Any]:
+    """``measure`` in a fresh process: compilations of this size hold GBs until exit."""
+    return run_case("bench.bench_cost", "--program", dataclasses.asdict(program))
+
+
+def _variant(row: dict[str, Any]) -> str:
+    """`` (reference, per-block, unchunked)``: how a row departs from the production program."""
+    notes = [row["neighborhood_impl"]] if row["neighborhood_impl"] != "auto" else []
+    if row["kind"] != "train":
+        notes += [row["blocks"]] if row["blocks"] != "stacked" else []
+        if row["chunk_tokens"] != sampling.CHUNK_TOKENS:
+            notes.append("unchunked" if row["chunk_tokens"] >= UNCHUNKED
+                         else f"chunks of {row['chunk_tokens']}")
+    return f" ({', '.join(notes)})" if notes else ""
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    r0 = rows[0]
+    lines = [f"XLA on {r0['device']} (jax {r0['jax']}), compiled, not run; bfloat16; sampler "
+             f"cfg {SAMPLE_OPTIONS['cfg']}, top-k {SAMPLE_OPTIONS['top_k']}, top-p "
+             f"{SAMPLE_OPTIONS['top_p']}{' (smoke: toy model)' if r0['smoke'] else ''}.", "",
+             "| model | batch | program | XLA GFLOP | analytic GFLOP | ratio | XLA GB accessed "
+             "| temp GiB | args GiB | out GiB | peak GiB | compile CPU s |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    def gflop(flops: float) -> str:
+        return f"{flops / 1e9:,.0f}" if flops >= 1e11 else f"{flops / 1e9:.3g}"
+
+    for r in rows:
+        impl = _variant(r)
+        lines.append(
+            f"| {r['model'].upper()}-d{r['depth']} | {r['batch']} | {r['name']}{impl} | "
+            f"{gflop(r['xla_flops'])} | {gflop(r['analytic_flops'])} | "
+            f"{r['ratio']:.3f} | {r['xla_bytes_accessed'] / 1e9:,.1f} | "
+            f"{r['temp_bytes'] / GiB:.2f} | {r['argument_bytes'] / GiB:.2f} | "
+            f"{r['output_bytes'] / GiB:.3f} | {r['peak_bytes'] / GiB:.2f} | "
+            f"{r['compile_cpu_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def program_of(fields: dict[str, Any]) -> Program:
+    """The Program a results row (or its JSON) describes."""
+    fields = {f.name: fields[f.name] for f in dataclasses.fields(Program) if f.name in fields}
+    fields["segment"] = fields["segment"] and tuple(fields["segment"])
+    return Program(**fields)
+
+
+def _csv(text: str, cast=str) -> list:
+    return [cast(item) for item in text.split(",") if item]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=pathlib.Path, help="directory for results.md/.json")
+    parser.add_argument("--models", default="mvar,var")
+    parser.add_argument("--depths", default="16,20,24")
+    parser.add_argument("--batches", default="32,64")
+    parser.add_argument("--programs", default=",".join(PROGRAMS),
+                        help=f"comma-separated from {PROGRAMS}")
+    parser.add_argument("--neighborhood-impl", default="auto",
+                        choices=attention.NEIGHBORHOOD_IMPLS)
+    parser.add_argument("--blocks", choices=("stacked", "per-block"), default="stacked",
+                        help="sampler params: stacked (sampling.prepare, scanned) or per-block "
+                             "(unrolled), for ablations")
+    parser.add_argument("--chunk-tokens", type=int, default=sampling.CHUNK_TOKENS,
+                        help=f"sampler chunk_tokens (0: one chunk; default "
+                             f"{sampling.CHUNK_TOKENS})")
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy model at batch 2, in this process (CI)")
+    parser.add_argument("--program", help=argparse.SUPPRESS)  # One program, JSON on stdout.
+    args = parser.parse_args(argv)
+    if args.program:
+        print(json.dumps(measure(program_of(json.loads(args.program)))))
+        return
+    if args.out is None:
+        parser.error("--out is required")
+    kinds = tuple(_csv(args.programs))
+    if not kinds or set(kinds) - set(PROGRAMS):
+        parser.error(f"--programs must name some of {PROGRAMS}, got {args.programs!r}")
+    depths, batches = ([2], [2]) if args.smoke else (_csv(args.depths, int),
+                                                      _csv(args.batches, int))
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.json"
+    rows = json.loads(results.read_text()) if results.exists() else []
+    done = {program_of(row) for row in rows}
+    for model in _csv(args.models):
+        for depth in depths:
+            for batch in batches:
+                for program in programs_for(
+                        model, depth, batch, kinds, neighborhood_impl=args.neighborhood_impl,
+                        blocks=args.blocks, chunk_tokens=args.chunk_tokens or UNCHUNKED,
+                        smoke=args.smoke):
+                    if program in done:
+                        continue
+                    row = measure(program) if args.smoke else run_isolated(program)
+                    rows.append(row)
+                    results.write_text(json.dumps(rows, indent=1))
+                    print(f"{model} d{depth} b{batch} {row['name']}: ratio {row['ratio']:.3f}, "
+                          f"temp {row['temp_bytes'] / GiB:.2f} GiB", flush=True)
+    write_results(args.out, rows, markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
