@@ -1,48 +1,80 @@
-"""A small MVAR trained on the built-in shapes dataset; finishes on 2 CPU cores in minutes.
+"""A small MVAR on the built-in shapes: the demo's generator, trained on 2 CPU cores in minutes.
 
-    python train.py --config configs/tiny_cpu.py --workdir /tmp/tiny
+    python train.py --config configs/tiny_cpu.py --workdir demo_out   # after the demo's tokens
+    python train.py --config configs/tiny_cpu.py:fixture --workdir /tmp/tiny
 
-Not an official setting: it exercises the whole official pipeline (tokenizer,
-8:1 segment cycle, recipe, checkpoints, export) at toy size. The official VQVAE
-(vae_ch160v4096z32.pth) cannot be downloaded here, so the tokenizer is the tiny
-random-weight VQVAE of the parity fixtures (official layout: vocab 64, Cvae 8,
-16x downsampling). Its tokens are a fixed function of the image, which is all
-the transformer needs to learn; decoded samples are not meant to look like the
-data. 64 px images give 4x4 token maps, hence patch_nums (1, 2, 3, 4).
+Not an official setting: the whole official pipeline (frozen tokenizer, segment
+cycle, recipe, checkpoints, export) at toy size. Two tokenizers:
+
+- ``demo`` (the default): the tiny multi-scale VQVAE that ``make demo`` trains
+  with ``configs/vqvae_tiny_cpu.py`` into ``demo_out/tokenizer/model`` (vocab 512,
+  Cvae 16, 8x downsampling: 8x8 token maps at 64 px), read through the token
+  cache that ``make demo`` writes beside it. Its decoded samples show the classes.
+- ``fixture``: the random-weight VQVAE of the parity fixtures (vocab 64, Cvae 8,
+  16x downsampling: 4x4 maps), which needs nothing but the repository; the tests
+  train on it. Its tokens are a fixed function of the image, which is all the
+  transformer needs to learn, but decoded samples are coloured noise.
+
+Everything else is shared, and configs/tiny_cpu_var.py (VAR) derives from this file.
 """
 
 from configs import common
 
+# Per tokenizer: its checkpoint, the token pyramid it makes at 64 px, the MVAR attention
+# fitted to that pyramid (refine_step: the first scale with spatial-Markov attention; the
+# kernel must fit the smallest such map), and the run's size.
+TOKENIZERS = {
+    # 1x1..4x4 together, then 6x6 and 8x8 each with 3x3 neighbourhoods (the official
+    # 256 px setting keeps the last two of ten scales for spatial-Markov attention).
+    # Cycle [1-4, 1-4, 6x6, 8x8] (ratio_k 2): the official 8:1:1 has eight small scales
+    # in the first segment, here it has four, so each large scale gets a quarter of the steps.
+    "demo": dict(vqvae_checkpoint="demo_out/tokenizer/model", token_cache_dir="demo_out/tokens",
+                 patch_nums=(1, 2, 3, 4, 6, 8), refine_step=4, kernel_size=3, ratio_k=2,
+                 depth=4, embed_dim=128, num_train_steps=900, base_lr=0.06,
+                 sample_every=0),  # mvar_jax.demo draws the grid from the export
+    # The smoke-size run the tests and notebooks train: 2 epochs of 157 steps, 0.17M params.
+    "fixture": dict(vqvae_checkpoint="tests/fixtures/official/tiny_vae.pth", token_cache_dir=None,
+                    patch_nums=(1, 2, 3, 4), refine_step=3, kernel_size=3, ratio_k=8,
+                    depth=2, embed_dim=64, num_train_steps=314, base_lr=0.02,
+                    sample_every=157),  # a grid after each epoch
+}
 
-def get_config():
+
+def get_config(tokenizer: str = "demo"):
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"configs/tiny_cpu.py:{tokenizer}: expected one of {tuple(TOKENIZERS)}")
+    t = TOKENIZERS[tokenizer]
     c = common.get_config()
-    c.vqvae_checkpoint = "tests/fixtures/official/tiny_vae.pth"
+    c.vqvae_checkpoint = t["vqvae_checkpoint"]  # repo-relative: run from the repository root
 
     m = c.model
-    m.depth = 2
-    m.embed_dim = 64  # 4 heads of 16
+    m.depth = t["depth"]
+    m.embed_dim = t["embed_dim"]
     m.num_heads = 4
     m.drop_path_rate = 0.0
-    m.patch_nums = (1, 2, 3, 4)  # 64 px / 16
-    m.refine_step = 3  # scales 1..3 together, the 4x4 scale with spatial-Markov attention
-    m.kernel_size = 3  # must fit the 4x4 map
+    m.patch_nums = t["patch_nums"]
+    m.refine_step = t["refine_step"]
+    m.kernel_size = t["kernel_size"]
     m.dtype = "float32"  # bfloat16 matmuls are slow on CPUs
 
     common.use_builtin_shapes(c)
+    c.data.token_cache_dir = t["token_cache_dir"]
 
     c.batch_size = 32
-    c.num_epochs = 2  # 2 x 157 steps
+    c.num_epochs = 0
+    c.num_train_steps = t["num_train_steps"]
+    c.ratio_k = t["ratio_k"]
     c.init.adaln_gamma = 1e-3
-    # A 0.17M-parameter model at batch 32 wants a far larger step than tblr 1e-4.
-    c.optim.base_lr = 0.02  # peak lr 2.5e-3
+    # A small model at batch 32 wants a far larger step than tblr 1e-4.
+    c.optim.base_lr = t["base_lr"]  # peak lr base_lr * 32 / 256
     c.optim.final_lr_ratio = 0.1
 
-    c.log_every = 20
-    c.checkpoint_every = 100
+    c.log_every = 50
+    c.checkpoint_every = 150
     c.keep_checkpoints = 2
-    c.sample_every = 157  # a grid after each epoch
+    c.sample_every = t["sample_every"]
     c.sample_classes = tuple(range(10))
     c.sample_cfg = 1.5
-    c.sample_top_k = 0  # the 64-token vocabulary needs no filtering
+    c.sample_top_k = 0  # the model's own distribution, as mvar_jax.quality measures it
     c.sample_top_p = 0.0
     return c

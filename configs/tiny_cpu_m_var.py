@@ -1,6 +1,7 @@
 """The M-VAR twin of configs/tiny_cpu.py: the same tokenizer, width, depth, data and steps.
 
-    python train.py --config configs/tiny_cpu_m_var.py --workdir /tmp/tiny_m_var
+    python train.py --config configs/tiny_cpu_m_var.py --workdir /tmp/tiny_m_var   # after make demo
+    python train.py --config configs/tiny_cpu_m_var.py:fixture --workdir /tmp/tiny_m_var
 
 Attention within each scale plus a Mamba2 layer per block running causally over
 the whole pyramid; every step teaches all scales (one segment, as VAR), and
@@ -14,7 +15,7 @@ from tiny_cpu, so MVAR, VAR and M-VAR cannot drift apart; the Mamba2 layer needs
 from configs import tiny_cpu
 
 
-def get_config():
-    c = tiny_cpu.get_config()
+def get_config(tokenizer: str = "demo"):
+    c = tiny_cpu.get_config(tokenizer)
     c.model.name = "mamba"
     return c

@@ -2,12 +2,17 @@
 
     python train.py --config configs/vqvae_tiny_cpu.py --workdir /tmp/vqvae_tiny
 
-Not an official setting (every value is our choice, sized for a CPU; the search
-behind it is in docs/benchmarks.md): 64 px images, 8x downsampling to 8x8
-latents, six scales, a 512-code book, L2 + L1 + VQ losses and the dead-code
-restart. The first level keeps 64 channels: at 32, each of GroupNorm's 32
-groups holds one channel, so the decoder's last norm removes every image's
-mean colour (all reconstructions come out with the same grey background). The export
+Not an official setting (every value is our choice, sized for a CPU): 64 px
+images, 8x downsampling to 8x8 latents, six scales, a 512-code book, the
+official training losses (L2 + VQ) and the dead-code restart.
+
+Chosen for the demo by what the generator needs, not by PSNR alone (measured in
+docs/benchmarks.md): a wider first level (ch 64, batch 8, L2 + 0.5 L1, znorm,
+420 steps) reaches 21.7 dB instead of ~20 but only 48% of its reconstructions
+are recognised by the demo's classifier (stars never), against 75% here. At
+ch 32 each of GroupNorm's 32 groups holds one channel, so the decoder's last
+norm removes every image's mean colour: backgrounds come out grey, but the
+object, which carries the class, keeps its colour. The export
 (WORKDIR/model) is a tokenizer directory that configs/tiny_cpu.py can use as
 ``--config.vqvae_checkpoint``.
 """
@@ -19,7 +24,7 @@ def get_config():
     c = common.tokenizer_config()
 
     m = c.model
-    m.ch = 64  # >= 2 channels per GroupNorm group at the first level (see above)
+    m.ch = 32
     m.ch_mult = (1, 1, 2, 2)  # 8x downsampling: 64 px -> 8x8
     m.num_res_blocks = 1
     m.using_sa = False  # attention costs more than it gives at this size
@@ -27,31 +32,29 @@ def get_config():
     m.vocab_size = 512
     m.z_channels = 16
     m.patch_nums = (1, 2, 3, 4, 6, 8)
-    m.using_znorm = True  # cosine codebook lookup: far higher code usage from the start
 
     common.use_builtin_shapes(c)
 
-    c.batch_size = 8  # more steps beat bigger batches in a fixed CPU budget
-    c.num_train_steps = 420
+    c.batch_size = 16
+    c.num_train_steps = 400
 
     c.loss.l2 = 1.0
-    c.loss.l1 = 0.5  # as in the best run of the search (not isolated against L2 alone)
     c.loss.vq = 1.0
 
     o = c.optim
     o.lr = 2e-3
     o.b1, o.b2 = 0.9, 0.99
-    o.warmup_steps = 30
+    o.warmup_steps = 20
     o.schedule = "cos"
-    o.final_lr_ratio = 0.05
+    o.final_lr_ratio = 0.1
 
     c.codebook.window = 50
     c.codebook.dead_after = 50
 
     c.log_every = 20
-    c.checkpoint_every = 140
+    c.checkpoint_every = 200
     c.keep_checkpoints = 2
-    c.eval_every = 210
+    c.eval_every = 200
     c.eval_images = 500  # the whole builtin_shapes validation split
     c.eval_batch_size = 100
     c.grid_images = 16

@@ -176,9 +176,11 @@ def _existing(directory: str | os.PathLike, kind: str, needed: tuple[str, ...]) 
         raise CheckpointError(f"{kind} directory not found: {directory}{hint}")
     missing = [name for name in needed if not (directory / name).exists()]
     if missing:
+        hint = ("expected the output of save_model / save_tokenizer / mvar_jax.convert"
+                + (f"; a training work directory? its model is {directory / 'model'}"
+                   if (directory / "model" / PARAMS_DIR).exists() else ""))
         raise CheckpointError(
-            f"incomplete {kind} directory {directory}: missing {', '.join(missing)} "
-            "(expected the output of save_model / save_tokenizer / mvar_jax.convert)")
+            f"incomplete {kind} directory {directory}: missing {', '.join(missing)} ({hint})")
     return directory
 
 

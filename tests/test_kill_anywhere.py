@@ -51,7 +51,8 @@ TIMEOUT_S = 240
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """A config the chain trains: its file, its own overrides, and its model directory's reader."""
+    """A config the chain trains: its file (``FILE.py`` or ``FILE.py:ARG``), its own overrides,
+    and its model directory's reader."""
 
     config: str
     overrides: dict
@@ -66,7 +67,7 @@ TOKENIZER = {"data.image_size": 16, "model.ch": 32, "model.ch_mult": (1, 1, 2),
              "model.patch_nums": (1, 2, 4), "model.vocab_size": 64, "model.z_channels": 8, "eval_every": 0,
              "codebook.window": 2, "codebook.dead_after": 2}
 RUNS = [
-    pytest.param(Run("configs/tiny_cpu.py", GENERATOR, checkpoint.load_model), id="generator"),
+    pytest.param(Run("configs/tiny_cpu.py:fixture", GENERATOR, checkpoint.load_model), id="generator"),
     pytest.param(Run("configs/vqvae_tiny_cpu.py", TOKENIZER, checkpoint.load_tokenizer),
                  id="tokenizer"),
 ]
@@ -115,7 +116,8 @@ def _train_command(run: Run, data_dir: pathlib.Path, workdir: pathlib.Path,
 
 def _config(run: Run, data_dir: pathlib.Path, **extra):
     """What ``_train_command`` runs, as a config for an in-process run."""
-    config = importlib.import_module(run.config.removesuffix(".py").replace("/", ".")).get_config()
+    path, *arg = run.config.split(":")
+    config = importlib.import_module(path.removesuffix(".py").replace("/", ".")).get_config(*arg)
     for key, value in _overrides(run, data_dir, **extra).items():
         *parents, leaf = key.split(".")
         target = config

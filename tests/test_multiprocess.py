@@ -58,7 +58,7 @@ def _train_args(data_dir: pathlib.Path, workdir: pathlib.Path) -> list[str]:
         "checkpoint_every": RESUME_FROM, "sample_every": 0,
         "model.depth": 1, "model.cond_drop_rate": 0.0,
     }
-    return [sys.executable, str(REPO / "train.py"), f"--config={REPO / 'configs/tiny_cpu.py'}",
+    return [sys.executable, str(REPO / "train.py"), f"--config={REPO / 'configs/tiny_cpu.py'}:fixture",
             f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items())]
 
 

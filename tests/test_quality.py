@@ -158,7 +158,7 @@ def test_cache_key_changes_with_resolution_and_recipe(data_cfg, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(fixture_dir):
-    """The tiny fixture VQVAE at 64 px (4x4 token maps), as configs/tiny_cpu.py uses it."""
+    """The tiny fixture VQVAE at 64 px (4x4 token maps), as configs/tiny_cpu.py:fixture uses it."""
     return load_official_vqvae(fixture_dir / "tiny_vae.pth", patch_nums=(1, 2, 3, 4))
 
 

@@ -99,6 +99,12 @@ def test_bad_input_is_a_clear_error(tiny_checkpoints, capsys, tmp_path):
                               vqvae_params=vqvae_params)
     err = _error_of(capsys, ["--checkpoint", str(tmp_path / "tokenizer"), "--out", out])
     assert "is a tokenizer directory" in err and "generator model" in err
+    # The tokenizer trainer's work directory (its model is in model/).
+    (tmp_path / "tokenizer_run").mkdir()
+    shutil.move(tmp_path / "tokenizer", tmp_path / "tokenizer_run" / "model")
+    err = _error_of(capsys, ["--checkpoint", str(tmp_path / "tokenizer_run"), "--out", out])
+    assert "missing vqvae_config.json" in err
+    assert f"its model is {tmp_path / 'tokenizer_run' / 'model'}" in err
     assert not (tmp_path / "x.npz").exists()
 
 

@@ -40,7 +40,7 @@ STEPS = 6  # with ratio_k 2 the cycle is [1-3, 1-3, 4]: both segments, twice
 
 
 def _config(**overrides):
-    c = tiny_cpu.get_config()
+    c = tiny_cpu.get_config("fixture")
     c.vqvae_checkpoint = str(REPO / c.vqvae_checkpoint)
     c.batch_size = BATCH
     c.num_train_steps = STEPS
@@ -379,15 +379,15 @@ def test_epochs_use_the_data_source_size(tmp_path):
 
 
 def _m_var_overrides(**extra) -> dict:
-    """tiny_cpu_m_var at depth 1: the M-VAR runs' cheap steps."""
-    return {"vqvae_checkpoint": str(REPO / tiny_cpu_m_var.get_config().vqvae_checkpoint),
+    """tiny_cpu_m_var:fixture at depth 1: the M-VAR runs' cheap steps."""
+    return {"vqvae_checkpoint": str(REPO / tiny_cpu_m_var.get_config("fixture").vqvae_checkpoint),
             "model.depth": 1, "batch_size": BATCH, "log_every": 1, "checkpoint_every": 2,
             "sample_every": 0, **extra}
 
 
 @pytest.mark.slow  # ~50 s of compiling; test_a_crash_and_a_full_disk_... covers the trainer
 def test_m_var_resumes_exactly(tmp_path):
-    config = tiny_cpu_m_var.get_config()
+    config = tiny_cpu_m_var.get_config("fixture")
     for key, value in _m_var_overrides(num_train_steps=4).items():
         *parents, leaf = key.split(".")
         target = config
@@ -413,7 +413,7 @@ def m_var_run(builtin_shapes_dir, tmp_path_factory) -> pathlib.Path:
            "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # compiles faster
     out = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--config",
-         str(REPO / "configs/tiny_cpu_m_var.py"), "--workdir", str(workdir),
+         f"{REPO / 'configs/tiny_cpu_m_var.py'}:fixture", "--workdir", str(workdir),
          *(f"--config.{k}={v}" for k, v in overrides.items())],
         env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -421,7 +421,7 @@ def m_var_run(builtin_shapes_dir, tmp_path_factory) -> pathlib.Path:
 
 
 def _m_var_data_config(builtin_shapes_dir):
-    data_cfg = tiny_cpu_m_var.get_config().data
+    data_cfg = tiny_cpu_m_var.get_config("fixture").data
     data_cfg.data_dir = str(builtin_shapes_dir)
     return data_cfg
 

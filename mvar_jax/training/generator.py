@@ -70,7 +70,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
     if not os.path.exists(config.vqvae_checkpoint):
         raise ValueError(f"config.vqvae_checkpoint: not found: {config.vqvae_checkpoint!r} "
-                         "(download vae_ch160v4096z32.pth from the VAR release)")
+                         "(download vae_ch160v4096z32.pth from the VAR release, or train a "
+                         "tokenizer: `make demo` trains the one configs/tiny_cpu.py reads)")
     if config.finetune_from and not os.path.exists(config.finetune_from):
         raise ValueError(f"config.finetune_from: not found: {config.finetune_from!r}")
 

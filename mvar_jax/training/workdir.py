@@ -203,18 +203,25 @@ def check_architecture(workdir: pathlib.Path, architecture: Architecture) -> Non
                          "use a new --workdir")
 
 
+def exported_step(model_dir: str | os.PathLike) -> int | None:
+    """The train step of the whole export in ``model_dir``, or None if it holds none.
+
+    An export that crashed before recording its step holds none.
+    """
+    model_dir = pathlib.Path(model_dir)
+    record = model_dir / EXPORTED_STEP
+    if not (record.exists() and (model_dir / checkpoint.PARAMS_DIR).exists()):
+        return None
+    return json.loads(record.read_text()).get("step")
+
+
 def _holds_step(model_dir: pathlib.Path, step: int) -> bool:
     """Whether ``model_dir`` holds the params of train step ``step``, decided once for all hosts.
 
     An export that crashed before recording its step, or one from before an
     extended run, does not. Every host must agree: saving is collective.
     """
-    holds = False
-    if jax.process_index() == 0:
-        record = model_dir / EXPORTED_STEP
-        holds = (record.exists() and (model_dir / checkpoint.PARAMS_DIR).exists()
-                 and json.loads(record.read_text()).get("step") == step)
-    return _any_host(holds)
+    return _any_host(jax.process_index() == 0 and exported_step(model_dir) == step)
 
 
 def export_model(model_dir: pathlib.Path, step: int,

@@ -148,6 +148,11 @@ def prepare(
     return builder
 
 
+def builtin_prepared(data_dir: str | None, image_size: int) -> bool:
+    """Whether the built-in dataset at ``image_size`` is generated in ``data_dir``."""
+    return _builtin_builder(data_dir, image_size).is_prepared()
+
+
 def open_builder(tfds_name: str, data_dir: str | None, image_size: int) -> tfds.core.DatasetBuilder:
     """The prepared builder; only the built-in dataset is generated on first use."""
     import tensorflow_datasets as tfds
