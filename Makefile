@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo lint test test-all clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,12 +24,17 @@ DEMO_DIR ?= demo_out
 demo: $(STAMP)
 	$(PY) -m mvar_jax.demo --out $(DEMO_DIR)
 
-# The CPU test suite (what CI runs); slow tests are opt-in with `make test-all`.
-test: $(STAMP)
-	$(PY) -m pytest -q tests
+# The CPU test suite (what CI runs): lint and format checks, then the tests on two
+# workers; slow tests are opt-in with `make test-all`.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
-test-all: $(STAMP)
-	$(PY) -m pytest -q tests --runslow
+test: lint
+	$(PY) -m pytest -q -n 2 tests
+
+test-all: lint
+	$(PY) -m pytest -q -n 2 tests --runslow
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

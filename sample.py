@@ -34,26 +34,54 @@ from mvar_jax.torch_checkpoint import CheckpointError
 
 PROG = "sample.py"
 FLAGS = flags.FlagValues()  # this command's own, so that tests can import several commands
-flags.DEFINE_string("checkpoint", None, "model directory written by mvar_jax.convert or training",
-                    required=True, flag_values=FLAGS)
+flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "model directory written by mvar_jax.convert or training",
+    required=True,
+    flag_values=FLAGS,
+)
 cli.define_sampling_flags(FLAGS, batch_size=32, top_k=900, top_p=0.96)
 flags.DEFINE_integer("num_per_class", 1, "images per label", lower_bound=1, flag_values=FLAGS)
-flags.DEFINE_bool("more_smooth", False, "Gumbel-softmax codebook mixing (visualisation only, "
-                  "not for FID)", flag_values=FLAGS)
-flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "transformer compute dtype (default: "
-                  "the checkpoint's)", flag_values=FLAGS)
-flags.DEFINE_enum("neighborhood_impl", None, list(attention.NEIGHBORHOOD_IMPLS),
-                  "spatial-Markov attention: the Pallas kernel or the pure-jnp reference "
-                  "(default: the checkpoint's, normally 'auto')", flag_values=FLAGS)
-flags.DEFINE_integer("decode_batch_size", sampling.DECODE_BATCH_SIZE, "images the VQVAE decodes "
-                     "at a time, so that decoding never sets the peak memory", lower_bound=1,
-                     flag_values=FLAGS)
-flags.DEFINE_integer("chunk_tokens", sampling.CHUNK_TOKENS, "MVAR: tokens per chunk of images "
-                     "each scale runs at a time (memory vs speed)", lower_bound=1,
-                     flag_values=FLAGS)
+flags.DEFINE_bool(
+    "more_smooth",
+    False,
+    "Gumbel-softmax codebook mixing (visualisation only, not for FID)",
+    flag_values=FLAGS,
+)
+flags.DEFINE_enum(
+    "dtype",
+    None,
+    ["float32", "bfloat16"],
+    "transformer compute dtype (default: the checkpoint's)",
+    flag_values=FLAGS,
+)
+flags.DEFINE_enum(
+    "neighborhood_impl",
+    None,
+    list(attention.NEIGHBORHOOD_IMPLS),
+    "spatial-Markov attention: the Pallas kernel or the pure-jnp reference "
+    "(default: the checkpoint's, normally 'auto')",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "decode_batch_size",
+    sampling.DECODE_BATCH_SIZE,
+    "images the VQVAE decodes at a time, so that decoding never sets the peak memory",
+    lower_bound=1,
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "chunk_tokens",
+    sampling.CHUNK_TOKENS,
+    "MVAR: tokens per chunk of images each scale runs at a time (memory vs speed)",
+    lower_bound=1,
+    flag_values=FLAGS,
+)
 flags.DEFINE_string("out", None, "FILE.npz or FILE.png", flag_values=FLAGS)
-flags.DEFINE_string("fid_npz", None, "also write uint8 arr_0 (N, H, W, 3) for FID evaluators",
-                    flag_values=FLAGS)
+flags.DEFINE_string(
+    "fid_npz", None, "also write uint8 arr_0 (N, H, W, 3) for FID evaluators", flag_values=FLAGS
+)
 
 
 def parse(argv: Sequence[str] | None) -> types.SimpleNamespace:
@@ -62,8 +90,7 @@ def parse(argv: Sequence[str] | None) -> types.SimpleNamespace:
     args.out = None if args.out is None else pathlib.Path(args.out)
     args.fid_npz = None if args.fid_npz is None else pathlib.Path(args.fid_npz)
     if args.out is None and args.fid_npz is None:
-        cli.usage_error(PROG, "nothing to write: pass --out FILE.npz|FILE.png and/or "
-                              "--fid_npz FILE")
+        cli.usage_error(PROG, "nothing to write: pass --out FILE.npz|FILE.png and/or --fid_npz FILE")
     if args.out is not None and args.out.suffix not in (".npz", ".png"):
         cli.usage_error(PROG, f"--out must end in .npz or .png, got {args.out}")
     cli.check_sampling_flags(FLAGS, PROG)
@@ -76,17 +103,19 @@ def load(args: types.SimpleNamespace) -> checkpoint.ModelBundle:
         model = checkpoint.load_model(args.checkpoint)  # Checks configs against weights.
     except (CheckpointError, ValueError, OSError) as e:
         cli.usage_error(PROG, f"--checkpoint {args.checkpoint}: {e}")
-    overrides = {name: value for name, value in (("dtype", args.dtype),
-                                                  ("neighborhood_impl", args.neighborhood_impl))
-                 if value is not None}
+    overrides = {
+        name: value
+        for name, value in (("dtype", args.dtype), ("neighborhood_impl", args.neighborhood_impl))
+        if value is not None
+    }
     if overrides:
-        model = model._replace(transformer_config=dataclasses.replace(
-            model.transformer_config, **overrides))
+        model = model._replace(transformer_config=dataclasses.replace(model.transformer_config, **overrides))
     return model
 
 
-def sample_batches(model: checkpoint.ModelBundle, labels_N: np.ndarray,
-                   args: types.SimpleNamespace) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def sample_batches(
+    model: checkpoint.ModelBundle, labels_N: np.ndarray, args: types.SimpleNamespace
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields images ``(b, H, W, 3)`` float32 in [0, 1] and tokens ``(b, L)`` per batch.
 
     The last batch is padded to the batch size so that one compilation serves all.
@@ -97,15 +126,20 @@ def sample_batches(model: checkpoint.ModelBundle, labels_N: np.ndarray,
     key = jax.random.PRNGKey(args.seed)
     starts = range(0, len(labels_N), batch_size)
     pending = None  # (samples on the device, number of real labels)
-    for b, start in enumerate(tqdm(starts, desc="sampling", unit="batch",
-                                   disable=len(starts) == 1)):
-        labels_B = labels_N[start:start + batch_size]
+    for b, start in enumerate(tqdm(starts, desc="sampling", unit="batch", disable=len(starts) == 1)):
+        labels_B = labels_N[start : start + batch_size]
         n = len(labels_B)
-        out = sampling.sample(model, np.pad(labels_B, (0, batch_size - n), mode="edge"),
-                              jax.random.fold_in(key, b), cfg=args.cfg, top_k=args.top_k,
-                              top_p=args.top_p, more_smooth=args.more_smooth,
-                              decode_batch_size=args.decode_batch_size,
-                              chunk_tokens=args.chunk_tokens)
+        out = sampling.sample(
+            model,
+            np.pad(labels_B, (0, batch_size - n), mode="edge"),
+            jax.random.fold_in(key, b),
+            cfg=args.cfg,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            more_smooth=args.more_smooth,
+            decode_batch_size=args.decode_batch_size,
+            chunk_tokens=args.chunk_tokens,
+        )
         if pending is not None:
             yield _to_host(*pending)
         pending = (out, n)
@@ -116,8 +150,9 @@ def _to_host(samples: sampling.Samples, n: int) -> tuple[np.ndarray, np.ndarray]
     return np.asarray(samples.images)[:n], np.asarray(samples.tokens)[:n]
 
 
-def write_out(path: pathlib.Path, images_NHW3: np.ndarray, tokens_NL: np.ndarray,
-              labels_N: np.ndarray) -> None:
+def write_out(
+    path: pathlib.Path, images_NHW3: np.ndarray, tokens_NL: np.ndarray, labels_N: np.ndarray
+) -> None:
     """``.npz`` with images, tokens and labels, or a labelled ``.png`` grid."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f:  # killed half-way: no file named ``path``

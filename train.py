@@ -14,8 +14,7 @@ from ml_collections import config_flags
 
 from mvar_jax import parallel
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and the final model go here.")
 flags.mark_flags_as_required(["config", "workdir"])
 

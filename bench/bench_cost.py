@@ -61,7 +61,7 @@ from mvar_jax.training.schedule import Segment, make_schedule
 from mvar_jax.vqvae import VQVAEConfig, abstract_variables
 
 PROGRAMS = ("sample", "sample+decode", "train")
-UNCHUNKED = 2 ** 62  # chunk_tokens that keeps every image in one chunk
+UNCHUNKED = 2**62  # chunk_tokens that keeps every image in one chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +88,17 @@ def configs(program: Program) -> tuple[VQVAEConfig, transformer.TransformerConfi
     vqvae_config, config = model_configs(program.model, program.smoke)
     config = dataclasses.replace(config, neighborhood_impl=program.neighborhood_impl)
     if not program.smoke:
-        config = dataclasses.replace(config, depth=program.depth, embed_dim=64 * program.depth,
-                                     num_heads=program.depth,
-                                     drop_path_rate=0.1 * program.depth / 24)
+        config = dataclasses.replace(
+            config,
+            depth=program.depth,
+            embed_dim=64 * program.depth,
+            num_heads=program.depth,
+            drop_path_rate=0.1 * program.depth / 24,
+        )
     return vqvae_config, config
 
 
-def programs_for(model: str, depth: int, batch: int, kinds: tuple[str, ...],
-                 **options: Any) -> list[Program]:
+def programs_for(model: str, depth: int, batch: int, kinds: tuple[str, ...], **options: Any) -> list[Program]:
     """One Program per kind, one train step per segment of the model's schedule."""
     base = Program(model, depth, batch, "sample", **options)
     config = configs(base)[1]
@@ -112,6 +115,7 @@ def programs_for(model: str, depth: int, batch: int, kinds: tuple[str, ...],
 # ----------------------------------------------------------------------------
 # The analytic count: matmul FLOPs (2 per multiply-add) the model needs.
 
+
 def _resize_flops(size_in: int, size_out: int, channels: int) -> int:
     """A separable resize of a square map: two matmuls with interpolation matrices."""
     return 2 * channels * (size_in * size_in * size_out + size_in * size_out * size_out)
@@ -124,8 +128,11 @@ def decoder_flops(config: VQVAEConfig) -> int:
     conv = lambda k, cin, cout, pixels: 2 * k * k * cin * cout * pixels  # noqa: E731
 
     def resnet(cin, cout, pixels):
-        return (conv(3, cin, cout, pixels) + conv(3, cout, cout, pixels)
-                + (conv(1, cin, cout, pixels) if cin != cout else 0))
+        return (
+            conv(3, cin, cout, pixels)
+            + conv(3, cout, cout, pixels)
+            + (conv(1, cin, cout, pixels) if cin != cout else 0)
+        )
 
     def attn(c, pixels):
         return conv(1, c, 4 * c, pixels) + 4 * pixels * pixels * c  # qkv + proj, logits + mix
@@ -151,11 +158,12 @@ def _keys(config: transformer.TransformerConfig, si: int) -> int:
     pn = config.patch_nums[si]
     if config.attention == "var":
         return config.token_range(0, si + 1)[1]
-    return pn * pn if si < config.refine_step else config.kernel_size ** 2
+    return pn * pn if si < config.refine_step else config.kernel_size**2
 
 
-def transformer_flops(config: transformer.TransformerConfig, rows: int, first: int,
-                      last: int, input_rows: int) -> dict[str, int]:
+def transformer_flops(
+    config: transformer.TransformerConfig, rows: int, first: int, last: int, input_rows: int
+) -> dict[str, int]:
     """One forward over scales [first, last) for ``rows`` rows.
 
     ``input_rows`` rows get the word embedding of their VQVAE input (the sampler
@@ -165,8 +173,7 @@ def transformer_flops(config: transformer.TransformerConfig, rows: int, first: i
     begin, end = config.token_range(first, last)
     tokens = end - begin
     embedded = tokens - (config.first_l if first == 0 else 0)
-    attention = sum(config.patch_nums[si] ** 2 * 4 * C * _keys(config, si)
-                    for si in range(first, last))
+    attention = sum(config.patch_nums[si] ** 2 * 4 * C * _keys(config, si) for si in range(first, last))
     return {
         "linear": rows * tokens * N * 2 * C * (4 * C + 2 * config.mlp_dim),
         "attention": rows * N * attention,
@@ -194,10 +201,11 @@ def analytic_flops(program: Program) -> dict[str, int]:
         for si, pn in enumerate(config.patch_nums):
             add(transformer_flops(config, rows, si, si + 1, input_rows=B))
             # f_hat += Phi(upsampled scale); the next input is f_hat area-downsampled.
-            vqvae = 2 * 9 * config.cvae ** 2 * side * side
+            vqvae = 2 * 9 * config.cvae**2 * side * side
             if si + 1 < config.num_scales:
-                vqvae += (_resize_flops(pn, side, config.cvae)
-                          + _resize_flops(side, config.patch_nums[si + 1], config.cvae))
+                vqvae += _resize_flops(pn, side, config.cvae) + _resize_flops(
+                    side, config.patch_nums[si + 1], config.cvae
+                )
             add({"vqvae": B * vqvae})
         if program.kind == "sample+decode":
             add({"decoder": B * decoder_flops(vqvae_config)})
@@ -208,6 +216,7 @@ def analytic_flops(program: Program) -> dict[str, int]:
 # ----------------------------------------------------------------------------
 # The programs, lowered from abstract inputs.
 
+
 def sampler_lowered(program: Program, *, loop_free: bool):
     """``sampling.generate`` lowered; ``loop_free`` for the cost view (see the module doc)."""
     vqvae_config, config = configs(program)
@@ -217,12 +226,19 @@ def sampler_lowered(program: Program, *, loop_free: bool):
     B = program.batch
     guidance = sampling.guidance_schedule(SAMPLE_OPTIONS["cfg"], config)
     return sampling._generate_jit.lower(
-        vqvae_config, config, abstract_variables(vqvae_config), params,
-        jax.ShapeDtypeStruct((B,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32),
-        guidance, top_k=SAMPLE_OPTIONS["top_k"], top_p=SAMPLE_OPTIONS["top_p"],
+        vqvae_config,
+        config,
+        abstract_variables(vqvae_config),
+        params,
+        jax.ShapeDtypeStruct((B,), jnp.int32),
+        jax.ShapeDtypeStruct((2,), jnp.uint32),
+        guidance,
+        top_k=SAMPLE_OPTIONS["top_k"],
+        top_p=SAMPLE_OPTIONS["top_p"],
         decode=program.kind == "sample+decode",
         decode_batch_size=B if loop_free else sampling.DECODE_BATCH_SIZE,
-        chunk_tokens=UNCHUNKED if loop_free else program.chunk_tokens)
+        chunk_tokens=UNCHUNKED if loop_free else program.chunk_tokens,
+    )
 
 
 def train_step_lowered(program: Program):
@@ -231,17 +247,26 @@ def train_step_lowered(program: Program):
 
     _, config = configs(program)
     recipe = common.get_config()
-    tx, lr = optimizer.make_optimizer(recipe.optim, global_batch_size=program.batch,
-                                      total_steps=10_000, warmup_steps=100)
-    state = jax.eval_shape(lambda rng: state_lib.create_train_state(
-        state_lib.init_params(config, recipe.init, rng), tx, rng), jax.random.PRNGKey(0))
+    tx, lr = optimizer.make_optimizer(
+        recipe.optim, global_batch_size=program.batch, total_steps=10_000, warmup_steps=100
+    )
+    state = jax.eval_shape(
+        lambda rng: state_lib.create_train_state(state_lib.init_params(config, recipe.init, rng), tx, rng),
+        jax.random.PRNGKey(0),
+    )
     B, L = program.batch, config.seq_len
-    batch = {"label": jax.ShapeDtypeStruct((B,), jnp.int32),
-             "tokens": jax.ShapeDtypeStruct((B, L), jnp.int32),
-             "x_BLCv": jax.ShapeDtypeStruct((B, L - config.first_l, config.cvae), jnp.float32)}
-    step = step_lib.make_train_step(transformer.Transformer(config), tx, lr,
-                                    Segment(*program.segment),
-                                    label_smoothing=recipe.label_smoothing)
+    batch = {
+        "label": jax.ShapeDtypeStruct((B,), jnp.int32),
+        "tokens": jax.ShapeDtypeStruct((B, L), jnp.int32),
+        "x_BLCv": jax.ShapeDtypeStruct((B, L - config.first_l, config.cvae), jnp.float32),
+    }
+    step = step_lib.make_train_step(
+        transformer.Transformer(config),
+        tx,
+        lr,
+        Segment(*program.segment),
+        label_smoothing=recipe.label_smoothing,
+    )
     mesh = parallel.make_mesh(jax.local_devices())
     jitted = parallel.jit_train_step(step, parallel.state_shardings(state, mesh, fsdp=False), mesh)
     return jitted.lower(state, batch)
@@ -257,8 +282,9 @@ def measure(program: Program) -> dict[str, Any]:
     """Compiles the program (twice for the sampler: production and loop-free views)."""
     _, config = configs(program)
     started = time.process_time()
-    lowered = (train_step_lowered(program) if program.kind == "train"
-               else sampler_lowered(program, loop_free=False))
+    lowered = (
+        train_step_lowered(program) if program.kind == "train" else sampler_lowered(program, loop_free=False)
+    )
     compiled = lowered.compile()
     compile_s = time.process_time() - started
     memory = compiled.memory_analysis()
@@ -266,15 +292,29 @@ def measure(program: Program) -> dict[str, Any]:
         compiled = sampler_lowered(program, loop_free=True).compile()
     flops, accessed = _cost(compiled)
     analytic = analytic_flops(program)
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-    return dict(dataclasses.asdict(program), name=program.name(config),
-                xla_flops=flops, xla_bytes_accessed=accessed, analytic_flops=analytic["total"],
-                analytic=analytic, ratio=flops / analytic["total"],
-                temp_bytes=memory.temp_size_in_bytes, argument_bytes=memory.argument_size_in_bytes,
-                output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
-                peak_bytes=peak, compile_cpu_s=compile_s, jax=jax.__version__,
-                device=jax.devices()[0].device_kind)
+    peak = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+    return dict(
+        dataclasses.asdict(program),
+        name=program.name(config),
+        xla_flops=flops,
+        xla_bytes_accessed=accessed,
+        analytic_flops=analytic["total"],
+        analytic=analytic,
+        ratio=flops / analytic["total"],
+        temp_bytes=memory.temp_size_in_bytes,
+        argument_bytes=memory.argument_size_in_bytes,
+        output_bytes=memory.output_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes,
+        peak_bytes=peak,
+        compile_cpu_s=compile_s,
+        jax=jax.__version__,
+        device=jax.devices()[0].device_kind,
+    )
 
 
 def run_isolated(program: Program) -> dict[str, Any]:
@@ -288,19 +328,24 @@ def _variant(row: dict[str, Any]) -> str:
     if row["kind"] != "train":
         notes += [row["blocks"]] if row["blocks"] != "stacked" else []
         if row["chunk_tokens"] != sampling.CHUNK_TOKENS:
-            notes.append("unchunked" if row["chunk_tokens"] >= UNCHUNKED
-                         else f"chunks of {row['chunk_tokens']}")
+            notes.append(
+                "unchunked" if row["chunk_tokens"] >= UNCHUNKED else f"chunks of {row['chunk_tokens']}"
+            )
     return f" ({', '.join(notes)})" if notes else ""
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     r0 = rows[0]
-    lines = [f"XLA on {r0['device']} (jax {r0['jax']}), compiled, not run; bfloat16; sampler "
-             f"cfg {SAMPLE_OPTIONS['cfg']}, top-k {SAMPLE_OPTIONS['top_k']}, top-p "
-             f"{SAMPLE_OPTIONS['top_p']}{' (smoke: toy model)' if r0['smoke'] else ''}.", "",
-             "| model | batch | program | XLA GFLOP | analytic GFLOP | ratio | XLA GB accessed "
-             "| temp GiB | args GiB | out GiB | peak GiB | compile CPU s |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"XLA on {r0['device']} (jax {r0['jax']}), compiled, not run; bfloat16; sampler "
+        f"cfg {SAMPLE_OPTIONS['cfg']}, top-k {SAMPLE_OPTIONS['top_k']}, top-p "
+        f"{SAMPLE_OPTIONS['top_p']}{' (smoke: toy model)' if r0['smoke'] else ''}.",
+        "",
+        "| model | batch | program | XLA GFLOP | analytic GFLOP | ratio | XLA GB accessed "
+        "| temp GiB | args GiB | out GiB | peak GiB | compile CPU s |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
     def gflop(flops: float) -> str:
         return f"{flops / 1e9:,.0f}" if flops >= 1e11 else f"{flops / 1e9:.3g}"
 
@@ -312,7 +357,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{r['ratio']:.3f} | {r['xla_bytes_accessed'] / 1e9:,.1f} | "
             f"{r['temp_bytes'] / GiB:.2f} | {r['argument_bytes'] / GiB:.2f} | "
             f"{r['output_bytes'] / GiB:.3f} | {r['peak_bytes'] / GiB:.2f} | "
-            f"{r['compile_cpu_s']:.0f} |")
+            f"{r['compile_cpu_s']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -333,18 +379,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="mvar,var")
     parser.add_argument("--depths", default="16,20,24")
     parser.add_argument("--batches", default="32,64")
-    parser.add_argument("--programs", default=",".join(PROGRAMS),
-                        help=f"comma-separated from {PROGRAMS}")
-    parser.add_argument("--neighborhood-impl", default="auto",
-                        choices=attention.NEIGHBORHOOD_IMPLS)
-    parser.add_argument("--blocks", choices=("stacked", "per-block"), default="stacked",
-                        help="sampler params: stacked (sampling.prepare, scanned) or per-block "
-                             "(unrolled), for ablations")
-    parser.add_argument("--chunk-tokens", type=int, default=sampling.CHUNK_TOKENS,
-                        help=f"sampler chunk_tokens (0: one chunk; default "
-                             f"{sampling.CHUNK_TOKENS})")
-    parser.add_argument("--smoke", action="store_true",
-                        help="toy model at batch 2, in this process (CI)")
+    parser.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated from {PROGRAMS}")
+    parser.add_argument("--neighborhood-impl", default="auto", choices=attention.NEIGHBORHOOD_IMPLS)
+    parser.add_argument(
+        "--blocks",
+        choices=("stacked", "per-block"),
+        default="stacked",
+        help="sampler params: stacked (sampling.prepare, scanned) or per-block (unrolled), for ablations",
+    )
+    parser.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=sampling.CHUNK_TOKENS,
+        help=f"sampler chunk_tokens (0: one chunk; default {sampling.CHUNK_TOKENS})",
+    )
+    parser.add_argument("--smoke", action="store_true", help="toy model at batch 2, in this process (CI)")
     parser.add_argument("--program", help=argparse.SUPPRESS)  # One program, JSON on stdout.
     args = parser.parse_args(argv)
     if args.program:
@@ -355,8 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     kinds = tuple(_csv(args.programs))
     if not kinds or set(kinds) - set(PROGRAMS):
         parser.error(f"--programs must name some of {PROGRAMS}, got {args.programs!r}")
-    depths, batches = ([2], [2]) if args.smoke else (_csv(args.depths, int),
-                                                      _csv(args.batches, int))
+    depths, batches = ([2], [2]) if args.smoke else (_csv(args.depths, int), _csv(args.batches, int))
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.json"
     rows = json.loads(results.read_text()) if results.exists() else []
@@ -365,16 +413,25 @@ def main(argv: list[str] | None = None) -> None:
         for depth in depths:
             for batch in batches:
                 for program in programs_for(
-                        model, depth, batch, kinds, neighborhood_impl=args.neighborhood_impl,
-                        blocks=args.blocks, chunk_tokens=args.chunk_tokens or UNCHUNKED,
-                        smoke=args.smoke):
+                    model,
+                    depth,
+                    batch,
+                    kinds,
+                    neighborhood_impl=args.neighborhood_impl,
+                    blocks=args.blocks,
+                    chunk_tokens=args.chunk_tokens or UNCHUNKED,
+                    smoke=args.smoke,
+                ):
                     if program in done:
                         continue
                     row = measure(program) if args.smoke else run_isolated(program)
                     rows.append(row)
                     results.write_text(json.dumps(rows, indent=1))
-                    print(f"{model} d{depth} b{batch} {row['name']}: ratio {row['ratio']:.3f}, "
-                          f"temp {row['temp_bytes'] / GiB:.2f} GiB", flush=True)
+                    print(
+                        f"{model} d{depth} b{batch} {row['name']}: ratio {row['ratio']:.3f}, "
+                        f"temp {row['temp_bytes'] / GiB:.2f} GiB",
+                        flush=True,
+                    )
     write_results(args.out, rows, markdown(rows))
 
 

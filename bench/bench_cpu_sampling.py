@@ -56,16 +56,22 @@ def measure(case: Case) -> dict[str, Any]:
     wall, cpu = [], []
     for i in range(1 + case.reps):
         wall0, cpu0 = _clocks()
-        jax.block_until_ready(sampling.sample(model, labels, jax.random.PRNGKey(i),
-                                              decode=False, **OPTIONS))
+        jax.block_until_ready(sampling.sample(model, labels, jax.random.PRNGKey(i), decode=False, **OPTIONS))
         wall1, cpu1 = _clocks()
         wall.append(wall1 - wall0)
         cpu.append(cpu1 - cpu0)
-    return dict(dataclasses.asdict(case), depth=model.transformer_config.depth,
-                first_call_s=wall[0], first_call_cpu_s=cpu[0],
-                seconds_per_call=statistics.median(wall[1:]),
-                cpu_seconds_per_call=statistics.median(cpu[1:]), calls_s=wall[1:],
-                jax=jax.__version__, device=jax.devices()[0].device_kind, **OPTIONS)
+    return dict(
+        dataclasses.asdict(case),
+        depth=model.transformer_config.depth,
+        first_call_s=wall[0],
+        first_call_cpu_s=cpu[0],
+        seconds_per_call=statistics.median(wall[1:]),
+        cpu_seconds_per_call=statistics.median(cpu[1:]),
+        calls_s=wall[1:],
+        jax=jax.__version__,
+        device=jax.devices()[0].device_kind,
+        **OPTIONS,
+    )
 
 
 def run_isolated(case: Case) -> dict[str, Any]:
@@ -75,16 +81,21 @@ def run_isolated(case: Case) -> dict[str, Any]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     r0 = rows[0]
-    lines = [f"Sampling on {r0['device']} (jax {r0['jax']}), cfg {OPTIONS['cfg']}, top-k "
-             f"{OPTIONS['top_k']}, top-p {OPTIONS['top_p']}, no decode"
-             f"{' (smoke: toy model)' if r0['smoke'] else ''}.", "",
-             "| model | batch | dtype | first call s (CPU s) | s/call | CPU s/call | calls s |",
-             "| --- | ---: | --- | ---: | ---: | ---: | --- |"]
+    lines = [
+        f"Sampling on {r0['device']} (jax {r0['jax']}), cfg {OPTIONS['cfg']}, top-k "
+        f"{OPTIONS['top_k']}, top-p {OPTIONS['top_p']}, no decode"
+        f"{' (smoke: toy model)' if r0['smoke'] else ''}.",
+        "",
+        "| model | batch | dtype | first call s (CPU s) | s/call | CPU s/call | calls s |",
+        "| --- | ---: | --- | ---: | ---: | ---: | --- |",
+    ]
     for r in rows:
         calls = ", ".join(f"{s:.1f}" for s in r["calls_s"])
-        lines.append(f"| {r['attention'].upper()}-d{r['depth']} | {r['batch']} | {r['dtype']} | "
-                     f"{r['first_call_s']:.1f} ({r['first_call_cpu_s']:.1f}) | "
-                     f"{r['seconds_per_call']:.2f} | {r['cpu_seconds_per_call']:.2f} | {calls} |")
+        lines.append(
+            f"| {r['attention'].upper()}-d{r['depth']} | {r['batch']} | {r['dtype']} | "
+            f"{r['first_call_s']:.1f} ({r['first_call_cpu_s']:.1f}) | "
+            f"{r['seconds_per_call']:.2f} | {r['cpu_seconds_per_call']:.2f} | {calls} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -105,10 +116,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--out is required")
     rows = []
     for attention in args.models.split(","):
-        rows.append(run_isolated(Case(attention, args.batch, args.dtype,
-                                      1 if args.smoke else args.reps, args.smoke)))
-        print(f"{attention}: first call {rows[-1]['first_call_s']:.1f} s, "
-              f"{rows[-1]['seconds_per_call']:.2f} s/call", flush=True)
+        rows.append(
+            run_isolated(Case(attention, args.batch, args.dtype, 1 if args.smoke else args.reps, args.smoke))
+        )
+        print(
+            f"{attention}: first call {rows[-1]['first_call_s']:.1f} s, "
+            f"{rows[-1]['seconds_per_call']:.2f} s/call",
+            flush=True,
+        )
     write_results(args.out, rows, markdown(rows))
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FAMILIES = {"mvar": "tiny_cpu", "var": "tiny_cpu_var", "m_var": "tiny_cpu_m_var"}
-MiB = 2 ** 20
+MiB = 2**20
 CFG = 1.5
 
 
@@ -50,8 +50,10 @@ def available_families() -> list[str]:
 
 def overrides(demo_out: pathlib.Path, data_dir: str | None) -> dict[str, str]:
     """What points a tiny_cpu config at the demo's tokenizer, token cache and data."""
-    values = {"vqvae_checkpoint": str(demo_out / "tokenizer" / "model"),
-              "data.token_cache_dir": str(demo_out / "tokens")}
+    values = {
+        "vqvae_checkpoint": str(demo_out / "tokenizer" / "model"),
+        "data.token_cache_dir": str(demo_out / "tokens"),
+    }
     if data_dir:
         values["data.data_dir"] = data_dir
     return values
@@ -68,27 +70,32 @@ def load_config(family: str, demo_out: pathlib.Path, data_dir: str | None):
     return config
 
 
-def train(family: str, demo_out: pathlib.Path, workdir: pathlib.Path,
-          data_dir: str | None) -> dict[str, float]:
+def train(
+    family: str, demo_out: pathlib.Path, workdir: pathlib.Path, data_dir: str | None
+) -> dict[str, float]:
     """``train.py`` in its own process, unless ``workdir`` holds the finished export."""
     from mvar_jax.training import trainer, workdir as workdir_lib
 
     record = workdir / "bench_train.json"
     config = load_config(family, demo_out, data_dir)
-    if workdir_lib.exported_step(workdir / "model") == trainer.total_steps(config) \
-            and record.exists():
+    if workdir_lib.exported_step(workdir / "model") == trainer.total_steps(config) and record.exists():
         return json.loads(record.read_text())
-    cmd = [sys.executable, str(REPO / "train.py"),
-           f"--config={REPO / 'configs' / FAMILIES[family]}.py", f"--workdir={workdir}",
-           *(f"--config.{k}={v}" for k, v in overrides(demo_out, data_dir).items())]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        f"--config={REPO / 'configs' / FAMILIES[family]}.py",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in overrides(demo_out, data_dir).items()),
+    ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    timing = {"train_wall_s": time.perf_counter() - start,
-              "train_cpu_s": (after.ru_utime + after.ru_stime)
-              - (before.ru_utime + before.ru_stime),
-              "steps": trainer.total_steps(config)}
+    timing = {
+        "train_wall_s": time.perf_counter() - start,
+        "train_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+        "steps": trainer.total_steps(config),
+    }
     record.write_text(json.dumps(timing))
     return timing
 
@@ -115,34 +122,49 @@ def measure_sampling(model_dir: str, batch: int, reps: int, decode: bool) -> dic
         bundle = model._replace(vqvae_params=vqvae_params, transformer_params=transformer_params)
         return sampling.sample(bundle, labels, key, cfg=CFG, decode=decode)
 
-    compiled = jax.jit(run).lower(model.vqvae_params, model.transformer_params,
-                                  jax.random.PRNGKey(0)).compile()
+    compiled = (
+        jax.jit(run).lower(model.vqvae_params, model.transformer_params, jax.random.PRNGKey(0)).compile()
+    )
     analysis = compiled.memory_analysis()
-    xla_bytes = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                 + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
-    jax.block_until_ready(sampling.sample(model, labels, jax.random.PRNGKey(0), cfg=CFG,
-                                          decode=decode))  # compiles
+    xla_bytes = (
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+    jax.block_until_ready(
+        sampling.sample(model, labels, jax.random.PRNGKey(0), cfg=CFG, decode=decode)
+    )  # compiles
     rss_before = _rss_bytes("VmRSS")
     pathlib.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     seconds = []
     for i in range(reps):
         start = time.perf_counter()
-        jax.block_until_ready(sampling.sample(model, labels, jax.random.PRNGKey(i + 1), cfg=CFG,
-                                              decode=decode))
+        jax.block_until_ready(
+            sampling.sample(model, labels, jax.random.PRNGKey(i + 1), cfg=CFG, decode=decode)
+        )
         seconds.append(time.perf_counter() - start)
     per_call = statistics.median(seconds)
-    return {"batch": batch, "decode": decode, "images_per_s": batch / per_call,
-            "seconds_per_call": per_call,
-            "measured_peak_mib": (_rss_bytes("VmHWM") - rss_before) / MiB,
-            "xla_temp_mib": analysis.temp_size_in_bytes / MiB, "xla_total_mib": xla_bytes / MiB}
+    return {
+        "batch": batch,
+        "decode": decode,
+        "images_per_s": batch / per_call,
+        "seconds_per_call": per_call,
+        "measured_peak_mib": (_rss_bytes("VmHWM") - rss_before) / MiB,
+        "xla_temp_mib": analysis.temp_size_in_bytes / MiB,
+        "xla_total_mib": xla_bytes / MiB,
+    }
 
 
-def sampling_isolated(model_dir: pathlib.Path, batch: int, reps: int,
-                      decode: bool) -> dict[str, Any]:
-    case = json.dumps({"model_dir": str(model_dir), "batch": batch, "reps": reps,
-                       "decode": decode})
-    out = subprocess.run([sys.executable, "-m", "bench.bench_demo_table", "--case", case],
-                         cwd=REPO, capture_output=True, text=True, check=False)
+def sampling_isolated(model_dir: pathlib.Path, batch: int, reps: int, decode: bool) -> dict[str, Any]:
+    case = json.dumps({"model_dir": str(model_dir), "batch": batch, "reps": reps, "decode": decode})
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.bench_demo_table", "--case", case],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"sampling case {case} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -154,7 +176,8 @@ def markdown(rows: list[dict[str, Any]], batch: int) -> str:
         "| model | params | mean class acc. | worst class | Fréchet dist. (x recon. floor) | "
         f"train s wall / CPU | img/s @{batch} | sampling peak MiB measured / XLA | "
         "same, tokens only (no decode) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         q, d, t = r["quality"], r["sampling"]["decode"], r["sampling"]["tokens"]
         fd = q["frechet_distance"]
@@ -165,25 +188,36 @@ def markdown(rows: list[dict[str, Any]], batch: int) -> str:
             f"{fd['generated']:.2f} ({fd['ratio_to_reconstruction_floor']:.2f}x) | "
             f"{r['train']['train_wall_s']:.0f} / {r['train']['train_cpu_s']:.0f} | "
             f"{d['images_per_s']:.0f} | {d['measured_peak_mib']:.0f} / {d['xla_total_mib']:.0f} | "
-            f"{t['measured_peak_mib']:.0f} / {t['xla_total_mib']:.0f} |")
+            f"{t['measured_peak_mib']:.0f} / {t['xla_total_mib']:.0f} |"
+        )
     fd = rows[0]["quality"]["frechet_distance"]
-    lines += ["", f"Floors: tokenizer reconstructions {fd['reconstruction_floor']:.2f}, "
-              f"training images {fd['train_floor']:.2f}; tokenizer PSNR "
-              f"{rows[0]['quality']['tokenizer']['psnr_db']:.2f} dB."]
+    lines += [
+        "",
+        f"Floors: tokenizer reconstructions {fd['reconstruction_floor']:.2f}, "
+        f"training images {fd['train_floor']:.2f}; tokenizer PSNR "
+        f"{rows[0]['quality']['tokenizer']['psnr_db']:.2f} dB.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--demo-out", type=pathlib.Path, default=pathlib.Path("demo_out"),
-                        help="a finished (or at least tokenized) demo directory")
+    parser.add_argument(
+        "--demo-out",
+        type=pathlib.Path,
+        default=pathlib.Path("demo_out"),
+        help="a finished (or at least tokenized) demo directory",
+    )
     parser.add_argument("--out", type=pathlib.Path, help="work and results directory")
-    parser.add_argument("--families", default=None,
-                        help=f"comma-separated, of {tuple(FAMILIES)} "
-                             "(default: those with a config)")
+    parser.add_argument(
+        "--families",
+        default=None,
+        help=f"comma-separated, of {tuple(FAMILIES)} (default: those with a config)",
+    )
     parser.add_argument("--data-dir", default=os.environ.get("TFDS_DATA_DIR"))
-    parser.add_argument("--classifier-cache", type=pathlib.Path, default=None,
-                        help="default: mvar_jax.quality's user cache")
+    parser.add_argument(
+        "--classifier-cache", type=pathlib.Path, default=None, help="default: mvar_jax.quality's user cache"
+    )
     parser.add_argument("--batch", type=int, default=50, help="images per sampling call")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one sampling case, JSON on stdout
@@ -200,8 +234,10 @@ def main() -> None:
     demo_out = args.demo_out.absolute()
     for needed in (demo_out / "tokenizer" / "model", demo_out / "tokens" / "train" / "meta.json"):
         if not needed.exists():
-            parser.error(f"{needed} is missing: run `python -m mvar_jax.demo --out {demo_out}` "
-                         "first (its tokenizer and tokens are what every family trains on)")
+            parser.error(
+                f"{needed} is missing: run `python -m mvar_jax.demo --out {demo_out}` "
+                "first (its tokenizer and tokens are what every family trains on)"
+            )
     families = args.families.split(",") if args.families else available_families()
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
@@ -214,13 +250,23 @@ def main() -> None:
         timing = train(family, demo_out, workdir, args.data_dir)
         data_cfg = data.default_config()
         data_cfg.data_dir = args.data_dir
-        report = quality.evaluate_model(workdir / "model", classifier_cache=cache,
-                                        data_cfg=data_cfg, samples_per_class=50, cfg=CFG)
-        sampled = {name: sampling_isolated(workdir / "model", args.batch, args.reps, decode)
-                   for name, decode in (("decode", True), ("tokens", False))}
+        report = quality.evaluate_model(
+            workdir / "model", classifier_cache=cache, data_cfg=data_cfg, samples_per_class=50, cfg=CFG
+        )
+        sampled = {
+            name: sampling_isolated(workdir / "model", args.batch, args.reps, decode)
+            for name, decode in (("decode", True), ("tokens", False))
+        }
         params = checkpoint.load_model(workdir / "model").transformer_params
-        rows.append({"family": family, "train": timing, "quality": report, "sampling": sampled,
-                     "params": sum(x.size for x in jax.tree.leaves(params))})
+        rows.append(
+            {
+                "family": family,
+                "train": timing,
+                "quality": report,
+                "sampling": sampled,
+                "params": sum(x.size for x in jax.tree.leaves(params)),
+            }
+        )
         print(markdown(rows[-1:], args.batch), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))

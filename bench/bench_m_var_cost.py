@@ -45,24 +45,50 @@ from mvar_jax.vqvae import VQVAE, VQVAEConfig, abstract_variables
 
 OPTIONS = dict(top_k=900, top_p=0.96)
 BATCH = 64
-_generate = jax.jit(sampling.generate, static_argnames=(
-    "vqvae_config", "transformer_config", "top_k", "top_p", "more_smooth", "decode",
-    "mamba_rerun"))
+_generate = jax.jit(
+    sampling.generate,
+    static_argnames=(
+        "vqvae_config",
+        "transformer_config",
+        "top_k",
+        "top_p",
+        "more_smooth",
+        "decode",
+        "mamba_rerun",
+    ),
+)
 
 
 def model_configs(smoke: bool) -> tuple[VQVAEConfig, TransformerConfig]:
     """The released tokenizer and M-VAR-d16 at 256 px, or a toy for --smoke."""
     if smoke:
         patch_nums = (1, 2)
-        return (VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2),
-                            num_res_blocks=1, using_sa=False, using_mid_sa=False,
-                            patch_nums=patch_nums),
-                TransformerConfig(vocab_size=64, cvae=8, num_classes=10, depth=1, embed_dim=64,
-                                  num_heads=4, patch_nums=patch_nums, attention="mamba",
-                                  attn_l2_norm=False, dtype="bfloat16"))
+        return (
+            VQVAEConfig(
+                vocab_size=64,
+                z_channels=8,
+                ch=32,
+                ch_mult=(1, 2),
+                num_res_blocks=1,
+                using_sa=False,
+                using_mid_sa=False,
+                patch_nums=patch_nums,
+            ),
+            TransformerConfig(
+                vocab_size=64,
+                cvae=8,
+                num_classes=10,
+                depth=1,
+                embed_dim=64,
+                num_heads=4,
+                patch_nums=patch_nums,
+                attention="mamba",
+                attn_l2_norm=False,
+                dtype="bfloat16",
+            ),
+        )
     # Official README: d16 and d20 are released with attn_l2_norm=False.
-    return VQVAEConfig(), TransformerConfig(depth=16, attention="mamba", attn_l2_norm=False,
-                                            dtype="bfloat16")
+    return VQVAEConfig(), TransformerConfig(depth=16, attention="mamba", attn_l2_norm=False, dtype="bfloat16")
 
 
 def flops(lowered: jax.stages.Lowered) -> float:
@@ -72,27 +98,41 @@ def flops(lowered: jax.stages.Lowered) -> float:
     return float(cost["flops"])
 
 
-def sampler_flops(vqvae_config: VQVAEConfig, config: TransformerConfig, batch: int, *,
-                  mamba_rerun: bool) -> float:
+def sampler_flops(
+    vqvae_config: VQVAEConfig, config: TransformerConfig, batch: int, *, mamba_rerun: bool
+) -> float:
     """FLOPs of one compiled ``sampling.generate`` call with guidance, without decode."""
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-    return flops(_generate.lower(
-        vqvae_config, config, abstract_variables(vqvae_config), param_shapes(config),
-        jax.ShapeDtypeStruct((batch,), jnp.int32), key,
-        jax.ShapeDtypeStruct((config.num_scales, 2), jnp.float32),
-        decode=False, mamba_rerun=mamba_rerun, **OPTIONS))
+    return flops(
+        _generate.lower(
+            vqvae_config,
+            config,
+            abstract_variables(vqvae_config),
+            param_shapes(config),
+            jax.ShapeDtypeStruct((batch,), jnp.int32),
+            key,
+            jax.ShapeDtypeStruct((config.num_scales, 2), jnp.float32),
+            decode=False,
+            mamba_rerun=mamba_rerun,
+            **OPTIONS,
+        )
+    )
 
 
 def decoder_flops(vqvae_config: VQVAEConfig, batch: int) -> float:
     side = vqvae_config.patch_nums[-1]
     fn = jax.jit(lambda p, f: VQVAE(vqvae_config).apply(p, f, method=VQVAE.fhat_to_img))
-    return flops(fn.lower(abstract_variables(vqvae_config),
-                          jax.ShapeDtypeStruct((batch, side, side, vqvae_config.z_channels),
-                                               jnp.float32)))
+    return flops(
+        fn.lower(
+            abstract_variables(vqvae_config),
+            jax.ShapeDtypeStruct((batch, side, side, vqvae_config.z_channels), jnp.float32),
+        )
+    )
 
 
-def mamba_branch_flops(config: TransformerConfig, rows: int, tokens: int, kept: int,
-                       final_state: bool = False) -> float:
+def mamba_branch_flops(
+    config: TransformerConfig, rows: int, tokens: int, kept: int, final_state: bool = False
+) -> float:
     """One block's Mamba branch over ``tokens`` from a zero state, keeping the last ``kept``
     outputs (the official inference slices off the earlier ones) and, if asked, the state."""
     mamba = Mamba2(config.mamba, dtype=config.compute_dtype)
@@ -100,13 +140,13 @@ def mamba_branch_flops(config: TransformerConfig, rows: int, tokens: int, kept: 
     params = jax.eval_shape(mamba.init, jax.random.PRNGKey(0), jnp.zeros((1, 1, C)))
 
     def branch(params, x_BLC, scale_B1C, shift_B1C):
-        out, state = mamba.apply(params, modulate(layer_norm(x_BLC, config.norm_eps),
-                                                  scale_B1C, shift_B1C))
+        out, state = mamba.apply(params, modulate(layer_norm(x_BLC, config.norm_eps), scale_B1C, shift_B1C))
         return (out[:, -kept:], state) if final_state else out[:, -kept:]
 
     mod = jax.ShapeDtypeStruct((rows, 1, C), jnp.float32)
-    return flops(jax.jit(branch).lower(
-        params, jax.ShapeDtypeStruct((rows, tokens, C), jnp.float32), mod, mod))
+    return flops(
+        jax.jit(branch).lower(params, jax.ShapeDtypeStruct((rows, tokens, C), jnp.float32), mod, mod)
+    )
 
 
 def rerun_and_state_flops(config: TransformerConfig, rows: int) -> tuple[float, float]:
@@ -130,37 +170,53 @@ def measure(smoke: bool, batch: int) -> dict[str, Any]:
     ours = sampler_flops(vqvae_config, config, batch, mamba_rerun=False)
     official = sampler_flops(vqvae_config, config, batch, mamba_rerun=True)
     rerun, state = rerun_and_state_flops(config, 2 * batch)  # Guidance doubles the rows.
-    return dict(model=f"M-VAR-d{config.depth}", batch=batch, smoke=smoke,
-                dtype=config.dtype, options=OPTIONS, carried_flops=ours,
-                official_rerun_flops=official, rerun_flops=rerun, state_flops=state,
-                decoder_flops=decoder_flops(vqvae_config, batch),
-                saving=1 - ours / official, rerun_share=rerun / official,
-                meets_target=official - ours >= rerun, jax=jax.__version__)
+    return dict(
+        model=f"M-VAR-d{config.depth}",
+        batch=batch,
+        smoke=smoke,
+        dtype=config.dtype,
+        options=OPTIONS,
+        carried_flops=ours,
+        official_rerun_flops=official,
+        rerun_flops=rerun,
+        state_flops=state,
+        decoder_flops=decoder_flops(vqvae_config, batch),
+        saving=1 - ours / official,
+        rerun_share=rerun / official,
+        meets_target=official - ours >= rerun,
+        jax=jax.__version__,
+    )
 
 
 def markdown(r: dict[str, Any]) -> str:
     G = 1e9
-    return "\n".join([
-        f"{r['model']} sampler, batch {r['batch']} with cfg (2 x {r['batch']} rows), "
-        f"top-k {r['options']['top_k']}, top-p {r['options']['top_p']}, {r['dtype']}, "
-        f"no decode; XLA CPU cost_analysis, jax {r['jax']}"
-        f"{' (smoke: toy model)' if r['smoke'] else ''}.", "",
-        "| program | GFLOP | vs official |",
-        "| --- | ---: | ---: |",
-        f"| official re-run (Mamba from scratch over all scales so far) | "
-        f"{r['official_rerun_flops'] / G:,.1f} | 1.000 |",
-        f"| ours (Mamba state carried from scale to scale) | {r['carried_flops'] / G:,.1f} | "
-        f"{r['carried_flops'] / r['official_rerun_flops']:.3f} |",
-        f"| re-run share of the official (Mamba branch on earlier scales' tokens) | "
-        f"{r['rerun_flops'] / G:,.1f} | {r['rerun_share']:.3f} |",
-        f"| ours: handing each scale's Mamba state on (included in ours) | "
-        f"{r['state_flops'] / G:,.1f} | {r['state_flops'] / r['official_rerun_flops']:.3f} |",
-        f"| VQVAE decode (either sampler, not included above) | {r['decoder_flops'] / G:,.1f} | "
-        f"{r['decoder_flops'] / r['official_rerun_flops']:.3f} |", "",
-        f"Ours saves {r['saving']:.2%} of the official sampler's FLOPs; the re-run's share is "
-        f"{r['rerun_share']:.2%}, the state hand-on costs "
-        f"{r['state_flops'] / r['official_rerun_flops']:.2%}: target (saving >= re-run share) "
-        f"{'met' if r['meets_target'] else 'MISSED'}.", ""])
+    return "\n".join(
+        [
+            f"{r['model']} sampler, batch {r['batch']} with cfg (2 x {r['batch']} rows), "
+            f"top-k {r['options']['top_k']}, top-p {r['options']['top_p']}, {r['dtype']}, "
+            f"no decode; XLA CPU cost_analysis, jax {r['jax']}"
+            f"{' (smoke: toy model)' if r['smoke'] else ''}.",
+            "",
+            "| program | GFLOP | vs official |",
+            "| --- | ---: | ---: |",
+            f"| official re-run (Mamba from scratch over all scales so far) | "
+            f"{r['official_rerun_flops'] / G:,.1f} | 1.000 |",
+            f"| ours (Mamba state carried from scale to scale) | {r['carried_flops'] / G:,.1f} | "
+            f"{r['carried_flops'] / r['official_rerun_flops']:.3f} |",
+            f"| re-run share of the official (Mamba branch on earlier scales' tokens) | "
+            f"{r['rerun_flops'] / G:,.1f} | {r['rerun_share']:.3f} |",
+            f"| ours: handing each scale's Mamba state on (included in ours) | "
+            f"{r['state_flops'] / G:,.1f} | {r['state_flops'] / r['official_rerun_flops']:.3f} |",
+            f"| VQVAE decode (either sampler, not included above) | {r['decoder_flops'] / G:,.1f} | "
+            f"{r['decoder_flops'] / r['official_rerun_flops']:.3f} |",
+            "",
+            f"Ours saves {r['saving']:.2%} of the official sampler's FLOPs; the re-run's share is "
+            f"{r['rerun_share']:.2%}, the state hand-on costs "
+            f"{r['state_flops'] / r['official_rerun_flops']:.2%}: target (saving >= re-run share) "
+            f"{'met' if r['meets_target'] else 'MISSED'}.",
+            "",
+        ]
+    )
 
 
 PROG = "python -m bench.bench_m_var_cost"

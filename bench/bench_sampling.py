@@ -49,19 +49,31 @@ class Case:
     reps: int
 
 
-def model_configs(attention: str, smoke: bool, dtype: str = "bfloat16",
-                  ) -> tuple[VQVAEConfig, transformer.TransformerConfig]:
+def model_configs(
+    attention: str,
+    smoke: bool,
+    dtype: str = "bfloat16",
+) -> tuple[VQVAEConfig, transformer.TransformerConfig]:
     """The released tokenizer and d16 at 256 px, or a toy for --smoke."""
     if smoke:
         patch_nums = (1, 2, 3, 4)
-        vqvae_config = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2),
-                                   num_res_blocks=1, patch_nums=patch_nums)
+        vqvae_config = VQVAEConfig(
+            vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=patch_nums
+        )
         return vqvae_config, transformer.TransformerConfig(
-            vocab_size=64, cvae=8, num_classes=10, depth=2, embed_dim=64, num_heads=4,
-            patch_nums=patch_nums, refine_step=3, kernel_size=3, attention=attention,
-            dtype=dtype)
-    return VQVAEConfig(), transformer.TransformerConfig(depth=16, attention=attention,
-                                                        dtype=dtype)
+            vocab_size=64,
+            cvae=8,
+            num_classes=10,
+            depth=2,
+            embed_dim=64,
+            num_heads=4,
+            patch_nums=patch_nums,
+            refine_step=3,
+            kernel_size=3,
+            attention=attention,
+            dtype=dtype,
+        )
+    return VQVAEConfig(), transformer.TransformerConfig(depth=16, attention=attention, dtype=dtype)
 
 
 def random_model(attention: str, smoke: bool, dtype: str = "bfloat16") -> checkpoint.ModelBundle:
@@ -70,10 +82,14 @@ def random_model(attention: str, smoke: bool, dtype: str = "bfloat16") -> checkp
     leaves, treedef = jax.tree.flatten(abstract_variables(vqvae_config))
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
     vqvae_params = jax.tree.unflatten(
-        treedef, [0.02 * jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves)])
-    return checkpoint.ModelBundle(vqvae_config, vqvae_params, transformer_config,
-                                  transformer.init_params(transformer_config,
-                                                          jax.random.PRNGKey(2)))
+        treedef, [0.02 * jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves)]
+    )
+    return checkpoint.ModelBundle(
+        vqvae_config,
+        vqvae_params,
+        transformer_config,
+        transformer.init_params(transformer_config, jax.random.PRNGKey(2)),
+    )
 
 
 def measure(case: Case) -> dict[str, Any]:
@@ -86,13 +102,19 @@ def measure(case: Case) -> dict[str, Any]:
         out = sampling.sample(model, labels, jax.random.PRNGKey(i), decode=case.decode, **OPTIONS)
         jax.block_until_ready(out)
         seconds.append(time.perf_counter() - start)
-    per_call = statistics.median(seconds[case.warmup:])
+    per_call = statistics.median(seconds[case.warmup :])
     stats = jax.local_devices()[0].memory_stats() or {}
-    return dict(dataclasses.asdict(case), seconds_per_call=per_call,
-                images_per_s=case.batch / per_call, compile_s=seconds[0] - per_call,
-                depth=model.transformer_config.depth,
-                peak_bytes_in_use=stats.get("peak_bytes_in_use"),
-                device=jax.local_devices()[0].device_kind, **OPTIONS, dtype="bfloat16")
+    return dict(
+        dataclasses.asdict(case),
+        seconds_per_call=per_call,
+        images_per_s=case.batch / per_call,
+        compile_s=seconds[0] - per_call,
+        depth=model.transformer_config.depth,
+        peak_bytes_in_use=stats.get("peak_bytes_in_use"),
+        device=jax.local_devices()[0].device_kind,
+        **OPTIONS,
+        dtype="bfloat16",
+    )
 
 
 def run_isolated(case: Case) -> dict[str, Any]:
@@ -101,16 +123,21 @@ def run_isolated(case: Case) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = [f"Sampling, bfloat16, cfg {OPTIONS['cfg']}, top-k {OPTIONS['top_k']}, "
-             f"top-p {OPTIONS['top_p']}, on {rows[0]['device']}"
-             f"{' (smoke: toy model)' if rows[0]['smoke'] else ''}.", "",
-             "| model | batch | decode | img/s | s/call | peak GiB |",
-             "| --- | ---: | --- | ---: | ---: | ---: |"]
+    lines = [
+        f"Sampling, bfloat16, cfg {OPTIONS['cfg']}, top-k {OPTIONS['top_k']}, "
+        f"top-p {OPTIONS['top_p']}, on {rows[0]['device']}"
+        f"{' (smoke: toy model)' if rows[0]['smoke'] else ''}.",
+        "",
+        "| model | batch | decode | img/s | s/call | peak GiB |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
     for r in rows:
         peak = "n/a" if r["peak_bytes_in_use"] is None else f"{r['peak_bytes_in_use'] / GiB:.2f}"
-        lines.append(f"| {r['attention'].upper()}-d{r['depth']} | {r['batch']} | "
-                     f"{'yes' if r['decode'] else 'no'} | {r['images_per_s']:.1f} | "
-                     f"{r['seconds_per_call']:.3f} | {peak} |")
+        lines.append(
+            f"| {r['attention'].upper()}-d{r['depth']} | {r['batch']} | "
+            f"{'yes' if r['decode'] else 'no'} | {r['images_per_s']:.1f} | "
+            f"{r['seconds_per_call']:.3f} | {peak} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -118,8 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, help="directory for results.md/.json")
     parser.add_argument("--smoke", action="store_true", help="toy model and batches (CPU)")
-    parser.add_argument("--batch-sizes", default=None,
-                        help="comma-separated (default 32,64; --smoke: 2)")
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated (default 32,64; --smoke: 2)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--case", help=argparse.SUPPRESS)  # One case, JSON result on stdout.
@@ -135,10 +161,11 @@ def main() -> None:
     for pattern in attention.PATTERNS:
         for batch in (int(b) for b in batches.split(",")):
             for decode in (True, False):
-                rows.append(run_isolated(Case(pattern, batch, decode, args.smoke,
-                                              args.warmup, reps)))
-                print(f"{pattern} batch {batch} decode {decode}: "
-                      f"{rows[-1]['images_per_s']:.1f} img/s", flush=True)
+                rows.append(run_isolated(Case(pattern, batch, decode, args.smoke, args.warmup, reps)))
+                print(
+                    f"{pattern} batch {batch} decode {decode}: {rows[-1]['images_per_s']:.1f} img/s",
+                    flush=True,
+                )
     write_results(args.out, rows, markdown(rows))
 
 

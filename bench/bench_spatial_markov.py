@@ -53,7 +53,7 @@ from mvar_jax.attention import neighborhood_attention_reference, neighborhood_wi
 @dataclasses.dataclass(frozen=True)
 class Case:
     batch: int
-    side: int          # square maps, side x side
+    side: int  # square maps, side x side
     heads: int
     head_dim: int
     kernel_size: int
@@ -85,7 +85,7 @@ class Result:
 
 
 # Input sets rotate until they span this many bytes, about twice the H100's L2.
-ROTATION_BYTES = 100 * 2 ** 20
+ROTATION_BYTES = 100 * 2**20
 ROUNDS = 5
 ROUND_S = 0.1  # target length of one timed round
 
@@ -94,12 +94,12 @@ def input_sets(case: Case, count: int, seed: int = 0) -> list[list[jax.Array]]:
     """Independent random (q, k, v, do) sets; enough of them to defeat the L2 cache."""
     rng = np.random.default_rng(seed)
     sets = max(1, -(-ROTATION_BYTES // (count * case.tensor_bytes)))
-    return [[jnp.asarray(rng.standard_normal(case.shape), case.dtype) for _ in range(count)]
-            for _ in range(sets)]
+    return [
+        [jnp.asarray(rng.standard_normal(case.shape), case.dtype) for _ in range(count)] for _ in range(sets)
+    ]
 
 
-def time_call(fn: Callable, arg_sets: list, warmup: int, reps: int,
-              rounds: int = ROUNDS) -> float:
+def time_call(fn: Callable, arg_sets: list, warmup: int, reps: int, rounds: int = ROUNDS) -> float:
     """Seconds per call of ``fn(*args)``: the median over ``rounds`` of back-to-back rounds.
 
     Each round dispatches up to ``reps`` calls (fewer for slow calls: a round
@@ -139,7 +139,7 @@ def neighbourhood_mask(side: int, kernel_size: int) -> jax.Array:
     start = neighborhood_window_starts(side, kernel_size)
     pos = jnp.arange(side)
     inside = (pos[None, :] >= start[:, None]) & (pos[None, :] < start[:, None] + kernel_size)
-    return (inside[:, None, :, None] & inside[None, :, None, :]).reshape(side ** 2, side ** 2)
+    return (inside[:, None, :, None] & inside[None, :, None, :]).reshape(side**2, side**2)
 
 
 def _flat(x):
@@ -150,34 +150,45 @@ def _flat(x):
 def dense_xla(q, k, v, kernel_size):
     """Full attention with the neighbourhood mask; float32 logits and softmax."""
     mask = neighbourhood_mask(q.shape[1], kernel_size)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", _flat(q), _flat(k),
-                        preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    logits = (
+        jnp.einsum("bqhd,bkhd->bhqk", _flat(q), _flat(k), preferred_element_type=jnp.float32)
+        * q.shape[-1] ** -0.5
+    )
     probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), _flat(v),
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), _flat(v), preferred_element_type=jnp.float32)
     return out.astype(q.dtype).reshape(q.shape)
 
 
 def dense_sdpa(q, k, v, kernel_size, implementation):
     mask = neighbourhood_mask(q.shape[1], kernel_size)[None, None]
-    out = jax.nn.dot_product_attention(_flat(q), _flat(k), _flat(v), mask=mask,
-                                       implementation=implementation)
+    out = jax.nn.dot_product_attention(_flat(q), _flat(k), _flat(v), mask=mask, implementation=implementation)
     return out.reshape(q.shape)
 
 
 def methods(case: Case, interpret: bool) -> dict[str, tuple[list, int]]:
     """name -> ([(impl, fn), ...] in order of preference, estimated extra bytes)."""
     ks = case.kernel_size
-    n = case.side ** 2
+    n = case.side**2
     logits = case.batch * case.heads * n * n * 4
     window = case.tensor_bytes * ks * ks * 4 // jnp.dtype(case.dtype).itemsize
-    sdpa = [(impl, functools.partial(dense_sdpa, kernel_size=ks, implementation=impl))
-            for impl in ("cudnn", "xla")]
+    sdpa = [
+        (impl, functools.partial(dense_sdpa, kernel_size=ks, implementation=impl))
+        for impl in ("cudnn", "xla")
+    ]
     return {
-        "pallas": ([("interpret" if interpret else "triton", functools.partial(
-            spatial_markov_attention, kernel_size=ks, interpret=interpret))], 0),
-        "reference": ([("xla gather", functools.partial(
-            neighborhood_attention_reference, kernel_size=ks))], 4 * window),
+        "pallas": (
+            [
+                (
+                    "interpret" if interpret else "triton",
+                    functools.partial(spatial_markov_attention, kernel_size=ks, interpret=interpret),
+                )
+            ],
+            0,
+        ),
+        "reference": (
+            [("xla gather", functools.partial(neighborhood_attention_reference, kernel_size=ks))],
+            4 * window,
+        ),
         "dense_xla": ([("xla", functools.partial(dense_xla, kernel_size=ks))], 3 * logits),
         "dense_sdpa": (sdpa, 3 * logits),
     }
@@ -204,8 +215,9 @@ def time_method(case: Case, impls, arg_sets, copy_bps: float, warmup: int, reps:
     notes = []
     for i, (impl, fn) in enumerate(impls):
         try:
-            seconds = {mode: time_call(pass_fn, arg_sets, warmup, reps)
-                       for mode, pass_fn in passes(fn).items()}
+            seconds = {
+                mode: time_call(pass_fn, arg_sets, warmup, reps) for mode, pass_fn in passes(fn).items()
+            }
         except Exception as e:  # noqa: BLE001 - a refusal means: try the next one
             if i == len(impls) - 1:
                 raise
@@ -214,9 +226,16 @@ def time_method(case: Case, impls, arg_sets, copy_bps: float, warmup: int, reps:
         results = []
         for mode, t in seconds.items():
             floor_bytes = FLOOR_TENSORS[mode] * case.tensor_bytes
-            results.append(dict(mode=mode, impl=impl, median_ms=t * 1e3,
-                                gbps=floor_bytes / t / 1e9,
-                                x_floor=t / (floor_bytes / copy_bps), note="; ".join(notes)))
+            results.append(
+                dict(
+                    mode=mode,
+                    impl=impl,
+                    median_ms=t * 1e3,
+                    gbps=floor_bytes / t / 1e9,
+                    x_floor=t / (floor_bytes / copy_bps),
+                    note="; ".join(notes),
+                )
+            )
         return results
 
 
@@ -231,8 +250,11 @@ def run_case(case: Case, interpret: bool, copy_bps: float, warmup: int, reps: in
             continue
         timed = time_method(case, impls, arg_sets, copy_bps, warmup, reps)
         results += [Result(case, method, **r) for r in timed]
-        print(f"  {method:10s} {timed[0]['impl']:10s} " + "  ".join(
-            f"{r['mode']} {r['median_ms']:.3f} ms" for r in timed), flush=True)
+        print(
+            f"  {method:10s} {timed[0]['impl']:10s} "
+            + "  ".join(f"{r['mode']} {r['median_ms']:.3f} ms" for r in timed),
+            flush=True,
+        )
     return results
 
 
@@ -240,13 +262,14 @@ def check_kernel(case: Case, interpret: bool, tiling: Tiling | None = None) -> d
     """Relative errors of the kernel's output and grads vs the reference, batch 2."""
     small = dataclasses.replace(case, batch=2)
     rng = np.random.default_rng(1)
-    q, k, v, do = (jnp.asarray(rng.standard_normal(small.shape), small.dtype)
-                   for _ in range(4))
+    q, k, v, do = (jnp.asarray(rng.standard_normal(small.shape), small.dtype) for _ in range(4))
     errors = {}
-    fns = {"pallas": functools.partial(spatial_markov_attention, kernel_size=case.kernel_size,
-                                       interpret=interpret, tiling=tiling),
-           "reference": functools.partial(neighborhood_attention_reference,
-                                          kernel_size=case.kernel_size)}
+    fns = {
+        "pallas": functools.partial(
+            spatial_markov_attention, kernel_size=case.kernel_size, interpret=interpret, tiling=tiling
+        ),
+        "reference": functools.partial(neighborhood_attention_reference, kernel_size=case.kernel_size),
+    }
     outs = {}
     for name, fn in fns.items():
         out, vjp = jax.vjp(fn, q, k, v)
@@ -258,24 +281,35 @@ def check_kernel(case: Case, interpret: bool, tiling: Tiling | None = None) -> d
 
 
 def markdown(results: list[Result], header: dict) -> str:
-    lines = [f"Spatial-Markov attention, {header['dtype']}, heads {header['heads']}, "
-             f"head_dim {header['head_dim']}, kernel {header['kernel_size']}, on "
-             f"{header['device']}; copy bandwidth {header['copy_gbps']:.0f} GB/s. "
-             "GB/s counts compulsory bytes only (q, k, v, o once; plus do, dq, dk, dv "
-             "for fwd+bwd); x floor = time / (those bytes / copy bandwidth).", "",
-             "| map | B | pass | method | impl | median ms | GB/s | x floor | note |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |"]
+    lines = [
+        f"Spatial-Markov attention, {header['dtype']}, heads {header['heads']}, "
+        f"head_dim {header['head_dim']}, kernel {header['kernel_size']}, on "
+        f"{header['device']}; copy bandwidth {header['copy_gbps']:.0f} GB/s. "
+        "GB/s counts compulsory bytes only (q, k, v, o once; plus do, dq, dk, dv "
+        "for fwd+bwd); x floor = time / (those bytes / copy bandwidth).",
+        "",
+        "| map | B | pass | method | impl | median ms | GB/s | x floor | note |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |",
+    ]
     for r in results:
-        cells = ("-" if x is None else f"{x:.{p}f}" for x, p in
-                 ((r.median_ms, 3), (r.gbps, 1), (r.x_floor, 1)))
-        lines.append(f"| {r.case.side}x{r.case.side} | {r.case.batch} | {r.mode} | "
-                     f"{r.method} | {r.impl} | " + " | ".join(cells) + f" | {r.note} |")
-    lines += ["", "Kernel vs reference at batch 2 (relative error, "
-              "bfloat16 kernel vs float32-accumulating reference):", "",
-              "| map | o | dq | dk | dv |", "| --- | ---: | ---: | ---: | ---: |"]
+        cells = (
+            "-" if x is None else f"{x:.{p}f}" for x, p in ((r.median_ms, 3), (r.gbps, 1), (r.x_floor, 1))
+        )
+        lines.append(
+            f"| {r.case.side}x{r.case.side} | {r.case.batch} | {r.mode} | "
+            f"{r.method} | {r.impl} | " + " | ".join(cells) + f" | {r.note} |"
+        )
+    lines += [
+        "",
+        "Kernel vs reference at batch 2 (relative error, bfloat16 kernel vs float32-accumulating reference):",
+        "",
+        "| map | o | dq | dk | dv |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for side, errs in header["checks"].items():
-        lines.append(f"| {side}x{side} | " + " | ".join(f"{errs[n]:.1e}" for n in
-                                                      ("o", "dq", "dk", "dv")) + " |")
+        lines.append(
+            f"| {side}x{side} | " + " | ".join(f"{errs[n]:.1e}" for n in ("o", "dq", "dk", "dv")) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -283,15 +317,13 @@ PROG = "python -m bench.bench_spatial_markov"
 FLAGS = flags.FlagValues()
 common.define_flags(FLAGS, smoke="tiny shapes, few reps: checks the script runs (CPU)")
 cli.define_int_list("batches", "32,128", "batch sizes", FLAGS, what="ints", example="32,128")
-cli.define_int_list("maps", "13,16,32,64", "square map sides", FLAGS, what="ints",
-                    example="13,16")
+cli.define_int_list("maps", "13,16,32,64", "square map sides", FLAGS, what="ints", example="13,16")
 flags.DEFINE_integer("heads", 16, "attention heads", flag_values=FLAGS)
 flags.DEFINE_integer("head_dim", 64, "head dimension", flag_values=FLAGS)
 flags.DEFINE_integer("kernel_size", 7, "neighbourhood side", flag_values=FLAGS)
 flags.DEFINE_integer("warmup", 3, "untimed calls first", flag_values=FLAGS)
 flags.DEFINE_integer("reps", 50, "calls per timed round", flag_values=FLAGS)
-flags.DEFINE_float("copy_gib", 2.0, "size of the copy that measures bandwidth",
-                   flag_values=FLAGS)
+flags.DEFINE_float("copy_gib", 2.0, "size of the copy that measures bandwidth", flag_values=FLAGS)
 
 
 def main(argv=None):
@@ -302,8 +334,14 @@ def main(argv=None):
 
     interpret = jax.default_backend() == "cpu"
     copy_bps = copy_bandwidth(int(args.copy_gib * GiB), args.warmup, args.reps)
-    header = common.header(dtype="bfloat16", heads=args.heads, head_dim=args.head_dim,
-                           kernel_size=args.kernel_size, copy_gbps=copy_bps / 1e9, checks={})
+    header = common.header(
+        dtype="bfloat16",
+        heads=args.heads,
+        head_dim=args.head_dim,
+        kernel_size=args.kernel_size,
+        copy_gbps=copy_bps / 1e9,
+        checks={},
+    )
     print(f"{header['device']}: copy {header['copy_gbps']:.0f} GB/s", flush=True)
     results = []
     for side in args.maps:
@@ -315,9 +353,11 @@ def main(argv=None):
             print(f"{side}x{side} B={batch}", flush=True)
             results += run_case(case, interpret, copy_bps, args.warmup, args.reps)
 
-    common.write_results(args.out, dict(header=header, results=[dataclasses.asdict(r)
-                                                                for r in results]),
-                         markdown(results, header))
+    common.write_results(
+        args.out,
+        dict(header=header, results=[dataclasses.asdict(r) for r in results]),
+        markdown(results, header),
+    )
 
 
 if __name__ == "__main__":

@@ -58,20 +58,40 @@ DENSE = "dense"  # The attention impl column of segments without spatial-Markov 
 def model_config(attention: str, smoke: bool) -> TransformerConfig:
     """d16 at 256 px with the released tokenizer's vocabulary, or a toy for --smoke."""
     if smoke:
-        return TransformerConfig(vocab_size=64, cvae=8, num_classes=10, depth=2, embed_dim=64,
-                                 num_heads=4, patch_nums=(1, 2, 3, 4), refine_step=3,
-                                 kernel_size=3, attention=attention, dtype="bfloat16")
-    return TransformerConfig(vocab_size=4096, cvae=32, num_classes=1000, depth=16,
-                             attention=attention, drop_path_rate=official_drop_path_rate(16),
-                             dtype="bfloat16")
+        return TransformerConfig(
+            vocab_size=64,
+            cvae=8,
+            num_classes=10,
+            depth=2,
+            embed_dim=64,
+            num_heads=4,
+            patch_nums=(1, 2, 3, 4),
+            refine_step=3,
+            kernel_size=3,
+            attention=attention,
+            dtype="bfloat16",
+        )
+    return TransformerConfig(
+        vocab_size=4096,
+        cvae=32,
+        num_classes=1000,
+        depth=16,
+        attention=attention,
+        drop_path_rate=official_drop_path_rate(16),
+        dtype="bfloat16",
+    )
 
 
 def _xla_bytes(compiled) -> float | None:
     analysis = compiled.memory_analysis()
     if analysis is None:
         return None
-    return float(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                 + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+    return float(
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
 
 
 def uses_neighborhood(config: TransformerConfig, segment: Segment) -> bool:
@@ -79,51 +99,67 @@ def uses_neighborhood(config: TransformerConfig, segment: Segment) -> bool:
     return config.attention == "mvar" and segment.last_scale > config.refine_step
 
 
-def bench_model(config: TransformerConfig, recipe: ml_collections.ConfigDict, *,
-                impls: tuple[str, ...], batch: int, warmup: int, reps: int) -> list[dict]:
+def bench_model(
+    config: TransformerConfig,
+    recipe: ml_collections.ConfigDict,
+    *,
+    impls: tuple[str, ...],
+    batch: int,
+    warmup: int,
+    reps: int,
+) -> list[dict]:
     """One row per segment of the model's schedule, per impl where neighbourhoods are used."""
     mesh = parallel.make_mesh(jax.local_devices())
-    tx, lr = optimizer.make_optimizer(recipe.optim, global_batch_size=batch, total_steps=10_000,
-                                      warmup_steps=100)
+    tx, lr = optimizer.make_optimizer(
+        recipe.optim, global_batch_size=batch, total_steps=10_000, warmup_steps=100
+    )
     rng = jax.random.PRNGKey(0)
     state = state_lib.create_train_state(state_lib.init_params(config, recipe.init, rng), tx, rng)
     shardings = parallel.state_shardings(state, mesh, fsdp=False)
     state = jax.device_put(state, shardings)
-    tokens = SyntheticTokenSource(batch_size=batch, seq_len=config.seq_len,
-                                  vocab_size=config.vocab_size,
-                                  num_classes=config.num_classes).batch(0)
-    tokens["x_BLCv"] = np.random.default_rng(0).normal(
-        size=(batch, config.seq_len - config.first_l, config.cvae)).astype(np.float32)
+    tokens = SyntheticTokenSource(
+        batch_size=batch, seq_len=config.seq_len, vocab_size=config.vocab_size, num_classes=config.num_classes
+    ).batch(0)
+    tokens["x_BLCv"] = (
+        np.random.default_rng(0)
+        .normal(size=(batch, config.seq_len - config.first_l, config.cvae))
+        .astype(np.float32)
+    )
     inputs = parallel.host_batch_to_global(tokens, mesh)
-    cycle = schedule.make_schedule(config.attention, config.num_scales,
-                                   refine_step=config.refine_step, ratio_k=recipe.ratio_k)
+    cycle = schedule.make_schedule(
+        config.attention, config.num_scales, refine_step=config.refine_step, ratio_k=recipe.ratio_k
+    )
     rows = []
     for index, segment in enumerate(cycle.segments):
         segment_impls = impls if uses_neighborhood(config, segment) else (DENSE,)
         for impl in segment_impls:
-            model_config = (config if impl == DENSE
-                            else dataclasses.replace(config, neighborhood_impl=impl))
+            model_config = config if impl == DENSE else dataclasses.replace(config, neighborhood_impl=impl)
             train_step = parallel.jit_train_step(
-                step_lib.make_train_step(Transformer(model_config), tx, lr, segment,
-                                         label_smoothing=0.0), shardings, mesh)
+                step_lib.make_train_step(Transformer(model_config), tx, lr, segment, label_smoothing=0.0),
+                shardings,
+                mesh,
+            )
             state, timing = time_step(train_step, state, inputs, warmup=warmup, reps=reps)
             begin, end = config.token_range(*segment)
-            rows.append({
-                "model": f"{config.attention.upper()}-d{config.depth}",
-                "segment": segment.name(config.patch_nums),
-                "attention_impl": impl,
-                "tokens": end - begin,
-                "steps_per_cycle": cycle.cycle.count(index),
-                "ms_per_step": 1e3 * timing["seconds"],
-                "images_per_s": batch / timing["seconds"],
-                "xla_gib": None if timing["xla_bytes"] is None else timing["xla_bytes"] / GiB,
-                "compile_s": timing["compile_s"],
-            })
+            rows.append(
+                {
+                    "model": f"{config.attention.upper()}-d{config.depth}",
+                    "segment": segment.name(config.patch_nums),
+                    "attention_impl": impl,
+                    "tokens": end - begin,
+                    "steps_per_cycle": cycle.cycle.count(index),
+                    "ms_per_step": 1e3 * timing["seconds"],
+                    "images_per_s": batch / timing["seconds"],
+                    "xla_gib": None if timing["xla_bytes"] is None else timing["xla_bytes"] / GiB,
+                    "compile_s": timing["compile_s"],
+                }
+            )
     return rows
 
 
-def time_step(train_step, state: state_lib.TrainState, inputs, *, warmup: int,
-              reps: int) -> tuple[state_lib.TrainState, dict]:
+def time_step(
+    train_step, state: state_lib.TrainState, inputs, *, warmup: int, reps: int
+) -> tuple[state_lib.TrainState, dict]:
     """Compiles and times a jitted ``(state, batch) -> (state, metrics)`` step (state donated).
 
     Returns the final state and the median ``seconds``, ``compile_s`` and ``xla_bytes``.
@@ -140,8 +176,11 @@ def time_step(train_step, state: state_lib.TrainState, inputs, *, warmup: int,
         state, metrics = compiled(state, inputs)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - started)
-    return state, {"seconds": statistics.median(times), "compile_s": compile_s,
-                   "xla_bytes": _xla_bytes(compiled)}
+    return state, {
+        "seconds": statistics.median(times),
+        "compile_s": compile_s,
+        "xla_bytes": _xla_bytes(compiled),
+    }
 
 
 def cycle_row(rows: list[dict], impl: str) -> dict:
@@ -150,41 +189,63 @@ def cycle_row(rows: list[dict], impl: str) -> dict:
     weights = np.array([r["steps_per_cycle"] for r in rows], float)
     ms = float(np.average([r["ms_per_step"] for r in rows], weights=weights))
     peaks = [r["xla_gib"] for r in rows]
-    return {"model": rows[0]["model"], "segment": "cycle", "attention_impl": impl,
-            "tokens": None, "steps_per_cycle": int(weights.sum()), "ms_per_step": ms,
-            "images_per_s": rows[0]["images_per_s"] * rows[0]["ms_per_step"] / ms,
-            "xla_gib": None if None in peaks else max(peaks), "compile_s": None}
+    return {
+        "model": rows[0]["model"],
+        "segment": "cycle",
+        "attention_impl": impl,
+        "tokens": None,
+        "steps_per_cycle": int(weights.sum()),
+        "ms_per_step": ms,
+        "images_per_s": rows[0]["images_per_s"] * rows[0]["ms_per_step"] / ms,
+        "xla_gib": None if None in peaks else max(peaks),
+        "compile_s": None,
+    }
 
 
 def reference_ratios(rows: list[dict], config: TransformerConfig) -> list[dict]:
     """``reference / impl`` ms per step on the largest spatial-Markov segment (> 1: impl wins)."""
     side = config.patch_nums[-1]
-    ms = {r["attention_impl"]: r["ms_per_step"] for r in rows
-          if r["segment"] == str(side) and r["attention_impl"] != DENSE}
+    ms = {
+        r["attention_impl"]: r["ms_per_step"]
+        for r in rows
+        if r["segment"] == str(side) and r["attention_impl"] != DENSE
+    }
     if "reference" not in ms:
         return []
-    return [{"segment": f"{side}x{side}", "numerator": "reference", "denominator": impl,
-             "ratio": ms["reference"] / ms[impl]} for impl in ms if impl != "reference"]
+    return [
+        {
+            "segment": f"{side}x{side}",
+            "numerator": "reference",
+            "denominator": impl,
+            "ratio": ms["reference"] / ms[impl],
+        }
+        for impl in ms
+        if impl != "reference"
+    ]
 
 
 def ratio_line(ratio: dict) -> str:
-    return (f"{ratio['segment']} segment: {ratio['numerator']} / {ratio['denominator']} = "
-            f"{ratio['ratio']:.2f}")
+    return f"{ratio['segment']} segment: {ratio['numerator']} / {ratio['denominator']} = {ratio['ratio']:.2f}"
 
 
 def to_markdown(rows: list[dict], header: str) -> str:
     def fmt(value, spec):
         return "n/a" if value is None else format(value, spec)
 
-    lines = [header, "",
-             "| model | segment | attention impl | tokens | steps/cycle | ms/step | images/s "
-             "| XLA GiB | compile s |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        header,
+        "",
+        "| model | segment | attention impl | tokens | steps/cycle | ms/step | images/s "
+        "| XLA GiB | compile s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['segment']} | {r['attention_impl']} | "
-                     f"{fmt(r['tokens'], 'd')} | {r['steps_per_cycle']} | "
-                     f"{r['ms_per_step']:.1f} | {r['images_per_s']:.0f} | "
-                     f"{fmt(r['xla_gib'], '.2f')} | {fmt(r['compile_s'], '.1f')} |")
+        lines.append(
+            f"| {r['model']} | {r['segment']} | {r['attention_impl']} | "
+            f"{fmt(r['tokens'], 'd')} | {r['steps_per_cycle']} | "
+            f"{r['ms_per_step']:.1f} | {r['images_per_s']:.0f} | "
+            f"{fmt(r['xla_gib'], '.2f')} | {fmt(r['compile_s'], '.1f')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -195,8 +256,9 @@ def parse_impls(text: str | None, smoke: bool) -> tuple[str, ...]:
     impls = tuple(name.strip() for name in text.split(",") if name.strip())
     unknown = [name for name in impls if name not in attention.NEIGHBORHOOD_IMPLS]
     if not impls or unknown or len(set(impls)) != len(impls):
-        raise ValueError(f"--neighborhood-impls must list distinct names from "
-                         f"{attention.NEIGHBORHOOD_IMPLS}, got {text!r}")
+        raise ValueError(
+            f"--neighborhood-impls must list distinct names from {attention.NEIGHBORHOOD_IMPLS}, got {text!r}"
+        )
     return impls
 
 
@@ -206,10 +268,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-per-device", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--neighborhood-impls",
-                        help="MVAR spatial-Markov attention impls to time, the first also for "
-                             f"the cycle row (default: {','.join(DEFAULT_IMPLS)}; with --smoke "
-                             f"{','.join(SMOKE_IMPLS)})")
+    parser.add_argument(
+        "--neighborhood-impls",
+        help="MVAR spatial-Markov attention impls to time, the first also for "
+        f"the cycle row (default: {','.join(DEFAULT_IMPLS)}; with --smoke "
+        f"{','.join(SMOKE_IMPLS)})",
+    )
     parser.add_argument("--smoke", action="store_true", help="toy model, 2 steps (CPU check)")
     args = parser.parse_args(argv)
     try:
@@ -225,17 +289,18 @@ def main(argv: list[str] | None = None) -> None:
     rows, ratios = [], []
     for name in attention.PATTERNS:
         config = model_config(name, args.smoke)
-        model_rows = bench_model(config, recipe, impls=impls, batch=batch, warmup=args.warmup,
-                                 reps=args.reps)
+        model_rows = bench_model(config, recipe, impls=impls, batch=batch, warmup=args.warmup, reps=args.reps)
         rows += model_rows + ([cycle_row(model_rows, impls[0])] if len(model_rows) > 1 else [])
         ratios += reference_ratios(model_rows, config)
 
     device = jax.local_devices()[0]
     stats = device.memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
-    header = (f"Train step, bfloat16, batch {args.batch_per_device}/device x "
-              f"{jax.local_device_count()} {device.device_kind}; jax {jax.__version__}"
-              f"{' (SMOKE: toy model)' if args.smoke else ''}")
+    header = (
+        f"Train step, bfloat16, batch {args.batch_per_device}/device x "
+        f"{jax.local_device_count()} {device.device_kind}; jax {jax.__version__}"
+        f"{' (SMOKE: toy model)' if args.smoke else ''}"
+    )
     markdown = to_markdown(rows, header)
     if ratios:
         markdown += "\n" + "".join(ratio_line(r) + "\n" for r in ratios)
@@ -243,10 +308,20 @@ def main(argv: list[str] | None = None) -> None:
         markdown += f"\nProcess peak device memory: {peak / GiB:.2f} GiB\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(markdown)
-    (args.out / "results.json").write_text(json.dumps(
-        {"device": device.device_kind, "jax": jax.__version__, "smoke": args.smoke,
-         "batch_per_device": args.batch_per_device, "neighborhood_impls": list(impls),
-         "rows": rows, "ratios": ratios}, indent=1))
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {
+                "device": device.device_kind,
+                "jax": jax.__version__,
+                "smoke": args.smoke,
+                "batch_per_device": args.batch_per_device,
+                "neighborhood_impls": list(impls),
+                "rows": rows,
+                "ratios": ratios,
+            },
+            indent=1,
+        )
+    )
     print(markdown)
 
 

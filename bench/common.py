@@ -20,22 +20,28 @@ from typing import Any
 import jax
 from absl import flags
 
-GiB = 2 ** 30
+GiB = 2**30
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def define_flags(flag_values: flags.FlagValues, smoke: str) -> None:
     """``--out DIR`` (required) and ``--smoke`` (``smoke``: what the smoke run is)."""
-    flags.DEFINE_string("out", None, "directory for results.md and results.json", required=True,
-                        flag_values=flag_values)
+    flags.DEFINE_string(
+        "out", None, "directory for results.md and results.json", required=True, flag_values=flag_values
+    )
     flags.DEFINE_bool("smoke", False, smoke, flag_values=flag_values)
 
 
 def header(**fields: Any) -> dict[str, Any]:
     """Where and with what a run measured, plus ``fields``: device, backend, versions, date."""
-    return {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-            "jax": jax.__version__, "python": platform.python_version(),
-            "date": datetime.date.today().isoformat(), **fields}
+    return {
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+        **fields,
+    }
 
 
 def write_results(out: str | pathlib.Path, results: Any, markdown: str) -> None:
@@ -51,8 +57,13 @@ def write_results(out: str | pathlib.Path, results: Any, markdown: str) -> None:
 
 def run_case(module: str, flag: str, case: dict[str, Any]) -> dict[str, Any]:
     """``python -m module flag JSON`` from the repository root; the last stdout line as JSON."""
-    result = subprocess.run([sys.executable, "-m", module, flag, json.dumps(case)],
-                            cwd=REPO, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", module, flag, json.dumps(case)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"{module} {flag} {case} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,4 +1,5 @@
 """Old name of ``configs/mvar_ft.py:d16``, kept so that existing scripts run."""
+
 import functools
 import warnings
 

@@ -25,8 +25,10 @@ DEPTHS = tuple(_BATCH_SIZE)
 def get_config(depth: str | None = None) -> ml_collections.ConfigDict:
     """The fine-tune recipe at ``depth`` ('d16', 'd20' or 'd24')."""
     if depth not in _BATCH_SIZE:
-        raise ValueError(f"configs/mvar_ft.py takes the depth, one of {', '.join(DEPTHS)}: "
-                         f"--config configs/mvar_ft.py:d16 (got {depth!r})")
+        raise ValueError(
+            f"configs/mvar_ft.py takes the depth, one of {', '.join(DEPTHS)}: "
+            f"--config configs/mvar_ft.py:d16 (got {depth!r})"
+        )
     c = common.get_config()
     # --depth (embed 64 * depth, depth heads, drop path 0.1 * depth / 24: common.py)
     c.model.depth = int(depth[1:])

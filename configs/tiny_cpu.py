@@ -28,15 +28,33 @@ TOKENIZERS = {
     # 256 px setting keeps the last two of ten scales for spatial-Markov attention).
     # Cycle [1-4, 1-4, 6x6, 8x8] (ratio_k 2): the official 8:1:1 has eight small scales
     # in the first segment, here it has four, so each large scale gets a quarter of the steps.
-    "demo": dict(vqvae_checkpoint="demo_out/tokenizer/model", token_cache_dir="demo_out/tokens",
-                 patch_nums=(1, 2, 3, 4, 6, 8), refine_step=4, kernel_size=3, ratio_k=2,
-                 depth=4, embed_dim=128, num_train_steps=900, base_lr=0.06,
-                 sample_every=0),  # mvar_jax.demo draws the grid from the export
+    "demo": dict(
+        vqvae_checkpoint="demo_out/tokenizer/model",
+        token_cache_dir="demo_out/tokens",
+        patch_nums=(1, 2, 3, 4, 6, 8),
+        refine_step=4,
+        kernel_size=3,
+        ratio_k=2,
+        depth=4,
+        embed_dim=128,
+        num_train_steps=900,
+        base_lr=0.06,
+        sample_every=0,
+    ),  # mvar_jax.demo draws the grid from the export
     # The smoke-size run the tests and notebooks train: 2 epochs of 157 steps, 0.17M params.
-    "fixture": dict(vqvae_checkpoint="tests/fixtures/official/tiny_vae.pth", token_cache_dir=None,
-                    patch_nums=(1, 2, 3, 4), refine_step=3, kernel_size=3, ratio_k=8,
-                    depth=2, embed_dim=64, num_train_steps=314, base_lr=0.02,
-                    sample_every=157),  # a grid after each epoch
+    "fixture": dict(
+        vqvae_checkpoint="tests/fixtures/official/tiny_vae.pth",
+        token_cache_dir=None,
+        patch_nums=(1, 2, 3, 4),
+        refine_step=3,
+        kernel_size=3,
+        ratio_k=8,
+        depth=2,
+        embed_dim=64,
+        num_train_steps=314,
+        base_lr=0.02,
+        sample_every=157,
+    ),  # a grid after each epoch
 }
 
 

@@ -32,6 +32,7 @@ def get_config():
     m.vocab_size = 512
     m.z_channels = 16
     m.patch_nums = (1, 2, 3, 4, 6, 8)
+    m.using_znorm = True  # cosine code lookup: far higher code usage from the first steps
 
     common.use_builtin_shapes(c)
 
@@ -49,7 +50,7 @@ def get_config():
     o.final_lr_ratio = 0.1
 
     c.codebook.window = 50
-    c.codebook.dead_after = 50
+    c.codebook.dead_after = 10  # as the demo's measured tokenizer (docs/benchmarks.md)
 
     c.log_every = 20
     c.checkpoint_every = 200

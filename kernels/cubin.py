@@ -37,8 +37,13 @@ from jax._src.lib import version as jaxlib_version
 from jax._src.lib.mlir import ir
 from jax._src.lib.triton import dialect as tt_dialect
 
-from kernels.spatial_markov import (CANDIDATE_MAPS, Tiling, candidate_tilings, default_tiling,
-                                    spatial_markov_attention)
+from kernels.spatial_markov import (
+    CANDIDATE_MAPS,
+    Tiling,
+    candidate_tilings,
+    default_tiling,
+    spatial_markov_attention,
+)
 
 try:
     import triton
@@ -75,12 +80,16 @@ def triton_calls(fn: Callable, *args: jax.ShapeDtypeStruct) -> list[TritonCall]:
     ``args`` may be abstract (``jax.ShapeDtypeStruct``): nothing runs.
     """
     if not LOWERS_TO_TRITON_IR:
-        raise RuntimeError(f"jaxlib {jaxlib_version} compiles Pallas Triton kernels while lowering "
-                           f"(on a GPU); kernels.cubin needs the {TRITON_CALL} custom calls of "
-                           "jaxlib <= 0.10.2")
+        raise RuntimeError(
+            f"jaxlib {jaxlib_version} compiles Pallas Triton kernels while lowering "
+            f"(on a GPU); kernels.cubin needs the {TRITON_CALL} custom calls of "
+            "jaxlib <= 0.10.2"
+        )
     exported = jax.export.export(
-        jax.jit(fn), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
+        jax.jit(fn),
+        platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+    )(*args)
     context = mlir.make_ir_context()
     tt_dialect.register_dialect(context)
     calls = []
@@ -88,8 +97,10 @@ def triton_calls(fn: Callable, *args: jax.ShapeDtypeStruct) -> list[TritonCall]:
         program = ir.Module.parse(exported.mlir_module())
 
         def visit(op):
-            if (op.name == "stablehlo.custom_call"
-                    and ir.StringAttr(op.attributes["call_target_name"]).value == TRITON_CALL):
+            if (
+                op.name == "stablehlo.custom_call"
+                and ir.StringAttr(op.attributes["call_target_name"]).value == TRITON_CALL
+            ):
                 calls.append(_read_call(ir.DictAttr(op.attributes["mhlo.backend_config"])))
             return ir.WalkResult.ADVANCE
 
@@ -102,10 +113,13 @@ def _read_call(config: ir.DictAttr) -> TritonCall:
         return ir.IntegerAttr(config[key]).value
 
     module = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)  # bytecode
-    return TritonCall(name=ir.StringAttr(config["name"]).value,
-                      module=module.operation.get_asm(),
-                      num_warps=integer("num_warps"), num_stages=integer("num_stages"),
-                      grid=(integer("grid_x"), integer("grid_y"), integer("grid_z")))
+    return TritonCall(
+        name=ir.StringAttr(config["name"]).value,
+        module=module.operation.get_asm(),
+        num_warps=integer("num_warps"),
+        num_stages=integer("num_stages"),
+        grid=(integer("grid_x"), integer("grid_y"), integer("grid_z")),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +139,7 @@ class Resources:
         return self.spill_stores > 0 or self.spill_loads > 0
 
 
-_PTXAS_FRAME = re.compile(
-    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_USED = re.compile(r"Used (\d+) registers(.*)")
 _PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
 
@@ -167,10 +180,15 @@ def _resources(ptxas_log: str, capability: int, metadata: dict) -> Resources:
         raise RuntimeError(f"unexpected ptxas report:\n{ptxas_log}")
     static_smem = _PTXAS_SMEM.search(used.group(2))
     stack, stores, loads = (int(x) for x in frame.groups())
-    return Resources(capability=capability, num_warps=metadata["num_warps"],
-                     registers=int(used.group(1)), spill_stores=stores, spill_loads=loads,
-                     stack=stack,
-                     shared=metadata["shared"] + (int(static_smem.group(1)) if static_smem else 0))
+    return Resources(
+        capability=capability,
+        num_warps=metadata["num_warps"],
+        registers=int(used.group(1)),
+        spill_stores=stores,
+        spill_loads=loads,
+        stack=stack,
+        shared=metadata["shared"] + (int(static_smem.group(1)) if static_smem else 0),
+    )
 
 
 # --------------------------------------------------------------------------
@@ -190,8 +208,10 @@ class SMLimits:
     shared_unit: int = 128
 
 
-SM_LIMITS = {80: SMLimits(shared=167936, shared_per_block=166912),   # A100: 164 KB, 163 KB
-             90: SMLimits(shared=233472, shared_per_block=232448)}   # H100: 228 KB, 227 KB
+SM_LIMITS = {
+    80: SMLimits(shared=167936, shared_per_block=166912),  # A100: 164 KB, 163 KB
+    90: SMLimits(shared=233472, shared_per_block=232448),
+}  # H100: 228 KB, 227 KB
 
 
 def within_limits(r: Resources) -> list[str]:
@@ -219,10 +239,12 @@ def occupancy(r: Resources) -> Occupancy:
     limits = SM_LIMITS[r.capability]
     regs_per_warp = _round_up(r.registers * 32, limits.register_unit)
     shared_per_block = _round_up(r.shared + limits.shared_reserved, limits.shared_unit)
-    bounds = {"registers": limits.registers // regs_per_warp // r.num_warps,
-              "shared": limits.shared // shared_per_block,
-              "warps": limits.warps // r.num_warps,
-              "blocks": limits.blocks}
+    bounds = {
+        "registers": limits.registers // regs_per_warp // r.num_warps,
+        "shared": limits.shared // shared_per_block,
+        "warps": limits.warps // r.num_warps,
+        "blocks": limits.blocks,
+    }
     limited_by = min(bounds, key=bounds.get)
     blocks = bounds[limited_by]
     return Occupancy(blocks=blocks, warps=blocks * r.num_warps, limited_by=limited_by)
@@ -307,10 +329,14 @@ def checked_cases() -> list[KernelCase]:
     Every map of ``CANDIDATE_MAPS``; candidates in bfloat16, as the models
     train (the tuner sweeps bfloat16).
     """
-    defaults = [KernelCase(side, default_tiling(side, side, dtype), dtype)
-                for side in CANDIDATE_MAPS for dtype in ("bfloat16", "float32")]
-    others = [KernelCase(side, tiling) for side in CANDIDATE_MAPS
-              for tiling in candidate_tilings(side, side)[1:]]
+    defaults = [
+        KernelCase(side, default_tiling(side, side, dtype), dtype)
+        for side in CANDIDATE_MAPS
+        for dtype in ("bfloat16", "float32")
+    ]
+    others = [
+        KernelCase(side, tiling) for side in CANDIDATE_MAPS for tiling in candidate_tilings(side, side)[1:]
+    ]
     return defaults + others
 
 
@@ -327,13 +353,16 @@ def spatial_markov_calls(case: KernelCase) -> list[TritonCall]:
 
     calls = triton_calls(jax.grad(loss, argnums=(0, 1, 2)), x, x, x)
     if [call.name for call in calls] != list(KERNELS):
-        raise RuntimeError(f"expected the Triton calls {KERNELS} in the exported gradient, found "
-                           f"{[call.name for call in calls]}")
+        raise RuntimeError(
+            f"expected the Triton calls {KERNELS} in the exported gradient, found "
+            f"{[call.name for call in calls]}"
+        )
     return calls
 
 
-def spatial_markov_resources(cases: Iterable[KernelCase], capabilities=(80, 90),
-                             processes: int = 2) -> list[Compiled]:
+def spatial_markov_resources(
+    cases: Iterable[KernelCase], capabilities=(80, 90), processes: int = 2
+) -> list[Compiled]:
     """Every case's three kernels compiled for every capability, in case order."""
     calls = {}
 
@@ -343,9 +372,12 @@ def spatial_markov_resources(cases: Iterable[KernelCase], capabilities=(80, 90),
             yield [_job(call, capability) for call in calls[case] for capability in capabilities]
 
     compiled = compile_all(job_lists(), processes)
-    return [Compiled(case, call.name, compiled[_job(call, capability)])
-            for case, case_calls in calls.items() for call in case_calls
-            for capability in capabilities]
+    return [
+        Compiled(case, call.name, compiled[_job(call, capability)])
+        for case, case_calls in calls.items()
+        for call in case_calls
+        for capability in capabilities
+    ]
 
 
 def _job(call: TritonCall, capability: int) -> Job:

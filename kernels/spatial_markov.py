@@ -88,11 +88,11 @@ class Tiling:
             if name == "partner_chunk" and value is None:
                 continue
             if not _is_power_of_2(value) or value < _MIN_DOT_DIM:
-                raise ValueError(
-                    f"Tiling.{name} must be a power of two >= {_MIN_DOT_DIM}, got {value}")
+                raise ValueError(f"Tiling.{name} must be a power of two >= {_MIN_DOT_DIM}, got {value}")
         if self.num_warps < 1 or self.num_stages < 1:
             raise ValueError(
-                f"num_warps and num_stages must be >= 1, got {self.num_warps}, {self.num_stages}")
+                f"num_warps and num_stages must be >= 1, got {self.num_warps}, {self.num_stages}"
+            )
 
 
 def default_tiling(height: int, width: int, dtype=jnp.bfloat16) -> Tiling:
@@ -131,15 +131,19 @@ def candidate_tilings(height: int, width: int) -> tuple[Tiling, ...]:
     64-position blocks at 64x64.
     """
     if width <= 32:  # blocks of whole rows
-        others = [Tiling(64, 64, num_warps=4, num_stages=3),
-                  Tiling(32, 32, num_warps=4, num_stages=2),
-                  Tiling(32, 32, partner_chunk=64, num_warps=4, num_stages=2),
-                  Tiling(128, 128, num_warps=8, num_stages=2),
-                  Tiling(128, 128, num_warps=8, num_stages=3)]
+        others = [
+            Tiling(64, 64, num_warps=4, num_stages=3),
+            Tiling(32, 32, num_warps=4, num_stages=2),
+            Tiling(32, 32, partner_chunk=64, num_warps=4, num_stages=2),
+            Tiling(128, 128, num_warps=8, num_stages=2),
+            Tiling(128, 128, num_warps=8, num_stages=3),
+        ]
     else:  # runs of columns
-        others = [Tiling(16, 16, num_warps=2, num_stages=3),
-                  Tiling(32, 32, num_warps=4, num_stages=2),
-                  Tiling(32, 32, num_warps=4, num_stages=3)]
+        others = [
+            Tiling(16, 16, num_warps=2, num_stages=3),
+            Tiling(32, 32, num_warps=4, num_stages=2),
+            Tiling(32, 32, num_warps=4, num_stages=3),
+        ]
     found = [default_tiling(height, width)] + [_fit(t, height, width) for t in others]
     return tuple(dict.fromkeys(found))
 
@@ -147,8 +151,7 @@ def candidate_tilings(height: int, width: int) -> tuple[Tiling, ...]:
 def _fit(tiling: Tiling, height: int, width: int) -> Tiling:
     """Blocks no larger than the map (rounded up to a power of two)."""
     cap = max(_MIN_DOT_DIM, pl.next_power_of_2(height * width))
-    return dataclasses.replace(tiling, block_q=min(tiling.block_q, cap),
-                               block_k=min(tiling.block_k, cap))
+    return dataclasses.replace(tiling, block_q=min(tiling.block_q, cap), block_k=min(tiling.block_k, cap))
 
 
 # --------------------------------------------------------------------------
@@ -287,13 +290,15 @@ class _Walk:
         def step(t, carry):
             start, row, col, valid = self._partners(t)
             if call.own_is_query:
-                mask = _in_window(self.own_row_start, self.own_col_start,
-                                  row[None, :], col[None, :], ks)
+                mask = _in_window(self.own_row_start, self.own_col_start, row[None, :], col[None, :], ks)
             else:
                 mask = _in_window(
                     window_start(row, call.height, ks)[None, :],
                     window_start(col, call.width, ks)[None, :],
-                    self.own_row[:, None], self.own_col[:, None], ks)
+                    self.own_row[:, None],
+                    self.own_col[:, None],
+                    ks,
+                )
             mask = mask & self.own_valid[:, None] & valid[None, :]
             return body(start, valid, mask, carry)
 
@@ -348,9 +353,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, call: _Call):
         acc = rescale[:, None] * acc + _dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
-    init = (jnp.zeros((call.block, call.head_dim_padded), jnp.float32),
-            jnp.full((call.block,), _MASK_VALUE, jnp.float32),
-            jnp.zeros((call.block,), jnp.float32))
+    init = (
+        jnp.zeros((call.block, call.head_dim_padded), jnp.float32),
+        jnp.full((call.block,), _MASK_VALUE, jnp.float32),
+        jnp.zeros((call.block,), jnp.float32),
+    )
     acc, m, l = walk.fold(step, init)
     l = jnp.where(walk.own_valid, l, 1.0)  # padding rows saw no key
     _write(o_ref, acc / l[:, None], walk.own_valid, lanes)
@@ -376,8 +383,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, *, call:
     _write(dq_ref, dq * call.scale, walk.own_valid, lanes)
 
 
-def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                *, call: _Call):
+def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, call: _Call):
     walk = _Walk(call)
     lanes = _lanes(call)
     k = _read(k_ref, walk.own_valid, lanes)
@@ -411,10 +417,12 @@ def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 def _specs(call: _Call):
     """BlockSpecs: own features, own stats, partner features, partner stats."""
     dp, n = call.head_dim_padded, call.size
-    return (pl.BlockSpec((None, call.block, None, dp), lambda i, b, h: (b, i, h, 0)),
-            pl.BlockSpec((None, None, call.block), lambda i, b, h: (b, h, i)),
-            pl.BlockSpec((None, n, None, dp), lambda i, b, h: (b, 0, h, 0)),
-            pl.BlockSpec((None, None, n), lambda i, b, h: (b, h, 0)))
+    return (
+        pl.BlockSpec((None, call.block, None, dp), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((None, None, call.block), lambda i, b, h: (b, h, i)),
+        pl.BlockSpec((None, n, None, dp), lambda i, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, None, n), lambda i, b, h: (b, h, 0)),
+    )
 
 
 def _launch(kernel, call: _Call, name: str, in_specs, out_specs, out_shape, *args):
@@ -426,7 +434,8 @@ def _launch(kernel, call: _Call, name: str, in_specs, out_specs, out_shape, *arg
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(
-            num_warps=call.tiling.num_warps, num_stages=call.tiling.num_stages),
+            num_warps=call.tiling.num_warps, num_stages=call.tiling.num_stages
+        ),
         interpret=call.interpret,
         name=name,
     )(*args)
@@ -436,11 +445,17 @@ def _forward(q, k, v, call: _Call):
     """Returns o ``(B, N, heads, D)`` and the base-2 log-sum-exp ``(B, heads, N)``."""
     batch, n, heads, _ = q.shape
     own, own_stat, partner, _ = _specs(call)
-    return _launch(_forward_kernel, call, "spatial_markov_fwd", [own, partner, partner],
-                   [own, own_stat],
-                   [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                    jax.ShapeDtypeStruct((batch, heads, n), jnp.float32)],
-                   q, k, v)
+    return _launch(
+        _forward_kernel,
+        call,
+        "spatial_markov_fwd",
+        [own, partner, partner],
+        [own, own_stat],
+        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, n), jnp.float32)],
+        q,
+        k,
+        v,
+    )
 
 
 def _backward(q, k, v, o, lse, do, call: _Call):
@@ -448,19 +463,37 @@ def _backward(q, k, v, o, lse, do, call: _Call):
     delta = jnp.einsum("bnhd,bnhd->bhn", o.astype(jnp.float32), do.astype(jnp.float32))
 
     own, own_stat, partner, _ = _specs(call)
-    dq = _launch(_dq_kernel, call, "spatial_markov_dq",
-                 [own, own, own_stat, own_stat, partner, partner],
-                 own, jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 q, do, lse, delta, k, v)
+    dq = _launch(
+        _dq_kernel,
+        call,
+        "spatial_markov_dq",
+        [own, own, own_stat, own_stat, partner, partner],
+        own,
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        q,
+        do,
+        lse,
+        delta,
+        k,
+        v,
+    )
 
     call = call.keys_owned()
     own, _, partner, partner_stat = _specs(call)
-    dk, dv = _launch(_dkv_kernel, call, "spatial_markov_dkv",
-                     [own, own, partner, partner, partner_stat, partner_stat],
-                     [own, own],
-                     [jax.ShapeDtypeStruct(k.shape, k.dtype),
-                      jax.ShapeDtypeStruct(v.shape, v.dtype)],
-                     k, v, q, do, lse, delta)
+    dk, dv = _launch(
+        _dkv_kernel,
+        call,
+        "spatial_markov_dkv",
+        [own, own, partner, partner, partner_stat, partner_stat],
+        [own, own],
+        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        k,
+        v,
+        q,
+        do,
+        lse,
+        delta,
+    )
     return dq, dk, dv
 
 
@@ -482,8 +515,13 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def spatial_markov_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: int,
-    scale: float | None = None, *, interpret: bool = False,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kernel_size: int,
+    scale: float | None = None,
+    *,
+    interpret: bool = False,
     tiling: Tiling | None = None,
 ) -> jax.Array:
     """NATTEN-style 2-D neighbourhood attention (``na2d``, dilation 1, non-causal).
@@ -504,17 +542,26 @@ def spatial_markov_attention(
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share a shape, got {q.shape}, {k.shape}, {v.shape}")
     if not q.dtype == k.dtype == v.dtype or q.dtype not in _DTYPES:
-        raise ValueError(
-            f"q, k, v must all be float32 or all bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"q, k, v must all be float32 or all bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
     batch, height, width, heads, head_dim = q.shape
-    if (not isinstance(kernel_size, (int, np.integer)) or kernel_size % 2 != 1
-            or not 1 <= kernel_size <= min(height, width)):
+    if (
+        not isinstance(kernel_size, (int, np.integer))
+        or kernel_size % 2 != 1
+        or not 1 <= kernel_size <= min(height, width)
+    ):
         raise ValueError(
-            f"kernel_size must be an odd int in [1, min(H, W) = {min(height, width)}], "
-            f"got {kernel_size!r}")
-    scale = head_dim ** -0.5 if scale is None else float(scale)
-    call = _Call(height, width, int(kernel_size), head_dim, scale,
-                 tiling or default_tiling(height, width, q.dtype), bool(interpret))
+            f"kernel_size must be an odd int in [1, min(H, W) = {min(height, width)}], got {kernel_size!r}"
+        )
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    call = _Call(
+        height,
+        width,
+        int(kernel_size),
+        head_dim,
+        scale,
+        tiling or default_tiling(height, width, q.dtype),
+        bool(interpret),
+    )
     flat = (batch, height * width, heads, head_dim)
     out = _attention(q.reshape(flat), k.reshape(flat), v.reshape(flat), call)
     return out.reshape(q.shape)

@@ -37,13 +37,16 @@ def neighborhood_window_starts(size: int, kernel_size: int) -> np.ndarray:
     """
     if kernel_size % 2 != 1 or not 1 <= kernel_size <= size:
         raise ValueError(
-            f"kernel_size must be odd and in [1, {size}] for a map of size {size}, "
-            f"got {kernel_size}")
+            f"kernel_size must be odd and in [1, {size}] for a map of size {size}, got {kernel_size}"
+        )
     return window_start(np.arange(size), size, kernel_size)
 
 
 def neighborhood_attention_reference(
-    q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: int,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kernel_size: int,
     scale: float | None = None,
 ) -> jax.Array:
     """Spatial-Markov attention by gathering each query's k x k window.
@@ -60,15 +63,14 @@ def neighborhood_attention_reference(
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share a shape, got {q.shape}, {k.shape}, {v.shape}")
     if scale is None:
-        scale = head_dim ** -0.5
+        scale = head_dim**-0.5
     ks = kernel_size
     rows = neighborhood_window_starts(H, ks)[:, None] + jnp.arange(ks)[None, :]  # (H, ks)
     cols = neighborhood_window_starts(W, ks)[:, None] + jnp.arange(ks)[None, :]  # (W, ks)
     # Windowed keys/values: (B, H, ks, W, ks, heads, head_dim).
     k_win = k[:, rows][:, :, :, cols]
     v_win = v[:, rows][:, :, :, cols]
-    logits = jnp.einsum("bhwnd,bhawcnd->bhwnac", q.astype(jnp.float32),
-                        k_win.astype(jnp.float32)) * scale
+    logits = jnp.einsum("bhwnd,bhawcnd->bhwnac", q.astype(jnp.float32), k_win.astype(jnp.float32)) * scale
     logits = logits.reshape(B, H, W, heads, ks * ks)
     probs = jax.nn.softmax(logits, axis=-1).reshape(B, H, W, heads, ks, ks)
     out = jnp.einsum("bhwnac,bhawcnd->bhwnd", probs, v_win.astype(jnp.float32))
@@ -99,7 +101,7 @@ def axis_tiling(size: int, kernel_size: int) -> AxisTiling:
     if size > MASKED_WHOLE_AXIS:
         tile = next((t for t in MASKED_TILES if size % t == 0), size)
     first = starts[::tile]
-    span = int(np.max(starts[tile - 1::tile] + kernel_size - first))
+    span = int(np.max(starts[tile - 1 :: tile] + kernel_size - first))
     key_start = np.minimum(first, size - span)
     keys = key_start[:, None, None] + np.arange(span)  # (n, 1, span)
     query_starts = starts.reshape(-1, tile)[:, :, None]  # (n, tile, 1)
@@ -116,7 +118,10 @@ def _key_tiles(x: jax.Array, tiling: AxisTiling, axis: int) -> jax.Array:
 
 
 def neighborhood_attention_masked(
-    q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: int,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kernel_size: int,
     scale: float | None = None,
 ) -> jax.Array:
     """Spatial-Markov attention as dense attention under the static window mask.
@@ -143,23 +148,24 @@ def neighborhood_attention_masked(
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share a shape, got {q.shape}, {k.shape}, {v.shape}")
     if scale is None:
-        scale = head_dim ** -0.5
+        scale = head_dim**-0.5
     rows, cols = axis_tiling(H, kernel_size), axis_tiling(W, kernel_size)
     nh, nw = H // rows.tile, W // cols.tile
     q_t = q.reshape(B, nh, rows.tile, nw, cols.tile, heads, head_dim)
     k_t, v_t = (_key_tiles(_key_tiles(x, rows, 1), cols, 3) for x in (k, v))
     # (B, nh, nw, heads, tile_h, tile_w, span_h, span_w)
-    logits = jnp.einsum("zxiyjnd,zxaycnd->zxynijac", q_t, k_t,
-                        preferred_element_type=jnp.float32) * scale
-    allowed = (rows.allowed[:, None, None, :, None, :, None]
-               & cols.allowed[None, :, None, None, :, None, :])
+    logits = jnp.einsum("zxiyjnd,zxaycnd->zxynijac", q_t, k_t, preferred_element_type=jnp.float32) * scale
+    allowed = rows.allowed[:, None, None, :, None, :, None] & cols.allowed[None, :, None, None, :, None, :]
     queries, keys = rows.tile * cols.tile, rows.span * cols.span
-    logits = jnp.where(allowed.reshape(nh, nw, 1, queries, keys),
-                       logits.reshape(B, nh, nw, heads, queries, keys), -jnp.inf)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(
-        B, nh, nw, heads, rows.tile, cols.tile, rows.span, cols.span)
-    out = jnp.einsum("zxynijac,zxaycnd->zxiyjnd", probs, v_t,
-                     preferred_element_type=jnp.float32)
+    logits = jnp.where(
+        allowed.reshape(nh, nw, 1, queries, keys), logits.reshape(B, nh, nw, heads, queries, keys), -jnp.inf
+    )
+    probs = (
+        jax.nn.softmax(logits, axis=-1)
+        .astype(v.dtype)
+        .reshape(B, nh, nw, heads, rows.tile, cols.tile, rows.span, cols.span)
+    )
+    out = jnp.einsum("zxynijac,zxaycnd->zxiyjnd", probs, v_t, preferred_element_type=jnp.float32)
     return out.reshape(q.shape).astype(q.dtype)
 
 
@@ -177,14 +183,15 @@ def scale_ids(patch_nums: Sequence[int], first_scale: int, last_scale: int) -> n
     """
     if not 0 <= first_scale < last_scale <= len(patch_nums):
         raise ValueError(
-            f"need 0 <= first_scale < last_scale <= {len(patch_nums)}, "
-            f"got [{first_scale}, {last_scale})")
+            f"need 0 <= first_scale < last_scale <= {len(patch_nums)}, got [{first_scale}, {last_scale})"
+        )
     sizes = [pn * pn for pn in patch_nums[first_scale:last_scale]]
     return np.repeat(np.arange(first_scale, last_scale), sizes)
 
 
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
-                    mask: np.ndarray | None = None) -> jax.Array:
+def dense_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: np.ndarray | None = None
+) -> jax.Array:
     """Softmax attention over token sequences; logits and softmax in float32.
 
     Args:
@@ -197,8 +204,9 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
 
 
-def block_diagonal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                             ids: np.ndarray, scale: float) -> jax.Array:
+def block_diagonal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, ids: np.ndarray, scale: float
+) -> jax.Array:
     """MVAR scale-Markov attention: each token sees only the tokens of its own scale.
 
     ``ids`` is the static ``(l,)`` scale index of q's (= k's) tokens. A single
@@ -210,13 +218,15 @@ def block_diagonal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     if ids.shape != (q.shape[1],) or k.shape[1] != q.shape[1]:
         raise ValueError(
             f"block-diagonal attention needs one scale id per token and as many keys "
-            f"as queries, got ids {ids.shape}, q {q.shape}, k {k.shape}")
+            f"as queries, got ids {ids.shape}, q {q.shape}, k {k.shape}"
+        )
     mask = None if ids[0] == ids[-1] else ids[:, None] == ids[None, :]
     return dense_attention(q, k, v, scale, mask)
 
 
-def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                           q_ids: np.ndarray, k_ids: np.ndarray, scale: float) -> jax.Array:
+def block_causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_ids: np.ndarray, k_ids: np.ndarray, scale: float
+) -> jax.Array:
     """VAR attention: a token of scale l sees every token of the scales <= l.
 
     ``q_ids`` / ``k_ids`` are the static scale indices of queries and keys; the
@@ -226,13 +236,15 @@ def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     if q_ids.shape != (q.shape[1],) or k_ids.shape != (k.shape[1],):
         raise ValueError(
             f"block-causal attention needs one scale id per query and key, got "
-            f"q_ids {q_ids.shape} for q {q.shape}, k_ids {k_ids.shape} for k {k.shape}")
+            f"q_ids {q_ids.shape} for q {q.shape}, k_ids {k_ids.shape} for k {k.shape}"
+        )
     mask = q_ids[:, None] >= k_ids[None, :]
     return dense_attention(q, k, v, scale, None if mask.all() else mask)
 
 
-def neighborhood_attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: int,
-                           scale: float | None = None, impl: str = "auto") -> jax.Array:
+def neighborhood_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: int, scale: float | None = None, impl: str = "auto"
+) -> jax.Array:
     """MVAR spatial-Markov attention on ``(B, H, W, heads, head_dim)`` maps.
 
     ``impl``: 'masked' (pure XLA, memory-lean: ``neighborhood_attention_masked``),
@@ -250,14 +262,23 @@ def neighborhood_attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel_size
         return neighborhood_attention_reference(q, k, v, kernel_size, scale)
     # Imported lazily: the kernel needs Pallas/Triton, the reference does not.
     from kernels.spatial_markov import spatial_markov_attention
-    return spatial_markov_attention(q, k, v, kernel_size, scale,
-                                    interpret=impl == "pallas_interpret")
+
+    return spatial_markov_attention(q, k, v, kernel_size, scale, interpret=impl == "pallas_interpret")
 
 
 def pyramid_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, pattern: str,
-    patch_nums: Sequence[int], first_scale: int, last_scale: int, scale: float,
-    refine_step: int, kernel_size: int, impl: str = "auto",
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    pattern: str,
+    patch_nums: Sequence[int],
+    first_scale: int,
+    last_scale: int,
+    scale: float,
+    refine_step: int,
+    kernel_size: int,
+    impl: str = "auto",
 ) -> jax.Array:
     """The one attention dispatch of the transformer, over a token pyramid.
 
@@ -278,20 +299,22 @@ def pyramid_attention(
     if q.shape[1] != q_ids.size:
         raise ValueError(
             f"q has {q.shape[1]} tokens but scales [{first_scale}, {last_scale}) of "
-            f"{tuple(patch_nums)} have {q_ids.size}")
+            f"{tuple(patch_nums)} have {q_ids.size}"
+        )
     if pattern == "var":
-        return block_causal_attention(
-            q, k, v, q_ids, scale_ids(patch_nums, 0, last_scale), scale)
+        return block_causal_attention(q, k, v, q_ids, scale_ids(patch_nums, 0, last_scale), scale)
 
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
             f"MVAR attention keeps every token within its own scale: q, k, v must share "
-            f"a shape, got {q.shape}, {k.shape}, {v.shape}")
+            f"a shape, got {q.shape}, {k.shape}, {v.shape}"
+        )
     outputs = []
     n_small = int(np.sum(q_ids < refine_step))
     if n_small:
-        outputs.append(block_diagonal_attention(
-            q[:, :n_small], k[:, :n_small], v[:, :n_small], q_ids[:n_small], scale))
+        outputs.append(
+            block_diagonal_attention(q[:, :n_small], k[:, :n_small], v[:, :n_small], q_ids[:n_small], scale)
+        )
     begin = n_small
     for si in range(max(first_scale, refine_step), last_scale):
         pn = patch_nums[si]

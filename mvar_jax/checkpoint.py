@@ -54,9 +54,11 @@ class ModelBundle(NamedTuple):
 def _config_mismatch(v: VQVAEConfig, t: TransformerConfig) -> str | None:
     if (v.patch_nums, v.z_channels, v.vocab_size) == (t.patch_nums, t.cvae, t.vocab_size):
         return None
-    return (f"the VQVAE (patch_nums {v.patch_nums}, Cvae {v.z_channels}, vocab {v.vocab_size}) "
-            f"and the transformer (patch_nums {t.patch_nums}, Cvae {t.cvae}, vocab "
-            f"{t.vocab_size}) do not fit together")
+    return (
+        f"the VQVAE (patch_nums {v.patch_nums}, Cvae {v.z_channels}, vocab {v.vocab_size}) "
+        f"and the transformer (patch_nums {t.patch_nums}, Cvae {t.cvae}, vocab "
+        f"{t.vocab_size}) do not fit together"
+    )
 
 
 def check_configs(vqvae_config: VQVAEConfig, transformer_config: TransformerConfig) -> None:
@@ -73,8 +75,7 @@ def _flat(tree: Any) -> dict[str, Any]:
 
 def _expected_params(vqvae_config: VQVAEConfig, transformer_config: TransformerConfig) -> dict:
     """The param trees the configs call for, as ``ShapeDtypeStruct``s (traced, not built)."""
-    return {"vqvae": abstract_variables(vqvae_config),
-            "transformer": param_shapes(transformer_config)}
+    return {"vqvae": abstract_variables(vqvae_config), "transformer": param_shapes(transformer_config)}
 
 
 def _check_params(params: dict[str, Any], expected: dict[str, Any], source: str) -> None:
@@ -87,8 +88,11 @@ def _check_params(params: dict[str, Any], expected: dict[str, Any], source: str)
     anything is read. Messages start with ``source`` (the directory).
     """
     for name, tree in expected.items():
-        check_keys(_flat(params[name]), {k: v.shape for k, v in _flat(tree).items()},
-                   what=f"{source}: {_PARAMS_NAMES[name]}")
+        check_keys(
+            _flat(params[name]),
+            {k: v.shape for k, v in _flat(tree).items()},
+            what=f"{source}: {_PARAMS_NAMES[name]}",
+        )
 
 
 def _sync(name: str) -> None:
@@ -96,8 +100,7 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _put_in_place(staging: pathlib.Path, directory: pathlib.Path, replaced: pathlib.Path
-                  ) -> None:
+def _put_in_place(staging: pathlib.Path, directory: pathlib.Path, replaced: pathlib.Path) -> None:
     """Renames ``staging`` to ``directory``, moving an existing ``directory`` aside first."""
     if directory.exists():
         shutil.rmtree(replaced, ignore_errors=True)
@@ -107,8 +110,9 @@ def _put_in_place(staging: pathlib.Path, directory: pathlib.Path, replaced: path
     shutil.rmtree(replaced, ignore_errors=True)  # also one a killed save left
 
 
-def _save(directory: str | os.PathLike, configs: dict[str, Any], params: dict[str, Any],
-          overwrite: bool) -> None:
+def _save(
+    directory: str | os.PathLike, configs: dict[str, Any], params: dict[str, Any], overwrite: bool
+) -> None:
     """Writes ``{file name: config}`` and the params tree as ``directory``, whole or not at all.
 
     They go into ``<directory>.incomplete`` first, which then takes the place of
@@ -118,16 +122,16 @@ def _save(directory: str | os.PathLike, configs: dict[str, Any], params: dict[st
     A directory holding anything but a model is never replaced.
     """
     directory = pathlib.Path(directory).absolute()
-    staging, replaced = (directory.with_name(directory.name + suffix)
-                         for suffix in (_INCOMPLETE, _REPLACED))
+    staging, replaced = (directory.with_name(directory.name + suffix) for suffix in (_INCOMPLETE, _REPLACED))
     if directory.exists():
         if (directory / PARAMS_DIR).exists() and not overwrite:
-            raise FileExistsError(
-                f"{directory} already holds a model; pass overwrite=True to replace it")
+            raise FileExistsError(f"{directory} already holds a model; pass overwrite=True to replace it")
         others = sorted(p.name for p in directory.iterdir() if p.name not in _MODEL_ENTRIES)
         if others:
-            raise FileExistsError(f"{directory} holds files that are not part of a model "
-                                  f"({', '.join(others)}); refusing to replace it")
+            raise FileExistsError(
+                f"{directory} holds files that are not part of a model "
+                f"({', '.join(others)}); refusing to replace it"
+            )
     if jax.process_index() == 0:
         shutil.rmtree(staging, ignore_errors=True)  # a killed save's
         staging.mkdir(parents=True)
@@ -147,16 +151,27 @@ def _save(directory: str | os.PathLike, configs: dict[str, Any], params: dict[st
     _sync("mvar_jax.checkpoint:saved")
 
 
-def save_model(directory: str | os.PathLike, *, vqvae_config: VQVAEConfig, vqvae_params: Any,
-               transformer_config: TransformerConfig, transformer_params: Any,
-               overwrite: bool = False) -> None:
+def save_model(
+    directory: str | os.PathLike,
+    *,
+    vqvae_config: VQVAEConfig,
+    vqvae_params: Any,
+    transformer_config: TransformerConfig,
+    transformer_params: Any,
+    overwrite: bool = False,
+) -> None:
     """Writes a generator model directory (all hosts must call it; process 0 writes the JSON)."""
-    _save(directory, {_VQVAE_CONFIG: vqvae_config, _TRANSFORMER_CONFIG: transformer_config},
-          {"vqvae": vqvae_params, "transformer": transformer_params}, overwrite)
+    _save(
+        directory,
+        {_VQVAE_CONFIG: vqvae_config, _TRANSFORMER_CONFIG: transformer_config},
+        {"vqvae": vqvae_params, "transformer": transformer_params},
+        overwrite,
+    )
 
 
-def save_tokenizer(directory: str | os.PathLike, *, vqvae_config: VQVAEConfig, vqvae_params: Any,
-                   overwrite: bool = False) -> None:
+def save_tokenizer(
+    directory: str | os.PathLike, *, vqvae_config: VQVAEConfig, vqvae_params: Any, overwrite: bool = False
+) -> None:
     """Writes a tokenizer directory: the VQVAE alone (``{'params': ...}``), no transformer.
 
     All hosts must call it; process 0 writes the JSON. Transformer configs accept
@@ -171,16 +186,22 @@ def _existing(directory: str | os.PathLike, kind: str, needed: tuple[str, ...]) 
     directory = pathlib.Path(directory).absolute()
     if not directory.is_dir():
         replaced = directory.with_name(directory.name + _REPLACED)
-        hint = (f" (a save into it was interrupted; the model it replaced is in {replaced})"
-                if replaced.is_dir() else "")
+        hint = (
+            f" (a save into it was interrupted; the model it replaced is in {replaced})"
+            if replaced.is_dir()
+            else ""
+        )
         raise CheckpointError(f"{kind} directory not found: {directory}{hint}")
     missing = [name for name in needed if not (directory / name).exists()]
     if missing:
-        hint = ("expected the output of save_model / save_tokenizer / mvar_jax.convert"
-                + (f"; a training work directory? its model is {directory / 'model'}"
-                   if (directory / "model" / PARAMS_DIR).exists() else ""))
+        hint = "expected the output of save_model / save_tokenizer / mvar_jax.convert" + (
+            f"; a training work directory? its model is {directory / 'model'}"
+            if (directory / "model" / PARAMS_DIR).exists()
+            else ""
+        )
         raise CheckpointError(
-            f"incomplete {kind} directory {directory}: missing {', '.join(missing)} ({hint})")
+            f"incomplete {kind} directory {directory}: missing {', '.join(missing)} ({hint})"
+        )
     return directory
 
 
@@ -201,8 +222,9 @@ def _stored_tree(params_dir: pathlib.Path) -> Any:
         try:
             metadata = checkpointer.metadata(params_dir)
         except Exception as e:  # Orbax raises several types for unreadable metadata.
-            raise CheckpointError(f"cannot read the params metadata in {params_dir}: "
-                                  f"{type(e).__name__}: {e}") from e
+            raise CheckpointError(
+                f"cannot read the params metadata in {params_dir}: {type(e).__name__}: {e}"
+            ) from e
     return getattr(getattr(metadata, "item_metadata", None), "tree", None)
 
 
@@ -224,15 +246,18 @@ def _restore(directory: pathlib.Path, expected: dict[str, Any]) -> dict[str, Any
         # An explicit single-device target: without one Orbax rebuilds the saved
         # sharding, which fails on a machine with a different device count.
         on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device), expected)
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device), expected)
         try:
-            return checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True))
+            return checkpointer.restore(
+                params_dir,
+                args=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                ),
+            )
         except Exception as e:  # Orbax raises several types for unreadable arrays.
-            raise CheckpointError(f"cannot restore params from {params_dir}: "
-                                  f"{type(e).__name__}: {e}") from e
+            raise CheckpointError(f"cannot restore params from {params_dir}: {type(e).__name__}: {e}") from e
 
 
 def load_model(directory: str | os.PathLike) -> ModelBundle:
@@ -249,7 +274,8 @@ def load_model(directory: str | os.PathLike) -> ModelBundle:
             raise CheckpointError(
                 f"{directory} is a tokenizer directory (a VQVAE alone, no transformer); a "
                 "generator model (VQVAE + transformer, from train.py or mvar_jax.convert "
-                "--mvar/--var) was expected")
+                "--mvar/--var) was expected"
+            )
         _existing(directory, "model", (_TRANSFORMER_CONFIG,))  # Raises: incomplete.
     vqvae_config = _read_config(directory, _VQVAE_CONFIG, VQVAEConfig)
     transformer_config = _read_config(directory, _TRANSFORMER_CONFIG, TransformerConfig)
@@ -271,8 +297,9 @@ def load_tokenizer(directory: str | os.PathLike) -> tuple[VQVAEConfig, Any]:
     return config, _restore(directory, {"vqvae": abstract_variables(config)})["vqvae"]
 
 
-def load_vqvae_checkpoint(path: str | os.PathLike, patch_nums: tuple[int, ...] | None = None
-                          ) -> tuple[VQVAEConfig, Any]:
+def load_vqvae_checkpoint(
+    path: str | os.PathLike, patch_nums: tuple[int, ...] | None = None
+) -> tuple[VQVAEConfig, Any]:
     """The VQVAE a config's ``vqvae_checkpoint`` names: an official ``.pth``, a tokenizer
     directory, or a generator model directory (its VQVAE).
 
@@ -290,10 +317,12 @@ def load_vqvae_checkpoint(path: str | os.PathLike, patch_nums: tuple[int, ...] |
         run_config = dataclasses.replace(config, patch_nums=tuple(patch_nums))
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
-    held, needed = (num_phis(c.quant_resi, c.share_quant_resi, len(c.patch_nums))
-                    for c in (config, run_config))
+    held, needed = (
+        num_phis(c.quant_resi, c.share_quant_resi, len(c.patch_nums)) for c in (config, run_config)
+    )
     if held != needed:
         raise CheckpointError(
             f"{path}: the tokenizer has one Phi per scale ({held}, share_quant_resi=0) but "
-            f"patch_nums {tuple(patch_nums)} has {needed} scales")
+            f"patch_nums {tuple(patch_nums)} has {needed} scales"
+        )
     return run_config, params

@@ -46,11 +46,18 @@ class IntListParser(flags.ArgumentParser):
         return "int list"
 
 
-def define_int_list(name: str, default: str | None, help_text: str, flag_values: flags.FlagValues,
-                    *, what: str, example: str):
+def define_int_list(
+    name: str, default: str | None, help_text: str, flag_values: flags.FlagValues, *, what: str, example: str
+):
     """A ``--name=3,1`` flag whose value is a tuple of ints (None when not given)."""
-    return flags.DEFINE(IntListParser(what, example), name, default, help_text,
-                        flag_values=flag_values, serializer=flags.ListSerializer(","))
+    return flags.DEFINE(
+        IntListParser(what, example),
+        name,
+        default,
+        help_text,
+        flag_values=flag_values,
+        serializer=flags.ListSerializer(","),
+    )
 
 
 def usage_error(prog: str, message: str) -> NoReturn:
@@ -78,15 +85,17 @@ def renamed_spellings(argv: Sequence[str], flag_values: flags.FlagValues) -> lis
             while argv and argv[0].lstrip("-").isdigit() and not argv[0].startswith("--"):
                 words.append(argv.pop(0))
             if len(words) > 1:
-                warnings.warn(f"--{new} {' '.join(words)} is now --{new}={','.join(words)}",
-                              FutureWarning, stacklevel=3)
+                warnings.warn(
+                    f"--{new} {' '.join(words)} is now --{new}={','.join(words)}", FutureWarning, stacklevel=3
+                )
             eq, value = ("=", ",".join(words)) if words else ("", "")
         out.append(f"--{new}{eq}{value}")
     return out
 
 
-def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None, *, prog: str,
-                doc: str | None) -> types.SimpleNamespace:
+def parse_flags(
+    flag_values: flags.FlagValues, argv: Sequence[str] | None, *, prog: str, doc: str | None
+) -> types.SimpleNamespace:
     """Parses ``argv`` (``sys.argv[1:]`` when None) into ``flag_values``, every flag starting
     from its default, and returns the values by name. ``--help`` prints ``doc`` and the
     flags, then exits 0; an unknown flag, a bad value, a missing required flag or a
@@ -97,8 +106,11 @@ def parse_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None, *, pr
         for name in sorted(flag_values):
             flag = flag_values[name]
             default = "" if flag.default is None else f" (default: {flag.default_as_str[1:-1]})"
-            print(textwrap.fill(f"--{name}: {flag.help}{default}", 96, initial_indent="  ",
-                                subsequent_indent="      "))
+            print(
+                textwrap.fill(
+                    f"--{name}: {flag.help}{default}", 96, initial_indent="  ", subsequent_indent="      "
+                )
+            )
         raise SystemExit(0)
     flag_values.unparse_flags()
     try:
@@ -115,22 +127,29 @@ def given(flag_values: flags.FlagValues, names: Sequence[str]) -> list[str]:
     return [f"--{n}" for n in names if flag_values[n].present]
 
 
-def define_sampling_flags(flag_values: flags.FlagValues, *, batch_size: int, top_k: int,
-                          top_p: float) -> None:
+def define_sampling_flags(
+    flag_values: flags.FlagValues, *, batch_size: int, top_k: int, top_p: float
+) -> None:
     """``--labels --batch_size --cfg --top_k --top_p --seed``: how samples are asked for.
 
     The defaults that differ between entry points are arguments (sample.py keeps the
     official ImageNet filters; evaluation samples unfiltered).
     """
-    define_int_list("labels", None, "comma-separated class ids (default: every class)",
-                    flag_values, what="class ids", example="3,1")
-    flags.DEFINE_integer("batch_size", batch_size, "images per compiled call", lower_bound=1,
-                         flag_values=flag_values)
+    define_int_list(
+        "labels",
+        None,
+        "comma-separated class ids (default: every class)",
+        flag_values,
+        what="class ids",
+        example="3,1",
+    )
+    flags.DEFINE_integer(
+        "batch_size", batch_size, "images per compiled call", lower_bound=1, flag_values=flag_values
+    )
     flags.DEFINE_float("cfg", 1.5, "guidance scale", flag_values=flag_values)
     flags.DEFINE_integer("top_k", top_k, "0 disables", flag_values=flag_values)
     flags.DEFINE_float("top_p", top_p, "0 disables", flag_values=flag_values)
-    flags.DEFINE_integer("seed", 0, "batch b draws from fold_in(PRNGKey(seed), b)",
-                         flag_values=flag_values)
+    flags.DEFINE_integer("seed", 0, "batch b draws from fold_in(PRNGKey(seed), b)", flag_values=flag_values)
 
 
 def check_sampling_flags(flag_values: flags.FlagValues, prog: str) -> None:

@@ -101,8 +101,11 @@ def _official_ema(ema_SV: jax.Array, records: jax.Array, hits_SV: jax.Array) -> 
     rows = []
     for si in range(hits_SV.shape[0]):
         r = records + si
-        blended = jnp.where(r < _EMA_WARMUP_RECORDS, ema_SV[si] * 0.9 + hits_SV[si] * 0.1,
-                            ema_SV[si] * 0.99 + hits_SV[si] * 0.01)
+        blended = jnp.where(
+            r < _EMA_WARMUP_RECORDS,
+            ema_SV[si] * 0.9 + hits_SV[si] * 0.1,
+            ema_SV[si] * 0.99 + hits_SV[si] * 0.01,
+        )
         rows.append(jnp.where(r == 0, hits_SV[si], blended))
     return jnp.stack(rows)
 
@@ -139,8 +142,9 @@ def official_margin(global_batch_size: int, patch_nums: Sequence[int], vocab_siz
     return global_batch_size * patch_nums[-1] ** 2 / vocab_size * _EMA_MARGIN_FRACTION
 
 
-def metrics(state: CodebookState, patch_nums: Sequence[int], *, window: int,
-            global_batch_size: int) -> dict[str, jax.Array]:
+def metrics(
+    state: CodebookState, patch_nums: Sequence[int], *, window: int, global_batch_size: int
+) -> dict[str, jax.Array]:
     """TensorBoard scalars: ``usage/<pn>x<pn>`` and ``usage_official/<pn>x<pn>`` (%),
     ``perplexity/<pn>x<pn>``, and ``usage/all`` (%, chosen by any scale in the window)."""
     _check_window(window)
@@ -158,8 +162,9 @@ def metrics(state: CodebookState, patch_nums: Sequence[int], *, window: int,
     return out
 
 
-def restart_dead_codes(embedding_VC: jax.Array, state: CodebookState, z: Sequence[jax.Array],
-                       rng: jax.Array, *, dead_after: int) -> RestartResult:
+def restart_dead_codes(
+    embedding_VC: jax.Array, state: CodebookState, z: Sequence[jax.Array], rng: jax.Array, *, dead_after: int
+) -> RestartResult:
     """Re-seeds every code no scale chose for ``dead_after`` steps with a residual of ``z``.
 
     ``z``: one step's lookup inputs, ``(B, pn * pn, Cvae)`` per scale
@@ -174,14 +179,16 @@ def restart_dead_codes(embedding_VC: jax.Array, state: CodebookState, z: Sequenc
     if state.idle_V.shape != (V,) or len(z) != state.idle_SV.shape[0]:
         raise ValueError(
             f"state tracks {state.idle_SV.shape[0]} scales of {state.idle_V.shape[0]} codes; "
-            f"got a ({V}, {C}) table and residuals of {len(z)} scales")
+            f"got a ({V}, {C}) table and residuals of {len(z)} scales"
+        )
     pool_NC = jnp.concatenate([zs.reshape(-1, C) for zs in z]).astype(embedding_VC.dtype)
     sizes = np.array([zs.shape[0] * zs.shape[1] for zs in z])
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     k_scale, k_row = jax.random.split(rng)
     scale_V = jax.random.randint(k_scale, (V,), 0, len(z))
-    row_V = (jnp.asarray(offsets, jnp.int32)[scale_V]
-             + jax.random.randint(k_row, (V,), 0, jnp.asarray(sizes, jnp.int32)[scale_V]))
+    row_V = jnp.asarray(offsets, jnp.int32)[scale_V] + jax.random.randint(
+        k_row, (V,), 0, jnp.asarray(sizes, jnp.int32)[scale_V]
+    )
     dead_V = state.idle_V >= dead_after
     table = jnp.where(dead_V[:, None], pool_NC[row_V], embedding_VC)
     new_state = state.replace(idle_V=jnp.where(dead_V, 0, state.idle_V))

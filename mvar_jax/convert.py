@@ -37,41 +37,80 @@ PROG = "python -m mvar_jax.convert"
 FLAGS = flags.FlagValues()  # this command's own, so that tests can import several commands
 _PATHS = ("vae", "mvar", "var", "m_var", "out", "to_official_vae", "model")
 
-flags.DEFINE_string("vae", None, "official VQVAE state dict (vae_ch160v4096z32.pth); without "
-                    "--mvar/--var/--m_var, --out becomes a tokenizer directory", flag_values=FLAGS)
-flags.DEFINE_string("mvar", None, "official MVAR checkpoint (mvar-d16.pth, "
-                    "mvar-finetune-d16.pth, ...)", flag_values=FLAGS)
-flags.DEFINE_string("var", None, "official VAR checkpoint (var_d16.pth, ...): sampled with a KV "
-                    "cache", flag_values=FLAGS)
-flags.DEFINE_string("m_var", None, "official M-VAR checkpoint (OliverRensu/MVAR: d16.pth, ...): "
-                    "attention within scales, Mamba2 across them", flag_values=FLAGS)
-flags.DEFINE_bool("as_mvar", False, "with --var: load the VAR weights into an MVAR model (the "
-                  "starting point of MVAR fine-tuning)", flag_values=FLAGS)
+flags.DEFINE_string(
+    "vae",
+    None,
+    "official VQVAE state dict (vae_ch160v4096z32.pth); without "
+    "--mvar/--var/--m_var, --out becomes a tokenizer directory",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string(
+    "mvar", None, "official MVAR checkpoint (mvar-d16.pth, mvar-finetune-d16.pth, ...)", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "var", None, "official VAR checkpoint (var_d16.pth, ...): sampled with a KV cache", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "m_var",
+    None,
+    "official M-VAR checkpoint (OliverRensu/MVAR: d16.pth, ...): attention within scales, Mamba2 across them",
+    flag_values=FLAGS,
+)
+flags.DEFINE_bool(
+    "as_mvar",
+    False,
+    "with --var: load the VAR weights into an MVAR model (the starting point of MVAR fine-tuning)",
+    flag_values=FLAGS,
+)
 flags.DEFINE_string("out", None, "model directory to write", flag_values=FLAGS)
-flags.DEFINE_string("to_official_vae", None, "OUT.pth: write the VQVAE of --model as an "
-                    "official VQVAE state dict", flag_values=FLAGS)
-flags.DEFINE_string("model", None, "with --to_official_vae: a tokenizer or generator model "
-                    "directory", flag_values=FLAGS)
-flags.DEFINE_bool("overwrite", False, "replace the model in --out (whole: written beside it, "
-                  "then renamed; a directory holding other files is refused), or an existing "
-                  "--to_official_vae file", flag_values=FLAGS)
-flags.DEFINE_integer("num_heads", None, "attention heads (default: depth, or read off the "
-                     "checkpoint)", flag_values=FLAGS)
-flags.DEFINE_integer("kernel_size", None, "MVAR spatial-Markov neighbourhood side (default 7)",
-                     flag_values=FLAGS)
-flags.DEFINE_integer("refine_step", None, "first scale with spatial-Markov attention "
-                     "(default 8)", flag_values=FLAGS)
-cli.define_int_list("patch_nums", None, "token pyramid sides (default 1,2,3,4,5,6,8,10,13,16)",
-                    FLAGS, what="ints", example="1,2,3,4,5,6,8,10,13,16")
+flags.DEFINE_string(
+    "to_official_vae",
+    None,
+    "OUT.pth: write the VQVAE of --model as an official VQVAE state dict",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string(
+    "model", None, "with --to_official_vae: a tokenizer or generator model directory", flag_values=FLAGS
+)
+flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "replace the model in --out (whole: written beside it, "
+    "then renamed; a directory holding other files is refused), or an existing "
+    "--to_official_vae file",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "num_heads", None, "attention heads (default: depth, or read off the checkpoint)", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+    "kernel_size", None, "MVAR spatial-Markov neighbourhood side (default 7)", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+    "refine_step", None, "first scale with spatial-Markov attention (default 8)", flag_values=FLAGS
+)
+cli.define_int_list(
+    "patch_nums",
+    None,
+    "token pyramid sides (default 1,2,3,4,5,6,8,10,13,16)",
+    FLAGS,
+    what="ints",
+    example="1,2,3,4,5,6,8,10,13,16",
+)
 
 
 def convert(args: types.SimpleNamespace) -> str:
     """Reads both official files, checks they fit, writes ``args.out``; returns a summary."""
     patch_nums = {} if args.patch_nums is None else {"patch_nums": args.patch_nums}
-    overrides = {name: value for name, value in (("num_heads", args.num_heads),
-                                                  ("kernel_size", args.kernel_size),
-                                                  ("refine_step", args.refine_step))
-                 if value is not None}
+    overrides = {
+        name: value
+        for name, value in (
+            ("num_heads", args.num_heads),
+            ("kernel_size", args.kernel_size),
+            ("refine_step", args.refine_step),
+        )
+        if value is not None
+    }
     if args.m_var is not None:
         attention, weights = "mamba", args.m_var
     elif args.var is not None:
@@ -80,15 +119,23 @@ def convert(args: types.SimpleNamespace) -> str:
         attention, weights = "mvar", args.mvar
     vqvae_config, vqvae_params = vqvae_weights.load_official_vqvae(args.vae, **patch_nums)
     transformer_config, transformer_params = transformer_weights.load_transformer(
-        weights, attention=attention, **patch_nums, **overrides)
+        weights, attention=attention, **patch_nums, **overrides
+    )
     checkpoint.check_configs(vqvae_config, transformer_config)
-    checkpoint.save_model(args.out, vqvae_config=vqvae_config, vqvae_params=vqvae_params,
-                          transformer_config=transformer_config,
-                          transformer_params=transformer_params, overwrite=args.overwrite)
+    checkpoint.save_model(
+        args.out,
+        vqvae_config=vqvae_config,
+        vqvae_params=vqvae_params,
+        transformer_config=transformer_config,
+        transformer_params=transformer_params,
+        overwrite=args.overwrite,
+    )
     t = transformer_config
-    return (f"wrote {args.out}: {MODEL_NAMES[t.attention]} depth {t.depth}, width {t.embed_dim}, "
-            f"{t.num_heads} heads, {t.num_classes} classes, vocab {t.vocab_size}, "
-            f"{vqvae_config.image_size}px")
+    return (
+        f"wrote {args.out}: {MODEL_NAMES[t.attention]} depth {t.depth}, width {t.embed_dim}, "
+        f"{t.num_heads} heads, {t.num_classes} classes, vocab {t.vocab_size}, "
+        f"{vqvae_config.image_size}px"
+    )
 
 
 def _describe(v: VQVAEConfig) -> str:
@@ -99,8 +146,7 @@ def convert_tokenizer(args: types.SimpleNamespace) -> str:
     """Reads the official VQVAE file alone, writes ``args.out`` as a tokenizer directory."""
     patch_nums = {} if args.patch_nums is None else {"patch_nums": args.patch_nums}
     config, params = vqvae_weights.load_official_vqvae(args.vae, **patch_nums)
-    checkpoint.save_tokenizer(args.out, vqvae_config=config, vqvae_params=params,
-                              overwrite=args.overwrite)
+    checkpoint.save_tokenizer(args.out, vqvae_config=config, vqvae_params=params, overwrite=args.overwrite)
     return f"wrote {args.out}: tokenizer (VQVAE alone), {_describe(config)}"
 
 
@@ -120,19 +166,32 @@ def export_official_vae(args: types.SimpleNamespace) -> str:
 
 def _check_args(args: types.SimpleNamespace) -> None:
     """Exits with a usage error on a flag combination that names no conversion."""
+
     def error(message: str):
         cli.usage_error(PROG, message)
 
     if args.to_official_vae is not None:
-        extra = cli.given(FLAGS, ("vae", "mvar", "var", "m_var", "out", "as_mvar", "num_heads",
-                                  "kernel_size", "refine_step", "patch_nums"))
+        extra = cli.given(
+            FLAGS,
+            (
+                "vae",
+                "mvar",
+                "var",
+                "m_var",
+                "out",
+                "as_mvar",
+                "num_heads",
+                "kernel_size",
+                "refine_step",
+                "patch_nums",
+            ),
+        )
         if extra:
             error(f"--to_official_vae writes the VQVAE of --model; {', '.join(extra)} do not apply")
         if args.model is None:
             error("--to_official_vae needs --model (a tokenizer or generator model directory)")
         if args.to_official_vae.is_dir():
-            error(f"--to_official_vae {args.to_official_vae} is a directory; name the .pth file "
-                  "to write")
+            error(f"--to_official_vae {args.to_official_vae} is a directory; name the .pth file to write")
         if args.to_official_vae.exists() and not args.overwrite:
             error(f"--to_official_vae {args.to_official_vae} exists; pass --overwrite to replace it")
         return
@@ -142,18 +201,18 @@ def _check_args(args: types.SimpleNamespace) -> None:
     if len(weights) > 1:
         error(f"{' and '.join(weights)}: convert one transformer at a time")
     if args.vae is None or args.out is None:
-        error("the following arguments are required: --vae, --out (or --to_official_vae with "
-              "--model)")
+        error("the following arguments are required: --vae, --out (or --to_official_vae with --model)")
     if args.as_mvar and args.var is None:
         error("--as_mvar converts VAR weights; it needs --var")
     if not weights:
         extra = cli.given(FLAGS, ("num_heads", "kernel_size", "refine_step"))
         if extra:
-            error(f"{', '.join(extra)} configure a transformer; they need --mvar or --var "
-                  "(or --m_var)")
+            error(f"{', '.join(extra)} configure a transformer; they need --mvar or --var (or --m_var)")
     if args.m_var is not None and (args.kernel_size is not None or args.refine_step is not None):
-        error("--kernel_size and --refine_step set MVAR's spatial-Markov attention; M-VAR "
-              "attends within whole scales")
+        error(
+            "--kernel_size and --refine_step set MVAR's spatial-Markov attention; M-VAR "
+            "attends within whole scales"
+        )
     if args.out.exists() and not args.out.is_dir():
         error(f"--out {args.out} exists and is not a directory")
     if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:

@@ -58,8 +58,7 @@ class Stage:
 
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (all threads)."""
-    own, children = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
-                                                      resource.RUSAGE_CHILDREN))
+    own, children = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
@@ -80,10 +79,8 @@ def run_stages(stages: Sequence[Stage], log: Callable[[str], None] = print) -> l
         wall, cpu = time.perf_counter(), _cpu_seconds()
         stage.run()
         if not stage.done():
-            raise RuntimeError(f"demo stage {stage.name!r} finished without a whole "
-                               f"{stage.output}")
-        log(f"{head}: finished in {time.perf_counter() - wall:.0f} s "
-            f"({_cpu_seconds() - cpu:.0f} CPU-s)")
+            raise RuntimeError(f"demo stage {stage.name!r} finished without a whole {stage.output}")
+        log(f"{head}: finished in {time.perf_counter() - wall:.0f} s ({_cpu_seconds() - cpu:.0f} CPU-s)")
         ran.append(stage.name)
     total = f"{time.perf_counter() - wall0:.0f} s ({_cpu_seconds() - cpu0:.0f} CPU-s)"
     log(f"demo complete ({'ran ' + ', '.join(ran) + ' in ' + total if ran else 'nothing to do'})")
@@ -121,15 +118,14 @@ def _write_token_cache(config: ml_collections.ConfigDict) -> None:
     """The train split's ids under the demo tokenizer; a cache of an older tokenizer is replaced."""
     cache_dir = pathlib.Path(config.data.token_cache_dir)
     meta = cache_dir / "train" / "meta.json"
-    if meta.exists() and not _newer(meta, pathlib.Path(config.vqvae_checkpoint)
-                                    / workdir.EXPORTED_STEP):
+    if meta.exists() and not _newer(meta, pathlib.Path(config.vqvae_checkpoint) / workdir.EXPORTED_STEP):
         shutil.rmtree(cache_dir)  # made by a tokenizer since retrained
-    vqvae_config, params = checkpoint.load_vqvae_checkpoint(config.vqvae_checkpoint,
-                                                            tuple(config.model.patch_nums))
+    vqvae_config, params = checkpoint.load_vqvae_checkpoint(
+        config.vqvae_checkpoint, tuple(config.model.patch_nums)
+    )
     encode = token_cache.sharded_encoder(token_cache.vqvae_tokenize(VQVAE(vqvae_config)), params)
     print(f"encoding the train split with {config.vqvae_checkpoint} ...", flush=True)
-    token_cache.write_token_cache(config.data, encode, cache_dir, "train", batch_size=100,
-                                  chunk_size=1000)
+    token_cache.write_token_cache(config.data, encode, cache_dir, "train", batch_size=100, chunk_size=1000)
 
 
 def _train(config: ml_collections.ConfigDict, directory: pathlib.Path) -> None:
@@ -139,25 +135,52 @@ def _train(config: ml_collections.ConfigDict, directory: pathlib.Path) -> None:
 def _sample_grid(model: pathlib.Path, num_classes: int, path: pathlib.Path) -> None:
     """``sample.py`` as the README shows it, ``GRID_PER_CLASS`` images of every class."""
     labels = ",".join(str(c) for c in range(num_classes))
-    subprocess.run([sys.executable, str(REPO / "sample.py"), "--checkpoint", str(model),
-                    "--labels", labels, "--num_per_class", str(GRID_PER_CLASS),
-                    "--cfg", str(REPORT_CFG), "--top_k", "0", "--top_p", "0", "--seed", "0",
-                    "--out", str(path)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "sample.py"),
+            "--checkpoint",
+            str(model),
+            "--labels",
+            labels,
+            "--num_per_class",
+            str(GRID_PER_CLASS),
+            "--cfg",
+            str(REPORT_CFG),
+            "--top_k",
+            "0",
+            "--top_p",
+            "0",
+            "--seed",
+            "0",
+            "--out",
+            str(path),
+        ],
+        check=True,
+    )
 
 
-def _report(model: pathlib.Path, data_cfg: ml_collections.ConfigDict,
-            classifier_cache: pathlib.Path, path: pathlib.Path) -> None:
+def _report(
+    model: pathlib.Path,
+    data_cfg: ml_collections.ConfigDict,
+    classifier_cache: pathlib.Path,
+    path: pathlib.Path,
+) -> None:
     data_cfg = data_cfg.copy_and_resolve_references()
     data_cfg.token_cache_dir = None  # the judge reads images
-    report = quality.evaluate_model(model, classifier_cache=classifier_cache, data_cfg=data_cfg,
-                                    samples_per_class=REPORT_SAMPLES_PER_CLASS, cfg=REPORT_CFG)
+    report = quality.evaluate_model(
+        model,
+        classifier_cache=classifier_cache,
+        data_cfg=data_cfg,
+        samples_per_class=REPORT_SAMPLES_PER_CLASS,
+        cfg=REPORT_CFG,
+    )
     md = quality.write_report(report, path)
     print(quality.report_markdown(report), flush=True)
     print(f"wrote {path} and {md}")
 
 
-def demo_stages(out: pathlib.Path, *, data_dir: str | None,
-                classifier_cache: pathlib.Path) -> list[Stage]:
+def demo_stages(out: pathlib.Path, *, data_dir: str | None, classifier_cache: pathlib.Path) -> list[Stage]:
     """The demo's stages writing under ``out`` (see the module docstring)."""
     out = out.absolute()
     tokenizer_model = out / "tokenizer" / "model"
@@ -171,39 +194,71 @@ def demo_stages(out: pathlib.Path, *, data_dir: str | None,
     size = int(generator_config.data.image_size)
 
     return [
-        Stage("data", pathlib.Path(data_dir or "~/tensorflow_datasets") / "builtin_shapes",
-              lambda: records.builtin_prepared(data_dir, size),
-              lambda: records.prepare("builtin_shapes", data_dir, image_size=size)),
-        Stage("tokenizer", tokenizer_model, lambda: _trained(tokenizer_model, tokenizer_config),
-              lambda: _train(tokenizer_config, out / "tokenizer")),
-        Stage("tokens", out / "tokens",
-              lambda: _token_cache_done(out / "tokens", tokenizer_model),
-              lambda: _write_token_cache(generator_config)),
-        Stage("generator", model, lambda: _trained(model, generator_config),
-              lambda: _train(generator_config, out)),
-        Stage("samples", samples, lambda: _newer(samples, exported),
-              lambda: _sample_grid(model, generator_config.data.num_classes, samples)),
-        Stage("report", report, lambda: _newer(report, exported),
-              lambda: _report(model, generator_config.data, classifier_cache, report)),
+        Stage(
+            "data",
+            pathlib.Path(data_dir or "~/tensorflow_datasets") / "builtin_shapes",
+            lambda: records.builtin_prepared(data_dir, size),
+            lambda: records.prepare("builtin_shapes", data_dir, image_size=size),
+        ),
+        Stage(
+            "tokenizer",
+            tokenizer_model,
+            lambda: _trained(tokenizer_model, tokenizer_config),
+            lambda: _train(tokenizer_config, out / "tokenizer"),
+        ),
+        Stage(
+            "tokens",
+            out / "tokens",
+            lambda: _token_cache_done(out / "tokens", tokenizer_model),
+            lambda: _write_token_cache(generator_config),
+        ),
+        Stage(
+            "generator",
+            model,
+            lambda: _trained(model, generator_config),
+            lambda: _train(generator_config, out),
+        ),
+        Stage(
+            "samples",
+            samples,
+            lambda: _newer(samples, exported),
+            lambda: _sample_grid(model, generator_config.data.num_classes, samples),
+        ),
+        Stage(
+            "report",
+            report,
+            lambda: _newer(report, exported),
+            lambda: _report(model, generator_config.data, classifier_cache, report),
+        ),
     ]
 
 
 PROG = "python -m mvar_jax.demo"
 FLAGS = flags.FlagValues()  # this command's own, so that tests can import several commands
 flags.DEFINE_string("out", "demo_out", "output directory", flag_values=FLAGS)
-flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR or "
-                    "~/tensorflow_datasets)", flag_values=FLAGS)
-flags.DEFINE_string("classifier_cache", None, "where the judge is trained once and kept "
-                    "(default: $XDG_CACHE_HOME/mvar_jax or ~/.cache/mvar_jax)", flag_values=FLAGS)
+flags.DEFINE_string(
+    "data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "classifier_cache",
+    None,
+    "where the judge is trained once and kept (default: $XDG_CACHE_HOME/mvar_jax or ~/.cache/mvar_jax)",
+    flag_values=FLAGS,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
-    classifier_cache = (pathlib.Path(args.classifier_cache) if args.classifier_cache
-                        else quality.default_cache_dir())
-    run_stages(demo_stages(pathlib.Path(args.out),
-                           data_dir=args.data_dir or os.environ.get("TFDS_DATA_DIR"),
-                           classifier_cache=classifier_cache))
+    classifier_cache = (
+        pathlib.Path(args.classifier_cache) if args.classifier_cache else quality.default_cache_dir()
+    )
+    run_stages(
+        demo_stages(
+            pathlib.Path(args.out),
+            data_dir=args.data_dir or os.environ.get("TFDS_DATA_DIR"),
+            classifier_cache=classifier_cache,
+        )
+    )
     return 0
 
 

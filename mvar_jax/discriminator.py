@@ -38,7 +38,7 @@ _ADAPTIVE_MAX = 1e4
 
 def _torch_conv_bias_init(fan_in: int) -> Callable:
     """PyTorch's default conv bias init, U(+-1/sqrt(fan_in)): taming's weights_init keeps it."""
-    bound = fan_in ** -0.5
+    bound = fan_in**-0.5
 
     def init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
         return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -94,26 +94,35 @@ class PatchDiscriminator(nn.Module):
 
     def _conv(self, width: int, stride: int, in_ch: int, use_bias: bool, name: str) -> nn.Conv:
         return nn.Conv(
-            width, (_KERNEL, _KERNEL), strides=stride, padding=1, use_bias=use_bias,
+            width,
+            (_KERNEL, _KERNEL),
+            strides=stride,
+            padding=1,
+            use_bias=use_bias,
             kernel_init=_conv_kernel_init,
-            bias_init=_torch_conv_bias_init(in_ch * _KERNEL * _KERNEL), name=name)
+            bias_init=_torch_conv_bias_init(in_ch * _KERNEL * _KERNEL),
+            name=name,
+        )
 
     @nn.compact
     def __call__(self, img_BHWC: jax.Array) -> jax.Array:
         if self.ndf < 1 or self.n_layers < 1:
-            raise ValueError(f"PatchDiscriminator needs ndf >= 1 and n_layers >= 1, "
-                             f"got ndf={self.ndf}, n_layers={self.n_layers}")
+            raise ValueError(
+                f"PatchDiscriminator needs ndf >= 1 and n_layers >= 1, "
+                f"got ndf={self.ndf}, n_layers={self.n_layers}"
+            )
         if img_BHWC.ndim != 4:
             raise ValueError(f"PatchDiscriminator expects NHWC images, got shape {img_BHWC.shape}")
         if min(patch_grid_size(s, self.n_layers) for s in img_BHWC.shape[1:3]) < 1:
             raise ValueError(
                 f"images of shape {img_BHWC.shape} are too small for a {self.n_layers}-layer "
-                f"PatchDiscriminator: it needs at least {3 * 2 ** self.n_layers} pixels a side")
+                f"PatchDiscriminator: it needs at least {3 * 2**self.n_layers} pixels a side"
+            )
         h = self._conv(self.ndf, 2, img_BHWC.shape[-1], True, "conv0")(img_BHWC)
         h = nn.leaky_relu(h, 0.2)
         for n in range(1, self.n_layers + 1):
             stride = 2 if n < self.n_layers else 1
-            h = self._conv(self.ndf * min(2 ** n, 8), stride, h.shape[-1], False, f"conv{n}")(h)
+            h = self._conv(self.ndf * min(2**n, 8), stride, h.shape[-1], False, f"conv{n}")(h)
             h = nn.leaky_relu(BatchStatNorm(name=f"norm{n}")(h), 0.2)
         return self._conv(1, 1, h.shape[-1], True, "conv_out")(h)
 
@@ -135,8 +144,7 @@ D_LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
 }
 
 
-def discriminator_loss(logits_real: jax.Array, logits_fake: jax.Array,
-                       kind: str = "hinge") -> jax.Array:
+def discriminator_loss(logits_real: jax.Array, logits_fake: jax.Array, kind: str = "hinge") -> jax.Array:
     """The discriminator's loss of the given ``kind`` ("hinge" or "vanilla")."""
     if kind not in D_LOSSES:
         raise ValueError(f"unknown discriminator loss {kind!r}; expected one of {sorted(D_LOSSES)}")
@@ -153,8 +161,9 @@ def disc_factor(step: jax.Array | int, start: int) -> jax.Array:
     return jnp.where(jnp.asarray(step) >= start, 1.0, 0.0).astype(jnp.float32)
 
 
-def last_layer_grads(last_layer: Callable[[jax.Array], jax.Array], kernel: jax.Array,
-                     *cotangents: jax.Array) -> tuple[jax.Array, ...]:
+def last_layer_grads(
+    last_layer: Callable[[jax.Array], jax.Array], kernel: jax.Array, *cotangents: jax.Array
+) -> tuple[jax.Array, ...]:
     """Gradients w.r.t. the last layer's kernel of losses given by their output cotangents.
 
     ``last_layer(W)`` is that layer applied, with kernel ``W``, to its fixed input ``h``

@@ -30,8 +30,7 @@ def l2_loss(rec_BHW3: jax.Array, target_BHW3: jax.Array) -> jax.Array:
 
 def _check_pair(a: jax.Array, b: jax.Array) -> None:
     if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(
-            f"expected two NHWC image batches of one shape, got {a.shape} and {b.shape}")
+        raise ValueError(f"expected two NHWC image batches of one shape, got {a.shape} and {b.shape}")
 
 
 def psnr(a_BHW3: jax.Array, b_BHW3: jax.Array) -> jax.Array:
@@ -56,8 +55,13 @@ def _local_mean(x_NHW1: jax.Array) -> jax.Array:
     """Gaussian-weighted mean over each full 11 x 11 window ('valid': no padding)."""
     window = jnp.asarray(_gaussian_window())[:, :, None, None]
     return jax.lax.conv_general_dilated(
-        x_NHW1, window, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=jax.lax.Precision.HIGHEST)
+        x_NHW1,
+        window,
+        (1, 1),
+        "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
 
 
 def ssim(a_BHW3: jax.Array, b_BHW3: jax.Array) -> jax.Array:
@@ -81,6 +85,5 @@ def ssim(a_BHW3: jax.Array, b_BHW3: jax.Array) -> jax.Array:
     var_y = _local_mean(y * y) - mu_y**2
     cov_xy = _local_mean(x * y) - mu_x * mu_y
     c1, c2 = SSIM_K1**2, SSIM_K2**2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)
-                / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)))
+    ssim_map = (2 * mu_x * mu_y + c1) * (2 * cov_xy + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return ssim_map.reshape(B, -1).mean(axis=1)

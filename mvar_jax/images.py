@@ -47,8 +47,9 @@ def image_grid(images_NHW3: np.ndarray, columns: int, pad_value: float = 0.0) ->
 def labelled_grid(images_NHW3: np.ndarray, labels_N: Sequence[int]) -> Image.Image:
     """Images in rows of up to ``GRID_COLUMNS`` on white, ``class <label>`` written under each."""
     N = len(images_NHW3)
-    with_strip = np.pad(np.asarray(images_NHW3, np.float32),
-                        ((0, 0), (0, CAPTION_PX), (0, 0), (0, 0)), constant_values=1.0)
+    with_strip = np.pad(
+        np.asarray(images_NHW3, np.float32), ((0, 0), (0, CAPTION_PX), (0, 0), (0, 0)), constant_values=1.0
+    )
     columns = min(N, GRID_COLUMNS)
     grid = Image.fromarray(image_grid(with_strip, columns, pad_value=1.0))
     draw = ImageDraw.Draw(grid)

@@ -42,8 +42,7 @@ _NORM_EPS = 1e-10  # Added to the feature-vector length, as lpips.normalize_tens
 
 def conv_names() -> list[str]:
     """Flax names of the 13 VGG16 convs: conv1_1 .. conv5_3."""
-    return [f"conv{b + 1}_{i + 1}" for b, widths in enumerate(VGG16_BLOCKS)
-            for i in range(len(widths))]
+    return [f"conv{b + 1}_{i + 1}" for b, widths in enumerate(VGG16_BLOCKS) for i in range(len(widths))]
 
 
 def torchvision_index(name: str) -> int:
@@ -158,31 +157,35 @@ def _to_flax(value: np.ndarray) -> np.ndarray:
     return value
 
 
-def check_lpips_files(vgg_path: str | os.PathLike | None,
-                      lin_path: str | os.PathLike | None) -> None:
+def check_lpips_files(vgg_path: str | os.PathLike | None, lin_path: str | os.PathLike | None) -> None:
     """Start-up check for an LPIPS-enabled run: raises CheckpointError naming a missing file.
 
     Only checks that both paths are set and are files (cheap); ``load_lpips`` then
     checks every key and shape.
     """
     roles = (
-        (vgg_path, "VGG16 weights (torchvision's vgg16 state dict, e.g. vgg16-397923af.pth "
-                   "from https://download.pytorch.org/models/)"),
-        (lin_path, "LPIPS linear-layer weights (weights/v0.1/vgg.pth inside the lpips "
-                   "PyPI package)"),
+        (
+            vgg_path,
+            "VGG16 weights (torchvision's vgg16 state dict, e.g. vgg16-397923af.pth "
+            "from https://download.pytorch.org/models/)",
+        ),
+        (lin_path, "LPIPS linear-layer weights (weights/v0.1/vgg.pth inside the lpips PyPI package)"),
     )
     for path, role in roles:
         if path is None or not os.fspath(path):
-            raise torch_checkpoint.CheckpointError(
-                f"LPIPS is enabled but no file is given for its {role}")
+            raise torch_checkpoint.CheckpointError(f"LPIPS is enabled but no file is given for its {role}")
         if not os.path.isfile(path):
             raise torch_checkpoint.CheckpointError(
-                f"LPIPS is enabled but its {role} file is missing: {os.fspath(path)}")
+                f"LPIPS is enabled but its {role} file is missing: {os.fspath(path)}"
+            )
 
 
-def lpips_from_state_dicts(vgg_sd: dict[str, np.ndarray], lin_sd: dict[str, np.ndarray],
-                           vgg_source: str = "VGG16 state dict",
-                           lin_source: str = "LPIPS linear-layer state dict") -> dict[str, Any]:
+def lpips_from_state_dicts(
+    vgg_sd: dict[str, np.ndarray],
+    lin_sd: dict[str, np.ndarray],
+    vgg_source: str = "VGG16 state dict",
+    lin_source: str = "LPIPS linear-layer state dict",
+) -> dict[str, Any]:
     """torchvision vgg16 + lpips vgg.pth state dicts (numpy) -> LPIPS Flax params, float32.
 
     Raises StateDictMismatchError naming the source and its missing, unexpected or
@@ -191,8 +194,7 @@ def lpips_from_state_dicts(vgg_sd: dict[str, np.ndarray], lin_sd: dict[str, np.n
     shapes = _param_shapes()
     vgg_sd = {k: v for k, v in vgg_sd.items() if not k.startswith("classifier.")}
     for part, sd, what in (("vgg", vgg_sd, vgg_source), ("lin", lin_sd, lin_source)):
-        expected = {_torch_key(p): _torch_shape(s) for p, s in shapes.items()
-                    if p[0].startswith(part)}
+        expected = {_torch_key(p): _torch_shape(s) for p, s in shapes.items() if p[0].startswith(part)}
         torch_checkpoint.check_keys(sd, expected, what=what)
     merged = {**vgg_sd, **lin_sd}
     params = {p: jnp.asarray(_to_flax(merged[_torch_key(p)]), jnp.float32) for p in shapes}
@@ -206,6 +208,8 @@ def load_lpips(vgg_path: str | os.PathLike, lin_path: str | os.PathLike) -> dict
     """
     check_lpips_files(vgg_path, lin_path)
     return lpips_from_state_dicts(
-        torch_checkpoint.load_state_dict(vgg_path), torch_checkpoint.load_state_dict(lin_path),
+        torch_checkpoint.load_state_dict(vgg_path),
+        torch_checkpoint.load_state_dict(lin_path),
         vgg_source=f"VGG16 state dict {os.fspath(vgg_path)}",
-        lin_source=f"LPIPS linear-layer state dict {os.fspath(lin_path)}")
+        lin_source=f"LPIPS linear-layer state dict {os.fspath(lin_path)}",
+    )

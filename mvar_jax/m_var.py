@@ -29,8 +29,16 @@ import jax
 import jax.numpy as jnp
 
 from mvar_jax import mamba2
-from mvar_jax.transformer import (FFN, AdaLNSelfAttn, SelfAttention, TransformerConfig,
-                                  ada_lin_init, init_std, layer_norm, modulate)
+from mvar_jax.transformer import (
+    FFN,
+    AdaLNSelfAttn,
+    SelfAttention,
+    TransformerConfig,
+    ada_lin_init,
+    init_std,
+    layer_norm,
+    modulate,
+)
 
 
 class RerunPrefix(NamedTuple):
@@ -43,8 +51,9 @@ class RerunPrefix(NamedTuple):
 def init_rerun_cache(config: TransformerConfig, batch_size: int) -> tuple[RerunPrefix, ...]:
     """An empty prefix per block: ``scale_logits`` then re-runs Mamba as the official code."""
     if config.attention != "mamba":
-        raise ValueError(f"the Mamba re-run is M-VAR's (attention='mamba'), "
-                         f"got attention={config.attention!r}")
+        raise ValueError(
+            f"the Mamba re-run is M-VAR's (attention='mamba'), got attention={config.attention!r}"
+        )
     empty = jnp.zeros((batch_size, 0, config.embed_dim), jnp.float32)
     return tuple(RerunPrefix(empty) for _ in range(config.depth))
 
@@ -59,16 +68,27 @@ class AdaLNAttnMamba(AdaLNSelfAttn):
     """
 
     @nn.compact
-    def __call__(self, x_BlC: jax.Array, cond_BD: jax.Array, *, first_scale: int,
-                 last_scale: int, deterministic: bool = True,
-                 cache: mamba2.MambaState | RerunPrefix | None = None):
+    def __call__(
+        self,
+        x_BlC: jax.Array,
+        cond_BD: jax.Array,
+        *,
+        first_scale: int,
+        last_scale: int,
+        deterministic: bool = True,
+        cache: mamba2.MambaState | RerunPrefix | None = None,
+    ):
         cfg = self.config
         C = cfg.embed_dim
-        ada_lin = nn.Dense(9 * C, dtype=cfg.compute_dtype,
-                           kernel_init=ada_lin_init(init_std(cfg), C, self.init_scales),
-                           name="ada_lin")
-        (gamma1, gamma2, gamma3, scale1, scale2, scale3,
-         shift1, shift2, shift3) = jnp.split(ada_lin(nn.silu(cond_BD)).reshape(-1, 9, C), 9, 1)
+        ada_lin = nn.Dense(
+            9 * C,
+            dtype=cfg.compute_dtype,
+            kernel_init=ada_lin_init(init_std(cfg), C, self.init_scales),
+            name="ada_lin",
+        )
+        (gamma1, gamma2, gamma3, scale1, scale2, scale3, shift1, shift2, shift3) = jnp.split(
+            ada_lin(nn.silu(cond_BD)).reshape(-1, 9, C), 9, 1
+        )
         drop_path = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2))
 
         def add(x, h, gamma):  # One gated residual branch; drop path per sample.
@@ -77,16 +97,16 @@ class AdaLNAttnMamba(AdaLNSelfAttn):
         def normed(x, scale, shift):
             return modulate(layer_norm(x, cfg.norm_eps), scale, shift)
 
-        h, _ = SelfAttention(cfg, name="attn")(normed(x_BlC, scale1, shift1),
-                                               first_scale=first_scale, last_scale=last_scale)
+        h, _ = SelfAttention(cfg, name="attn")(
+            normed(x_BlC, scale1, shift1), first_scale=first_scale, last_scale=last_scale
+        )
         x_BlC = add(x_BlC, h, gamma1)
 
-        mamba = mamba2.Mamba2(cfg.mamba, dtype=cfg.compute_dtype, proj_std=init_std(cfg),
-                              name="mamba")
+        mamba = mamba2.Mamba2(cfg.mamba, dtype=cfg.compute_dtype, proj_std=init_std(cfg), name="mamba")
         if isinstance(cache, RerunPrefix):  # From scratch over every token so far.
             prefix_BLC = jnp.concatenate([cache.x_BLC, x_BlC], axis=1)
             h, _ = mamba(normed(prefix_BLC, scale2, shift2))
-            h, cache = h[:, -x_BlC.shape[1]:], RerunPrefix(prefix_BLC)
+            h, cache = h[:, -x_BlC.shape[1] :], RerunPrefix(prefix_BLC)
         else:
             h, state = mamba(normed(x_BlC, scale2, shift2), cache)
             cache = None if cache is None else state

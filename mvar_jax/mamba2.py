@@ -60,14 +60,15 @@ class Mamba2Config:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Mamba2Config: {field.name} must be a positive int, "
-                                 f"got {value!r}")
+                raise ValueError(f"Mamba2Config: {field.name} must be a positive int, got {value!r}")
         if self.d_conv < 2:
             raise ValueError(f"Mamba2Config: d_conv must be >= 2, got {self.d_conv}")
         if self.d_inner % self.headdim:
-            raise ValueError(f"Mamba2Config: d_inner {self.d_inner} (expand {self.expand} x "
-                             f"d_model {self.d_model}) is not a multiple of headdim "
-                             f"{self.headdim}")
+            raise ValueError(
+                f"Mamba2Config: d_inner {self.d_inner} (expand {self.expand} x "
+                f"d_model {self.d_model}) is not a multiple of headdim "
+                f"{self.headdim}"
+            )
 
     @property
     def d_inner(self) -> int:
@@ -86,11 +87,13 @@ class Mamba2Config:
         """The state before the first token."""
         return MambaState(
             jnp.zeros((batch_size, self.d_conv - 1, self.conv_dim), jnp.float32),
-            jnp.zeros((batch_size, self.nheads, self.headdim, self.d_state), jnp.float32))
+            jnp.zeros((batch_size, self.nheads, self.headdim, self.d_state), jnp.float32),
+        )
 
 
 # ----------------------------------------------------------------------------
 # The chunked scan (pure jnp).
+
 
 def _decay_within_chunk(a_BcHQ: jax.Array) -> jax.Array:
     """``(..., Q, Q)``: ``exp(a[s+1] + ... + a[l])`` at ``[l, s]`` for ``l >= s``, else 0.
@@ -104,9 +107,16 @@ def _decay_within_chunk(a_BcHQ: jax.Array) -> jax.Array:
     return jnp.exp(sums) * np.tril(np.ones((Q, Q), np.float32))
 
 
-def ssd_scan(x_BLHP: jax.Array, dt_BLH: jax.Array, A_H: jax.Array, B_BLN: jax.Array,
-             C_BLN: jax.Array, state_BHPN: jax.Array, *, chunk_size: int
-             ) -> tuple[jax.Array, jax.Array]:
+def ssd_scan(
+    x_BLHP: jax.Array,
+    dt_BLH: jax.Array,
+    A_H: jax.Array,
+    B_BLN: jax.Array,
+    C_BLN: jax.Array,
+    state_BHPN: jax.Array,
+    *,
+    chunk_size: int,
+) -> tuple[jax.Array, jax.Array]:
     """The SSD recurrence over a whole sequence, from ``state_BHPN``; float32.
 
     Args:
@@ -120,7 +130,6 @@ def ssd_scan(x_BLHP: jax.Array, dt_BLH: jax.Array, A_H: jax.Array, B_BLN: jax.Ar
       ``y_BLHP`` (without the D skip) and the state after the last token.
     """
     Bsz, L, H, P = x_BLHP.shape
-    N = B_BLN.shape[-1]
     Q = min(chunk_size, L)
     c = -(-L // Q)
     # A zero tail: dt = 0 there, so the padding neither decays nor feeds the state.
@@ -140,8 +149,7 @@ def ssd_scan(x_BLHP: jax.Array, dt_BLH: jax.Array, A_H: jax.Array, B_BLN: jax.Ar
     y = jnp.einsum("bcls,bchls,bcshp->bclhp", CB_BcQQ, decay_BcHQQ, xdt_BcQHP)
 
     # What each chunk adds to the state by its end, and how much it decays the state.
-    chunk_input_BcHPN = jnp.einsum("bcsn,bchs,bcshp->bchpn", B, decay_BcHQQ[..., -1, :],
-                                   xdt_BcQHP)
+    chunk_input_BcHPN = jnp.einsum("bcsn,bchs,bcshp->bchpn", B, decay_BcHQQ[..., -1, :], xdt_BcQHP)
     log_decay_to_l_BcHQ = jnp.cumsum(a_BcHQ, axis=-1)
     chunk_decay_BcH = jnp.exp(log_decay_to_l_BcHQ[..., -1])
 
@@ -150,17 +158,19 @@ def ssd_scan(x_BLHP: jax.Array, dt_BLH: jax.Array, A_H: jax.Array, B_BLN: jax.Ar
         return h_BHPN * decay_BH[..., None, None] + input_BHPN, h_BHPN
 
     final_BHPN, entering_cBHPN = jax.lax.scan(
-        across, state_BHPN.astype(jnp.float32),
-        (jnp.moveaxis(chunk_decay_BcH, 1, 0), jnp.moveaxis(chunk_input_BcHPN, 1, 0)))
+        across,
+        state_BHPN.astype(jnp.float32),
+        (jnp.moveaxis(chunk_decay_BcH, 1, 0), jnp.moveaxis(chunk_input_BcHPN, 1, 0)),
+    )
 
     # The state entering each chunk, decayed to token l, read out by C_l.
-    y = y + jnp.einsum("bcln,bchl,cbhpn->bclhp", C, jnp.exp(log_decay_to_l_BcHQ),
-                       entering_cBHPN)
+    y = y + jnp.einsum("bcln,bchl,cbhpn->bclhp", C, jnp.exp(log_decay_to_l_BcHQ), entering_cBHPN)
     return y.reshape(Bsz, c * Q, H, P)[:, :L], final_BHPN
 
 
 # ----------------------------------------------------------------------------
 # The layer.
+
 
 def _dt_bias_init(key, shape, dtype=jnp.float32):
     """mamba_ssm's: softplus^-1 of dt log-uniform in [1e-3, 0.1], floored at 1e-4."""
@@ -182,16 +192,14 @@ class CausalConv1d(nn.Module):
     kernel_std: float = 0.02
 
     @nn.compact
-    def __call__(self, x_BLC: jax.Array, history_BKC: jax.Array
-                 ) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x_BLC: jax.Array, history_BKC: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``(y_BLC, new history)``; the history is the last ``width - 1`` inputs."""
         # (width, 1, channels): the layout of a depthwise nn.Conv kernel.
-        kernel = self.param("kernel", nn.initializers.normal(self.kernel_std),
-                            (self.width, 1, self.channels))
+        kernel = self.param("kernel", nn.initializers.normal(self.kernel_std), (self.width, 1, self.channels))
         bias = self.param("bias", nn.initializers.zeros, (self.channels,))
         L = x_BLC.shape[1]
         full = jnp.concatenate([history_BKC, x_BLC.astype(jnp.float32)], axis=1)
-        y = sum(kernel[k, 0] * full[:, k:k + L] for k in range(self.width))
+        y = sum(kernel[k, 0] * full[:, k : k + L] for k in range(self.width))
         return y + bias, full[:, L:]
 
 
@@ -221,8 +229,9 @@ class Mamba2(nn.Module):
     def setup(self):
         cfg = self.config
         init = nn.initializers.normal(self.proj_std)
-        self.in_proj = nn.Dense(2 * cfg.d_inner + 2 * cfg.d_state + cfg.nheads, use_bias=False,
-                                dtype=self.dtype, kernel_init=init)
+        self.in_proj = nn.Dense(
+            2 * cfg.d_inner + 2 * cfg.d_state + cfg.nheads, use_bias=False, dtype=self.dtype, kernel_init=init
+        )
         self.conv1d = CausalConv1d(cfg.conv_dim, cfg.d_conv)
         self.dt_bias = self.param("dt_bias", _dt_bias_init, (cfg.nheads,))
         self.A_log = self.param("A_log", _a_log_init, (cfg.nheads,))
@@ -230,8 +239,7 @@ class Mamba2(nn.Module):
         self.norm = GatedRMSNorm()
         self.out_proj = nn.Dense(cfg.d_model, use_bias=False, dtype=self.dtype, kernel_init=init)
 
-    def __call__(self, u_BLD: jax.Array, state: MambaState | None = None
-                 ) -> tuple[jax.Array, MambaState]:
+    def __call__(self, u_BLD: jax.Array, state: MambaState | None = None) -> tuple[jax.Array, MambaState]:
         """``(out_BLD, state after the last token)``; ``state`` None starts from zeros."""
         cfg = self.config
         Bsz, L, _ = u_BLD.shape
@@ -241,8 +249,9 @@ class Mamba2(nn.Module):
         xBC, conv_state = self.conv1d(xBC, state.conv_BKC)
         x, B, C = self._split_conv_output(nn.silu(xBC))
         x_BLHP = x.reshape(Bsz, L, cfg.nheads, cfg.headdim)
-        y, ssm_state = ssd_scan(x_BLHP, self._dt(dt), self._A(), B, C, state.ssm_BHPN,
-                                chunk_size=cfg.chunk_size)
+        y, ssm_state = ssd_scan(
+            x_BLHP, self._dt(dt), self._A(), B, C, state.ssm_BHPN, chunk_size=cfg.chunk_size
+        )
         y = y + self.D[:, None] * x_BLHP
         return self._output(y.reshape(Bsz, L, cfg.d_inner), z), MambaState(conv_state, ssm_state)
 
@@ -255,8 +264,10 @@ class Mamba2(nn.Module):
         x, B, C = (t[:, 0] for t in self._split_conv_output(nn.silu(xBC)))
         x_BHP = x.reshape(Bsz, cfg.nheads, cfg.headdim)
         dt_BH = self._dt(dt)[:, 0]
-        h = (state.ssm_BHPN * jnp.exp(dt_BH * self._A())[..., None, None]
-             + dt_BH[..., None, None] * x_BHP[..., None] * B[:, None, None, :])
+        h = (
+            state.ssm_BHPN * jnp.exp(dt_BH * self._A())[..., None, None]
+            + dt_BH[..., None, None] * x_BHP[..., None] * B[:, None, None, :]
+        )
         y = jnp.einsum("bhpn,bn->bhp", h, C) + self.D[:, None] * x_BHP
         out = self._output(y.reshape(Bsz, 1, cfg.d_inner), z)[:, 0]
         return out, MambaState(conv_state, h)

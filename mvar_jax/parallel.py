@@ -30,7 +30,8 @@ def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
     jax.distributed.initialize(
         coordinator_address=cfg.coordinator_address or None,
         num_processes=cfg.num_processes if cfg.num_processes > 0 else None,
-        process_id=cfg.process_id if cfg.process_id >= 0 else None)
+        process_id=cfg.process_id if cfg.process_id >= 0 else None,
+    )
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -68,6 +69,7 @@ def state_shardings(tree: Any, mesh: Mesh, *, fsdp: bool, min_size: int = 2**16)
     The rule looks only at shapes, so parameters and their Adam moments land on
     the same devices.
     """
+
     def leaf_sharding(x):
         if not fsdp:
             return replicated(mesh)
@@ -76,34 +78,41 @@ def state_shardings(tree: Any, mesh: Mesh, *, fsdp: bool, min_size: int = 2**16)
     return jax.tree.map(leaf_sharding, tree)
 
 
-def jit_train_step(step_fn: Callable[[Any, Any], tuple[Any, Any]], state_shardings: Any,
-                   mesh: Mesh) -> Callable[[Any, Any], tuple[Any, Any]]:
+def jit_train_step(
+    step_fn: Callable[[Any, Any], tuple[Any, Any]], state_shardings: Any, mesh: Mesh
+) -> Callable[[Any, Any], tuple[Any, Any]]:
     """``step_fn(state, batch) -> (state, metrics)`` compiled over ``mesh``.
 
     The state keeps ``state_shardings`` and is donated (the old one is dead after the
     step), the batch is split along ``'data'``, the metrics come back replicated.
     """
-    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding(mesh)),
-                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_sharding(mesh)),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
     """The global batch must split evenly over devices and hosts."""
     if global_batch_size % mesh.size:
-        raise ValueError(f"batch_size {global_batch_size} is not divisible by the number of "
-                         f"devices ({mesh.size})")
+        raise ValueError(
+            f"batch_size {global_batch_size} is not divisible by the number of devices ({mesh.size})"
+        )
     if global_batch_size % jax.process_count():
-        raise ValueError(f"batch_size {global_batch_size} is not divisible by the number of "
-                         f"hosts ({jax.process_count()})")
+        raise ValueError(
+            f"batch_size {global_batch_size} is not divisible by the number of hosts ({jax.process_count()})"
+        )
 
 
-def host_batch_to_global(batch: Mapping[str, np.ndarray], target: Mesh | jax.sharding.Sharding
-                         ) -> dict[str, jax.Array]:
+def host_batch_to_global(
+    batch: Mapping[str, np.ndarray], target: Mesh | jax.sharding.Sharding
+) -> dict[str, jax.Array]:
     """Assembles each host's slice of the batch into global arrays.
 
     ``target``: a mesh (the batch axis split over it, ``batch_sharding``) or the
     sharding to lay the arrays out with.
     """
     sharding = batch_sharding(target) if isinstance(target, Mesh) else target
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

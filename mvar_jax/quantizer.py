@@ -124,8 +124,11 @@ class MultiScaleQuantizer(nn.Module):
             return jnp.argmax(cos_NV, axis=1).astype(jnp.int32)
         # ||z||^2 + ||e||^2 - 2 z.e, the official expansion (not ||z - e||^2),
         # so that ties and rounding match.
-        dist_NV = (jnp.sum(z_NC**2, axis=1, keepdims=True) + jnp.sum(codes_VC**2, axis=1)
-                   - 2 * jnp.matmul(z_NC, codes_VC.T, precision=hi))
+        dist_NV = (
+            jnp.sum(z_NC**2, axis=1, keepdims=True)
+            + jnp.sum(codes_VC**2, axis=1)
+            - 2 * jnp.matmul(z_NC, codes_VC.T, precision=hi)
+        )
         return jnp.argmin(dist_NV, axis=1).astype(jnp.int32)
 
     def embed_tokens(self, idx_Bl: jax.Array) -> jax.Array:
@@ -136,8 +139,7 @@ class MultiScaleQuantizer(nn.Module):
         """Token ids of scale ``si`` as a ``(B, pn, pn, Cvae)`` map."""
         pn = self.patch_nums[si]
         if idx_Bl.ndim != 2 or idx_Bl.shape[1] != pn * pn:
-            raise ValueError(
-                f"scale {si} needs token ids of shape (B, {pn * pn}), got {idx_Bl.shape}")
+            raise ValueError(f"scale {si} needs token ids of shape (B, {pn * pn}), got {idx_Bl.shape}")
         return self.embed_tokens(idx_Bl).reshape(idx_Bl.shape[0], pn, pn, self.Cvae)
 
     # ------------------------------------------------------------- operations
@@ -153,7 +155,8 @@ class MultiScaleQuantizer(nn.Module):
         if (H, W, C) != (pn_last, pn_last, self.Cvae):
             raise ValueError(
                 f"expected features of shape (B, {pn_last}, {pn_last}, {self.Cvae}) for "
-                f"patch_nums {self.patch_nums}, got {f_BHWC.shape}")
+                f"patch_nums {self.patch_nums}, got {f_BHWC.shape}"
+            )
         if self.is_initializing():
             # Create every Phi, including any that this schedule never selects.
             for conv in self.phi:
@@ -168,8 +171,11 @@ class MultiScaleQuantizer(nn.Module):
             h_BHWC = self.scale_residual(si, h_BhwC)
             f_hat = f_hat + h_BHWC
             f_rest = f_rest - h_BHWC
-            scales.append(ScaleCodes(z_BlC=z_BhwC.reshape(B, pn * pn, C),
-                                     ids_Bl=idx_N.reshape(B, pn * pn), f_hat_BHWC=f_hat))
+            scales.append(
+                ScaleCodes(
+                    z_BlC=z_BhwC.reshape(B, pn * pn, C), ids_Bl=idx_N.reshape(B, pn * pn), f_hat_BHWC=f_hat
+                )
+            )
         return scales
 
     def quantize(self, f_BHWC: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
@@ -192,13 +198,17 @@ class MultiScaleQuantizer(nn.Module):
         scales = self.residual_codes(f_sg)
         vq_loss = 0.0
         for s in scales:
-            vq_loss = vq_loss + (self.beta * _mse(jax.lax.stop_gradient(s.f_hat_BHWC), f_BHWC)
-                                 + _mse(s.f_hat_BHWC, f_sg))
+            vq_loss = vq_loss + (
+                self.beta * _mse(jax.lax.stop_gradient(s.f_hat_BHWC), f_BHWC) + _mse(s.f_hat_BHWC, f_sg)
+            )
         vq_loss = vq_loss * (1 / self.num_scales)
         f_hat_st = (jax.lax.stop_gradient(scales[-1].f_hat_BHWC) - f_sg) + f_BHWC
         return QuantizerTrainOutput(
-            f_hat_BHWC=f_hat_st, vq_loss=vq_loss, ids=[s.ids_Bl for s in scales],
-            z=[jax.lax.stop_gradient(s.z_BlC) for s in scales])
+            f_hat_BHWC=f_hat_st,
+            vq_loss=vq_loss,
+            ids=[s.ids_Bl for s in scales],
+            z=[jax.lax.stop_gradient(s.z_BlC) for s in scales],
+        )
 
     def embed_to_fhat(self, ms_h_BhwC: list[jax.Array]) -> list[jax.Array]:
         """Sums refined, upsampled per-scale embeddings into f_hat at full size.
@@ -207,8 +217,7 @@ class MultiScaleQuantizer(nn.Module):
         for a finished image). Returns the ``(B, H, H, Cvae)`` f_hat after each scale.
         """
         if not 1 <= len(ms_h_BhwC) <= self.num_scales:
-            raise ValueError(
-                f"expected embeddings of 1 to {self.num_scales} scales, got {len(ms_h_BhwC)}")
+            raise ValueError(f"expected embeddings of 1 to {self.num_scales} scales, got {len(ms_h_BhwC)}")
         H = self.patch_nums[-1]
         f_hat = jnp.zeros((ms_h_BhwC[0].shape[0], H, H, self.Cvae), jnp.float32)
         f_hats = []
@@ -230,8 +239,8 @@ class MultiScaleQuantizer(nn.Module):
         """
         if len(ids) not in (self.num_scales - 1, self.num_scales):
             raise ValueError(
-                f"expected token ids of {self.num_scales - 1} or {self.num_scales} scales, "
-                f"got {len(ids)}")
+                f"expected token ids of {self.num_scales - 1} or {self.num_scales} scales, got {len(ids)}"
+            )
         B = ids[0].shape[0]
         H = self.patch_nums[-1]
         f_hat = jnp.zeros((B, H, H, self.Cvae), jnp.float32)
@@ -243,7 +252,10 @@ class MultiScaleQuantizer(nn.Module):
         return jnp.concatenate(inputs, axis=1)
 
     def next_autoregressive_input(
-        self, si: int, f_hat_BHWC: jax.Array, h_BhwC: jax.Array,
+        self,
+        si: int,
+        f_hat_BHWC: jax.Array,
+        h_BhwC: jax.Array,
     ) -> tuple[jax.Array, jax.Array]:
         """Adds scale ``si``'s embeddings to f_hat; returns (f_hat, next scale's input).
 

@@ -33,7 +33,7 @@ def _cubic_kernel(d: np.ndarray) -> np.ndarray:
     return np.where(d <= 1, near, far)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     """``(out_size, in_size)`` float32 matrix of bicubic resampling along one axis.
 
@@ -56,7 +56,7 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def area_matrix(in_size: int, out_size: int) -> np.ndarray:
     """``(out_size, in_size)`` float32 matrix of adaptive average pooling along one axis.
 

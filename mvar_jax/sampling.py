@@ -22,10 +22,15 @@ import numpy as np
 
 from mvar_jax import m_var
 from mvar_jax.checkpoint import ModelBundle, check_configs
-from mvar_jax.transformer import (Transformer, TransformerConfig, blocks_are_stacked,
-                                  init_kv_cache, stack_blocks, stack_cache)
+from mvar_jax.transformer import (
+    Transformer,
+    TransformerConfig,
+    blocks_are_stacked,
+    init_kv_cache,
+    stack_blocks,
+    stack_cache,
+)
 from mvar_jax.vqvae import VQVAE, VQVAEConfig
-
 
 # Images the VQVAE decodes at a time (generate's decode_batch_size).
 DECODE_BATCH_SIZE = 4
@@ -60,13 +65,13 @@ def cumsum_last(x: jax.Array, block: int = 64) -> jax.Array:
     exact = jax.lax.Precision.HIGHEST  # No reduced-precision passes on GPU/TPU.
     within = jnp.matmul(x_nb, np.triu(np.ones((block, block), np.float32)), precision=exact)
     num_blocks = within.shape[-2]
-    offsets = jnp.matmul(within[..., -1], np.triu(np.ones((num_blocks, num_blocks), np.float32), 1),
-                         precision=exact)
+    offsets = jnp.matmul(
+        within[..., -1], np.triu(np.ones((num_blocks, num_blocks), np.float32), 1), precision=exact
+    )
     return (within + offsets[..., None]).reshape(*lead, n + pad)[..., :n]
 
 
-def _nucleus_threshold(ascending_Bln: jax.Array, extra_Bl1: jax.Array | int,
-                       top_p: float) -> jax.Array:
+def _nucleus_threshold(ascending_Bln: jax.Array, extra_Bl1: jax.Array | int, top_p: float) -> jax.Array:
     """The nucleus rule's smallest kept value ``(B, l, 1)``, from candidates sorted ascending.
 
     ``extra_Bl1`` more entries equal to the smallest candidate come before them
@@ -95,8 +100,7 @@ def top_p_filter(logits_BlV: jax.Array, top_p: float) -> jax.Array:
     return jnp.where(logits_BlV < threshold, -jnp.inf, logits_BlV)
 
 
-def check_filters(top_k: int, top_p: float, *, names: tuple[str, str] = ("top_k", "top_p")
-                  ) -> None:
+def check_filters(top_k: int, top_p: float, *, names: tuple[str, str] = ("top_k", "top_p")) -> None:
     """Raises ValueError unless ``top_k >= 0`` and ``0 <= top_p <= 1`` (0 disables either).
 
     ``names``: how the caller's user spells the two settings (flags, config fields).
@@ -191,8 +195,10 @@ def map_chunks(fn: Callable[..., Any], chunk: int, *xs: jax.Array) -> Any:
     if chunk >= n:
         return fn(*xs)
     full = n - n % chunk
-    ys = jax.lax.map(lambda chunk_xs: fn(*chunk_xs),
-                     tuple(x[:full].reshape(full // chunk, chunk, *x.shape[1:]) for x in xs))
+    ys = jax.lax.map(
+        lambda chunk_xs: fn(*chunk_xs),
+        tuple(x[:full].reshape(full // chunk, chunk, *x.shape[1:]) for x in xs),
+    )
     ys = jax.tree.map(lambda y: y.reshape(full, *y.shape[2:]), ys)
     if full == n:
         return ys
@@ -201,11 +207,20 @@ def map_chunks(fn: Callable[..., Any], chunk: int, *xs: jax.Array) -> Any:
 
 
 def generate(
-    vqvae_config: VQVAEConfig, transformer_config: TransformerConfig,
-    vqvae_params: Any, transformer_params: Any, label_B: jax.Array, key: jax.Array,
-    guidance_S2: jax.Array | None, *, top_k: int = 0, top_p: float = 0.0,
-    more_smooth: bool = False, decode: bool = True,
-    decode_batch_size: int = DECODE_BATCH_SIZE, chunk_tokens: int = CHUNK_TOKENS,
+    vqvae_config: VQVAEConfig,
+    transformer_config: TransformerConfig,
+    vqvae_params: Any,
+    transformer_params: Any,
+    label_B: jax.Array,
+    key: jax.Array,
+    guidance_S2: jax.Array | None,
+    *,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    more_smooth: bool = False,
+    decode: bool = True,
+    decode_batch_size: int = DECODE_BATCH_SIZE,
+    chunk_tokens: int = CHUNK_TOKENS,
     mamba_rerun: bool = False,
 ) -> Samples:
     """Generates one image per label, coarse to fine; traceable, see ``sample`` for the jit.
@@ -245,17 +260,16 @@ def generate(
     rows = 2 if guided else 1
     if guided:  # The unconditional row of each image uses the null class.
         label_B = jnp.stack([label_B, jnp.full_like(label_B, tcfg.num_classes)], axis=1)
-    x_RlC, cond_RD = model.apply(transformer_params, label_B.reshape(-1),
-                                 method=Transformer.start_input)
+    x_RlC, cond_RD = model.apply(transformer_params, label_B.reshape(-1), method=Transformer.start_input)
     x_BrlC, cond_BrD = x_RlC.reshape(B, rows, *x_RlC.shape[1:]), cond_RD.reshape(B, rows, -1)
-    cache = (m_var.init_rerun_cache if mamba_rerun else init_kv_cache)(
-        tcfg, B * rows)  # None for MVAR.
+    cache = (m_var.init_rerun_cache if mamba_rerun else init_kv_cache)(tcfg, B * rows)  # None for MVAR.
     if stacked:
         cache = stack_cache(cache)
     codebook_VC = None
     if more_smooth:
-        codebook_VC = vqvae.apply(vqvae_params, jnp.arange(tcfg.vocab_size)[None],
-                                  method=VQVAE.embed_tokens)[0]
+        codebook_VC = vqvae.apply(vqvae_params, jnp.arange(tcfg.vocab_size)[None], method=VQVAE.embed_tokens)[
+            0
+        ]
     side = tcfg.patch_nums[-1]
     f_hat_BhwC = jnp.zeros((B, side, side, Cvae), jnp.float32)
     image_B = jnp.arange(B)
@@ -263,7 +277,7 @@ def generate(
     # One uniform in (0, 1] per token of every scale, drawn at once: one RNG kernel.
     u_BL = 1.0 - jax.random.uniform(token_key, (B, tcfg.seq_len))
 
-    tokens = []
+    tokens, next_BlCv = [], None  # next_BlCv: the input of the scale after this one
     for si, pn in enumerate(tcfg.patch_nums):
         if si > 0:
             x_BlC = model.apply(transformer_params, next_BlCv, si, method=Transformer.scale_input)
@@ -278,12 +292,16 @@ def generate(
             x_brlC = jnp.broadcast_to(x_brlC, (b, rows, l, x_brlC.shape[-1]))
             # Only this scale's tokens enter the model (plus VAR's cache).
             logits_RlV, cache = model.apply(
-                transformer_params, x_brlC.reshape(b * rows, l, -1),
-                cond_brD.reshape(b * rows, -1), si, cache, method=Transformer.scale_logits)
+                transformer_params,
+                x_brlC.reshape(b * rows, l, -1),
+                cond_brD.reshape(b * rows, -1),
+                si,
+                cache,
+                method=Transformer.scale_logits,
+            )
             logits_brlV = logits_RlV.reshape(b, rows, l, -1)
             if guided:
-                logits_blV = (guidance_S2[si, 0] * logits_brlV[:, 0]
-                              - guidance_S2[si, 1] * logits_brlV[:, 1])
+                logits_blV = guidance_S2[si, 0] * logits_brlV[:, 0] - guidance_S2[si, 1] * logits_brlV[:, 1]
             else:
                 logits_blV = logits_brlV[:, 0]
             logits_blV = filter_logits(logits_blV, top_k, top_p)
@@ -292,7 +310,8 @@ def generate(
                 ratio = si / (tcfg.num_scales - 1)
                 keys = jax.vmap(jax.random.fold_in, (None, 0))(smooth_key, image_b)
                 soft_blV = jax.vmap(gumbel_softmax, (0, 0, None))(
-                    keys, logits_blV * (1 + ratio), max(0.27 * (1 - 0.95 * ratio), 0.005))
+                    keys, logits_blV * (1 + ratio), max(0.27 * (1 - 0.95 * ratio), 0.005)
+                )
                 h_blCv = soft_blV @ codebook_VC
             else:
                 h_blCv = vqvae.apply(vqvae_params, idx_bl, method=VQVAE.embed_tokens)
@@ -301,35 +320,60 @@ def generate(
         if cache is None:
             chunk = images_per_chunk(B, rows * pn * pn, chunk_tokens)
             idx_Bl, h_BlCv, _ = map_chunks(
-                lambda *xs: scale_step(*xs, None), chunk, x_BrlC, cond_BrD, u_Bl, image_B)
+                lambda *xs: scale_step(*xs, None), chunk, x_BrlC, cond_BrD, u_Bl, image_B
+            )
         else:
             idx_Bl, h_BlCv, cache = scale_step(x_BrlC, cond_BrD, u_Bl, image_B, cache)
         tokens.append(idx_Bl)
         f_hat_BhwC, next_BhwC = vqvae.apply(
-            vqvae_params, si, f_hat_BhwC, h_BlCv.reshape(B, pn, pn, Cvae),
-            method=VQVAE.next_autoregressive_input)
+            vqvae_params,
+            si,
+            f_hat_BhwC,
+            h_BlCv.reshape(B, pn, pn, Cvae),
+            method=VQVAE.next_autoregressive_input,
+        )
         next_BlCv = next_BhwC.reshape(B, -1, Cvae)
 
     images = None
     if decode:
         img = map_chunks(
             lambda f_hat: vqvae.apply(vqvae_params, f_hat, method=VQVAE.fhat_to_img),
-            images_per_chunk(B, 1, decode_batch_size), f_hat_BhwC)
+            images_per_chunk(B, 1, decode_batch_size),
+            f_hat_BhwC,
+        )
         images = (img + 1) * 0.5
     return Samples(jnp.concatenate(tokens, axis=1), f_hat_BhwC, images)
 
 
 _generate_jit = jax.jit(
-    generate, static_argnames=("vqvae_config", "transformer_config", "top_k", "top_p",
-                               "more_smooth", "decode", "decode_batch_size",
-                               "chunk_tokens", "mamba_rerun"))
+    generate,
+    static_argnames=(
+        "vqvae_config",
+        "transformer_config",
+        "top_k",
+        "top_p",
+        "more_smooth",
+        "decode",
+        "decode_batch_size",
+        "chunk_tokens",
+        "mamba_rerun",
+    ),
+)
 
 
-def sample(model: ModelBundle, labels: Sequence[int] | np.ndarray | jax.Array,
-           key: jax.Array, *, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
-           more_smooth: bool = False, decode: bool = True,
-           decode_batch_size: int = DECODE_BATCH_SIZE,
-           chunk_tokens: int = CHUNK_TOKENS) -> Samples:
+def sample(
+    model: ModelBundle,
+    labels: Sequence[int] | np.ndarray | jax.Array,
+    key: jax.Array,
+    *,
+    cfg: float = 1.5,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    more_smooth: bool = False,
+    decode: bool = True,
+    decode_batch_size: int = DECODE_BATCH_SIZE,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> Samples:
     """Checks the labels and that the configs fit together, then runs the compiled ``generate``.
 
     The params must have the configs' shapes, as ``checkpoint.load_model`` ensures.
@@ -347,18 +391,30 @@ def sample(model: ModelBundle, labels: Sequence[int] | np.ndarray | jax.Array,
         raise ValueError(f"labels must be a non-empty 1-D array of ints, got {label_B!r}")
     bad = label_B[(label_B < 0) | (label_B >= tcfg.num_classes)]
     if bad.size:
-        raise ValueError(f"labels {sorted(set(bad.tolist()))} are outside the model's "
-                         f"{tcfg.num_classes} classes [0, {tcfg.num_classes - 1}]")
+        raise ValueError(
+            f"labels {sorted(set(bad.tolist()))} are outside the model's "
+            f"{tcfg.num_classes} classes [0, {tcfg.num_classes - 1}]"
+        )
     check_filters(top_k, top_p)
     if decode_batch_size < 1 or chunk_tokens < 1:
-        raise ValueError(f"decode_batch_size and chunk_tokens must be >= 1, got "
-                         f"{decode_batch_size}, {chunk_tokens}")
+        raise ValueError(
+            f"decode_batch_size and chunk_tokens must be >= 1, got {decode_batch_size}, {chunk_tokens}"
+        )
     return _generate_jit(
-        model.vqvae_config, tcfg, model.vqvae_params, model.transformer_params,
-        jnp.asarray(label_B, jnp.int32), key, guidance_schedule(cfg, tcfg),
-        top_k=int(top_k), top_p=float(top_p), more_smooth=bool(more_smooth),
-        decode=bool(decode), decode_batch_size=int(decode_batch_size),
-        chunk_tokens=int(chunk_tokens))
+        model.vqvae_config,
+        tcfg,
+        model.vqvae_params,
+        model.transformer_params,
+        jnp.asarray(label_B, jnp.int32),
+        key,
+        guidance_schedule(cfg, tcfg),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        more_smooth=bool(more_smooth),
+        decode=bool(decode),
+        decode_batch_size=int(decode_batch_size),
+        chunk_tokens=int(chunk_tokens),
+    )
 
 
 def prepare(model: ModelBundle) -> ModelBundle:
@@ -371,5 +427,6 @@ def prepare(model: ModelBundle) -> ModelBundle:
     """
     if blocks_are_stacked(model.transformer_params):
         return model
-    return model._replace(transformer_params=stack_blocks(
-        model.transformer_params, model.transformer_config.depth))
+    return model._replace(
+        transformer_params=stack_blocks(model.transformer_params, model.transformer_config.depth)
+    )

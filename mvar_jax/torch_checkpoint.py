@@ -55,7 +55,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except Exception as e:  # torch raises several types for corrupt/truncated files.
         raise CheckpointError(
             f"cannot read {path} as a PyTorch checkpoint (truncated or not a "
-            f"weights-only .pth file?): {type(e).__name__}: {e}") from e
+            f"weights-only .pth file?): {type(e).__name__}: {e}"
+        ) from e
     return state_dict_to_numpy(obj, source=path)
 
 
@@ -79,18 +80,19 @@ def state_dict_to_numpy(obj: Any, source: str = "checkpoint") -> dict[str, np.nd
                 value = value.float()
             value = value.numpy()
         if not isinstance(value, np.ndarray):
-            raise CheckpointError(
-                f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise CheckpointError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
         out[key] = value
     if not out:
         raise CheckpointError(f"{source}: the state dict is empty")
     return out
 
 
-def check_keys(state_dict: Mapping[str, np.ndarray],
-               expected_shapes: Mapping[str, tuple[int, ...]],
-               what: str = "state dict",
-               ignore: tuple[str, ...] = ()) -> None:
+def check_keys(
+    state_dict: Mapping[str, np.ndarray],
+    expected_shapes: Mapping[str, tuple[int, ...]],
+    what: str = "state dict",
+    ignore: tuple[str, ...] = (),
+) -> None:
     """Raises StateDictMismatchError unless keys and shapes match exactly.
 
     ``ignore`` lists keys that may be present without being used (buffers the
@@ -100,7 +102,8 @@ def check_keys(state_dict: Mapping[str, np.ndarray],
     got = {k for k in state_dict if k not in ignore}
     want = set(expected_shapes)
     mis_shaped = [
-        (k, state_dict[k].shape, expected_shapes[k]) for k in sorted(got & want)
+        (k, state_dict[k].shape, expected_shapes[k])
+        for k in sorted(got & want)
         if tuple(state_dict[k].shape) != tuple(expected_shapes[k])
     ]
     if got != want or mis_shaped:

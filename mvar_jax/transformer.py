@@ -81,8 +81,9 @@ def check_refine_step(refine_step: int, num_scales: int, *, training: bool = Fal
     """
     low = 2 if training else 1
     if not low <= refine_step <= num_scales:
-        raise ValueError(f"refine_step must be in [{low}, {num_scales}] for {num_scales} scales, "
-                         f"got {refine_step}")
+        raise ValueError(
+            f"refine_step must be in [{low}, {num_scales}] for {num_scales} scales, got {refine_step}"
+        )
 
 
 def official_drop_path_rate(depth: int) -> float:
@@ -153,21 +154,25 @@ class TransformerConfig:
             if self.shared_aln:  # The official block offsets 6 modulations, it needs 9.
                 fail("M-VAR (attention='mamba') has no shared AdaLN")
             try:
-                self.mamba
+                _ = self.mamba  # its checks
             except ValueError as e:
                 fail(f"M-VAR's Mamba2 layer: {e}")
-        spatial = self.patch_nums[self.refine_step:]
+        spatial = self.patch_nums[self.refine_step :]
         if self.attention == "mvar" and spatial and self.kernel_size > min(spatial):
-            fail(f"kernel_size {self.kernel_size} exceeds the smallest spatial-Markov "
-                 f"scale ({min(spatial)}) at refine_step {self.refine_step}")
+            fail(
+                f"kernel_size {self.kernel_size} exceeds the smallest spatial-Markov "
+                f"scale ({min(spatial)}) at refine_step {self.refine_step}"
+            )
         for name in ("drop_path_rate", "cond_drop_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 fail(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             fail(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.neighborhood_impl not in attention.NEIGHBORHOOD_IMPLS:
-            fail(f"neighborhood_impl must be one of {attention.NEIGHBORHOOD_IMPLS}, "
-                 f"got {self.neighborhood_impl!r}")
+            fail(
+                f"neighborhood_impl must be one of {attention.NEIGHBORHOOD_IMPLS}, "
+                f"got {self.neighborhood_impl!r}"
+            )
 
     @property
     def num_scales(self) -> int:
@@ -203,8 +208,9 @@ class TransformerConfig:
     def token_range(self, first_scale: int, last_scale: int) -> tuple[int, int]:
         """``[begin, end)`` token offsets of scales ``[first_scale, last_scale)``."""
         if not 0 <= first_scale < last_scale <= self.num_scales:
-            raise ValueError(f"need 0 <= first_scale < last_scale <= {self.num_scales}, "
-                             f"got [{first_scale}, {last_scale})")
+            raise ValueError(
+                f"need 0 <= first_scale < last_scale <= {self.num_scales}, got [{first_scale}, {last_scale})"
+            )
         sizes = [pn * pn for pn in self.patch_nums]
         return sum(sizes[:first_scale]), sum(sizes[:last_scale])
 
@@ -237,12 +243,12 @@ class InitScales:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"InitScales: {field.name} must be a finite number >= 0, "
-                                 f"got {value!r}")
+                raise ValueError(f"InitScales: {field.name} must be a finite number >= 0, got {value!r}")
 
 
 # ----------------------------------------------------------------------------
 # Initialisers (the official init_weights recipe, init_std = sqrt(1 / (3 C))).
+
 
 def init_std(config: TransformerConfig) -> float:
     return (1.0 / (3 * config.embed_dim)) ** 0.5
@@ -261,23 +267,27 @@ def ada_lin_init(std: float, embed_dim: int, scales: InitScales) -> nn.initializ
     They are VAR's two gates; of M-VAR's three (9C columns) the official init
     likewise scales only the first two, and the FFN's gate gets ``adaln``.
     """
+
     def init(key, shape, dtype=jnp.float32):
-        column_gain = jnp.where(jnp.arange(shape[-1]) < 2 * embed_dim,
-                                scales.adaln_gamma, scales.adaln)
+        column_gain = jnp.where(jnp.arange(shape[-1]) < 2 * embed_dim, scales.adaln_gamma, scales.adaln)
         return _normal(std)(key, shape, dtype) * column_gain.astype(dtype)
+
     return init
 
 
 def _ada_gss_init(scales: InitScales) -> nn.initializers.Initializer:
     """Shared-AdaLN offsets ``(6, C)``: unit normal / sqrt(C); rows 0-1 are the gates."""
+
     def init(key, shape, dtype=jnp.float32):
         row_gain = jnp.where(jnp.arange(shape[0]) < 2, scales.adaln_gamma, scales.adaln)[:, None]
         return jax.random.normal(key, shape, dtype) / shape[-1] ** 0.5 * row_gain.astype(dtype)
+
     return init
 
 
 # ----------------------------------------------------------------------------
 # Building blocks.
+
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
     """LayerNorm without affine, in float32 with PyTorch's biased variance."""
@@ -297,8 +307,14 @@ class SelfAttention(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x_BlC: jax.Array, *, first_scale: int, last_scale: int,
-                 cache: tuple[jax.Array, jax.Array] | None = None):
+    def __call__(
+        self,
+        x_BlC: jax.Array,
+        *,
+        first_scale: int,
+        last_scale: int,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+    ):
         cfg = self.config
         B, l, C = x_BlC.shape
         dtype, std = cfg.compute_dtype, init_std(cfg)
@@ -306,16 +322,14 @@ class SelfAttention(nn.Module):
         # is a fixed zero buffer (zero_k_bias) rather than a parameter.
         q_bias = self.param("q_bias", nn.initializers.zeros, (C,))
         v_bias = self.param("v_bias", nn.initializers.zeros, (C,))
-        qkv = nn.Dense(3 * C, use_bias=False, dtype=dtype, kernel_init=_normal(std),
-                       name="mat_qkv")(x_BlC)
+        qkv = nn.Dense(3 * C, use_bias=False, dtype=dtype, kernel_init=_normal(std), name="mat_qkv")(x_BlC)
         qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(dtype)
         qkv = qkv.reshape(B, l, 3, cfg.num_heads, cfg.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, l, heads, head_dim)
 
         if cfg.attn_l2_norm:
             # Cosine attention with a learnt per-head temperature (capped at 100).
-            scale_mul = self.param("scale_mul", nn.initializers.constant(INIT_SCALE_MUL),
-                                   (cfg.num_heads,))
+            scale_mul = self.param("scale_mul", nn.initializers.constant(INIT_SCALE_MUL), (cfg.num_heads,))
             gain = jnp.exp(jnp.minimum(scale_mul, MAX_SCALE_MUL))[:, None]
             q = (l2_normalize(q) * gain).astype(dtype)
             k = l2_normalize(k).astype(dtype)
@@ -333,15 +347,23 @@ class SelfAttention(nn.Module):
 
         # M-VAR attends within each scale at every scale: MVAR's scale-Markov pattern
         # with no spatial-Markov scales.
-        pattern, refine_step = (("mvar", cfg.num_scales) if cfg.attention == "mamba"
-                                else (cfg.attention, cfg.refine_step))
+        pattern, refine_step = (
+            ("mvar", cfg.num_scales) if cfg.attention == "mamba" else (cfg.attention, cfg.refine_step)
+        )
         out = attention.pyramid_attention(
-            q, k, v, pattern=pattern, patch_nums=cfg.patch_nums,
-            first_scale=first_scale, last_scale=last_scale, scale=scale,
-            refine_step=refine_step, kernel_size=cfg.kernel_size,
-            impl=cfg.neighborhood_impl)
-        proj = nn.Dense(C, dtype=dtype, kernel_init=_normal(std / math.sqrt(2 * cfg.depth)),
-                        name="proj")
+            q,
+            k,
+            v,
+            pattern=pattern,
+            patch_nums=cfg.patch_nums,
+            first_scale=first_scale,
+            last_scale=last_scale,
+            scale=scale,
+            refine_step=refine_step,
+            kernel_size=cfg.kernel_size,
+            impl=cfg.neighborhood_impl,
+        )
+        proj = nn.Dense(C, dtype=dtype, kernel_init=_normal(std / math.sqrt(2 * cfg.depth)), name="proj")
         return proj(out.reshape(B, l, C)), cache
 
 
@@ -356,8 +378,9 @@ class FFN(nn.Module):
         dtype, std = cfg.compute_dtype, init_std(cfg)
         h = nn.Dense(cfg.mlp_dim, dtype=dtype, kernel_init=_normal(std), name="fc1")(x_BlC)
         h = nn.gelu(h, approximate=True)
-        return nn.Dense(cfg.embed_dim, dtype=dtype,
-                        kernel_init=_normal(std / math.sqrt(2 * cfg.depth)), name="fc2")(h)
+        return nn.Dense(
+            cfg.embed_dim, dtype=dtype, kernel_init=_normal(std / math.sqrt(2 * cfg.depth)), name="fc2"
+        )(h)
 
 
 class AdaLNSelfAttn(nn.Module):
@@ -372,17 +395,27 @@ class AdaLNSelfAttn(nn.Module):
     init_scales: InitScales = InitScales()
 
     @nn.compact
-    def __call__(self, x_BlC: jax.Array, cond: jax.Array, *, first_scale: int,
-                 last_scale: int, deterministic: bool = True,
-                 cache: tuple[jax.Array, jax.Array] | None = None):
+    def __call__(
+        self,
+        x_BlC: jax.Array,
+        cond: jax.Array,
+        *,
+        first_scale: int,
+        last_scale: int,
+        deterministic: bool = True,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+    ):
         cfg = self.config
         C = cfg.embed_dim
         if cfg.shared_aln:
             gss_B6C = cond + self.param("ada_gss", _ada_gss_init(self.init_scales), (6, C))
         else:
-            ada_lin = nn.Dense(6 * C, dtype=cfg.compute_dtype,
-                               kernel_init=ada_lin_init(init_std(cfg), C, self.init_scales),
-                               name="ada_lin")
+            ada_lin = nn.Dense(
+                6 * C,
+                dtype=cfg.compute_dtype,
+                kernel_init=ada_lin_init(init_std(cfg), C, self.init_scales),
+                name="ada_lin",
+            )
             gss_B6C = ada_lin(nn.silu(cond)).reshape(-1, 6, C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = jnp.split(gss_B6C, 6, axis=1)
         # Drop path: one keep/drop decision per sample, broadcast over (l, C).
@@ -390,7 +423,10 @@ class AdaLNSelfAttn(nn.Module):
 
         h, cache = SelfAttention(cfg, name="attn")(
             modulate(layer_norm(x_BlC, cfg.norm_eps), scale1, shift1),
-            first_scale=first_scale, last_scale=last_scale, cache=cache)
+            first_scale=first_scale,
+            last_scale=last_scale,
+            cache=cache,
+        )
         x_BlC = x_BlC + drop_path(h * gamma1, deterministic=deterministic)
         h = FFN(cfg, name="ffn")(modulate(layer_norm(x_BlC, cfg.norm_eps), scale2, shift2))
         x_BlC = x_BlC + drop_path(h * gamma2, deterministic=deterministic)
@@ -406,15 +442,16 @@ class AdaLNBeforeHead(nn.Module):
     @nn.compact
     def __call__(self, x_BlC: jax.Array, cond_BD: jax.Array) -> jax.Array:
         C = self.config.embed_dim
-        ada_lin = nn.Dense(2 * C,
-                           kernel_init=_normal(init_std(self.config) * self.init_scales.adaln),
-                           name="ada_lin")
+        ada_lin = nn.Dense(
+            2 * C, kernel_init=_normal(init_std(self.config) * self.init_scales.adaln), name="ada_lin"
+        )
         scale, shift = jnp.split(ada_lin(nn.silu(cond_BD)).reshape(-1, 2, C), 2, axis=1)
         return modulate(layer_norm(x_BlC, self.config.norm_eps), scale, shift)
 
 
 # ----------------------------------------------------------------------------
 # The model.
+
 
 class Transformer(nn.Module):
     """VAR / MVAR: class start token, AdaLN blocks, logits over the VQ vocabulary.
@@ -436,18 +473,26 @@ class Transformer(nn.Module):
         self.pos_start = self.param("pos_start", _normal(std), (cfg.first_l, C))
         self.pos_embed = self.param("pos_embed", _normal(std), (cfg.seq_len, C))
         if cfg.shared_aln:
-            self.shared_ada_lin = nn.Dense(6 * C, dtype=cfg.compute_dtype,
-                                           kernel_init=_normal(std))
+            self.shared_ada_lin = nn.Dense(6 * C, dtype=cfg.compute_dtype, kernel_init=_normal(std))
         if self.scan_blocks:
             self.stacked_blocks = self.param("blocks", stacked_blocks_init(cfg, self.init_scales))
         else:
-            self.blocks = [block_class(cfg)(cfg, float(rate), init_scales=self.init_scales)
-                           for rate in np.linspace(0.0, cfg.drop_path_rate, cfg.depth)]
+            self.blocks = [
+                block_class(cfg)(cfg, float(rate), init_scales=self.init_scales)
+                for rate in np.linspace(0.0, cfg.drop_path_rate, cfg.depth)
+            ]
         self.head_nm = AdaLNBeforeHead(cfg, init_scales=self.init_scales)
         self.head = nn.Dense(cfg.vocab_size, kernel_init=_normal(std * self.init_scales.head))
 
-    def __call__(self, label_B: jax.Array, x_BlCv: jax.Array | None, *, first_scale: int,
-                 last_scale: int, train: bool = False) -> jax.Array:
+    def __call__(
+        self,
+        label_B: jax.Array,
+        x_BlCv: jax.Array | None,
+        *,
+        first_scale: int,
+        last_scale: int,
+        train: bool = False,
+    ) -> jax.Array:
         """Teacher-forcing logits ``(B, l, V)`` (float32) for scales ``[first_scale, last_scale)``.
 
         Args:
@@ -467,7 +512,8 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"{cfg.attention!r} teacher forcing reads every earlier scale, so it must "
                 f"start at scale 0; got first_scale={first_scale} (use scale_logits with "
-                f"a cache)")
+                f"a cache)"
+            )
         begin, end = cfg.token_range(first_scale, last_scale)
         B = label_B.shape[0]
         n_start = cfg.first_l if first_scale == 0 else 0
@@ -477,7 +523,8 @@ class Transformer(nn.Module):
         if x_BlCv is None or x_BlCv.shape != (B, n_in, cfg.cvae):
             raise ValueError(
                 f"x_BlCv for scales [{first_scale}, {last_scale}) must have shape "
-                f"{(B, n_in, cfg.cvae)}, got {None if x_BlCv is None else x_BlCv.shape}")
+                f"{(B, n_in, cfg.cvae)}, got {None if x_BlCv is None else x_BlCv.shape}"
+            )
 
         if train and cfg.cond_drop_rate > 0:
             dropped = jax.random.uniform(self.make_rng("dropout"), (B,)) < cfg.cond_drop_rate
@@ -487,8 +534,7 @@ class Transformer(nn.Module):
         if first_scale == 0:
             x_BlC = jnp.concatenate([self._start_tokens(cond_BD), x_BlC], axis=1)
         x_BlC = x_BlC + self._level_and_position(first_scale, last_scale)
-        h_BlC, _ = self._blocks(x_BlC, cond_BD, first_scale, last_scale,
-                                deterministic=not train, cache=None)
+        h_BlC, _ = self._blocks(x_BlC, cond_BD, first_scale, last_scale, deterministic=not train, cache=None)
         return self._logits(h_BlC, cond_BD)
 
     def start_input(self, label_B: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -507,16 +553,20 @@ class Transformer(nn.Module):
         (f_hat so far, resized to scale si), row-major over (h, w).
         """
         if not 1 <= si < self.config.num_scales:
-            raise ValueError(f"scale_input is for scales 1..{self.config.num_scales - 1}, "
-                             f"got si={si} (scale 0 comes from start_input)")
+            raise ValueError(
+                f"scale_input is for scales 1..{self.config.num_scales - 1}, "
+                f"got si={si} (scale 0 comes from start_input)"
+            )
         n = self.config.patch_nums[si] ** 2
         if h_BlCv.ndim != 3 or h_BlCv.shape[1:] != (n, self.config.cvae):
-            raise ValueError(f"h_BlCv for scale {si} must be (B, {n}, {self.config.cvae}), "
-                             f"got {h_BlCv.shape}")
+            raise ValueError(
+                f"h_BlCv for scale {si} must be (B, {n}, {self.config.cvae}), got {h_BlCv.shape}"
+            )
         return self.word_embed(h_BlCv.astype(jnp.float32)) + self._level_and_position(si, si + 1)
 
-    def scale_logits(self, x_BlC: jax.Array, cond_BD: jax.Array, si: int,
-                     cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    def scale_logits(
+        self, x_BlC: jax.Array, cond_BD: jax.Array, si: int, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
         """Logits ``(B, pn*pn, V)`` of scale ``si`` from its input tokens.
 
         MVAR: each scale is self-contained, pass ``cache=None`` (returned as None).
@@ -530,17 +580,17 @@ class Transformer(nn.Module):
         if not 0 <= si < cfg.num_scales:
             raise ValueError(f"si must be in [0, {cfg.num_scales}), got {si}")
         if (cache is None) != (cfg.attention == "mvar"):
-            raise ValueError("VAR inference needs a KV cache and M-VAR its Mamba states (both "
-                             "from init_kv_cache), MVAR takes none; attention="
-                             f"{cfg.attention!r}, cache given: {cache is not None}")
+            raise ValueError(
+                "VAR inference needs a KV cache and M-VAR its Mamba states (both "
+                "from init_kv_cache), MVAR takes none; attention="
+                f"{cfg.attention!r}, cache given: {cache is not None}"
+            )
         n = cfg.patch_nums[si] ** 2
         if x_BlC.ndim != 3 or x_BlC.shape[1:] != (n, cfg.embed_dim):
-            raise ValueError(f"x_BlC for scale {si} must be (B, {n}, {cfg.embed_dim}), "
-                             f"got {x_BlC.shape}")
+            raise ValueError(f"x_BlC for scale {si} must be (B, {n}, {cfg.embed_dim}), got {x_BlC.shape}")
         if cache is not None and not self.scan_blocks and len(cache) != cfg.depth:
             raise ValueError(f"cache has {len(cache)} blocks, the model {cfg.depth}")
-        h_BlC, cache = self._blocks(x_BlC, cond_BD, si, si + 1, deterministic=True,
-                                    cache=cache)
+        h_BlC, cache = self._blocks(x_BlC, cond_BD, si, si + 1, deterministic=True, cache=cache)
         return self._logits(h_BlC, cond_BD), cache
 
     def _start_tokens(self, cond_BD: jax.Array) -> jax.Array:
@@ -560,14 +610,20 @@ class Transformer(nn.Module):
             cond = cond_BD
         if self.scan_blocks:
             if not deterministic:
-                raise ValueError("scanned blocks are for inference: train with the per-block "
-                                 "params (scan_blocks=False)")
+                raise ValueError(
+                    "scanned blocks are for inference: train with the per-block params (scan_blocks=False)"
+                )
             return self._scanned_blocks(x_BlC, cond, first_scale, last_scale, cache)
         new_cache = []
         for i, block in enumerate(self.blocks):
             x_BlC, block_cache = block(
-                x_BlC, cond, first_scale=first_scale, last_scale=last_scale,
-                deterministic=deterministic, cache=None if cache is None else cache[i])
+                x_BlC,
+                cond,
+                first_scale=first_scale,
+                last_scale=last_scale,
+                deterministic=deterministic,
+                cache=None if cache is None else cache[i],
+            )
             new_cache.append(block_cache)
         return x_BlC, None if cache is None else tuple(new_cache)
 
@@ -589,25 +645,33 @@ class Transformer(nn.Module):
             if kv is not None:
                 block_cache = tuple(full[i] for full in kv)
             x_BlC, block_cache = block.apply(
-                {"params": params}, x_BlC, cond, first_scale=first_scale,
-                last_scale=last_scale, cache=block_cache)
+                {"params": params},
+                x_BlC,
+                cond,
+                first_scale=first_scale,
+                last_scale=last_scale,
+                cache=block_cache,
+            )
             if kv is not None:  # Only this scale's keys and values are new.
-                kv = tuple(jax.lax.dynamic_update_slice(full, new[None, :, begin:end],
-                                                        (i, 0, begin, 0, 0))
-                           for full, new in zip(kv, block_cache))
+                kv = tuple(
+                    jax.lax.dynamic_update_slice(full, new[None, :, begin:end], (i, 0, begin, 0, 0))
+                    for full, new in zip(kv, block_cache)
+                )
                 block_cache = None
             return (x_BlC, kv), block_cache
 
         (x_BlC, carried), scanned = jax.lax.scan(
-            step, (x_BlC, carried), (self.stacked_blocks, jnp.arange(cfg.depth), scanned))
+            step, (x_BlC, carried), (self.stacked_blocks, jnp.arange(cfg.depth), scanned)
+        )
         return x_BlC, carried if cfg.attention == "var" else scanned
 
     def _logits(self, h_BlC: jax.Array, cond_BD: jax.Array) -> jax.Array:
         return self.head(self.head_nm(h_BlC.astype(jnp.float32), cond_BD)).astype(jnp.float32)
 
 
-def init_kv_cache(config: TransformerConfig, batch_size: int
-                  ) -> KVCache | tuple[mamba2.MambaState, ...] | None:
+def init_kv_cache(
+    config: TransformerConfig, batch_size: int
+) -> KVCache | tuple[mamba2.MambaState, ...] | None:
     """Zeroed VAR KV cache (one (k, v) pair of ``(B, L, heads, head_dim)`` per block,
     in the compute dtype as the official cache).
 
@@ -621,8 +685,10 @@ def init_kv_cache(config: TransformerConfig, batch_size: int
         return tuple(config.mamba.zero_state(batch_size) for _ in range(config.depth))
     shape = (batch_size, config.seq_len, config.num_heads, config.head_dim)
     # Distinct buffers, so that a jitted step may donate the whole cache.
-    return tuple((jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
-                 for _ in range(config.depth))
+    return tuple(
+        (jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
+        for _ in range(config.depth)
+    )
 
 
 def stack_cache(cache: tuple[Any, ...] | None) -> Any:
@@ -635,6 +701,7 @@ def block_class(config: TransformerConfig) -> type[AdaLNSelfAttn]:
     """The block of the config's family (M-VAR's lives in ``m_var``)."""
     if config.attention == "mamba":
         from mvar_jax.m_var import AdaLNAttnMamba  # m_var builds on this module.
+
         return AdaLNAttnMamba
     return AdaLNSelfAttn
 
@@ -651,9 +718,9 @@ def stacked_blocks_init(config: TransformerConfig, scales: InitScales) -> Any:
 
     def init(rng: jax.Array) -> Any:
         x_BlC, cond = jnp.zeros((1, config.first_l, config.embed_dim)), jnp.zeros(cond_shape)
-        return jax.vmap(lambda key: block.init(key, x_BlC, cond, first_scale=0,
-                                               last_scale=1)["params"])(
-            jax.random.split(rng, config.depth))
+        return jax.vmap(lambda key: block.init(key, x_BlC, cond, first_scale=0, last_scale=1)["params"])(
+            jax.random.split(rng, config.depth)
+        )
 
     return jax.jit(init)
 
@@ -689,8 +756,9 @@ def _init_fn(config: TransformerConfig, scales: InitScales = InitScales()):
     return lambda rng: model.init(rng, label_B, None, first_scale=0, last_scale=1)
 
 
-def init_params(config: TransformerConfig, rng: jax.Array,
-                scales: InitScales = InitScales()) -> dict[str, Any]:
+def init_params(
+    config: TransformerConfig, rng: jax.Array, scales: InitScales = InitScales()
+) -> dict[str, Any]:
     """Fresh ``{'params': ...}``: the official initialisation recipe with ``scales``."""
     return jax.jit(_init_fn(config, scales))(rng)
 

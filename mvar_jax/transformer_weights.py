@@ -45,8 +45,16 @@ _UNIT_AXES = {
 # Present in M-VAR state dicts only.
 _MAMBA_KEY = "blocks.0.mamba.in_proj.weight"
 # Config fields the converter reads off the tensors; they cannot be overridden.
-_FROM_TENSORS = ("vocab_size", "cvae", "num_classes", "depth", "embed_dim",
-                 "mlp_ratio", "shared_aln", "attn_l2_norm")
+_FROM_TENSORS = (
+    "vocab_size",
+    "cvae",
+    "num_classes",
+    "depth",
+    "embed_dim",
+    "mlp_ratio",
+    "shared_aln",
+    "attn_l2_norm",
+)
 
 
 def official_key(path: tuple[str, ...]) -> str:
@@ -72,17 +80,23 @@ def _official_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 def buffer_keys(depth: int) -> tuple[str, ...]:
     """Official buffers the Flax model recomputes (masks, level ids, zero k bias,
     and M-VAR's per-scale token counts)."""
-    return ("lvl_1L", "attn_bias_for_masking",
-            *(f"blocks.{i}.attn.zero_k_bias" for i in range(depth)),
-            *(f"blocks.{i}.attn.patch_nums" for i in range(depth)))
+    return (
+        "lvl_1L",
+        "attn_bias_for_masking",
+        *(f"blocks.{i}.attn.zero_k_bias" for i in range(depth)),
+        *(f"blocks.{i}.attn.patch_nums" for i in range(depth)),
+    )
 
 
-def _param_layout(config: TransformerConfig
-                  ) -> dict[tuple[str, ...], tuple[str, tuple[int, ...], tuple[int, ...]]]:
+def _param_layout(
+    config: TransformerConfig,
+) -> dict[tuple[str, ...], tuple[str, tuple[int, ...], tuple[int, ...]]]:
     """Flax path -> (official key, Flax shape, official shape), from eval_shape."""
     flat = traverse_util.flatten_dict(transformer.param_shapes(config)["params"])
-    return {path: (official_key(path), leaf.shape, _official_shape(path[-1], leaf.shape))
-            for path, leaf in flat.items()}
+    return {
+        path: (official_key(path), leaf.shape, _official_shape(path[-1], leaf.shape))
+        for path, leaf in flat.items()
+    }
 
 
 def official_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
@@ -90,8 +104,7 @@ def official_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
     return {key: shape for key, _, shape in _param_layout(config).values()}
 
 
-def detect_attention(state_dict: Mapping[str, np.ndarray],
-                     patch_nums: tuple[int, ...]) -> str:
+def detect_attention(state_dict: Mapping[str, np.ndarray], patch_nums: tuple[int, ...]) -> str:
     """'mamba' (M-VAR) when the blocks hold Mamba2 layers, else 'var' or 'mvar',
     read off the ``attn_bias_for_masking`` buffer.
 
@@ -102,8 +115,10 @@ def detect_attention(state_dict: Mapping[str, np.ndarray],
         return "mamba"
     mask = state_dict.get("attn_bias_for_masking")
     if mask is None:
-        raise CheckpointError("cannot tell VAR from MVAR: the state dict has no "
-                              "attn_bias_for_masking buffer; pass attention='var' or 'mvar'")
+        raise CheckpointError(
+            "cannot tell VAR from MVAR: the state dict has no "
+            "attn_bias_for_masking buffer; pass attention='var' or 'mvar'"
+        )
     ids = attention.scale_ids(patch_nums, 0, len(patch_nums))
     allowed = np.isfinite(np.asarray(mask)).reshape(mask.shape[-2:])
     if allowed.shape == (ids.size, ids.size):
@@ -111,14 +126,20 @@ def detect_attention(state_dict: Mapping[str, np.ndarray],
             return "var"
         if np.array_equal(allowed, ids[:, None] == ids[None, :]):
             return "mvar"
-    raise CheckpointError("attn_bias_for_masking is neither VAR's block-causal nor MVAR's "
-                          "block-diagonal mask; pass attention='var' or 'mvar'")
+    raise CheckpointError(
+        "attn_bias_for_masking is neither VAR's block-causal nor MVAR's "
+        "block-diagonal mask; pass attention='var' or 'mvar'"
+    )
 
 
-def config_from_state_dict(state_dict: Mapping[str, np.ndarray], *,
-                           attention: str | None = None, num_heads: int | None = None,
-                           patch_nums: tuple[int, ...] | None = None,
-                           **overrides: Any) -> TransformerConfig:
+def config_from_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    attention: str | None = None,
+    num_heads: int | None = None,
+    patch_nums: tuple[int, ...] | None = None,
+    **overrides: Any,
+) -> TransformerConfig:
     """The architecture of an official state dict.
 
     Args:
@@ -132,36 +153,41 @@ def config_from_state_dict(state_dict: Mapping[str, np.ndarray], *,
     fixed = sorted(set(overrides) & set(_FROM_TENSORS))
     if fixed:
         raise ValueError(f"{fixed} are read from the checkpoint and cannot be overridden")
-    needed = ("word_embed.weight", "class_emb.weight", "head.weight", "pos_1LC",
-              "blocks.0.ffn.fc1.weight")
+    needed = ("word_embed.weight", "class_emb.weight", "head.weight", "pos_1LC", "blocks.0.ffn.fc1.weight")
     absent = [k for k in needed if k not in state_dict]
     if absent:
         raise StateDictMismatchError("transformer state dict", missing=absent)
 
     embed_dim, cvae = state_dict["word_embed.weight"].shape
-    depth = 1 + max(int(m.group(1)) for k in state_dict
-                    if (m := re.match(r"blocks\.(\d+)\.", k)))
+    depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
     attn_l2_norm = "blocks.0.attn.scale_mul_1H11" in state_dict
     if attn_l2_norm:
         heads_in_file = state_dict["blocks.0.attn.scale_mul_1H11"].shape[1]
         if num_heads not in (None, heads_in_file):
-            raise ValueError(f"num_heads={num_heads} but the checkpoint's scale_mul_1H11 "
-                             f"has {heads_in_file} heads")
+            raise ValueError(
+                f"num_heads={num_heads} but the checkpoint's scale_mul_1H11 has {heads_in_file} heads"
+            )
         num_heads = heads_in_file
     if patch_nums is None:
         patch_nums = TransformerConfig.patch_nums
     seq_len = state_dict["pos_1LC"].shape[1]
     if sum(pn * pn for pn in patch_nums) != seq_len:
-        raise ValueError(f"pos_1LC has {seq_len} positions but patch_nums {tuple(patch_nums)} "
-                         f"give {sum(pn * pn for pn in patch_nums)}; pass patch_nums=")
+        raise ValueError(
+            f"pos_1LC has {seq_len} positions but patch_nums {tuple(patch_nums)} "
+            f"give {sum(pn * pn for pn in patch_nums)}; pass patch_nums="
+        )
     if attention is None:
         attention = detect_attention(state_dict, tuple(patch_nums))
     elif (attention == "mamba") != (_MAMBA_KEY in state_dict):
         raise CheckpointError(
             f"attention={attention!r}, but the state dict "
-            + ("has Mamba2 layers (blocks.<i>.mamba.*): an M-VAR checkpoint, convert it as "
-               "M-VAR (attention='mamba', --m_var)" if _MAMBA_KEY in state_dict else
-               f"has no Mamba2 layers ({_MAMBA_KEY}): not an M-VAR checkpoint"))
+            + (
+                "has Mamba2 layers (blocks.<i>.mamba.*): an M-VAR checkpoint, convert it as "
+                "M-VAR (attention='mamba', --m_var)"
+                if _MAMBA_KEY in state_dict
+                else f"has no Mamba2 layers ({_MAMBA_KEY}): not an M-VAR checkpoint"
+            )
+        )
 
     return TransformerConfig(
         vocab_size=state_dict["head.weight"].shape[0],
@@ -179,16 +205,18 @@ def config_from_state_dict(state_dict: Mapping[str, np.ndarray], *,
     )
 
 
-def params_from_state_dict(state_dict: Mapping[str, np.ndarray],
-                           config: TransformerConfig) -> dict[str, Any]:
+def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: TransformerConfig) -> dict[str, Any]:
     """``{'params': tree of float32 numpy arrays}`` for ``Transformer(config)``.
 
     Raises StateDictMismatchError listing missing, unexpected and mis-shaped keys.
     """
     layout = _param_layout(config)
     torch_checkpoint.check_keys(
-        state_dict, {key: shape for key, _, shape in layout.values()},
-        what="transformer state dict", ignore=buffer_keys(config.depth))
+        state_dict,
+        {key: shape for key, _, shape in layout.values()},
+        what="transformer state dict",
+        ignore=buffer_keys(config.depth),
+    )
     flat = {}
     for path, (key, shape, _) in layout.items():
         value = np.asarray(state_dict[key], np.float32)
@@ -196,8 +224,7 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray],
     return {"params": traverse_util.unflatten_dict(flat)}
 
 
-def load_transformer(path: str | os.PathLike, **config_args: Any
-                     ) -> tuple[TransformerConfig, dict[str, Any]]:
+def load_transformer(path: str | os.PathLike, **config_args: Any) -> tuple[TransformerConfig, dict[str, Any]]:
     """Reads an official ``.pth`` (plain or trainer state) into ``(config, params)``.
 
     ``config_args`` go to ``config_from_state_dict`` (e.g. ``attention='mvar'``

@@ -54,19 +54,25 @@ class VQVAEConfig:
         if bad:
             raise ValueError(
                 f"VQVAEConfig: channel counts {bad} (ch={self.ch} x ch_mult) are not "
-                f"divisible by the {_GROUPS} GroupNorm groups")
+                f"divisible by the {_GROUPS} GroupNorm groups"
+            )
         if self.quant_conv_ks % 2 != 1:
             raise ValueError(f"VQVAEConfig.quant_conv_ks must be odd, got {self.quant_conv_ks}")
         if not isinstance(self.share_quant_resi, int) or self.share_quant_resi < 0:
             raise ValueError(
-                f"VQVAEConfig.share_quant_resi must be an int >= 0, got {self.share_quant_resi!r}")
+                f"VQVAEConfig.share_quant_resi must be an int >= 0, got {self.share_quant_resi!r}"
+            )
         if self.beta < 0:
             raise ValueError(f"VQVAEConfig.beta must be >= 0, got {self.beta}")
         pns = self.patch_nums
-        if (len(pns) < 2 or any(not isinstance(p, int) or p < 1 for p in pns)
-                or any(a >= b for a, b in zip(pns, pns[1:]))):
+        if (
+            len(pns) < 2
+            or any(not isinstance(p, int) or p < 1 for p in pns)
+            or any(a >= b for a, b in zip(pns, pns[1:]))
+        ):
             raise ValueError(
-                f"VQVAEConfig.patch_nums must be >= 2 strictly increasing positive ints, got {pns}")
+                f"VQVAEConfig.patch_nums must be >= 2 strictly increasing positive ints, got {pns}"
+            )
 
     @property
     def downsample(self) -> int:
@@ -89,7 +95,7 @@ class VQVAEConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VQVAEConfig":
+    def from_dict(cls, d: dict[str, Any]) -> VQVAEConfig:
         """Inverse of ``to_dict``; missing fields take their defaults."""
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
@@ -216,8 +222,12 @@ class Encoder(nn.Module):
         last = len(c.ch_mult) - 1
         self.conv_in = nn.Conv(c.ch, (3, 3), padding=1)
         self.down = [
-            Level(c.ch * m, c.num_res_blocks, with_attn=c.using_sa and i == last,
-                  resample="" if i == last else "down")
+            Level(
+                c.ch * m,
+                c.num_res_blocks,
+                with_attn=c.using_sa and i == last,
+                resample="" if i == last else "down",
+            )
             for i, m in enumerate(c.ch_mult)
         ]
         self.mid = MidBlock(c.ch * c.ch_mult[-1], c.using_mid_sa)
@@ -244,8 +254,12 @@ class Decoder(nn.Module):
         self.mid = MidBlock(c.ch * c.ch_mult[-1], c.using_mid_sa)
         # up_i works at the resolution of encoder level i; they run from last to first.
         self.up = [
-            Level(c.ch * m, c.num_res_blocks + 1, with_attn=c.using_sa and i == last,
-                  resample="" if i == 0 else "up")
+            Level(
+                c.ch * m,
+                c.num_res_blocks + 1,
+                with_attn=c.using_sa and i == last,
+                resample="" if i == 0 else "up",
+            )
             for i, m in enumerate(c.ch_mult)
         ]
         self.norm_out = _group_norm()
@@ -268,9 +282,14 @@ class VQVAE(nn.Module):
         self.encoder = Encoder(c)
         self.decoder = Decoder(c)
         self.quantize = MultiScaleQuantizer(
-            vocab_size=c.vocab_size, Cvae=c.z_channels, patch_nums=c.patch_nums,
-            quant_resi=c.quant_resi, share_quant_resi=c.share_quant_resi,
-            using_znorm=c.using_znorm, beta=c.beta)
+            vocab_size=c.vocab_size,
+            Cvae=c.z_channels,
+            patch_nums=c.patch_nums,
+            quant_resi=c.quant_resi,
+            share_quant_resi=c.share_quant_resi,
+            using_znorm=c.using_znorm,
+            beta=c.beta,
+        )
         ks = c.quant_conv_ks
         self.quant_conv = nn.Conv(c.z_channels, (ks, ks), padding=ks // 2)
         self.post_quant_conv = nn.Conv(c.z_channels, (ks, ks), padding=ks // 2)
@@ -318,7 +337,10 @@ class VQVAE(nn.Module):
         return self.quantize.idx_to_var_input(ids)
 
     def next_autoregressive_input(
-        self, si: int, f_hat_BhwC: jax.Array, h_BhwC: jax.Array,
+        self,
+        si: int,
+        f_hat_BhwC: jax.Array,
+        h_BhwC: jax.Array,
     ) -> tuple[jax.Array, jax.Array]:
         """Sampler step: (f_hat with scale si added, next scale's input map)."""
         return self.quantize.next_autoregressive_input(si, f_hat_BhwC, h_BhwC)
@@ -341,6 +363,8 @@ def split_scales(tokens_BL: jax.Array, patch_nums: tuple[int, ...]) -> list[jax.
         total += pn * pn
         offsets.append(total)
     if tokens_BL.shape[-1] != total + patch_nums[-1] ** 2:
-        raise ValueError(f"expected {total + patch_nums[-1] ** 2} tokens for patch_nums "
-                         f"{tuple(patch_nums)}, got shape {tokens_BL.shape}")
+        raise ValueError(
+            f"expected {total + patch_nums[-1] ** 2} tokens for patch_nums "
+            f"{tuple(patch_nums)}, got shape {tokens_BL.shape}"
+        )
     return jnp.split(tokens_BL, offsets, axis=-1)

@@ -33,8 +33,12 @@ VOCAB_HIT_KEY = "quantize.ema_vocab_hit_SV"
 IGNORED_KEYS = (VOCAB_HIT_KEY,)
 # The architecture the official VQVAE class hard-codes (models/vqvae.py ddconfig);
 # the other VQVAEConfig fields are its constructor arguments.
-_OFFICIAL_CLASS_FIXED = {"ch_mult": (1, 1, 2, 2, 4), "num_res_blocks": 2, "using_sa": True,
-                         "using_mid_sa": True}
+_OFFICIAL_CLASS_FIXED = {
+    "ch_mult": (1, 1, 2, 2, 4),
+    "num_res_blocks": 2,
+    "using_sa": True,
+    "using_mid_sa": True,
+}
 
 _DEFAULT = VQVAEConfig()
 # Flax names the items of a module list ``<list>_<i>``; the official ModuleLists use ``<list>.<i>``.
@@ -104,19 +108,20 @@ def _flax_param_shapes(config: VQVAEConfig) -> tuple[tuple[tuple[str, ...], tupl
 
 def expected_official_shapes(config: VQVAEConfig) -> dict[str, tuple[int, ...]]:
     """Every official key the model needs, with its shape (ignored buffers excluded)."""
-    return {official_key(p, config): official_shape(p, shape)
-            for p, shape in _flax_param_shapes(config)}
+    return {official_key(p, config): official_shape(p, shape) for p, shape in _flax_param_shapes(config)}
 
 
 def _shape_of(sd: Mapping[str, np.ndarray], key: str, ndim: int) -> tuple[int, ...]:
     """Shape of a tensor the architecture is read from; names the key if absent or malformed."""
     if key not in sd:
         raise torch_checkpoint.StateDictMismatchError(
-            "VQVAE state dict (reading the architecture)", missing=[key])
+            "VQVAE state dict (reading the architecture)", missing=[key]
+        )
     shape = tuple(sd[key].shape)
     if len(shape) != ndim:
         raise torch_checkpoint.CheckpointError(
-            f"VQVAE state dict: {key} has shape {shape}, expected {ndim} dimensions")
+            f"VQVAE state dict: {key} has shape {shape}, expected {ndim} dimensions"
+        )
     return shape
 
 
@@ -148,7 +153,8 @@ def config_from_state_dict(
         if width % ch:
             raise torch_checkpoint.CheckpointError(
                 f"encoder.down.{i}.block.0.conv1.weight has {width} output channels, "
-                f"not a multiple of ch={ch}")
+                f"not a multiple of ch={ch}"
+            )
         ch_mult.append(width // ch)
     num_phis_partial = _count(sd, "quantize.quant_resi.qresi_ls.%d.weight")
     if num_phis_partial:
@@ -162,7 +168,8 @@ def config_from_state_dict(
         raise torch_checkpoint.CheckpointError(
             f"VQVAE state dict has no Phi weights (quantize.quant_resi.*), but "
             f"quant_resi={quant_resi} needs them; pass quant_resi=0 for a tokenizer "
-            f"whose Phi is the identity")
+            f"whose Phi is the identity"
+        )
     else:  # Identity Phi: no weights, the sharing mode is moot.
         share_quant_resi = _DEFAULT.share_quant_resi
     fields = dict(
@@ -183,7 +190,8 @@ def config_from_state_dict(
         return VQVAEConfig(**fields)
     except ValueError as e:
         raise torch_checkpoint.CheckpointError(
-            f"VQVAE state dict: the architecture read off its shapes is invalid: {e}") from e
+            f"VQVAE state dict: the architecture read off its shapes is invalid: {e}"
+        ) from e
 
 
 def vqvae_from_state_dict(
@@ -199,7 +207,8 @@ def vqvae_from_state_dict(
     """
     config = config_from_state_dict(sd, patch_nums, quant_resi, using_znorm)
     torch_checkpoint.check_keys(
-        sd, expected_official_shapes(config), what="VQVAE state dict", ignore=IGNORED_KEYS)
+        sd, expected_official_shapes(config), what="VQVAE state dict", ignore=IGNORED_KEYS
+    )
     params = {
         path: jnp.asarray(_to_flax(path, sd[official_key(path, config)], shape), jnp.float32)
         for path, shape in _flax_param_shapes(config)
@@ -218,8 +227,9 @@ def load_official_vqvae(
     return vqvae_from_state_dict(sd, patch_nums, quant_resi, using_znorm)
 
 
-def vqvae_to_state_dict(config: VQVAEConfig, variables: Mapping[str, Any], *,
-                        vocab_hits: jax.Array | np.ndarray | None = None) -> dict[str, jax.Array]:
+def vqvae_to_state_dict(
+    config: VQVAEConfig, variables: Mapping[str, Any], *, vocab_hits: jax.Array | np.ndarray | None = None
+) -> dict[str, jax.Array]:
     """``{'params': ...}`` of ``VQVAE(config)`` -> the official state dict (float32).
 
     The inverse of ``vqvae_from_state_dict``: every official key with its official
@@ -232,21 +242,26 @@ def vqvae_to_state_dict(config: VQVAEConfig, variables: Mapping[str, Any], *,
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise torch_checkpoint.CheckpointError(
             "VQVAE variables: expected a dict {'params': ...}, got "
-            + (f"keys {sorted(variables)}" if isinstance(variables, Mapping)
-               else type(variables).__name__))
+            + (f"keys {sorted(variables)}" if isinstance(variables, Mapping) else type(variables).__name__)
+        )
     flat = traverse_util.flatten_dict(dict(variables["params"]))
     torch_checkpoint.check_keys(
         {"/".join(path): x for path, x in flat.items()},
         {"/".join(path): shape for path, shape in _flax_param_shapes(config)},
-        what="VQVAE params")
-    sd = {official_key(path, config): _to_official(path, jnp.asarray(flat[path], jnp.float32))
-          for path, _ in _flax_param_shapes(config)}
+        what="VQVAE params",
+    )
+    sd = {
+        official_key(path, config): _to_official(path, jnp.asarray(flat[path], jnp.float32))
+        for path, _ in _flax_param_shapes(config)
+    }
     hits_shape = (len(config.patch_nums), config.vocab_size)
     if vocab_hits is None:
         vocab_hits = jnp.zeros(hits_shape, jnp.float32)
     elif tuple(np.shape(vocab_hits)) != hits_shape:
-        raise ValueError(f"vocab_hits has shape {tuple(np.shape(vocab_hits))}, expected "
-                         f"(len(patch_nums), vocab_size) = {hits_shape}")
+        raise ValueError(
+            f"vocab_hits has shape {tuple(np.shape(vocab_hits))}, expected "
+            f"(len(patch_nums), vocab_size) = {hits_shape}"
+        )
     sd[VOCAB_HIT_KEY] = jnp.asarray(vocab_hits, jnp.float32)
     return sd
 
@@ -257,20 +272,33 @@ def official_class_args(config: VQVAEConfig) -> dict[str, Any]:
     Raises ValueError naming the fields the official class hard-codes to other
     values (its state dict is still written; only a modified class loads it).
     """
-    differ = [f"{name}={getattr(config, name)!r} (official: {value!r})"
-              for name, value in _OFFICIAL_CLASS_FIXED.items() if getattr(config, name) != value]
+    differ = [
+        f"{name}={getattr(config, name)!r} (official: {value!r})"
+        for name, value in _OFFICIAL_CLASS_FIXED.items()
+        if getattr(config, name) != value
+    ]
     if differ:
-        raise ValueError("the official VQVAE class cannot build this tokenizer: "
-                         + ", ".join(differ))
-    return dict(vocab_size=config.vocab_size, z_channels=config.z_channels, ch=config.ch,
-                beta=config.beta, using_znorm=config.using_znorm,
-                quant_conv_ks=config.quant_conv_ks, quant_resi=config.quant_resi,
-                share_quant_resi=config.share_quant_resi, v_patch_nums=config.patch_nums)
+        raise ValueError("the official VQVAE class cannot build this tokenizer: " + ", ".join(differ))
+    return dict(
+        vocab_size=config.vocab_size,
+        z_channels=config.z_channels,
+        ch=config.ch,
+        beta=config.beta,
+        using_znorm=config.using_znorm,
+        quant_conv_ks=config.quant_conv_ks,
+        quant_resi=config.quant_resi,
+        share_quant_resi=config.share_quant_resi,
+        v_patch_nums=config.patch_nums,
+    )
 
 
-def save_official_vqvae(path: str | os.PathLike, config: VQVAEConfig,
-                        variables: Mapping[str, Any], *,
-                        vocab_hits: np.ndarray | None = None) -> None:
+def save_official_vqvae(
+    path: str | os.PathLike,
+    config: VQVAEConfig,
+    variables: Mapping[str, Any],
+    *,
+    vocab_hits: np.ndarray | None = None,
+) -> None:
     """Writes ``vqvae_to_state_dict`` as a ``.pth`` (``torch.save`` of a dict of tensors).
 
     Replaces ``path`` atomically. Call it from one process: the params must be

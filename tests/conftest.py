@@ -62,8 +62,7 @@ def builtin_shapes_dir(tmp_path_factory) -> pathlib.Path:
     data_dir = tmp_path_factory.mktemp("builtin_tfds")
     cfg = data.default_config()
     cfg.update(data_dir=str(data_dir), num_workers=2, prefetch=0)
-    data.build_train_source(cfg, global_batch_size=8, process_index=0, process_count=1,
-                            seed=0).close()
+    data.build_train_source(cfg, global_batch_size=8, process_index=0, process_count=1, seed=0).close()
     return data_dir
 
 
@@ -74,8 +73,7 @@ def make_image_folder(root: pathlib.Path, num_classes: int, per_class: int) -> N
         class_dir = root / "train" / f"class{c}"
         class_dir.mkdir(parents=True)
         for i in range(per_class):
-            PIL.Image.fromarray(rng.integers(0, 256, (72, 80, 3), np.uint8)).save(
-                class_dir / f"{i}.png")
+            PIL.Image.fromarray(rng.integers(0, 256, (72, 80, 3), np.uint8)).save(class_dir / f"{i}.png")
 
 
 def set_fields(config, overrides: dict) -> None:
@@ -97,11 +95,11 @@ def event_scalars(directory: pathlib.Path) -> dict[tuple[str, int], set[float]]:
     for path in sorted(directory.glob("events.out.tfevents.*")):
         data, pos = path.read_bytes(), 0
         while pos + 12 <= len(data):  # length (8), its CRC (4), event, its CRC (4)
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
             end = pos + 12 + length + 4
             if end > len(data):
                 break
-            event = event_pb2.Event.FromString(data[pos + 12:end - 4])
+            event = event_pb2.Event.FromString(data[pos + 12 : end - 4])
             for value in event.summary.value:
                 values.setdefault((value.tag, event.step), set()).add(value.simple_value)
             pos = end
@@ -120,22 +118,39 @@ def run_on_eight_devices(script: str | os.PathLike, cwd: pathlib.Path) -> dict:
 
     The device count must be set before JAX starts, hence a fresh process.
     """
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=cwd)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(REPO),
+    }
+    out = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600, cwd=cwd
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def convert_tiny(fixture_dir: pathlib.Path, flag: str, weights: str | pathlib.Path,
-                 out: pathlib.Path, *extra: str) -> None:
+def convert_tiny(
+    fixture_dir: pathlib.Path, flag: str, weights: str | pathlib.Path, out: pathlib.Path, *extra: str
+) -> None:
     """Runs the convert CLI on a tiny fixture (4 heads, as the fixtures were made);
     ``weights`` is relative to ``fixture_dir`` or absolute."""
     from mvar_jax import convert
 
-    convert.main(["--vae", str(fixture_dir / "tiny_vae.pth"), flag, str(fixture_dir / weights),
-                  "--out", str(out), "--num_heads", "4", *extra])
+    convert.main(
+        [
+            "--vae",
+            str(fixture_dir / "tiny_vae.pth"),
+            flag,
+            str(fixture_dir / weights),
+            "--out",
+            str(out),
+            "--num_heads",
+            "4",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="session")
@@ -156,8 +171,7 @@ def m_var_checkpoints(tmp_path_factory, fixture_dir) -> dict[str, pathlib.Path]:
     dirs = {variant: root / variant for variant in M_VAR_VARIANTS}
     for variant, path in dirs.items():
         if not (path / "params").exists():
-            convert_tiny(fixture_dir, "--m_var", M_VAR_FIXTURES / f"tiny_mvar_m_{variant}.pth",
-                         path)
+            convert_tiny(fixture_dir, "--m_var", M_VAR_FIXTURES / f"tiny_mvar_m_{variant}.pth", path)
     return dirs
 
 

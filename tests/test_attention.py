@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import rel_err
+
 from mvar_jax import attention
 
 PATCH_NUMS = (1, 2, 3, 4, 5)
@@ -46,15 +46,13 @@ def _neighborhood_loop(q, k, v, ks, scale):
             r0 = min(max(i - ks // 2, 0), H - ks)
             for j in range(W):
                 c0 = min(max(j - ks // 2, 0), W - ks)
-                kw = k[b, r0:r0 + ks, c0:c0 + ks].reshape(ks * ks, heads, d)
-                vw = v[b, r0:r0 + ks, c0:c0 + ks].reshape(ks * ks, heads, d)
-                out[b, i, j] = _softmax_attend(q[b, i, j], kw, vw, scale,
-                                               np.ones(ks * ks, bool))
+                kw = k[b, r0 : r0 + ks, c0 : c0 + ks].reshape(ks * ks, heads, d)
+                vw = v[b, r0 : r0 + ks, c0 : c0 + ks].reshape(ks * ks, heads, d)
+                out[b, i, j] = _softmax_attend(q[b, i, j], kw, vw, scale, np.ones(ks * ks, bool))
     return out
 
 
-@pytest.mark.parametrize("H,W,ks", [(3, 3, 3), (5, 8, 3), (9, 6, 5), (7, 11, 7), (13, 13, 7),
-                                    (6, 6, 1)])
+@pytest.mark.parametrize("H,W,ks", [(3, 3, 3), (5, 8, 3), (9, 6, 5), (7, 11, 7), (13, 13, 7), (6, 6, 1)])
 def test_neighborhood_reference_matches_window_loop(H, W, ks):
     rng = np.random.default_rng(H * 100 + W + ks)
     q, k, v = (_rand(rng, 2, H, W, 2, 8) for _ in range(3))
@@ -77,8 +75,7 @@ def test_neighborhood_dispatch():
     rng = np.random.default_rng(1)
     q, k, v = (_rand(rng, 1, 6, 7, 2, 4) for _ in range(3))
     ref = attention.neighborhood_attention_reference(q, k, v, 3, 0.5)
-    np.testing.assert_array_equal(
-        attention.neighborhood_attention(q, k, v, 3, 0.5, impl="reference"), ref)
+    np.testing.assert_array_equal(attention.neighborhood_attention(q, k, v, 3, 0.5, impl="reference"), ref)
     with pytest.raises(ValueError, match="impl"):
         attention.neighborhood_attention(q, k, v, 3, 0.5, impl="natten")
     with pytest.raises(ValueError, match="kernel_size"):
@@ -89,8 +86,7 @@ def test_neighborhood_masked_matches_window_loop():
     # Whole axes (dense under the mask) up to 16; tiles of 4 to 8 rows above, with ragged
     # border spans (18: tiles of 6; 20: tiles of 5), and a prime side attended whole (17).
     rng = np.random.default_rng(7)
-    for H, W, ks in [(5, 8, 3), (13, 13, 7), (16, 16, 7), (24, 20, 5), (18, 17, 7), (32, 9, 3),
-                     (20, 6, 1)]:
+    for H, W, ks in [(5, 8, 3), (13, 13, 7), (16, 16, 7), (24, 20, 5), (18, 17, 7), (32, 9, 3), (20, 6, 1)]:
         q, k, v = (_rand(rng, 2, H, W, 2, 8) for _ in range(3))
         out = attention.neighborhood_attention_masked(q, k, v, ks, scale=0.7)
         assert out.shape == q.shape
@@ -118,8 +114,9 @@ def test_neighborhood_masked_gradients_and_bfloat16_match_reference():
     def grads(fn):
         return jax.vjp(lambda *qkv: fn(*qkv, 5, 0.7), q, k, v)[1](do)
 
-    for got, want in zip(grads(attention.neighborhood_attention_masked),
-                         grads(attention.neighborhood_attention_reference)):
+    for got, want in zip(
+        grads(attention.neighborhood_attention_masked), grads(attention.neighborhood_attention_reference)
+    ):
         assert rel_err(got, want) < 1e-5
     bf16 = [t.astype(jnp.bfloat16) for t in (q, k, v)]
     out = attention.neighborhood_attention_masked(*bf16, 5, 0.7)
@@ -132,12 +129,13 @@ def test_auto_picks_the_masked_path_off_gpu():
     q, k, v = (_rand(rng, 1, 6, 7, 2, 4) for _ in range(3))
     masked = attention.neighborhood_attention_masked(q, k, v, 3, 0.5)
     for impl in ("masked", "auto"):
-        np.testing.assert_array_equal(attention.neighborhood_attention(q, k, v, 3, 0.5, impl),
-                                      masked)
+        np.testing.assert_array_equal(attention.neighborhood_attention(q, k, v, 3, 0.5, impl), masked)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("kernels.spatial_markov") is None,
-                    reason="kernels/spatial_markov.py not written yet")
+@pytest.mark.skipif(
+    importlib.util.find_spec("kernels.spatial_markov") is None,
+    reason="kernels/spatial_markov.py not written yet",
+)
 def test_neighborhood_dispatch_reaches_pallas_kernel_in_interpret_mode():
     rng = np.random.default_rng(2)
     q, k, v = (_rand(rng, 1, 8, 8, 2, 16) for _ in range(3))
@@ -146,8 +144,9 @@ def test_neighborhood_dispatch_reaches_pallas_kernel_in_interpret_mode():
 
 
 def test_scale_ids():
-    np.testing.assert_array_equal(attention.scale_ids(PATCH_NUMS, 0, 3),
-                                  [0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2])
+    np.testing.assert_array_equal(
+        attention.scale_ids(PATCH_NUMS, 0, 3), [0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2]
+    )
     np.testing.assert_array_equal(attention.scale_ids(PATCH_NUMS, 2, 3), [2] * 9)
     with pytest.raises(ValueError, match="first_scale"):
         attention.scale_ids(PATCH_NUMS, 3, 3)
@@ -170,8 +169,9 @@ def test_block_causal_with_cached_prefix_equals_full_sequence_rows():
     full = attention.block_causal_attention(q, k, v, ids, ids, 0.6)
     rows = ids == 2
     end = int(np.flatnonzero(rows)[-1]) + 1
-    one_scale = attention.block_causal_attention(q[:, rows], k[:, :end], v[:, :end],
-                                                 ids[rows], ids[:end], 0.6)
+    one_scale = attention.block_causal_attention(
+        q[:, rows], k[:, :end], v[:, :end], ids[rows], ids[:end], 0.6
+    )
     assert rel_err(one_scale, np.asarray(full)[:, rows]) < 1e-6
 
 
@@ -182,15 +182,26 @@ def test_pyramid_attention_mvar_is_per_scale(first, last):
     ids = attention.scale_ids(PATCH_NUMS, first, last)
     q, k, v = (_rand(rng, 2, ids.size, 2, 4) for _ in range(3))
     out = attention.pyramid_attention(
-        q, k, v, pattern="mvar", patch_nums=PATCH_NUMS, first_scale=first, last_scale=last,
-        scale=0.6, refine_step=3, kernel_size=3, impl="reference")
+        q,
+        k,
+        v,
+        pattern="mvar",
+        patch_nums=PATCH_NUMS,
+        first_scale=first,
+        last_scale=last,
+        scale=0.6,
+        refine_step=3,
+        kernel_size=3,
+        impl="reference",
+    )
     want = np.zeros(q.shape)
     for si in range(first, last):
         rows = ids == si
         pn = PATCH_NUMS[si]
         if si < 3:
-            want[:, rows] = _masked_attention_loop(q[:, rows], k[:, rows], v[:, rows], 0.6,
-                                                   np.ones((pn * pn, pn * pn), bool))
+            want[:, rows] = _masked_attention_loop(
+                q[:, rows], k[:, rows], v[:, rows], 0.6, np.ones((pn * pn, pn * pn), bool)
+            )
         else:
             maps = [t[:, rows].reshape(2, pn, pn, 2, 4) for t in (q, k, v)]
             want[:, rows] = _neighborhood_loop(*maps, 3, 0.6).reshape(2, pn * pn, 2, 4)
@@ -199,8 +210,7 @@ def test_pyramid_attention_mvar_is_per_scale(first, last):
 
 def test_pyramid_attention_errors():
     q = jnp.zeros((1, 14, 2, 4))
-    kwargs = dict(patch_nums=PATCH_NUMS, first_scale=0, last_scale=3, scale=1.0,
-                  refine_step=3, kernel_size=3)
+    kwargs = dict(patch_nums=PATCH_NUMS, first_scale=0, last_scale=3, scale=1.0, refine_step=3, kernel_size=3)
     with pytest.raises(ValueError, match="pattern"):
         attention.pyramid_attention(q, q, q, pattern="full", **kwargs)
     with pytest.raises(ValueError, match="tokens"):

@@ -9,8 +9,16 @@ from __future__ import annotations
 
 import json
 
-from bench import (bench_cost, bench_cpu_sampling, bench_kernel_resources, bench_m_var_cost,
-                   bench_sampling, bench_spatial_markov, bench_train_step, tune_spatial_markov)
+from bench import (
+    bench_cost,
+    bench_cpu_sampling,
+    bench_kernel_resources,
+    bench_m_var_cost,
+    bench_sampling,
+    bench_spatial_markov,
+    bench_train_step,
+    tune_spatial_markov,
+)
 
 
 def test_kernel_bench_and_tuner(tmp_path):
@@ -33,8 +41,11 @@ def test_kernel_resources_bench(tmp_path):
     bench_kernel_resources.main(["--out", str(tmp_path), "--smoke", "--processes", "1"])
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert sorted((r["dtype"], r["kernel"], r["capability"]) for r in rows) == sorted(
-        (dtype, kernel, capability) for dtype in ("bfloat16", "float32")
-        for kernel in ("fwd", "dq", "dkv") for capability in (80, 90))
+        (dtype, kernel, capability)
+        for dtype in ("bfloat16", "float32")
+        for kernel in ("fwd", "dq", "dkv")
+        for capability in (80, 90)
+    )
     assert all(r["registers"] > 0 and r["warps_per_sm"] >= r["num_warps"] for r in rows)
     table = (tmp_path / "results.md").read_text()
     assert "| 8x8 | float32 | dkv | 32/row/4w/2s |" in table
@@ -69,8 +80,10 @@ def test_sampling_bench_cases():
 
 def test_cost_bench_programs():
     """Compiled, never run: XLA's counts beside the analytic one, and the memory analysis."""
-    programs = [bench_cost.Program("mvar", 2, 2, "sample+decode", smoke=True),
-                bench_cost.Program("var", 2, 2, "train", segment=(0, 4), smoke=True)]
+    programs = [
+        bench_cost.Program("mvar", 2, 2, "sample+decode", smoke=True),
+        bench_cost.Program("var", 2, 2, "train", segment=(0, 4), smoke=True),
+    ]
     rows = [bench_cost.measure(program) for program in programs]
     for row in rows:
         assert row["xla_flops"] > 0 and row["temp_bytes"] > 0 and row["peak_bytes"] > 0
@@ -90,5 +103,4 @@ def test_m_var_cost_bench(tmp_path):
     assert r["carried_flops"] < r["official_rerun_flops"]
     saved = r["official_rerun_flops"] - r["carried_flops"]
     assert 0 < r["state_flops"] < saved < r["rerun_flops"] < saved + 2 * r["state_flops"]
-    assert "| ours (Mamba state carried from scale to scale) |" in (
-        tmp_path / "results.md").read_text()
+    assert "| ours (Mamba state carried from scale to scale) |" in (tmp_path / "results.md").read_text()

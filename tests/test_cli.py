@@ -28,10 +28,10 @@ def _error(capsys, values, argv) -> str:
 
 def test_every_parse_starts_from_the_defaults():
     values = _flags()
-    args = cli.parse_flags(values, ["--out=a", "--overwrite", "--labels=3,1", "--top_k", "5"],
-                           prog="prog", doc=None)
-    assert (args.out, args.overwrite, args.labels, args.top_k, args.batch_size) == (
-        "a", True, (3, 1), 5, 4)
+    args = cli.parse_flags(
+        values, ["--out=a", "--overwrite", "--labels=3,1", "--top_k", "5"], prog="prog", doc=None
+    )
+    assert (args.out, args.overwrite, args.labels, args.top_k, args.batch_size) == ("a", True, (3, 1), 5, 4)
     assert cli.given(values, ("labels", "seed", "overwrite")) == ["--labels", "--overwrite"]
     args = cli.parse_flags(values, ["--out", "b"], prog="prog", doc=None)
     assert (args.out, args.overwrite, args.labels, args.top_k) == ("b", False, None, 0)
@@ -41,12 +41,19 @@ def test_every_parse_starts_from_the_defaults():
 def test_old_spellings_are_read_as_the_new_ones_with_a_warning():
     values = _flags()
     with pytest.warns(FutureWarning) as warned:
-        args = cli.parse_flags(values, ["--out", "a", "--batch-size", "2", "--patch-nums", "1",
-                                        "2", "3", "--top-p=0.5"], prog="prog", doc=None)
+        args = cli.parse_flags(
+            values,
+            ["--out", "a", "--batch-size", "2", "--patch-nums", "1", "2", "3", "--top-p=0.5"],
+            prog="prog",
+            doc=None,
+        )
     assert (args.batch_size, args.patch_nums, args.top_p) == (2, (1, 2, 3), 0.5)
     assert [str(w.message) for w in warned] == [
-        "--batch-size is now --batch_size", "--patch-nums is now --patch_nums",
-        "--patch_nums 1 2 3 is now --patch_nums=1,2,3", "--top-p is now --top_p"]
+        "--batch-size is now --batch_size",
+        "--patch-nums is now --patch_nums",
+        "--patch_nums 1 2 3 is now --patch_nums=1,2,3",
+        "--top-p is now --top_p",
+    ]
 
 
 def test_bad_input_is_a_usage_error(capsys):

@@ -15,24 +15,28 @@ import pytest
 from conftest import run_on_eight_devices
 
 from mvar_jax import codebook
+
 PATCH_NUMS = (1, 2, 4)
 V = 16
 
 
 def _random_ids(rng: np.random.Generator, steps: int, batch: int) -> list[list[np.ndarray]]:
     """Per step, ids per scale; scale s draws from the first 4 * (s + 1) codes only."""
-    return [[rng.integers(0, 4 * (si + 1), (batch, pn * pn)).astype(np.int32)
-             for si, pn in enumerate(PATCH_NUMS)] for _ in range(steps)]
+    return [
+        [rng.integers(0, 4 * (si + 1), (batch, pn * pn)).astype(np.int32) for si, pn in enumerate(PATCH_NUMS)]
+        for _ in range(steps)
+    ]
 
 
 def _reference_metrics(steps_ids, window: int, batch: int) -> dict[str, float]:
     """Straight numpy from the definitions: histories kept whole, no running state."""
     S = len(PATCH_NUMS)
-    hist_TSV = np.array([[np.bincount(ids.reshape(-1), minlength=V) for ids in step]
-                         for step in steps_ids], np.float64)
+    hist_TSV = np.array(
+        [[np.bincount(ids.reshape(-1), minlength=V) for ids in step] for step in steps_ids], np.float64
+    )
     T = len(hist_TSV)
     out = {}
-    last = hist_TSV[max(T - window, 0):]
+    last = hist_TSV[max(T - window, 0) :]
     weights_T = (1 - 1 / window) ** np.arange(T - 1, -1, -1)
     # The official loop: one record per scale per step, in scale order.
     ema_SV, record = np.zeros((S, V)), 0
@@ -83,8 +87,7 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="window must be a positive int"):
         codebook.metrics(state, PATCH_NUMS, window=0, global_batch_size=1)
     with pytest.raises(ValueError, match="dead_after"):
-        codebook.restart_dead_codes(jnp.zeros((V, 2)), state, [], jax.random.PRNGKey(0),
-                                    dead_after=0)
+        codebook.restart_dead_codes(jnp.zeros((V, 2)), state, [], jax.random.PRNGKey(0), dead_after=0)
 
 
 def _restart_case(seed: int = 0):
@@ -124,10 +127,11 @@ def test_restart_draws_every_scale():
     rng = np.random.default_rng(1)
     n = 3000
     state = codebook.init_state(len(PATCH_NUMS), n).replace(idle_V=jnp.full((n,), 9, jnp.int32))
-    z = [np.full((4, pn * pn, 1), si, np.float32) + rng.uniform(0, 0.5, (4, pn * pn, 1))
-         .astype(np.float32) for si, pn in enumerate(PATCH_NUMS)]
-    out = codebook.restart_dead_codes(jnp.zeros((n, 1)), state, z, jax.random.PRNGKey(0),
-                                      dead_after=1)
+    z = [
+        np.full((4, pn * pn, 1), si, np.float32) + rng.uniform(0, 0.5, (4, pn * pn, 1)).astype(np.float32)
+        for si, pn in enumerate(PATCH_NUMS)
+    ]
+    out = codebook.restart_dead_codes(jnp.zeros((n, 1)), state, z, jax.random.PRNGKey(0), dead_after=1)
     share = np.bincount(np.floor(np.asarray(out.embedding_VC)[:, 0]).astype(int)) / n
     np.testing.assert_allclose(share, 1 / 3, atol=0.04)
 
@@ -142,15 +146,28 @@ def test_restart_raises_usage_on_the_builtin_shapes():
     from mvar_jax.vqvae import VQVAE, VQVAEConfig
 
     n_img, batch, steps, window = 64, 8, 30, 10
-    imgs = np.stack([builtin_shapes.draw_example(i % 10, builtin_shapes.example_seed(0, "train", i),
-                                                 32) for i in range(n_img)])
+    imgs = np.stack(
+        [
+            builtin_shapes.draw_example(i % 10, builtin_shapes.example_seed(0, "train", i), 32)
+            for i in range(n_img)
+        ]
+    )
     imgs = imgs.astype(np.float32) / 127.5 - 1
-    config = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1,
-                         using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 4, 8))
+    config = VQVAEConfig(
+        vocab_size=64,
+        z_channels=8,
+        ch=32,
+        ch_mult=(1, 1, 1),
+        num_res_blocks=1,
+        using_sa=False,
+        using_mid_sa=False,
+        patch_nums=(1, 2, 4, 8),
+    )
     model = VQVAE(config)
     params = model.init(jax.random.PRNGKey(0), imgs[:1])["params"]
-    params["quantize"]["embedding"]["embedding"] = (
-        3.0 + 0.01 * jax.random.normal(jax.random.PRNGKey(1), (64, 8)))
+    params["quantize"]["embedding"]["embedding"] = 3.0 + 0.01 * jax.random.normal(
+        jax.random.PRNGKey(1), (64, 8)
+    )
     tx = optax.adam(2e-3)
 
     @jax.jit
@@ -165,8 +182,9 @@ def test_restart_raises_usage_on_the_builtin_shapes():
         state = codebook.record(state, q.ids, window=window)
         table = params["quantize"]["embedding"]["embedding"]
         out = codebook.restart_dead_codes(table, state, q.z, key, dead_after=5)
-        table, state = jax.tree.map(lambda new, old: jnp.where(restart_on, new, old),
-                                    (out.embedding_VC, out.state), (table, state))
+        table, state = jax.tree.map(
+            lambda new, old: jnp.where(restart_on, new, old), (out.embedding_VC, out.state), (table, state)
+        )
         params["quantize"]["embedding"]["embedding"] = table
         return params, opt_state, state
 
@@ -175,9 +193,8 @@ def test_restart_raises_usage_on_the_builtin_shapes():
         p, opt_state = params, tx.init(params)
         state = codebook.init_state(len(config.patch_nums), config.vocab_size)
         for t in range(steps):
-            img = imgs[(t * batch) % n_img:][:batch]
-            p, opt_state, state = train_step(p, opt_state, state, img, jax.random.PRNGKey(t),
-                                             restart_on)
+            img = imgs[(t * batch) % n_img :][:batch]
+            p, opt_state, state = train_step(p, opt_state, state, img, jax.random.PRNGKey(t), restart_on)
         m = codebook.metrics(state, config.patch_nums, window=window, global_batch_size=batch)
         usage[restart_on] = {k: float(v) for k, v in m.items() if k.startswith("usage/")}
     print(usage)
@@ -208,16 +225,27 @@ def _worker() -> None:
     for devices in (jax.devices(), jax.devices()[:1]):
         mesh = Mesh(np.asarray(devices), ("data",))
         rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-        args = (jax.device_put(table, rep), jax.device_put(state, rep),
-                jax.device_put(ids, batch), jax.device_put(z, batch),
-                jax.device_put(jax.random.PRNGKey(3), rep))
+        args = (
+            jax.device_put(table, rep),
+            jax.device_put(state, rep),
+            jax.device_put(ids, batch),
+            jax.device_put(z, batch),
+            jax.device_put(jax.random.PRNGKey(3), rep),
+        )
         out = jax.jit(step, out_shardings=rep)(*args)
         results.append((args[3][0].sharding, jax.tree.map(np.asarray, out)))
     (sharding8, out8), (_, out1) = results
     same = jax.tree.leaves(jax.tree.map(np.array_equal, out8, out1))
-    print(json.dumps({"device_count": jax.device_count(),
-                      "z_sharded": len(sharding8.device_set) == 8,
-                      "identical": all(same), "restarted": int(out8.num_restarted)}))
+    print(
+        json.dumps(
+            {
+                "device_count": jax.device_count(),
+                "z_sharded": len(sharding8.device_set) == 8,
+                "identical": all(same),
+                "restarted": int(out8.num_restarted),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import M_VAR_FIXTURES, convert_tiny
+
 from mvar_jax import checkpoint, convert
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -39,25 +39,27 @@ def test_converted_directory_is_self_contained(tiny_checkpoints, fixture_dir):
     assert model.vqvae_config.vocab_size == model.transformer_config.vocab_size == 64
     # Values survive the round trip, in Flax layout (Dense kernels transposed).
     sd = torch.load(fixture_dir / "tiny_mvar.pth", weights_only=True)
-    np.testing.assert_array_equal(model.transformer_params["params"]["head"]["kernel"],
-                                  sd["head.weight"].numpy().T)
+    np.testing.assert_array_equal(
+        model.transformer_params["params"]["head"]["kernel"], sd["head.weight"].numpy().T
+    )
     vae_sd = torch.load(fixture_dir / "tiny_vae.pth", weights_only=True)
     np.testing.assert_array_equal(
         model.vqvae_params["params"]["quantize"]["embedding"]["embedding"],
-        vae_sd["quantize.embedding.weight"].numpy())
+        vae_sd["quantize.embedding.weight"].numpy(),
+    )
 
 
 def test_var_weights_as_mvar_and_overwrite(tiny_checkpoints, fixture_dir, tmp_path, capsys):
     out = tmp_path / "as_mvar"
     shutil.copytree(tiny_checkpoints["mvar"], out)  # a model to replace
-    convert_tiny(fixture_dir, "--var", "tiny_var.pth", out, "--as_mvar", "--kernel_size", "5",
-             "--overwrite")
+    convert_tiny(fixture_dir, "--var", "tiny_var.pth", out, "--as_mvar", "--kernel_size", "5", "--overwrite")
     as_mvar = checkpoint.load_model(out)
     var = checkpoint.load_model(tiny_checkpoints["var"])
     assert as_mvar.transformer_config.attention == "mvar"
     assert as_mvar.transformer_config.kernel_size == 5
-    np.testing.assert_array_equal(as_mvar.transformer_params["params"]["pos_embed"],
-                                  var.transformer_params["params"]["pos_embed"])
+    np.testing.assert_array_equal(
+        as_mvar.transformer_params["params"]["pos_embed"], var.transformer_params["params"]["pos_embed"]
+    )
     # --overwrite replaces a model, never a directory holding anything else.
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "stale.txt").write_text("x")
@@ -69,14 +71,12 @@ def test_var_weights_as_mvar_and_overwrite(tiny_checkpoints, fixture_dir, tmp_pa
 
 def test_m_var_converts_with_its_own_flag(m_var_checkpoints, capsys, fixture_dir, tmp_path):
     config = json.loads((m_var_checkpoints["l21"] / "transformer_config.json").read_text())
-    assert (config["attention"], config["attn_l2_norm"], config["num_heads"]) == (
-        "mamba", True, 4)
+    assert (config["attention"], config["attn_l2_norm"], config["num_heads"]) == ("mamba", True, 4)
     vae, out = str(fixture_dir / "tiny_vae.pth"), str(tmp_path / "out")
     m_var = str(M_VAR_FIXTURES / "tiny_mvar_m_l21.pth")
     err = _error_of(capsys, ["--vae", vae, "--mvar", m_var, "--out", out])
     assert "an M-VAR checkpoint" in err and "--m_var" in err
-    err = _error_of(capsys, ["--vae", vae, "--m_var", str(fixture_dir / "tiny_mvar.pth"),
-                             "--out", out])
+    err = _error_of(capsys, ["--vae", vae, "--m_var", str(fixture_dir / "tiny_mvar.pth"), "--out", out])
     assert "not an M-VAR checkpoint" in err
     err = _error_of(capsys, ["--vae", vae, "--m_var", m_var, "--out", out, "--kernel_size", "5"])
     assert "M-VAR attends within whole scales" in err
@@ -90,25 +90,41 @@ def test_errors_are_clear(capsys, fixture_dir, tmp_path):
     # A VQVAE file where the transformer should be: the mismatch names missing keys.
     err = _error_of(capsys, ["--vae", vae, "--mvar", vae, "--out", out])
     assert "transformer state dict" in err and "missing keys" in err
-    err = _error_of(capsys, ["--vae", vae, "--mvar", str(fixture_dir / "tiny_mvar.pth"),
-                             "--out", out, "--num_heads", "8"])
+    err = _error_of(
+        capsys, ["--vae", vae, "--mvar", str(fixture_dir / "tiny_mvar.pth"), "--out", out, "--num_heads", "8"]
+    )
     assert "num_heads=8" in err
-    err = _error_of(capsys, ["--vae", vae, "--mvar", str(fixture_dir / "tiny_mvar.pth"),
-                             "--out", out, "--as_mvar"])
+    err = _error_of(
+        capsys, ["--vae", vae, "--mvar", str(fixture_dir / "tiny_mvar.pth"), "--out", out, "--as_mvar"]
+    )
     assert "--as_mvar" in err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "something").write_text("x")
-    err = _error_of(capsys, ["--vae", vae, "--var", str(fixture_dir / "tiny_var.pth"),
-                             "--out", str(tmp_path / "full")])
+    err = _error_of(
+        capsys, ["--vae", vae, "--var", str(fixture_dir / "tiny_var.pth"), "--out", str(tmp_path / "full")]
+    )
     assert "not empty" in err and "--overwrite" in err
     assert not (tmp_path / "out").exists()
 
 
 def test_command_line_exit_status(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "mvar_jax.convert", "--vae", str(tmp_path / "missing.pth"),
-         "--mvar", str(tmp_path / "m.pth"), "--out", str(tmp_path / "o")],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "mvar_jax.convert",
+            "--vae",
+            str(tmp_path / "missing.pth"),
+            "--mvar",
+            str(tmp_path / "m.pth"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "error:" in result.stderr and "missing.pth" in result.stderr
     assert "Traceback" not in result.stderr
@@ -124,8 +140,7 @@ def test_official_vae_round_trips_through_a_tokenizer_directory(capsys, fixture_
     convert.main(["--vae", str(fixture_dir / "tiny_vae.pth"), "--out", str(tmp_path / "tok")])
     assert "tokenizer (VQVAE alone), vocab 64, Cvae 8" in capsys.readouterr().out
     assert not (tmp_path / "tok" / "transformer_config.json").exists()
-    convert.main(["--to_official_vae", str(tmp_path / "out" / "vae.pth"),
-                  "--model", str(tmp_path / "tok")])
+    convert.main(["--to_official_vae", str(tmp_path / "out" / "vae.pth"), "--model", str(tmp_path / "tok")])
     printed = capsys.readouterr().out
     assert "VQVAE(vocab_size=64, z_channels=8, ch=32," in printed
     assert "load_state_dict(state_dict, strict=True)" in printed
@@ -140,8 +155,7 @@ def test_generator_model_exports_its_vqvae(tiny_checkpoints, fixture_dir, tmp_pa
     out = tmp_path / "vae.pth"
     convert.main(["--to_official_vae", str(out), "--model", str(tiny_checkpoints["var"])])
     out.write_bytes(b"stale")
-    convert.main(["--to_official_vae", str(out), "--model", str(tiny_checkpoints["mvar"]),
-                  "--overwrite"])
+    convert.main(["--to_official_vae", str(out), "--model", str(tiny_checkpoints["mvar"]), "--overwrite"])
     got = _official_tensors(out)
     want = _official_tensors(fixture_dir / "tiny_vae.pth")
     for key in want:
@@ -170,8 +184,7 @@ def test_tokenizer_modes_report_bad_input(capsys, tiny_checkpoints, fixture_dir,
     assert "required: --vae, --out" in _error_of(capsys, ["--vae", vae])
     err = _error_of(capsys, ["--vae", vae, "--out", str(tmp_path / "tok"), "--num_heads", "4"])
     assert "--num_heads configure a transformer; they need --mvar or --var" in err
-    err = _error_of(capsys, ["--vae", str(fixture_dir / "tiny_mvar.pth"),
-                             "--out", str(tmp_path / "tok")])
+    err = _error_of(capsys, ["--vae", str(fixture_dir / "tiny_mvar.pth"), "--out", str(tmp_path / "tok")])
     assert "VQVAE state dict" in err and "missing keys" in err
     assert (tmp_path / "vae.pth").read_bytes() == b"x"
     assert not (tmp_path / "tok").exists()
@@ -183,14 +196,16 @@ def test_old_dashed_spellings_still_work(capsys, fixture_dir, tmp_path):
         err = _error_of(capsys, ["--to-official-vae", str(out), "--num_heads=4"])
     assert "--to_official_vae writes the VQVAE of --model; --num_heads do not apply" in err
     with pytest.warns(FutureWarning, match="--as-mvar is now --as_mvar"):
-        err = _error_of(capsys, ["--vae", str(fixture_dir / "tiny_vae.pth"), "--out",
-                                 str(tmp_path / "o"), "--as-mvar"])
+        err = _error_of(
+            capsys, ["--vae", str(fixture_dir / "tiny_vae.pth"), "--out", str(tmp_path / "o"), "--as-mvar"]
+        )
     assert "--as_mvar converts VAR weights; it needs --var" in err
 
 
 def test_flag_errors_are_usage_errors(capsys, tmp_path):
     assert "--mvar and --var: convert one transformer at a time" in _error_of(
-        capsys, ["--vae", "v.pth", "--mvar", "m.pth", "--var", "v.pth", "--out", str(tmp_path)])
+        capsys, ["--vae", "v.pth", "--mvar", "m.pth", "--var", "v.pth", "--out", str(tmp_path)]
+    )
     assert "--num_heads=four" in _error_of(capsys, ["--num_heads", "four"])
     assert "unknown command line flag 'heads'" in _error_of(capsys, ["--heads", "4"]).lower()
     assert "expected comma-separated ints" in _error_of(capsys, ["--patch_nums", "1,x"])

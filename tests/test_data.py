@@ -50,9 +50,7 @@ def clean_folder(tmp_path):
 
 def folder_cfg(root, **overrides):
     cfg = data.default_config()
-    cfg.update(
-        name="folder", data_dir=str(root), image_size=16, num_classes=3, num_workers=2, prefetch=2
-    )
+    cfg.update(name="folder", data_dir=str(root), image_size=16, num_classes=3, num_workers=2, prefetch=2)
     cfg.update(overrides)
     return cfg
 
@@ -68,9 +66,7 @@ def train(cfg, global_batch_size=4, process_index=0, process_count=1, seed=0):
 
 
 def evaluate(cfg, global_batch_size=4):
-    return data.build_eval_source(
-        cfg, global_batch_size=global_batch_size, process_index=0, process_count=1
-    )
+    return data.build_eval_source(cfg, global_batch_size=global_batch_size, process_index=0, process_count=1)
 
 
 def colour_class(images):
@@ -189,9 +185,7 @@ def test_same_seed_same_batches_whatever_the_threads(folder):
     threaded = take(train(folder_cfg(folder, num_workers=3, prefetch=3, **cfg), seed=7), 5)
     assert_batches_equal(serial, threaded)
     other = take(train(folder_cfg(folder, **cfg), seed=8), 5)
-    assert any(
-        not np.array_equal(a["image"], b["image"]) for a, b in zip(serial, other, strict=True)
-    )
+    assert any(not np.array_equal(a["image"], b["image"]) for a, b in zip(serial, other, strict=True))
 
 
 def test_two_hosts_get_disjoint_shards_that_cover_the_data(clean_folder):
@@ -213,18 +207,13 @@ def test_two_hosts_get_disjoint_shards_that_cover_the_data(clean_folder):
 @pytest.mark.parametrize("num_records, hosts", [(10, 3), (7, 1), (5, 5)])
 def test_order_shards_partition_each_epoch(num_records, hosts):
     for epoch in range(2):
-        shards = [
-            order.ShuffledEpochs(num_records, 3, h, hosts).host_indices(epoch) for h in range(hosts)
-        ]
+        shards = [order.ShuffledEpochs(num_records, 3, h, hosts).host_indices(epoch) for h in range(hosts)]
         flat = np.concatenate(shards)
         assert all(len(s) == num_records // hosts for s in shards)
         assert len(set(flat.tolist())) == len(flat) and flat.max() < num_records
     single = order.ShuffledEpochs(num_records, 3)
     assert not np.array_equal(single.host_indices(0), single.host_indices(1)) or num_records < 3
-    passes = [
-        list(order.SinglePass(num_records, 2, h, hosts).slots({"position": 0}))
-        for h in range(hosts)
-    ]
+    passes = [list(order.SinglePass(num_records, 2, h, hosts).slots({"position": 0})) for h in range(hosts)]
     assert len({len(p) for p in passes}) == 1  # hosts stay in step
     indices = [s.index for p in passes for s in p if s.index is not None]
     assert sorted(indices) == list(range(num_records))
@@ -307,9 +296,7 @@ def direct_tokens(cfg, role):
 def cached(folder):
     cfg = folder_cfg(folder)
     for role in ("train", "eval"):
-        data.write_token_cache(
-            cfg, fake_encode, folder / "tokens", role, batch_size=4, chunk_size=5
-        )
+        data.write_token_cache(cfg, fake_encode, folder / "tokens", role, batch_size=4, chunk_size=5)
     return folder, folder_cfg(folder, token_cache_dir=str(folder / "tokens"))
 
 
@@ -330,12 +317,8 @@ def test_cache_round_trip_equals_direct_encoding(cached):
     batches = list(evaluate(cfg))
     valid = [e for e in direct_tokens(cfg, "eval") if e is not None]
     mask = np.concatenate([b["mask"] for b in batches])
-    np.testing.assert_array_equal(
-        np.concatenate([b["tokens"] for b in batches])[mask], [e[0] for e in valid]
-    )
-    np.testing.assert_array_equal(
-        np.concatenate([b["label"] for b in batches])[mask], [e[2] for e in valid]
-    )
+    np.testing.assert_array_equal(np.concatenate([b["tokens"] for b in batches])[mask], [e[0] for e in valid])
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches])[mask], [e[2] for e in valid])
 
 
 @pytest.mark.parametrize("hflip", [False, True])
@@ -382,15 +365,11 @@ def test_cache_resumes_an_interrupted_write_and_checks_what_it_reads(cached):
     np.testing.assert_array_equal(np.load(tokens_path), before)
 
     with pytest.raises(ValueError, match="already holds a different cache"):
-        data.write_token_cache(
-            folder_cfg(folder, image_size=8), fake_encode, folder / "tokens", "train"
-        )
+        data.write_token_cache(folder_cfg(folder, image_size=8), fake_encode, folder / "tokens", "train")
     with pytest.raises(ValueError, match="image_size=16, but data.image_size=8"):
         train(folder_cfg(folder, image_size=8, token_cache_dir=cfg.token_cache_dir))
     with pytest.raises(ValueError, match=r"integer ids \(B=4, L\)"):
-        data.write_token_cache(
-            folder_cfg(folder), lambda x: x, folder / "other", "eval", batch_size=4
-        )
+        data.write_token_cache(folder_cfg(folder), lambda x: x, folder / "other", "eval", batch_size=4)
 
 
 def test_sharded_encoder_matches_the_plain_function():
@@ -409,9 +388,7 @@ def test_sharded_encoder_matches_the_plain_function():
 def test_cache_with_the_official_tiny_vqvae(fixture_dir, tmp_path):
     pytest.importorskip("mvar_jax.vqvae")
     weights = pytest.importorskip("mvar_jax.vqvae_weights")
-    vae_config, variables = weights.load_official_vqvae(
-        fixture_dir / "tiny_vae.pth", patch_nums=(1, 2, 3, 4)
-    )
+    vae_config, variables = weights.load_official_vqvae(fixture_dir / "tiny_vae.pth", patch_nums=(1, 2, 3, 4))
     from mvar_jax.vqvae import VQVAE
 
     make_split(tmp_path, "train", 1)  # 3 images, one encoder batch

@@ -47,10 +47,7 @@ def test_images_are_deterministic_and_class_dependent():
 def test_the_object_carries_the_colour_half_of_the_label():
     """Saturated pixels (the object; the background is muted) are red or blue by class."""
     for i in range(40):
-        img = (
-            builtin_shapes.draw_example(i % 10, builtin_shapes.example_seed(0, "train", i), 32)
-            / 255.0
-        )
+        img = builtin_shapes.draw_example(i % 10, builtin_shapes.example_seed(0, "train", i), 32) / 255.0
         saturation = (img.max(-1) - img.min(-1)) / np.maximum(img.max(-1), 1e-6)
         obj = img[saturation > 0.6]
         assert len(obj) > 0.02 * 32 * 32
@@ -62,18 +59,11 @@ def test_pipeline_reads_it_by_name_and_through_the_generic_tfds_path(built):
     data_dir, _ = built
     cfg = data.default_config()
     cfg.update(data_dir=str(data_dir), num_workers=2, prefetch=1)
-    batch = next(
-        data.build_train_source(cfg, global_batch_size=8, process_index=0, process_count=1, seed=0)
-    )
-    assert (
-        batch["image"].shape == (8, 64, 64, 3)
-        and batch["image"].dtype == np.uint8
-    )
+    batch = next(data.build_train_source(cfg, global_batch_size=8, process_index=0, process_count=1, seed=0))
+    assert batch["image"].shape == (8, 64, 64, 3) and batch["image"].dtype == np.uint8
     cfg.update(name="tfds:builtin_shapes/res64")
     source = data.build_eval_source(cfg, global_batch_size=100, process_index=0, process_count=1)
-    assert (
-        source.num_examples == builtin_shapes.SPLIT_SIZES["validation"] and source.num_batches == 5
-    )
+    assert source.num_examples == builtin_shapes.SPLIT_SIZES["validation"] and source.num_batches == 5
     assert next(source)["mask"].all()
 
 

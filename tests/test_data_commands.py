@@ -20,7 +20,11 @@ def test_old_command_names_run_the_new_commands():
     procs = {  # started together: most of each run is importing jax
         old: subprocess.Popen(
             [sys.executable, "-m", old, "--helpshort"],  # absl prints the flags, exits 1
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for old in commands
     }

@@ -50,11 +50,7 @@ def test_eval_centre_crop_rounds_half_to_even():
 
 def test_random_crop_is_a_window_of_the_resized_image_and_varies():
     arr = np.random.default_rng(1).integers(0, 256, (12, 11, 3), dtype=np.uint8)
-    windows = {
-        (top, left): arr[top : top + 8, left : left + 8]
-        for top in range(5)
-        for left in range(4)
-    }
+    windows = {(top, left): arr[top : top + 8, left : left + 8] for top in range(5) for left in range(4)}
     seen = set()
     for seed in range(30):
         out = Preprocess(8, mid_reso=11 / 8)(_pil(arr), rng=np.random.default_rng(seed))

@@ -10,8 +10,8 @@ import pathlib
 
 import numpy as np
 import pytest
-
 from conftest import make_image_folder
+
 from mvar_jax import checkpoint, data, demo
 from mvar_jax.data import token_cache
 from mvar_jax.training import trainer, workdir
@@ -19,6 +19,7 @@ from mvar_jax.training import trainer, workdir
 
 def _file_stage(path: pathlib.Path, calls: list[str], *, fail_first: bool = False) -> demo.Stage:
     """A stage writing ``path``; with ``fail_first`` its first run dies before writing."""
+
     def run():
         calls.append(path.name)
         if fail_first and calls.count(path.name) == 1:
@@ -30,9 +31,11 @@ def _file_stage(path: pathlib.Path, calls: list[str], *, fail_first: bool = Fals
 
 def test_stages_skip_whole_outputs_and_resume_after_a_kill(tmp_path):
     calls, log = [], []
-    stages = [_file_stage(tmp_path / "a", calls),
-              _file_stage(tmp_path / "b", calls, fail_first=True),
-              _file_stage(tmp_path / "c", calls)]
+    stages = [
+        _file_stage(tmp_path / "a", calls),
+        _file_stage(tmp_path / "b", calls, fail_first=True),
+        _file_stage(tmp_path / "c", calls),
+    ]
     with pytest.raises(KeyboardInterrupt):
         demo.run_stages(stages, log.append)
     assert calls == ["a", "b"] and not (tmp_path / "b").exists()
@@ -45,8 +48,10 @@ def test_stages_skip_whole_outputs_and_resume_after_a_kill(tmp_path):
 
 def test_a_stage_that_leaves_no_whole_output_stops_the_demo(tmp_path):
     later = []
-    stages = [demo.Stage("tokens", tmp_path / "t", lambda: False, lambda: None),
-              demo.Stage("next", tmp_path / "n", lambda: False, lambda: later.append(1))]
+    stages = [
+        demo.Stage("tokens", tmp_path / "t", lambda: False, lambda: None),
+        demo.Stage("next", tmp_path / "n", lambda: False, lambda: later.append(1)),
+    ]
     with pytest.raises(RuntimeError, match="stage 'tokens' finished without a whole"):
         demo.run_stages(stages, lambda _: None)
     assert not later
@@ -64,8 +69,12 @@ def _fake_export(model_dir: pathlib.Path, step: int, mtime: float) -> None:
 
 def test_each_stage_is_done_when_its_output_is_whole_and_newer_than_its_input(tmp_path):
     out = tmp_path / "demo_out"
-    stages = {s.name: s for s in demo.demo_stages(out, data_dir=str(tmp_path / "tfds"),
-                                                  classifier_cache=tmp_path / "classifiers")}
+    stages = {
+        s.name: s
+        for s in demo.demo_stages(
+            out, data_dir=str(tmp_path / "tfds"), classifier_cache=tmp_path / "classifiers"
+        )
+    }
     assert list(stages) == ["data", "tokenizer", "tokens", "generator", "samples", "report"]
     assert not any(stages[n].done() for n in list(stages)[1:])
     tokenizer_steps = trainer.total_steps(demo._config("vqvae_tiny_cpu", None))
@@ -82,16 +91,27 @@ def test_each_stage_is_done_when_its_output_is_whole_and_newer_than_its_input(tm
     make_image_folder(folder, num_classes=2, per_class=3)
     cfg = data.default_config()
     cfg.update(name="folder", data_dir=str(folder), num_classes=2, num_workers=1)
-    split = token_cache.write_token_cache(cfg, lambda img: np.zeros((len(img), 5), np.int32),
-                                          out / "tokens", "train", batch_size=2, chunk_size=4)
+    split = token_cache.write_token_cache(
+        cfg,
+        lambda img: np.zeros((len(img), 5), np.int32),
+        out / "tokens",
+        "train",
+        batch_size=2,
+        chunk_size=4,
+    )
     assert stages["tokens"].done()
     (split / "chunk-000001.tokens.npy").unlink()  # a killed caching run
     assert not stages["tokens"].done()
-    token_cache.write_token_cache(cfg, lambda img: np.zeros((len(img), 5), np.int32),
-                                  out / "tokens", "train", batch_size=2, chunk_size=4)
+    token_cache.write_token_cache(
+        cfg,
+        lambda img: np.zeros((len(img), 5), np.int32),
+        out / "tokens",
+        "train",
+        batch_size=2,
+        chunk_size=4,
+    )
     assert stages["tokens"].done()
-    _fake_export(out / "tokenizer" / "model", tokenizer_steps,
-                 (split / "meta.json").stat().st_mtime + 1)
+    _fake_export(out / "tokenizer" / "model", tokenizer_steps, (split / "meta.json").stat().st_mtime + 1)
     assert not stages["tokens"].done()  # the tokenizer was trained again since
 
     # The generator, then the grid and the report made from its export.

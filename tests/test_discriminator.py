@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from conftest import rel_err
+
 from mvar_jax.discriminator import (
     PatchDiscriminator,
     adaptive_weight,
@@ -52,9 +52,12 @@ def _torch_patch_discriminator(ndf: int, n_layers: int) -> torch.nn.Sequential:
     layers = [torch.nn.Conv2d(3, ndf, 4, 2, 1), torch.nn.LeakyReLU(0.2)]
     width = ndf
     for n in range(1, n_layers + 1):
-        out = ndf * min(2 ** n, 8)
-        layers += [torch.nn.Conv2d(width, out, 4, 2 if n < n_layers else 1, 1, bias=False),
-                   torch.nn.BatchNorm2d(out), torch.nn.LeakyReLU(0.2)]
+        out = ndf * min(2**n, 8)
+        layers += [
+            torch.nn.Conv2d(width, out, 4, 2 if n < n_layers else 1, 1, bias=False),
+            torch.nn.BatchNorm2d(out),
+            torch.nn.LeakyReLU(0.2),
+        ]
         width = out
     layers.append(torch.nn.Conv2d(width, 1, 4, 1, 1))
     return torch.nn.Sequential(*layers).train()
@@ -83,8 +86,7 @@ def test_matches_pytorch_batchnorm_discriminator_in_training_mode(params):
 
 
 def test_init_statistics_follow_taming_weights_init(params):
-    assert set(params) == {"conv0", "conv1", "conv2", "conv3", "conv_out",
-                           "norm1", "norm2", "norm3"}
+    assert set(params) == {"conv0", "conv1", "conv2", "conv3", "conv_out", "norm1", "norm2", "norm3"}
     assert [params[f"conv{n}"]["kernel"].shape[-1] for n in range(4)] == [64, 128, 256, 512]
     for n in (1, 2, 3):
         assert set(params[f"conv{n}"]) == {"kernel"}  # The norm's bias replaces the conv's.
@@ -96,7 +98,7 @@ def test_init_statistics_follow_taming_weights_init(params):
         np.testing.assert_array_equal(params[f"norm{n}"]["bias"], 0.0)
     for name, fan_in in (("conv0", 3 * 16), ("conv_out", 512 * 16)):
         bias = np.asarray(params[name]["bias"])
-        assert np.all(np.abs(bias) <= fan_in ** -0.5) and np.any(bias != 0)
+        assert np.all(np.abs(bias) <= fan_in**-0.5) and np.any(bias != 0)
 
 
 def test_hinge_and_vanilla_losses_analytic():
@@ -108,9 +110,9 @@ def test_hinge_and_vanilla_losses_analytic():
     np.testing.assert_allclose(vanilla_d_loss(jnp.zeros(4), jnp.zeros(4)), np.log(2.0), rtol=1e-6)
     np.testing.assert_allclose(
         discriminator_loss(real, fake, "vanilla"),
-        0.5 * (np.mean(np.log1p(np.exp(-np.asarray(real))))
-               + np.mean(np.log1p(np.exp(np.asarray(fake))))),
-        rtol=1e-6)
+        0.5 * (np.mean(np.log1p(np.exp(-np.asarray(real)))) + np.mean(np.log1p(np.exp(np.asarray(fake))))),
+        rtol=1e-6,
+    )
     np.testing.assert_allclose(generator_loss(fake), -(-2.0 + 0.0 + 1.5) / 3, rtol=1e-6)
     with pytest.raises(ValueError, match="unknown discriminator loss 'wgan'"):
         discriminator_loss(real, fake, "wgan")
@@ -132,8 +134,16 @@ def test_adaptive_weight_analytic():
 
 
 # A tiny VQVAE decoder: 32 px out of 16x16 latents.
-_DEC_CONFIG = VQVAEConfig(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 1), num_res_blocks=1,
-                          using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 4, 16))
+_DEC_CONFIG = VQVAEConfig(
+    vocab_size=16,
+    z_channels=4,
+    ch=32,
+    ch_mult=(1, 1),
+    num_res_blocks=1,
+    using_sa=False,
+    using_mid_sa=False,
+    patch_nums=(1, 2, 4, 16),
+)
 
 
 def _random_params(abstract, seed: int):
@@ -164,19 +174,24 @@ def test_adaptive_weight_from_last_layer_matches_full_backward(params):
 
     def decode(p):
         """Decoder output and conv_out's input h = silu(norm_out(...)), from one forward."""
-        out, state = decoder.apply({"params": p}, z, mutable=["intermediates"],
-                                   capture_intermediates=lambda m, _: m.name == "norm_out")
+        out, state = decoder.apply(
+            {"params": p},
+            z,
+            mutable=["intermediates"],
+            capture_intermediates=lambda m, _: m.name == "norm_out",
+        )
         return out, jax.nn.silu(state["intermediates"]["norm_out"]["__call__"][0])
 
     def weight_and_grads(p, out, h):
         """The cheap path: the two output cotangents through one vjp of conv_out."""
+
         def conv_out(w):
-            y = jax.lax.conv_general_dilated(h, w, (1, 1), "SAME",
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = jax.lax.conv_general_dilated(h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
             return y + p["conv_out"]["bias"]
 
-        g_rec, g_gan = last_layer_grads(conv_out, p["conv_out"]["kernel"],
-                                        jax.grad(rec_loss)(out), jax.grad(gan_loss)(out))
+        g_rec, g_gan = last_layer_grads(
+            conv_out, p["conv_out"]["kernel"], jax.grad(rec_loss)(out), jax.grad(gan_loss)(out)
+        )
         return adaptive_weight(g_rec, g_gan, 0.8), g_rec, g_gan, conv_out(p["conv_out"]["kernel"])
 
     def total(p):
@@ -187,8 +202,10 @@ def test_adaptive_weight_from_last_layer_matches_full_backward(params):
     @jax.jit
     def run(p):
         # Reference: gradients through the whole decoder, read at conv_out's kernel.
-        want = [jax.grad(lambda p: loss(decoder.apply({"params": p}, z)))(p)["conv_out"]["kernel"]
-                for loss in (rec_loss, gan_loss)]
+        want = [
+            jax.grad(lambda p, loss=loss: loss(decoder.apply({"params": p}, z)))(p)["conv_out"]["kernel"]
+            for loss in (rec_loss, gan_loss)
+        ]
         out, h = decode(p)
         return want, out, weight_and_grads(p, out, h), jax.grad(total)(p)["conv_out"]["kernel"]
 

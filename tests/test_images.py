@@ -48,8 +48,9 @@ def test_labelled_grid_layout():
     # Each image sits at the top of its cell, pixel for pixel; empty cells are white.
     for i in range(10):
         r, c = divmod(i, images.GRID_COLUMNS)
-        np.testing.assert_array_equal(grid[r * cell_h:r * cell_h + 5, c * 48:(c + 1) * 48],
-                                      images.to_uint8(x[i]))
-    np.testing.assert_array_equal(grid[cell_h:, 2 * 48:], 255)
+        np.testing.assert_array_equal(
+            grid[r * cell_h : r * cell_h + 5, c * 48 : (c + 1) * 48], images.to_uint8(x[i])
+        )
+    np.testing.assert_array_equal(grid[cell_h:, 2 * 48 :], 255)
     caption = grid[5:cell_h, :48]
     assert (caption < 128).any() and (caption == 255).mean() > 0.5  # dark text on white

@@ -35,12 +35,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 from conftest import event_scalars, make_image_folder
+
 from mvar_jax import checkpoint, vqvae_weights
 from mvar_jax.data import token_cache
-from mvar_jax.training import trainer
-from mvar_jax.training import workdir as workdir_lib
+from mvar_jax.training import trainer, workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).parent.parent
 TINY_VAE = REPO / "tests/fixtures/official/tiny_vae.pth"
@@ -63,13 +62,20 @@ class Run:
 GENERATOR = {"vqvae_checkpoint": str(TINY_VAE), "model.depth": 1, "ratio_k": 2, "sample_every": 0}
 # A 16 px VQVAE (4x4 latents). The image folder has no val/ split, hence no evaluation;
 # the restart re-seeds codes.
-TOKENIZER = {"data.image_size": 16, "model.ch": 32, "model.ch_mult": (1, 1, 2),
-             "model.patch_nums": (1, 2, 4), "model.vocab_size": 64, "model.z_channels": 8, "eval_every": 0,
-             "codebook.window": 2, "codebook.dead_after": 2}
+TOKENIZER = {
+    "data.image_size": 16,
+    "model.ch": 32,
+    "model.ch_mult": (1, 1, 2),
+    "model.patch_nums": (1, 2, 4),
+    "model.vocab_size": 64,
+    "model.z_channels": 8,
+    "eval_every": 0,
+    "codebook.window": 2,
+    "codebook.dead_after": 2,
+}
 RUNS = [
     pytest.param(Run("configs/tiny_cpu.py:fixture", GENERATOR, checkpoint.load_model), id="generator"),
-    pytest.param(Run("configs/vqvae_tiny_cpu.py", TOKENIZER, checkpoint.load_tokenizer),
-                 id="tokenizer"),
+    pytest.param(Run("configs/vqvae_tiny_cpu.py", TOKENIZER, checkpoint.load_tokenizer), id="tokenizer"),
 ]
 
 # The kills, in order, each followed by a restart: a hook point (``mvar_jax.faults``),
@@ -87,13 +93,17 @@ KILLS = (
 
 
 def _env(cache: pathlib.Path, kill_at: str | None = None) -> dict[str, str]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-           "PYTHONUNBUFFERED": "1",
-           # Unoptimised machine code compiles faster; the few tiny steps do not mind.
-           "XLA_FLAGS": "--xla_backend_optimization_level=0",
-           # Restarts reuse what the first run compiled.
-           "JAX_COMPILATION_CACHE_DIR": str(cache),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+        # Unoptimised machine code compiles faster; the few tiny steps do not mind.
+        "XLA_FLAGS": "--xla_backend_optimization_level=0",
+        # Restarts reuse what the first run compiled.
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
     env.pop("MVAR_JAX_KILL_AT", None)
     if kill_at is not None:
         env["MVAR_JAX_KILL_AT"] = kill_at
@@ -101,17 +111,29 @@ def _env(cache: pathlib.Path, kill_at: str | None = None) -> dict[str, str]:
 
 
 def _overrides(run: Run, data_dir: pathlib.Path, **extra) -> dict:
-    return {"data.name": "folder", "data.data_dir": str(data_dir),
-            "data.num_classes": NUM_CLASSES, "batch_size": 4, "num_train_steps": STEPS,
-            "log_every": 1, "checkpoint_every": SAVE_EVERY, "keep_checkpoints": 2,
-            "async_checkpointing": True, **run.overrides, **extra}
+    return {
+        "data.name": "folder",
+        "data.data_dir": str(data_dir),
+        "data.num_classes": NUM_CLASSES,
+        "batch_size": 4,
+        "num_train_steps": STEPS,
+        "log_every": 1,
+        "checkpoint_every": SAVE_EVERY,
+        "keep_checkpoints": 2,
+        "async_checkpointing": True,
+        **run.overrides,
+        **extra,
+    }
 
 
-def _train_command(run: Run, data_dir: pathlib.Path, workdir: pathlib.Path,
-                   **extra) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"), f"--config={REPO / run.config}",
-            f"--workdir={workdir}",
-            *(f"--config.{k}={v}" for k, v in _overrides(run, data_dir, **extra).items())]
+def _train_command(run: Run, data_dir: pathlib.Path, workdir: pathlib.Path, **extra) -> list[str]:
+    return [
+        sys.executable,
+        str(REPO / "train.py"),
+        f"--config={REPO / run.config}",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in _overrides(run, data_dir, **extra).items()),
+    ]
 
 
 def _config(run: Run, data_dir: pathlib.Path, **extra):
@@ -129,8 +151,7 @@ def _config(run: Run, data_dir: pathlib.Path, **extra):
 
 def _start(command: list[str], env: dict[str, str], log: pathlib.Path) -> subprocess.Popen:
     with open(log, "w") as out:
-        return subprocess.Popen(command, env=env, cwd=log.parent, stdout=out,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, env=env, cwd=log.parent, stdout=out, stderr=subprocess.STDOUT)
 
 
 def _wait_for(proc: subprocess.Popen, log: pathlib.Path, pattern: str) -> None:
@@ -139,8 +160,7 @@ def _wait_for(proc: subprocess.Popen, log: pathlib.Path, pattern: str) -> None:
     while not re.search(pattern, log.read_text(), re.MULTILINE):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"no line matching {pattern!r} (exit {proc.wait()}):\n"
-                        f"{log.read_text()[-3000:]}")
+            pytest.fail(f"no line matching {pattern!r} (exit {proc.wait()}):\n{log.read_text()[-3000:]}")
         time.sleep(0.01)
 
 
@@ -152,8 +172,7 @@ def _finish(proc: subprocess.Popen, log: pathlib.Path) -> int:
         pytest.fail(f"ran past {TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
 
 
-def _run(command: list[str], cache: pathlib.Path, log: pathlib.Path,
-         kill: str | None = None) -> int:
+def _run(command: list[str], cache: pathlib.Path, log: pathlib.Path, kill: str | None = None) -> int:
     """Runs ``command`` to its end, or to the kill; returns the exit status."""
     timed = kill is not None and kill.startswith("after ")
     proc = _start(command, _env(cache, None if timed or kill is None else kill), log)
@@ -167,11 +186,13 @@ def _run(command: list[str], cache: pathlib.Path, log: pathlib.Path,
 def _checkpoint(workdir: pathlib.Path) -> tuple[int, object, dict]:
     """The newest checkpoint: its step, train state (as saved) and every host's data position."""
     options = ocp.CheckpointManagerOptions(read_only=True)
-    with ocp.CheckpointManager(workdir / "checkpoints", options=options,
-                               item_names=("state", "data")) as manager:
+    with ocp.CheckpointManager(
+        workdir / "checkpoints", options=options, item_names=("state", "data")
+    ) as manager:
         step = manager.latest_step()
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore())
+        )
     return step, restored["state"], restored["data"]
 
 
@@ -189,8 +210,7 @@ def _assert_same(a, b) -> None:
 
 def _scalars(workdir: pathlib.Path) -> dict[tuple[str, int], set[float]]:
     """The logged scalars but timings."""
-    return {k: v for k, v in event_scalars(workdir / "tensorboard").items()
-            if k[0] != "images_per_sec"}
+    return {k: v for k, v in event_scalars(workdir / "tensorboard").items() if k[0] != "images_per_sec"}
 
 
 def _check_nothing_half_written(workdir: pathlib.Path, run: Run) -> None:
@@ -240,15 +260,17 @@ def test_killed_anywhere_ends_like_an_uninterrupted_run(run, images, cache, tmp_
     _assert_same(state, state_ref)  # params, optimizer state, step, RNG key
     assert data == data_ref  # the data position
     _assert_same(run.load(chain / "model"), run.load(straight / "model"))
-    assert json.loads((chain / "model" / workdir_lib.EXPORTED_STEP).read_text()) == {
-        "step": STEPS}
+    assert json.loads((chain / "model" / workdir_lib.EXPORTED_STEP).read_text()) == {"step": STEPS}
     # Every scalar the uninterrupted run logged is there, with its value; steps a
     # killed run logged after its last checkpoint were logged again, identically.
     reference = _scalars(straight)
     assert _scalars(chain) == reference and len(reference) > STEPS
     # Killed saves and exports leave nothing behind once a run has finished.
-    leftovers = [p.name for p in [*(chain / "checkpoints").iterdir(), *chain.iterdir()]
-                 if "tmp" in p.name or "incomplete" in p.name or "replaced" in p.name]
+    leftovers = [
+        p.name
+        for p in [*(chain / "checkpoints").iterdir(), *chain.iterdir()]
+        if "tmp" in p.name or "incomplete" in p.name or "replaced" in p.name
+    ]
     assert not leftovers
 
 
@@ -279,16 +301,28 @@ def test_token_cache_killed_mid_chunk_resumes_to_the_same_files(images, cache, t
     checkpoint.save_tokenizer(vae, vqvae_config=vae_config, vqvae_params=vae_params)
 
     def command(out: pathlib.Path) -> list[str]:
-        return [sys.executable, "-m", "mvar_jax.data.token_cache", f"--vae={vae}",
-                "--patch_nums=1,2,3,4", "--data.name=folder", f"--data.data_dir={images}",
-                "--data.image_size=64", f"--data.num_classes={NUM_CLASSES}",
-                "--data.num_workers=2", f"--data.token_cache_dir={out}", "--role=train",
-                "--batch_size=4", "--chunk_size=4"]  # 4 chunks
+        return [
+            sys.executable,
+            "-m",
+            "mvar_jax.data.token_cache",
+            f"--vae={vae}",
+            "--patch_nums=1,2,3,4",
+            "--data.name=folder",
+            f"--data.data_dir={images}",
+            "--data.image_size=64",
+            f"--data.num_classes={NUM_CLASSES}",
+            "--data.num_workers=2",
+            f"--data.token_cache_dir={out}",
+            "--role=train",
+            "--batch_size=4",
+            "--chunk_size=4",
+        ]  # 4 chunks
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert _run(command(straight), cache, tmp_path / "straight.log") == 0
-    assert _run(command(killed), cache, tmp_path / "killed.log",
-                "token-cache-chunk=1") == -signal.SIGKILL  # chunk 1's labels written
+    assert (
+        _run(command(killed), cache, tmp_path / "killed.log", "token-cache-chunk=1") == -signal.SIGKILL
+    )  # chunk 1's labels written
     with pytest.raises(FileNotFoundError, match="incomplete"):
         token_cache.TokenCache(killed, "train")
     log = tmp_path / "resumed.log"
@@ -328,9 +362,21 @@ sys.exit(sample.main(sys.argv[1:]))
 def test_sampler_killed_while_writing_leaves_no_file_that_looks_complete(output, tmp_path):
     # 64 images: 3 MiB of float32 (npz), about 0.8 MiB as uint8 (png grid, fid npz).
     proc = subprocess.run(
-        [sys.executable, "-c", _SAMPLER, "--checkpoint=unused", "--labels=0,1,2,3",
-         "--num_per_class=16", output], cwd=tmp_path, capture_output=True, text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}, timeout=TIMEOUT_S)
+        [
+            sys.executable,
+            "-c",
+            _SAMPLER,
+            "--checkpoint=unused",
+            "--labels=0,1,2,3",
+            "--num_per_class=16",
+            output,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},
+        timeout=TIMEOUT_S,
+    )
     assert proc.returncode == -signal.SIGXFSZ, proc.stderr[-3000:]
     result = output.split("=")[1]
     assert not (tmp_path / result).exists()

@@ -17,8 +17,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-
 from conftest import rel_err
+
 from mvar_jax.lpips import (
     LPIPS,
     VGG16_BLOCKS,
@@ -97,8 +97,13 @@ def shipped_lin_path(lpips_pkg) -> str:
 def vgg_path(reference, tmp_path_factory) -> str:
     """The reference's trunk saved as a torchvision vgg16 state dict (with a classifier entry)."""
     sd = {}
-    for slice_ in (reference.net.slice1, reference.net.slice2, reference.net.slice3,
-                   reference.net.slice4, reference.net.slice5):
+    for slice_ in (
+        reference.net.slice1,
+        reference.net.slice2,
+        reference.net.slice3,
+        reference.net.slice4,
+        reference.net.slice5,
+    ):
         sd.update({f"features.{k}": v for k, v in slice_.state_dict().items()})
     sd["classifier.6.bias"] = torch.zeros(1000)  # Present in the real file; must be ignored.
     path = tmp_path_factory.mktemp("lpips") / "vgg16.pth"
@@ -115,12 +120,14 @@ def _image_pairs() -> tuple[np.ndarray, np.ndarray]:
     """Four NHWC pairs in [-1, 1]: independent, two perturbed copies (small distances), equal."""
     rng = np.random.default_rng(0)
     x0 = rng.uniform(-1, 1, (4, SIZE, SIZE, 3)).astype(np.float32)
-    x1 = np.stack([
-        rng.uniform(-1, 1, (SIZE, SIZE, 3)),
-        np.clip(x0[1] + 0.3 * rng.standard_normal((SIZE, SIZE, 3)), -1, 1),
-        np.clip(x0[2] + 0.1 * rng.standard_normal((SIZE, SIZE, 3)), -1, 1),
-        x0[3],
-    ]).astype(np.float32)
+    x1 = np.stack(
+        [
+            rng.uniform(-1, 1, (SIZE, SIZE, 3)),
+            np.clip(x0[1] + 0.3 * rng.standard_normal((SIZE, SIZE, 3)), -1, 1),
+            np.clip(x0[2] + 0.1 * rng.standard_normal((SIZE, SIZE, 3)), -1, 1),
+            x0[3],
+        ]
+    ).astype(np.float32)
     return x0, x1
 
 
@@ -129,8 +136,7 @@ def _nchw(x: np.ndarray) -> torch.Tensor:
 
 
 def test_conv_names_map_onto_torchvision_features():
-    assert [torchvision_index(n) for n in conv_names()] == [
-        0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    assert [torchvision_index(n) for n in conv_names()] == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
     with pytest.raises(KeyError, match="conv6_1"):
         torchvision_index("conv6_1")
 
@@ -139,8 +145,11 @@ def test_distance_matches_lpips_package(reference, params):
     x0, x1 = _image_pairs()
     with torch.no_grad():
         want, want_layers = reference(_nchw(x0), _nchw(x1), retPerLayer=True)
-    both = jax.jit(lambda a, b: LPIPS().apply(
-        {"params": params}, a, b, method=lambda m, a, b: (m(a, b), m.per_layer(a, b))))
+    both = jax.jit(
+        lambda a, b: LPIPS().apply(
+            {"params": params}, a, b, method=lambda m, a, b: (m(a, b), m.per_layer(a, b))
+        )
+    )
     got, got_layers = both(x0, x1)
     assert got.shape == (4,)
     want = want.numpy().reshape(4)

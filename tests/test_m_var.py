@@ -10,12 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import M_VAR_VARIANTS, rel_err
+
 from mvar_jax import checkpoint, m_var, sampling
 from mvar_jax.mamba2 import Mamba2
-from mvar_jax.transformer import (Transformer, TransformerConfig, init_kv_cache, init_params,
-                                  param_shapes)
+from mvar_jax.transformer import Transformer, TransformerConfig, init_kv_cache, init_params, param_shapes
 from mvar_jax.vqvae import VQVAE, VQVAEConfig
 
 CFG = 1.5  # The fixtures' guidance (greedy, top_k 1).
@@ -28,8 +27,7 @@ def models(m_var_checkpoints) -> dict[str, checkpoint.ModelBundle]:
 
 @functools.cache
 def _teacher_forcing(config: TransformerConfig):
-    return jax.jit(functools.partial(Transformer(config).apply, first_scale=0,
-                                     last_scale=config.num_scales))
+    return jax.jit(functools.partial(Transformer(config).apply, first_scale=0, last_scale=config.num_scales))
 
 
 @pytest.mark.parametrize("variant", M_VAR_VARIANTS)
@@ -37,9 +35,12 @@ def test_teacher_forcing_matches_official(models, m_var_io, variant):
     model, io = models[variant], m_var_io[variant]
     config = model.transformer_config
     assert (config.attention, config.attn_l2_norm, config.depth, config.num_heads) == (
-        "mamba", variant == "l21", 2, 4)
-    logits = _teacher_forcing(config)(model.transformer_params, io["label"],
-                                      io["x_BLCv_wo_first_l"])
+        "mamba",
+        variant == "l21",
+        2,
+        4,
+    )
+    logits = _teacher_forcing(config)(model.transformer_params, io["label"], io["x_BLCv_wo_first_l"])
     err = rel_err(logits, io["tf_logits"])
     assert err < 1e-5, err  # measured 3.4e-7
 
@@ -48,8 +49,7 @@ def test_teacher_forcing_matches_official(models, m_var_io, variant):
 def _var_input(config: VQVAEConfig, vqvae_params, ids_BL):
     """The teacher-forcing input of the tokens ``ids_BL`` (B, L)."""
     sizes = np.cumsum([pn * pn for pn in config.patch_nums])[:-1]
-    return VQVAE(config).apply(vqvae_params, jnp.split(ids_BL, sizes, axis=1),
-                               method=VQVAE.idx_to_var_input)
+    return VQVAE(config).apply(vqvae_params, jnp.split(ids_BL, sizes, axis=1), method=VQVAE.idx_to_var_input)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "rerun"))
@@ -64,19 +64,18 @@ def _inference_logits(config: TransformerConfig, params, label_B, x_BLCv, *, rer
     for si in range(config.num_scales):
         if si:
             begin, end = config.token_range(si, si + 1)
-            x_BlC = model.apply(params, x_BLCv[:, begin - 1:end - 1], si,
-                                method=Transformer.scale_input)
+            x_BlC = model.apply(params, x_BLCv[:, begin - 1 : end - 1], si, method=Transformer.scale_input)
             x_BlC = jnp.concatenate([x_BlC, x_BlC])
-        logits, cache = model.apply(params, x_BlC, cond_BD, si, cache,
-                                    method=Transformer.scale_logits)
+        logits, cache = model.apply(params, x_BlC, cond_BD, si, cache, method=Transformer.scale_logits)
         out.append(logits)
     return jnp.concatenate(out, axis=1)
 
 
 def _greedy_tokens(logits_2BLV: np.ndarray, config: TransformerConfig) -> np.ndarray:
     """argmax of the guided logits, token by token."""
-    weights_LW = np.repeat(sampling.guidance_schedule(CFG, config),
-                           [pn * pn for pn in config.patch_nums], axis=0)
+    weights_LW = np.repeat(
+        sampling.guidance_schedule(CFG, config), [pn * pn for pn in config.patch_nums], axis=0
+    )
     cond, uncond = np.split(np.asarray(logits_2BLV), 2)
     return np.argmax(weights_LW[:, :1] * cond - weights_LW[:, 1:] * uncond, axis=-1)
 
@@ -87,9 +86,13 @@ def test_inference_carrying_mamba_state_matches_the_official_rerun(models, m_var
     over all earlier scales; ours carry its state."""
     model, io = models[variant], m_var_io[variant]
     config = model.transformer_config
-    logits = _inference_logits(config, model.transformer_params, io["label"],
-                               _var_input(model.vqvae_config, model.vqvae_params,
-                                          io["greedy_BL"]), rerun=False)
+    logits = _inference_logits(
+        config,
+        model.transformer_params,
+        io["label"],
+        _var_input(model.vqvae_config, model.vqvae_params, io["greedy_BL"]),
+        rerun=False,
+    )
     err = rel_err(logits, io["infer_logits_pre_cfg"])
     assert err < 1e-5, err  # measured 2.7e-7 (both)
     # From the official history we pick the official greedy tokens at every scale
@@ -101,16 +104,31 @@ def test_carried_state_equals_our_rerun_where_history_matters():
     """Our copy of the official algorithm (``init_rerun_cache``) against the carried state,
     on a random model whose Mamba decays slowly (A = -0.01): every scale's logits depend
     on all earlier ones, unlike the fixture's freshly initialised layers."""
-    config = TransformerConfig(vocab_size=16, cvae=4, num_classes=5, depth=1, embed_dim=64,
-                               num_heads=2, patch_nums=(1, 2, 3, 4, 5), attention="mamba")
+    config = TransformerConfig(
+        vocab_size=16,
+        cvae=4,
+        num_classes=5,
+        depth=1,
+        embed_dim=64,
+        num_heads=2,
+        patch_nums=(1, 2, 3, 4, 5),
+        attention="mamba",
+    )
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: (np.full(leaf.shape, np.log(0.01), np.float32)
-                            if path[-1].key == "A_log"
-                            else rng.normal(0, 0.3, leaf.shape).astype(np.float32)),
-        param_shapes(config))
-    args = (config, params, jnp.array([1, 4]),
-            rng.normal(size=(2, config.seq_len - 1, config.cvae)).astype(np.float32))
+        lambda path, leaf: (
+            np.full(leaf.shape, np.log(0.01), np.float32)
+            if path[-1].key == "A_log"
+            else rng.normal(0, 0.3, leaf.shape).astype(np.float32)
+        ),
+        param_shapes(config),
+    )
+    args = (
+        config,
+        params,
+        jnp.array([1, 4]),
+        rng.normal(size=(2, config.seq_len - 1, config.cvae)).astype(np.float32),
+    )
     carried = _inference_logits(*args, rerun=False)
     rerun = _inference_logits(*args, rerun=True)
     err = rel_err(carried, rerun)
@@ -118,7 +136,7 @@ def test_carried_state_equals_our_rerun_where_history_matters():
     np.testing.assert_array_equal(_greedy_tokens(carried, config), _greedy_tokens(rerun, config))
     # The history matters: new inputs for scales 1-3 move the last scale's logits.
     changed = args[3].copy()
-    changed[:, :config.token_range(0, 4)[1] - 1] += 1.0
+    changed[:, : config.token_range(0, 4)[1] - 1] += 1.0
     last = slice(*config.token_range(4, 5))
     moved = _inference_logits(*args[:3], changed, rerun=False)
     assert rel_err(moved[:, last], carried[:, last]) > 1e-2  # measured 0.10
@@ -130,8 +148,9 @@ def test_greedy_sampling_matches_official(models, m_var_io):
     io = m_var_io["l20"]
     out = sampling.sample(models["l20"], io["label"], jax.random.PRNGKey(0), cfg=CFG, top_k=1)
     np.testing.assert_array_equal(out.tokens, io["greedy_BL"])
-    np.testing.assert_allclose(out.images, io["greedy_img"].transpose(0, 2, 3, 1), atol=1e-4,
-                               rtol=0)  # measured 9.4e-6
+    np.testing.assert_allclose(
+        out.images, io["greedy_img"].transpose(0, 2, 3, 1), atol=1e-4, rtol=0
+    )  # measured 9.4e-6
 
 
 def _mamba_calls(model: checkpoint.ModelBundle, mamba_rerun: bool):
@@ -146,10 +165,20 @@ def _mamba_calls(model: checkpoint.ModelBundle, mamba_rerun: bool):
 
     with nn.intercept_methods(record):
         jax.eval_shape(
-            functools.partial(sampling.generate, model.vqvae_config, model.transformer_config,
-                              top_k=1, decode=False, mamba_rerun=mamba_rerun),
-            model.vqvae_params, model.transformer_params, jnp.array([1, 2, 3]),
-            jax.random.PRNGKey(0), sampling.guidance_schedule(CFG, model.transformer_config))
+            functools.partial(
+                sampling.generate,
+                model.vqvae_config,
+                model.transformer_config,
+                top_k=1,
+                decode=False,
+                mamba_rerun=mamba_rerun,
+            ),
+            model.vqvae_params,
+            model.transformer_params,
+            jnp.array([1, 2, 3]),
+            jax.random.PRNGKey(0),
+            sampling.guidance_schedule(CFG, model.transformer_config),
+        )
     return calls
 
 
@@ -160,23 +189,30 @@ def test_sampler_runs_each_scale_once_on_a_fixed_size_state(models):
     state_shape = (6, config.mamba.nheads, config.mamba.headdim, config.mamba.d_state)
     # Ours: each block's Mamba sees this scale's tokens and the state from the last one.
     assert _mamba_calls(model, mamba_rerun=False) == [
-        (n, state_shape) for n in sizes for _ in range(config.depth)]
+        (n, state_shape) for n in sizes for _ in range(config.depth)
+    ]
     # The official algorithm: all tokens so far, from scratch, at every scale.
     assert _mamba_calls(model, mamba_rerun=True) == [
-        (sum(sizes[:si + 1]), None) for si in range(config.num_scales) for _ in range(config.depth)]
+        (sum(sizes[: si + 1]), None) for si in range(config.num_scales) for _ in range(config.depth)
+    ]
 
 
 def _random_params(abstract, seed: int, std: float):
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda leaf: jnp.asarray(rng.normal(0, std, leaf.shape), jnp.float32),
-                        abstract)
+    return jax.tree.map(lambda leaf: jnp.asarray(rng.normal(0, std, leaf.shape), jnp.float32), abstract)
 
 
 def test_m_var_settings_and_errors():
-    config = TransformerConfig(depth=2, embed_dim=64, num_heads=4, patch_nums=(1, 2, 3),
-                               attention="mamba")  # refine_step 8 > 3 scales: unused
-    assert (config.mamba.d_state, config.mamba.d_conv, config.mamba.expand,
-            config.mamba.headdim, config.mamba.nheads) == (64, 4, 2, 64, 2)
+    config = TransformerConfig(
+        depth=2, embed_dim=64, num_heads=4, patch_nums=(1, 2, 3), attention="mamba"
+    )  # refine_step 8 > 3 scales: unused
+    assert (
+        config.mamba.d_state,
+        config.mamba.d_conv,
+        config.mamba.expand,
+        config.mamba.headdim,
+        config.mamba.nheads,
+    ) == (64, 4, 2, 64, 2)
     assert sampling.guidance_schedule(1.0, config) is not None  # Guides at cfg 1, as VAR.
     with pytest.raises(ValueError, match="M-VAR .* has no shared AdaLN"):
         TransformerConfig(depth=2, embed_dim=64, shared_aln=True, attention="mamba")
@@ -185,8 +221,7 @@ def test_m_var_settings_and_errors():
     params = _random_params(param_shapes(config), 0, 0.1)
     model = Transformer(config)
     with pytest.raises(ValueError, match="must start at scale 0"):
-        model.apply(params, jnp.zeros(1, jnp.int32), jnp.zeros((1, 4, 8)), first_scale=1,
-                    last_scale=2)
+        model.apply(params, jnp.zeros(1, jnp.int32), jnp.zeros((1, 4, 8)), first_scale=1, last_scale=2)
     x, cond = model.apply(params, jnp.zeros(1, jnp.int32), method=Transformer.start_input)
     with pytest.raises(ValueError, match="M-VAR its Mamba states"):
         model.apply(params, x, cond, 0, None, method=Transformer.scale_logits)
@@ -199,8 +234,7 @@ def test_init_params_follow_the_official_recipe():
     # (in_proj, out_proj: no 1/sqrt(2 depth)), Conv1d normal(0.02) with zero bias; ada_lin's
     # first 2C of 9C columns (gamma1, gamma2) times alng; A in [1, 16], dt in [1e-3, 0.1],
     # D and the norm weight ones.
-    config = TransformerConfig(depth=1, embed_dim=64, num_heads=2, patch_nums=(1, 2),
-                               attention="mamba")
+    config = TransformerConfig(depth=1, embed_dim=64, num_heads=2, patch_nums=(1, 2), attention="mamba")
     params = init_params(config, jax.random.PRNGKey(0))["params"]["blocks_0"]
     std, C = (1 / (3 * 64)) ** 0.5, 64
     mamba = jax.tree.map(np.asarray, params["mamba"])
@@ -215,5 +249,5 @@ def test_init_params_follow_the_official_recipe():
     assert np.all(mamba["D"] == 1) and np.all(mamba["norm"]["scale"] == 1)
     ada = np.asarray(params["ada_lin"]["kernel"])
     assert ada.shape == (C, 9 * C)
-    assert np.abs(ada[:, :2 * C]).max() < 1e-4  # gamma1, gamma2 start closed
-    assert 0.4 * std < ada[:, 2 * C:].std() < 0.6 * std  # gamma3 and the modulations: x 0.5
+    assert np.abs(ada[:, : 2 * C]).max() < 1e-4  # gamma1, gamma2 start closed
+    assert 0.4 * std < ada[:, 2 * C :].std() < 0.6 * std  # gamma3 and the modulations: x 0.5

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import rel_err
+
 from mvar_jax.mamba2 import Mamba2, Mamba2Config, MambaState, ssd_scan
 
 # Small but with every axis > 1: 4 heads of 16, d_state 8, conv width 4.
@@ -28,8 +28,7 @@ def _params(seed: int = 0):
         name = path[-1].key
         if name in ("A_log", "dt_bias"):
             return leaf
-        return jnp.asarray(rng.normal(0, 0.3, leaf.shape) + (name in ("D", "scale")),
-                           jnp.float32)
+        return jnp.asarray(rng.normal(0, 0.3, leaf.shape) + (name in ("D", "scale")), jnp.float32)
 
     return {"params": jax.tree_util.tree_map_with_path(randomise, params)}
 
@@ -64,8 +63,7 @@ def _assert_close(got, want, tol=1e-5):
 
 # 13 tokens (one length: one compilation of the recurrence): chunks of 1, of 4 and 5
 # (the last one partial), one chunk larger than the sequence.
-@pytest.mark.parametrize("chunk_size,from_zero", [(1, True), (4, False), (5, False),
-                                                  (256, True)])
+@pytest.mark.parametrize("chunk_size,from_zero", [(1, True), (4, False), (5, False), (256, True)])
 def test_chunked_scan_equals_the_recurrence(chunk_size, from_zero):
     rng = np.random.default_rng(chunk_size)
     params = _params(seed=chunk_size)
@@ -80,8 +78,10 @@ def _recurrence_float64(x, dt, A, B, C, h):
     x, dt, A, B, C, h = (np.asarray(t, np.float64) for t in (x, dt, A, B, C, h))
     ys = []
     for t in range(x.shape[1]):
-        h = (h * np.exp(dt[:, t] * A)[..., None, None]
-             + dt[:, t, :, None, None] * x[:, t, :, :, None] * B[:, t, None, None, :])
+        h = (
+            h * np.exp(dt[:, t] * A)[..., None, None]
+            + dt[:, t, :, None, None] * x[:, t, :, :, None] * B[:, t, None, None, :]
+        )
         ys.append(np.einsum("bhpn,bn->bhp", h, C[:, t]))
     return np.stack(ys, axis=1), h
 
@@ -99,7 +99,8 @@ def test_ssd_scan_survives_state_resets():
     A, h = np.array([-0.5, -2.0, -16.0]), rng.normal(size=(2, H, P, N))
     want = _recurrence_float64(x, dt, A, B, C, h)
     got = jax.jit(ssd_scan, static_argnames="chunk_size")(
-        *(jnp.asarray(t, jnp.float32) for t in (x, dt, A, B, C, h)), chunk_size=64)
+        *(jnp.asarray(t, jnp.float32) for t in (x, dt, A, B, C, h)), chunk_size=64
+    )
     _assert_close(got, want, tol=1e-6)  # measured 1.2e-7
 
 

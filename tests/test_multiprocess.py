@@ -29,8 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 from conftest import make_image_folder
+
 from mvar_jax import checkpoint
 
 REPO = pathlib.Path(__file__).parent.parent
@@ -53,40 +53,57 @@ def _train_args(data_dir: pathlib.Path, workdir: pathlib.Path) -> list[str]:
     """``train.py`` on the tiny config shrunk to ``STEPS`` steps of a depth-1 model."""
     overrides = {
         "vqvae_checkpoint": REPO / "tests/fixtures/official/tiny_vae.pth",
-        "data.name": "folder", "data.data_dir": data_dir, "data.num_classes": NUM_CLASSES,
-        "batch_size": BATCH, "num_train_steps": STEPS, "log_every": 1,
-        "checkpoint_every": RESUME_FROM, "sample_every": 0,
-        "model.depth": 1, "model.cond_drop_rate": 0.0,
+        "data.name": "folder",
+        "data.data_dir": data_dir,
+        "data.num_classes": NUM_CLASSES,
+        "batch_size": BATCH,
+        "num_train_steps": STEPS,
+        "log_every": 1,
+        "checkpoint_every": RESUME_FROM,
+        "sample_every": 0,
+        "model.depth": 1,
+        "model.cond_drop_rate": 0.0,
     }
-    return [sys.executable, str(REPO / "train.py"), f"--config={REPO / 'configs/tiny_cpu.py'}:fixture",
-            f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items())]
+    return [
+        sys.executable,
+        str(REPO / "train.py"),
+        f"--config={REPO / 'configs/tiny_cpu.py'}:fixture",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in overrides.items()),
+    ]
 
 
 def _log(workdir: pathlib.Path, process: int, stream: str) -> pathlib.Path:
     return workdir.with_name(f"{workdir.name}.{process}.{stream}")
 
 
-def _start(data_dir: pathlib.Path, workdir: pathlib.Path, *, processes: int,
-           devices_per_process: int) -> list[subprocess.Popen]:
+def _start(
+    data_dir: pathlib.Path, workdir: pathlib.Path, *, processes: int, devices_per_process: int
+) -> list[subprocess.Popen]:
     """``processes`` train.py processes of one job, output to files beside ``workdir``."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-           # Unoptimised machine code compiles faster; the few tiny steps do not mind.
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process} "
-                        "--xla_backend_optimization_level=0",
-           # The resumed run reuses the big programs the first 2-process run compiled.
-           "JAX_COMPILATION_CACHE_DIR": str(workdir.parent / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(REPO),
+        # Unoptimised machine code compiles faster; the few tiny steps do not mind.
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process} "
+        "--xla_backend_optimization_level=0",
+        # The resumed run reuses the big programs the first 2-process run compiled.
+        "JAX_COMPILATION_CACHE_DIR": str(workdir.parent / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+    }
     args = _train_args(data_dir, workdir)
     if processes > 1:
-        args += ["--config.parallel.distributed.enabled=True",
-                 f"--config.parallel.distributed.coordinator_address=127.0.0.1:{_free_port()}",
-                 f"--config.parallel.distributed.num_processes={processes}"]
+        args += [
+            "--config.parallel.distributed.enabled=True",
+            f"--config.parallel.distributed.coordinator_address=127.0.0.1:{_free_port()}",
+            f"--config.parallel.distributed.num_processes={processes}",
+        ]
     procs = []
     for i in range(processes):
         rank = [f"--config.parallel.distributed.process_id={i}"] if processes > 1 else []
         with open(_log(workdir, i, "out"), "w") as out, open(_log(workdir, i, "err"), "w") as err:
-            procs.append(subprocess.Popen(args + rank, env=env, cwd=workdir.parent,
-                                          stdout=out, stderr=err))
+            procs.append(subprocess.Popen(args + rank, env=env, cwd=workdir.parent, stdout=out, stderr=err))
     return procs
 
 
@@ -97,8 +114,11 @@ def _wait(jobs: Jobs) -> dict[str, list[str]]:
     procs = [p for _, job in jobs.values() for p in job]
     deadline = time.monotonic() + TIMEOUT_S
     try:
-        while (any(p.poll() is None for p in procs) and time.monotonic() < deadline
-               and not any(p.poll() for p in procs)):
+        while (
+            any(p.poll() is None for p in procs)
+            and time.monotonic() < deadline
+            and not any(p.poll() for p in procs)
+        ):
             time.sleep(0.2)
     finally:
         for p in procs:
@@ -106,12 +126,17 @@ def _wait(jobs: Jobs) -> dict[str, list[str]]:
                 p.kill()
                 p.wait()
     if any(p.returncode for p in procs):
-        tails = [f"--- {name} process {i}: exit {p.returncode}, stderr tail:\n"
-                 + _log(workdir, i, "err").read_text()[-2000:]
-                 for name, (workdir, job) in jobs.items() for i, p in enumerate(job)]
+        tails = [
+            f"--- {name} process {i}: exit {p.returncode}, stderr tail:\n"
+            + _log(workdir, i, "err").read_text()[-2000:]
+            for name, (workdir, job) in jobs.items()
+            for i, p in enumerate(job)
+        ]
         pytest.fail(f"training processes failed or ran past {TIMEOUT_S}s\n" + "\n".join(tails))
-    return {name: [_log(workdir, i, "out").read_text() for i in range(len(job))]
-            for name, (workdir, job) in jobs.items()}
+    return {
+        name: [_log(workdir, i, "out").read_text() for i in range(len(job))]
+        for name, (workdir, job) in jobs.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -123,18 +148,17 @@ def runs(tmp_path_factory) -> dict[str, tuple[pathlib.Path, list[str]]]:
     make_image_folder(data_dir, NUM_CLASSES, PER_CLASS)
     workdirs = {name: root / name for name in ("two", "one", "resumed")}
     # The 1-process run shares the cores while the two processes wait on each other.
-    jobs = {"two": (workdirs["two"], _start(data_dir, workdirs["two"], processes=2,
-                                            devices_per_process=2)),
-            "one": (workdirs["one"], _start(data_dir, workdirs["one"], processes=1,
-                                            devices_per_process=4))}
+    jobs = {
+        "two": (workdirs["two"], _start(data_dir, workdirs["two"], processes=2, devices_per_process=2)),
+        "one": (workdirs["one"], _start(data_dir, workdirs["one"], processes=1, devices_per_process=4)),
+    }
     stdouts = _wait(jobs)
 
     resumed = workdirs["resumed"]
     shutil.copytree(workdirs["two"], resumed)
     shutil.rmtree(resumed / "model")
     shutil.rmtree(resumed / "checkpoints" / str(STEPS))
-    stdouts |= _wait({"resumed": (resumed, _start(data_dir, resumed, processes=2,
-                                                  devices_per_process=2))})
+    stdouts |= _wait({"resumed": (resumed, _start(data_dir, resumed, processes=2, devices_per_process=2))})
     return {name: (workdirs[name], stdouts[name]) for name in workdirs}
 
 
@@ -154,8 +178,11 @@ def _prints_nothing_of_its_own(stdout: str) -> bool:
 
 def _losses(stdout: str) -> list[float]:
     """The per-step losses printed (``log_every=1``): ``step 3: loss 4.1234, ...``."""
-    return [float(line.split("loss ")[1].split(",")[0])
-            for line in stdout.splitlines() if line.startswith("step ")]
+    return [
+        float(line.split("loss ")[1].split(",")[0])
+        for line in stdout.splitlines()
+        if line.startswith("step ")
+    ]
 
 
 def _data_positions(workdir: pathlib.Path, step: int) -> dict[str, tuple[int, int]]:
@@ -168,8 +195,7 @@ def _data_positions(workdir: pathlib.Path, step: int) -> dict[str, tuple[int, in
 def test_one_checkpoint_series_and_export_and_host0_alone_prints(runs):
     workdir, (out0, out1) = runs["two"]
     assert json.loads((workdir / "model" / "exported_step.json").read_text()) == {"step": STEPS}
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(RESUME_FROM),
-                                                                           str(STEPS)]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(RESUME_FROM), str(STEPS)]
     for step in (RESUME_FROM, STEPS):
         epoch_position = divmod(step * BATCH // 2, HOST_EPOCH)  # of the examples each host read
         assert _data_positions(workdir, step) == {"0": epoch_position, "1": epoch_position}
@@ -180,8 +206,7 @@ def test_one_checkpoint_series_and_export_and_host0_alone_prints(runs):
 
 def test_two_processes_match_one_process_on_four_devices(runs):
     two, one = _params(runs["two"][0]), _params(runs["one"][0])
-    errs = jax.tree.map(
-        lambda a, b: float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)), two, one)
+    errs = jax.tree.map(lambda a, b: float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)), two, one)
     assert max(jax.tree.leaves(errs)) < 1e-5, errs  # float32 rounding
     losses = _losses(runs["two"][1][0])
     assert np.all(np.isfinite(losses))

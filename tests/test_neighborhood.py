@@ -15,8 +15,10 @@ CASES = [(size, ks) for size in range(1, 12) for ks in range(1, size + 1, 2)]
 def _windows(size: int, ks: int) -> list[range]:
     """Each query's window by NATTEN's definition: k consecutive keys, centred on the
     query where the map allows, else the k keys at that border."""
-    return [range(min(max(i - ks // 2, 0), size - ks), min(max(i - ks // 2, 0), size - ks) + ks)
-            for i in range(size)]
+    return [
+        range(min(max(i - ks // 2, 0), size - ks), min(max(i - ks // 2, 0), size - ks) + ks)
+        for i in range(size)
+    ]
 
 
 @pytest.mark.parametrize("size, ks", CASES)
@@ -40,8 +42,8 @@ def test_traced_positions_give_the_same_windows():
         return window_start(i, size, ks), first_query(i, ks), last_query(i, size, ks)
 
     i = np.arange(size)
-    for traced, static in zip(rule(jnp.asarray(i)), (window_start(i, size, ks),
-                                                     first_query(i, ks),
-                                                     last_query(i, size, ks))):
+    for traced, static in zip(
+        rule(jnp.asarray(i)), (window_start(i, size, ks), first_query(i, ks), last_query(i, size, ks))
+    ):
         assert isinstance(traced, jax.Array)
         np.testing.assert_array_equal(traced, static)

@@ -49,7 +49,7 @@ def code_cells(path: pathlib.Path, params: dict[str, Any] | None = None) -> list
         for line in "".join(cell["source"]).splitlines():
             body = line.lstrip()
             if body[:1] in ("%", "!"):
-                line = line[:len(line) - len(body)] + "pass"
+                line = line[: len(line) - len(body)] + "pass"
             field = re.match(r"(\w+) = .*# @param", line)
             if field and field[1] in params:
                 line = f"{field[1]} = {params.pop(field[1])!r}  # @param"
@@ -69,12 +69,21 @@ def run_notebook(path: pathlib.Path, params: dict[str, Any] | None = None) -> No
 
 def execute(name: str, cwd: pathlib.Path, **params: Any) -> str:
     """Runs ``notebooks/<name>.ipynb`` in a subprocess in ``cwd``; returns its output."""
-    env = dict(os.environ, MVAR_NOTEBOOK_SMOKE="1", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               TFDS_DATA_DIR=str(cwd / "tfds"))
-    proc = subprocess.run([sys.executable, __file__, str(NOTEBOOKS / f"{name}.ipynb"),
-                           json.dumps(params)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    env = dict(
+        os.environ,
+        MVAR_NOTEBOOK_SMOKE="1",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        TFDS_DATA_DIR=str(cwd / "tfds"),
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__, str(NOTEBOOKS / f"{name}.ipynb"), json.dumps(params)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{name}.ipynb failed:\n{output[-6000:]}"
     return output
@@ -98,9 +107,12 @@ def trained(workdir) -> str:
     output = execute("train_small", workdir)
     model = checkpoint.load_model(workdir / "notebook_out" / "train_small" / "model")
     checkpoint.save_model(
-        workdir / "notebook_out" / "train_small_var", vqvae_config=model.vqvae_config,
-        vqvae_params=model.vqvae_params, transformer_params=model.transformer_params,
-        transformer_config=dataclasses.replace(model.transformer_config, attention="var"))
+        workdir / "notebook_out" / "train_small_var",
+        vqvae_config=model.vqvae_config,
+        vqvae_params=model.vqvae_params,
+        transformer_params=model.transformer_params,
+        transformer_config=dataclasses.replace(model.transformer_config, attention="var"),
+    )
     return output
 
 
@@ -125,8 +137,9 @@ def run_install_cell(name: str, cwd: pathlib.Path) -> subprocess.CompletedProces
     then ``import mvar_jax`` in the same process, as the next cell does."""
     cell = code_cells(NOTEBOOKS / f"{name}.ipynb")[0]
     script = "import sys\nexec(sys.argv[1])\nimport mvar_jax\nprint('imported', mvar_jax.__file__)"
-    return subprocess.run([sys.executable, "-I", "-S", "-c", script, cell], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-I", "-S", "-c", script, cell], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
 
 
 def fake_clone(root: pathlib.Path) -> pathlib.Path:
@@ -157,13 +170,21 @@ def test_install_cell_finds_the_clone_it_runs_in(name, tmp_path):
 
 def test_code_cells_skip_shell_lines_and_set_params(tmp_path):
     path = tmp_path / "nb.ipynb"
-    path.write_text(json.dumps({"cells": [
-        {"cell_type": "markdown", "source": ["%not code"]},
-        {"cell_type": "code", "source": ["if x:\n", "    !ls\n", "    %cd y\n", "z = 1"]},
-        {"cell_type": "code", "source": ['DIR = "a"  # @param {type:"string"}\n', "N = 2"]},
-    ]}))
-    assert code_cells(path) == ["if x:\n    pass\n    pass\nz = 1",
-                                'DIR = "a"  # @param {type:"string"}\nN = 2']
+    path.write_text(
+        json.dumps(
+            {
+                "cells": [
+                    {"cell_type": "markdown", "source": ["%not code"]},
+                    {"cell_type": "code", "source": ["if x:\n", "    !ls\n", "    %cd y\n", "z = 1"]},
+                    {"cell_type": "code", "source": ['DIR = "a"  # @param {type:"string"}\n', "N = 2"]},
+                ]
+            }
+        )
+    )
+    assert code_cells(path) == [
+        "if x:\n    pass\n    pass\nz = 1",
+        'DIR = "a"  # @param {type:"string"}\nN = 2',
+    ]
     assert code_cells(path, {"DIR": "b/c"})[1] == "DIR = 'b/c'  # @param\nN = 2"
     assert code_cells(path, {"DIR": 3})[1] == "DIR = 3  # @param\nN = 2"
     with pytest.raises(ValueError, match=r"no # @param fields \['N'\]"):
@@ -187,8 +208,7 @@ def test_train_small_notebook(trained, workdir):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert image_size(run / "samples" / "step_00000006.png")
     assert image_size(workdir / "notebook_out" / "train_small_samples.png")[0] == 8 * 64
-    curve = [line.split() for line in trained.splitlines()
-             if line.startswith("step ") and line.endswith("#")]
+    curve = [line.split() for line in trained.splitlines() if line.startswith("step ") and line.endswith("#")]
     assert [int(words[1]) for words in curve] == [2, 4, 6]  # log_every 2 of 6 steps
     losses = np.array([float(words[3]) for words in curve])
     assert np.all(np.isfinite(losses)) and np.all((losses > 0) & (losses < np.log(64)))
@@ -196,8 +216,12 @@ def test_train_small_notebook(trained, workdir):
 
 
 def test_sampling_notebook(trained, workdir):
-    output = execute("sampling", workdir, CHECKPOINT="notebook_out/train_small/model",
-                     VAR_CHECKPOINT="notebook_out/train_small_var")
+    output = execute(
+        "sampling",
+        workdir,
+        CHECKPOINT="notebook_out/train_small/model",
+        VAR_CHECKPOINT="notebook_out/train_small_var",
+    )
     out = workdir / "notebook_out"
     assert image_size(out / "samples.png")[0] == 2 * 64  # smoke mode: the first 2 labels
     assert image_size(out / "pyramid.png") == (4 * 64, 2 * 64)  # 4 scales x 2 samples

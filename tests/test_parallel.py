@@ -33,8 +33,10 @@ def test_host_batch_to_global_takes_a_mesh_or_a_sharding():
 
     mesh = parallel.make_mesh()
     batch = {"tokens": np.arange(12, dtype=np.int32).reshape(4, 3)}
-    for target, sharding in ((mesh, parallel.batch_sharding(mesh)),
-                             (parallel.replicated(mesh), parallel.replicated(mesh))):
+    for target, sharding in (
+        (mesh, parallel.batch_sharding(mesh)),
+        (parallel.replicated(mesh), parallel.replicated(mesh)),
+    ):
         out = parallel.host_batch_to_global(batch, target)["tokens"]
         assert out.sharding == sharding
         np.testing.assert_array_equal(jax.device_get(out), batch["tokens"])
@@ -68,19 +70,17 @@ def _worker() -> None:
     toy = tiny_cpu.get_config()  # the toy model, on the tiny tokenizer's vocabulary
     toy.model.drop_path_rate = 0.1  # drawn per example: must not depend on the devices
     toy.optim.base_lr = 0.1
-    config = generator.transformer_config(toy, VQVAEConfig(vocab_size=64, z_channels=8,
-                                                           patch_nums=toy.model.patch_nums))
+    config = generator.transformer_config(
+        toy, VQVAEConfig(vocab_size=64, z_channels=8, patch_nums=toy.model.patch_nums)
+    )
     model = Transformer(config)
-    tx, lr = optimizer.make_optimizer(toy.optim, global_batch_size=8, total_steps=10,
-                                      warmup_steps=1)
+    tx, lr = optimizer.make_optimizer(toy.optim, global_batch_size=8, total_steps=10, warmup_steps=1)
     rng = jax.random.PRNGKey(0)
     params = state_lib.init_params(config, toy.init, rng)
-    source = SyntheticTokenSource(batch_size=8, seq_len=config.seq_len, vocab_size=64,
-                                  num_classes=10)
+    source = SyntheticTokenSource(batch_size=8, seq_len=config.seq_len, vocab_size=64, num_classes=10)
     batches = [source.batch(i) for i in range(2)]
     for b in batches:
-        b["x_BLCv"] = np.random.default_rng(0).normal(
-            size=(8, config.seq_len - 1, 8)).astype(np.float32)
+        b["x_BLCv"] = np.random.default_rng(0).normal(size=(8, config.seq_len - 1, 8)).astype(np.float32)
     segments = schedule.make_schedule("mvar", 4, refine_step=3, ratio_k=1).segments
 
     def run(devices, fsdp):
@@ -93,7 +93,8 @@ def _worker() -> None:
             train_step = jax.jit(
                 step_lib.make_train_step(model, tx, lr, segment, label_smoothing=0.1),
                 in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                out_shardings=(shardings, parallel.replicated(mesh)))
+                out_shardings=(shardings, parallel.replicated(mesh)),
+            )
             state, metrics = train_step(state, parallel.host_batch_to_global(batch, mesh))
             losses.append(float(metrics["loss"]))
         sharded = sum(not s.is_fully_replicated for s in jax.tree.leaves(shardings))
@@ -104,11 +105,12 @@ def _worker() -> None:
     for name, fsdp in (("data_parallel", False), ("fsdp", True)):
         params8, loss8, sharded = run(jax.devices(), fsdp)
         errs = jax.tree.map(
-            lambda a, b: float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)),
-            params8, one)
+            lambda a, b: float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)), params8, one
+        )
         report["max_rel_err"][name] = max(jax.tree.leaves(errs))
-        report["loss_rel_err"] = max(report["loss_rel_err"],
-                                     float(np.max(np.abs(loss8 - loss_one) / loss_one)))
+        report["loss_rel_err"] = max(
+            report["loss_rel_err"], float(np.max(np.abs(loss8 - loss_one) / loss_one))
+        )
         if fsdp:
             report["fsdp_sharded_leaves"] = sharded
 
@@ -117,8 +119,7 @@ def _worker() -> None:
         parallel.check_batch_size(12, mesh)
     except ValueError as e:
         report["batch_error"] = str(e)
-    report["global_batch_shape"] = list(
-        parallel.host_batch_to_global(batches[0], mesh)["tokens"].shape)
+    report["global_batch_shape"] = list(parallel.host_batch_to_global(batches[0], mesh)["tokens"].shape)
     print(json.dumps(report))
 
 

@@ -30,7 +30,8 @@ def test_frechet_distance_closed_forms():
     a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 0.25])
     expected = 1.0 + 4.0 + (1 - 2) ** 2 + (2 - 1) ** 2 + (3 - 0.5) ** 2
     assert quality.frechet_distance_from_stats(mu1, np.diag(a), mu2, np.diag(b)) == (
-        pytest.approx(expected, rel=1e-12))
+        pytest.approx(expected, rel=1e-12)
+    )
     # 2x2 covariances that do not commute: tr sqrt(S1 S2) = sqrt(tr(S1 S2) + 2 sqrt(det(S1 S2))).
     s1, s2 = np.array([[2.0, 0.7], [0.7, 1.0]]), np.array([[1.0, -0.4], [-0.4, 3.0]])
     assert not np.allclose(s1 @ s2, s2 @ s1)
@@ -38,11 +39,11 @@ def test_frechet_distance_closed_forms():
     tr_sqrt = np.sqrt(np.trace(p) + 2 * np.sqrt(np.linalg.det(p)))
     expected = 0.5**2 + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
     assert quality.frechet_distance_from_stats(np.zeros(2), s1, np.array([0.5, 0.0]), s2) == (
-        pytest.approx(expected, rel=1e-12))
+        pytest.approx(expected, rel=1e-12)
+    )
     # A distribution is at distance 0 from itself.
     s = _random_covariance(np.random.default_rng(0), 16)
-    assert abs(quality.frechet_distance_from_stats(mu1[:1].repeat(16), s,
-                                                   mu1[:1].repeat(16), s)) < 1e-9
+    assert abs(quality.frechet_distance_from_stats(mu1[:1].repeat(16), s, mu1[:1].repeat(16), s)) < 1e-9
 
 
 def test_frechet_distance_matches_the_scipy_sqrtm_formula():
@@ -52,8 +53,7 @@ def test_frechet_distance_matches_the_scipy_sqrtm_formula():
     s1, s2 = _random_covariance(rng, 32), _random_covariance(rng, 32)
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     reference = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean)
-    assert quality.frechet_distance_from_stats(mu1, s1, mu2, s2) == pytest.approx(
-        reference, rel=1e-9)
+    assert quality.frechet_distance_from_stats(mu1, s1, mu2, s2) == pytest.approx(reference, rel=1e-9)
 
 
 def test_frechet_distance_of_samples_estimates_the_gaussians_distance():
@@ -121,9 +121,12 @@ def classifier(data_cfg, classifier_cache) -> quality.TrainedClassifier:
 
 
 def test_classifier_reaches_the_accuracy_threshold_and_is_cached(
-        classifier, data_cfg, classifier_cache, monkeypatch):
-    print(f"classifier: held-out accuracy {classifier.val_accuracy:.4f}, "
-          f"{classifier.train_cpu_seconds:.1f} CPU s")
+    classifier, data_cfg, classifier_cache, monkeypatch
+):
+    print(
+        f"classifier: held-out accuracy {classifier.val_accuracy:.4f}, "
+        f"{classifier.train_cpu_seconds:.1f} CPU s"
+    )
     assert classifier.val_accuracy >= quality.MIN_CLASSIFIER_ACCURACY
     # Held-out accuracy recomputed from the validation images, independently of training.
     images, labels = quality.validation_images(data_cfg)
@@ -146,8 +149,10 @@ def test_cache_key_changes_with_resolution_and_recipe(data_cfg, tmp_path):
     other_size = data.default_config()
     other_size.update(data_dir=data_cfg.data_dir, image_size=32)
     other_recipe = quality.ClassifierConfig(num_steps=10)
-    others = {quality.classifier_cache_path(tmp_path, other_size),
-              quality.classifier_cache_path(tmp_path, data_cfg, other_recipe)}
+    others = {
+        quality.classifier_cache_path(tmp_path, other_size),
+        quality.classifier_cache_path(tmp_path, data_cfg, other_recipe),
+    }
     assert path not in others and len(others) == 2
     moved = data.default_config()  # where the data lives does not matter
     assert quality.classifier_cache_path(tmp_path, moved) == path
@@ -170,8 +175,9 @@ def test_tokenizer_psnr_against_the_full_pyramid_reconstruction(tiny_tokenizer, 
     direct = (np.asarray(jax.jit(VQVAE(config).apply)(params, images * 2 - 1)) + 1) / 2
     np.testing.assert_allclose(recon, direct, atol=1e-5)
     value = quality.tokenizer_psnr(config, params, data_cfg, num_images=8)
-    assert value == pytest.approx(np.mean(10 * np.log10(1 / np.mean((direct - images) ** 2,
-                                                                      axis=(1, 2, 3)))), abs=1e-3)
+    assert value == pytest.approx(
+        np.mean(10 * np.log10(1 / np.mean((direct - images) ** 2, axis=(1, 2, 3)))), abs=1e-3
+    )
     with pytest.raises(ValueError, match="encodes 64x64 RGB images"):
         quality.reconstruct(config, params, images[:, :32, :32])
 
@@ -180,80 +186,147 @@ def test_tokenizer_psnr_against_the_full_pyramid_reconstruction(tiny_tokenizer, 
 def model_64px(tiny_tokenizer, tmp_path_factory):
     """A random-weight 10-class MVAR over the tiny tokenizer at 64 px, saved as a model dir."""
     vqvae_config, vqvae_params = tiny_tokenizer
-    config = TransformerConfig(vocab_size=vqvae_config.vocab_size, cvae=vqvae_config.z_channels,
-                               num_classes=10, depth=1, embed_dim=32, num_heads=2,
-                               patch_nums=(1, 2, 3, 4), kernel_size=3, refine_step=3)
+    config = TransformerConfig(
+        vocab_size=vqvae_config.vocab_size,
+        cvae=vqvae_config.z_channels,
+        num_classes=10,
+        depth=1,
+        embed_dim=32,
+        num_heads=2,
+        patch_nums=(1, 2, 3, 4),
+        kernel_size=3,
+        refine_step=3,
+    )
     path = tmp_path_factory.mktemp("models") / "mvar64"
-    checkpoint.save_model(path, vqvae_config=vqvae_config, vqvae_params=vqvae_params,
-                          transformer_config=config,
-                          transformer_params=init_params(config, jax.random.PRNGKey(0)))
+    checkpoint.save_model(
+        path,
+        vqvae_config=vqvae_config,
+        vqvae_params=vqvae_params,
+        transformer_config=config,
+        transformer_params=init_params(config, jax.random.PRNGKey(0)),
+    )
     return path
 
 
-def test_bad_inputs_are_named(model_64px, tiny_checkpoints, tiny_tokenizer, data_cfg, tmp_path,
-                              monkeypatch):
+def test_bad_inputs_are_named(model_64px, tiny_checkpoints, tiny_tokenizer, data_cfg, tmp_path, monkeypatch):
     # Every check runs before the classifier is trained or loaded.
-    monkeypatch.setattr(quality, "load_or_train_classifier",
-                        lambda *a, **k: pytest.fail("the classifier was needed"))
+    monkeypatch.setattr(
+        quality, "load_or_train_classifier", lambda *a, **k: pytest.fail("the classifier was needed")
+    )
     evaluate = dict(classifier_cache=tmp_path, data_cfg=data_cfg, progress=False)
-    with pytest.raises(ValueError, match=r"makes 256x256 px images but the dataset and its "
-                                         r"classifier are 64x64 px"):
+    with pytest.raises(
+        ValueError,
+        match=r"makes 256x256 px images but the dataset and its "
+        r"classifier are 64x64 px",
+    ):
         quality.evaluate_model(tiny_checkpoints["mvar"], **evaluate)
     with pytest.raises(ValueError, match=r"labels \[10, 12\] are outside the model's classes 0..9"):
         quality.evaluate_model(model_64px, labels=[0, 12, 10], **evaluate)
     vqvae_config, vqvae_params = tiny_tokenizer
-    checkpoint.save_tokenizer(tmp_path / "tokenizer", vqvae_config=vqvae_config,
-                              vqvae_params=vqvae_params)
+    checkpoint.save_tokenizer(tmp_path / "tokenizer", vqvae_config=vqvae_config, vqvae_params=vqvae_params)
     with pytest.raises(CheckpointError, match="is a tokenizer directory"):
         quality.evaluate_model(tmp_path / "tokenizer", **evaluate)
 
     model = checkpoint.load_model(model_64px)
-    seven = model._replace(transformer_config=dataclasses.replace(
-        model.transformer_config, num_classes=7))
-    with pytest.raises(ValueError, match=r"the model has 7 classes but the dataset "
-                                         r"'builtin_shapes' has 10"):
+    seven = model._replace(transformer_config=dataclasses.replace(model.transformer_config, num_classes=7))
+    with pytest.raises(
+        ValueError,
+        match=r"the model has 7 classes but the dataset "
+        r"'builtin_shapes' has 10",
+    ):
         quality.check_generator(seven, data_cfg)
 
 
 def test_cli_reports_bad_input_as_usage_errors(tiny_checkpoints, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        quality.main(["--checkpoint", str(tiny_checkpoints["var"]), "--out",
-                      str(tmp_path / "r.json"), "--classifier_cache", str(tmp_path)])
+        quality.main(
+            [
+                "--checkpoint",
+                str(tiny_checkpoints["var"]),
+                "--out",
+                str(tmp_path / "r.json"),
+                "--classifier_cache",
+                str(tmp_path),
+            ]
+        )
     assert exit_info.value.code == 2
     assert "makes 256x256 px images but the dataset" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        quality.main(["--checkpoint", str(tiny_checkpoints["var"]), "--out",
-                      str(tmp_path / "r.txt")])
+        quality.main(["--checkpoint", str(tiny_checkpoints["var"]), "--out", str(tmp_path / "r.txt")])
     assert "--out must end in .json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        quality.main(["--checkpoint", str(tiny_checkpoints["var"]), "--out",
-                      str(tmp_path / "r.json"), "--labels", "0,x"])
+        quality.main(
+            [
+                "--checkpoint",
+                str(tiny_checkpoints["var"]),
+                "--out",
+                str(tmp_path / "r.json"),
+                "--labels",
+                "0,x",
+            ]
+        )
     assert "expected comma-separated class ids such as 3,1, got '0,x'" in capsys.readouterr().err
     with pytest.raises(SystemExit), pytest.warns(FutureWarning, match="--samples_per_class"):
-        quality.main(["--checkpoint", str(tiny_checkpoints["var"]), "--out",
-                      str(tmp_path / "r.json"), "--samples-per-class", "0"])  # the old spelling
+        quality.main(
+            [
+                "--checkpoint",
+                str(tiny_checkpoints["var"]),
+                "--out",
+                str(tmp_path / "r.json"),
+                "--samples-per-class",
+                "0",
+            ]
+        )  # the old spelling
     assert "--samples_per_class=0" in capsys.readouterr().err
 
 
 def test_cli_end_to_end(model_64px, classifier, data_cfg, classifier_cache, tmp_path, capsys):
     out = tmp_path / "report.json"
-    assert quality.main([
-        "--checkpoint", str(model_64px), "--out", str(out), "--classifier_cache",
-        str(classifier_cache), "--data_dir", data_cfg.data_dir, "--labels", "0,3,7",
-        "--samples_per_class", "4", "--batch_size", "5", "--cfg", "2.0", "--seed", "1"]) == 0
+    assert (
+        quality.main(
+            [
+                "--checkpoint",
+                str(model_64px),
+                "--out",
+                str(out),
+                "--classifier_cache",
+                str(classifier_cache),
+                "--data_dir",
+                data_cfg.data_dir,
+                "--labels",
+                "0,3,7",
+                "--samples_per_class",
+                "4",
+                "--batch_size",
+                "5",
+                "--cfg",
+                "2.0",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
-    assert report["settings"] == {"cfg": 2.0, "top_k": 0, "top_p": 0.0, "samples_per_class": 4,
-                                  "seed": 1, "batch_size": 5, "labels": [0, 3, 7]}
+    assert report["settings"] == {
+        "cfg": 2.0,
+        "top_k": 0,
+        "top_p": 0.0,
+        "samples_per_class": 4,
+        "seed": 1,
+        "batch_size": 5,
+        "labels": [0, 3, 7],
+    }
     assert list(report["class_accuracy"]["per_class"]) == ["red_circle", "red_star", "blue_triangle"]
     per_class = list(report["class_accuracy"]["per_class"].values())
     assert all(a in (0.0, 0.25, 0.5, 0.75, 1.0) for a in per_class)  # 4 samples each
     assert report["class_accuracy"]["mean"] == pytest.approx(np.mean(per_class))
     fd = report["frechet_distance"]
     assert (fd["num_samples"], fd["num_reference"]) == (12, 150)  # 3 classes of the 500
-    assert all(np.isfinite(fd[k]) and fd[k] >= 0
-               for k in ("generated", "reconstruction_floor", "train_floor"))
-    assert fd["ratio_to_reconstruction_floor"] == pytest.approx(
-        fd["generated"] / fd["reconstruction_floor"])
+    assert all(
+        np.isfinite(fd[k]) and fd[k] >= 0 for k in ("generated", "reconstruction_floor", "train_floor")
+    )
+    assert fd["ratio_to_reconstruction_floor"] == pytest.approx(fd["generated"] / fd["reconstruction_floor"])
     assert report["classifier"]["val_accuracy"] == classifier.val_accuracy
     assert report["model"]["attention"] == "mvar" and report["model"]["image_size"] == 64
     md = out.with_suffix(".md").read_text()

@@ -35,9 +35,23 @@ def _error_of(capsys, argv: list[str]) -> str:
 def test_npz_and_fid_layout(tiny_checkpoints, tiny_io, tmp_path):
     labels = tiny_io["label"]  # Two labels; two per class in batches of two.
     out, fid = tmp_path / "samples.npz", tmp_path / "fid.npz"
-    sample.main(["--checkpoint", str(tiny_checkpoints["mvar"]),
-                 "--labels", ",".join(map(str, labels)), "--num_per_class", "2",
-                 "--batch_size", "2", *GREEDY, "--out", str(out), "--fid_npz", str(fid)])
+    sample.main(
+        [
+            "--checkpoint",
+            str(tiny_checkpoints["mvar"]),
+            "--labels",
+            ",".join(map(str, labels)),
+            "--num_per_class",
+            "2",
+            "--batch_size",
+            "2",
+            *GREEDY,
+            "--out",
+            str(out),
+            "--fid_npz",
+            str(fid),
+        ]
+    )
     with np.load(out) as f:
         images, tokens = f["images"], f["tokens"]
         np.testing.assert_array_equal(f["labels"], np.repeat(labels, 2))
@@ -53,25 +67,34 @@ def test_npz_and_fid_layout(tiny_checkpoints, tiny_io, tmp_path):
     np.testing.assert_array_equal(arr, np.clip(images * 255, 0, 255).astype(np.uint8))
 
 
-def test_m_var_checkpoint_samples_the_official_images(m_var_checkpoints, m_var_io, capsys,
-                                                      tmp_path):
+def test_m_var_checkpoint_samples_the_official_images(m_var_checkpoints, m_var_io, capsys, tmp_path):
     # Same batch and options as test_m_var's greedy test: one compilation serves both.
     io, ckpt = m_var_io["l20"], str(m_var_checkpoints["l20"])
     out = tmp_path / "m_var.npz"
-    sample.main(["--checkpoint", ckpt, "--labels", ",".join(map(str, io["label"])), *GREEDY,
-                 "--batch_size", "2", "--out", str(out)])
+    sample.main(
+        [
+            "--checkpoint",
+            ckpt,
+            "--labels",
+            ",".join(map(str, io["label"])),
+            *GREEDY,
+            "--batch_size",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     with np.load(out) as f:
         np.testing.assert_array_equal(f["tokens"], io["greedy_BL"])
-        np.testing.assert_allclose(f["images"], io["greedy_img"].transpose(0, 2, 3, 1),
-                                   atol=1e-4, rtol=0)
-    assert "[10]" in _error_of(capsys, ["--checkpoint", ckpt, "--labels", "10", "--out",
-                                        str(out)])
+        np.testing.assert_allclose(f["images"], io["greedy_img"].transpose(0, 2, 3, 1), atol=1e-4, rtol=0)
+    assert "[10]" in _error_of(capsys, ["--checkpoint", ckpt, "--labels", "10", "--out", str(out)])
 
 
 def test_png_grid_has_captions(tiny_checkpoints, tiny_io, tmp_path):
     out = tmp_path / "grid.png"
-    sample.main(["--checkpoint", str(tiny_checkpoints["mvar"]), "--labels", "3,0", *GREEDY,
-                 "--out", str(out)])
+    sample.main(
+        ["--checkpoint", str(tiny_checkpoints["mvar"]), "--labels", "3,0", *GREEDY, "--out", str(out)]
+    )
     grid = np.asarray(Image.open(out).convert("RGB"))
     assert grid.shape == (256 + CAPTION_PX, 2 * 256, 3)
     captions = grid[256:]
@@ -95,8 +118,7 @@ def test_bad_input_is_a_clear_error(tiny_checkpoints, capsys, tmp_path):
     assert "transformer params does not match" in err and "blocks_2" in err
     # A tokenizer directory where a generator model is expected.
     vqvae_config, vqvae_params = checkpoint.load_tokenizer(ckpt)
-    checkpoint.save_tokenizer(tmp_path / "tokenizer", vqvae_config=vqvae_config,
-                              vqvae_params=vqvae_params)
+    checkpoint.save_tokenizer(tmp_path / "tokenizer", vqvae_config=vqvae_config, vqvae_params=vqvae_params)
     err = _error_of(capsys, ["--checkpoint", str(tmp_path / "tokenizer"), "--out", out])
     assert "is a tokenizer directory" in err and "generator model" in err
     # The tokenizer trainer's work directory (its model is in model/).
@@ -108,14 +130,14 @@ def test_bad_input_is_a_clear_error(tiny_checkpoints, capsys, tmp_path):
     assert not (tmp_path / "x.npz").exists()
 
 
-def test_memory_options_are_checked_and_reach_the_sampler(tiny_checkpoints, capsys, tmp_path,
-                                                         monkeypatch):
+def test_memory_options_are_checked_and_reach_the_sampler(tiny_checkpoints, capsys, tmp_path, monkeypatch):
     ckpt = str(tiny_checkpoints["mvar"])
     out = str(tmp_path / "x.npz")
     err = _error_of(capsys, ["--checkpoint", ckpt, "--decode_batch_size", "0", "--out", out])
     assert "--decode_batch_size=0: 0 is not a positive integer" in err
     assert "--chunk_tokens=-1: -1 is not a positive integer" in _error_of(
-        capsys, ["--checkpoint", ckpt, "--chunk_tokens", "-1", "--out", out])
+        capsys, ["--checkpoint", ckpt, "--chunk_tokens", "-1", "--out", out]
+    )
     calls = []
 
     def fake_sample(model, labels, key, **options):  # Records the call, skips the work.
@@ -124,26 +146,60 @@ def test_memory_options_are_checked_and_reach_the_sampler(tiny_checkpoints, caps
         return sampling.Samples(np.zeros((n, L), np.int32), None, np.zeros((n, 2, 2, 3)))
 
     monkeypatch.setattr(sampling, "sample", fake_sample)
-    sample.main(["--checkpoint", ckpt, "--labels", "1", "--out", out,
-                 "--decode_batch_size", "1", "--chunk_tokens", "64"])
-    (model, options), = calls
+    sample.main(
+        [
+            "--checkpoint",
+            ckpt,
+            "--labels",
+            "1",
+            "--out",
+            out,
+            "--decode_batch_size",
+            "1",
+            "--chunk_tokens",
+            "64",
+        ]
+    )
+    ((model, options),) = calls
     assert (options["decode_batch_size"], options["chunk_tokens"]) == (1, 64)
     assert blocks_are_stacked(model.transformer_params)  # sampling.prepare ran
 
 
 def test_command_line_exit_status(tiny_checkpoints, tmp_path):
     result = subprocess.run(
-        [sys.executable, "sample.py", "--checkpoint", str(tiny_checkpoints["mvar"]),
-         "--labels", "12", "--out", str(tmp_path / "x.png")],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "sample.py",
+            "--checkpoint",
+            str(tiny_checkpoints["mvar"]),
+            "--labels",
+            "12",
+            "--out",
+            str(tmp_path / "x.png"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "error:" in result.stderr and "[12]" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_precision_and_attention_overrides_reach_the_model(tiny_checkpoints):
-    args = sample.parse(["--checkpoint", str(tiny_checkpoints["mvar"]), "--out", "x.png",
-                         "--dtype", "bfloat16", "--neighborhood_impl", "reference"])
+    args = sample.parse(
+        [
+            "--checkpoint",
+            str(tiny_checkpoints["mvar"]),
+            "--out",
+            "x.png",
+            "--dtype",
+            "bfloat16",
+            "--neighborhood_impl",
+            "reference",
+        ]
+    )
     config = sample.load(args).transformer_config
     assert (config.dtype, config.neighborhood_impl) == ("bfloat16", "reference")
     args = sample.parse(["--checkpoint", str(tiny_checkpoints["mvar"]), "--out", "x.png"])
@@ -152,10 +208,21 @@ def test_precision_and_attention_overrides_reach_the_model(tiny_checkpoints):
 
 def test_old_dashed_spellings_still_work(tiny_checkpoints):
     with pytest.warns(FutureWarning) as warned:
-        args = sample.parse(["--checkpoint", str(tiny_checkpoints["mvar"]), "--fid-npz", "f.npz",
-                             "--neighborhood-impl", "reference", "--num-per-class", "3"])
+        args = sample.parse(
+            [
+                "--checkpoint",
+                str(tiny_checkpoints["mvar"]),
+                "--fid-npz",
+                "f.npz",
+                "--neighborhood-impl",
+                "reference",
+                "--num-per-class",
+                "3",
+            ]
+        )
     assert [str(w.message) for w in warned] == [
-        "--fid-npz is now --fid_npz", "--neighborhood-impl is now --neighborhood_impl",
-        "--num-per-class is now --num_per_class"]
-    assert (args.neighborhood_impl, args.num_per_class, str(args.fid_npz)) == (
-        "reference", 3, "f.npz")
+        "--fid-npz is now --fid_npz",
+        "--neighborhood-impl is now --neighborhood_impl",
+        "--num-per-class is now --num_per_class",
+    ]
+    assert (args.neighborhood_impl, args.num_per_class, str(args.fid_npz)) == ("reference", 3, "f.npz")

@@ -13,8 +13,13 @@ import pytest
 from conftest import rel_err
 
 from mvar_jax import checkpoint, sampling
-from mvar_jax.transformer import (SelfAttention, Transformer, TransformerConfig,
-                                  blocks_are_stacked, param_shapes)
+from mvar_jax.transformer import (
+    SelfAttention,
+    Transformer,
+    TransformerConfig,
+    blocks_are_stacked,
+    param_shapes,
+)
 from mvar_jax.vqvae import VQVAEConfig, abstract_variables
 
 
@@ -22,7 +27,7 @@ def _official_filter_numpy(logits: np.ndarray, top_k: int, top_p: float) -> np.n
     """The official helper's rule, written directly: mask, sort, cumulate, scatter back."""
     out = logits.astype(np.float32).copy()
     if top_k > 0:
-        kth_largest = -np.sort(-out, axis=-1)[..., top_k - 1:top_k]
+        kth_largest = -np.sort(-out, axis=-1)[..., top_k - 1 : top_k]
         out[out < kth_largest] = -np.inf
     if top_p > 0:
         order = np.argsort(out, axis=-1, kind="stable")
@@ -37,11 +42,14 @@ def _official_filter_numpy(logits: np.ndarray, top_k: int, top_p: float) -> np.n
     return out
 
 
-@pytest.mark.parametrize("top_k,top_p", [(0, 0.0), (1, 0.0), (5, 0.0), (64, 0.0), (0, 0.5),
-                                         (0, 0.96), (0, 1e-6), (10, 0.8), (7, 0.3)])
+@pytest.mark.parametrize(
+    "top_k,top_p",
+    [(0, 0.0), (1, 0.0), (5, 0.0), (64, 0.0), (0, 0.5), (0, 0.96), (0, 1e-6), (10, 0.8), (7, 0.3)],
+)
 def test_filter_logits_matches_official_rule(top_k, top_p):
-    logits = np.random.default_rng(top_k * 1000 + int(top_p * 100)).normal(
-        size=(3, 17, 64)).astype(np.float32) * 3
+    logits = (
+        np.random.default_rng(top_k * 1000 + int(top_p * 100)).normal(size=(3, 17, 64)).astype(np.float32) * 3
+    )
     got = np.asarray(sampling.filter_logits(logits, top_k, top_p))
     want = _official_filter_numpy(logits, top_k, top_p)
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
@@ -92,8 +100,7 @@ def test_filters_keep_the_largest_and_drop_something():
     np.testing.assert_array_equal(kept_k.sum(-1), 3)
     kept_p = np.isfinite(np.asarray(sampling.filter_logits(logits, 0, 1e-6)))
     np.testing.assert_array_equal(kept_p.sum(-1), 1)
-    np.testing.assert_array_equal(
-        np.argmax(np.where(kept_p, logits, -np.inf), -1), np.argmax(logits, -1))
+    np.testing.assert_array_equal(np.argmax(np.where(kept_p, logits, -np.inf), -1), np.argmax(logits, -1))
 
 
 def test_filter_settings_are_checked_under_the_callers_names():
@@ -108,15 +115,16 @@ def test_filter_settings_are_checked_under_the_callers_names():
 # ----------------------------------------------------------------------------
 # Generation.
 
+
 def test_guidance_schedule_ramps_and_mvar_skips_cfg_one():
     mvar = TransformerConfig(depth=2, embed_dim=64, num_heads=4)
-    np.testing.assert_allclose(sampling.guidance_schedule(1.5, mvar),
-                               [[1 + 1.5 * s / 9, 1.5 * s / 9] for s in range(10)], rtol=1e-7)
+    np.testing.assert_allclose(
+        sampling.guidance_schedule(1.5, mvar), [[1 + 1.5 * s / 9, 1.5 * s / 9] for s in range(10)], rtol=1e-7
+    )
     assert sampling.guidance_schedule(1.0, mvar) is None
     # The official VAR sampler always guides, so cfg=1 still ramps t = si / 9.
     var = dataclasses.replace(mvar, attention="var")
-    np.testing.assert_allclose(sampling.guidance_schedule(1.0, var)[:, 1], np.arange(10) / 9,
-                               rtol=1e-7)
+    np.testing.assert_allclose(sampling.guidance_schedule(1.0, var)[:, 1], np.arange(10) / 9, rtol=1e-7)
 
 
 def _nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
@@ -128,21 +136,29 @@ def tiny_models(tiny_checkpoints):
     return {name: checkpoint.load_model(path) for name, path in tiny_checkpoints.items()}
 
 
-@pytest.mark.parametrize("name,cfg,fhat_ref,img_ref", [
-    ("mvar", 1.5, "mvar_greedy_fhat", "mvar_greedy_img"),
-    ("mvar", 1.0, "mvar_greedy_fhat_nocfg", None),
-    ("var", 1.5, None, "var_greedy_img"),
-])
+@pytest.mark.parametrize(
+    "name,cfg,fhat_ref,img_ref",
+    [
+        ("mvar", 1.5, "mvar_greedy_fhat", "mvar_greedy_img"),
+        ("mvar", 1.0, "mvar_greedy_fhat_nocfg", None),
+        ("var", 1.5, None, "var_greedy_img"),
+    ],
+)
 def test_greedy_sampling_matches_official(tiny_models, tiny_io, name, cfg, fhat_ref, img_ref):
-    out = sampling.sample(tiny_models[name], tiny_io["label"], jax.random.PRNGKey(0), cfg=cfg,
-                          top_k=1, decode=img_ref is not None)
+    out = sampling.sample(
+        tiny_models[name],
+        tiny_io["label"],
+        jax.random.PRNGKey(0),
+        cfg=cfg,
+        top_k=1,
+        decode=img_ref is not None,
+    )
     assert out.tokens.shape == (2, 680) and out.tokens.dtype == jnp.int32
     if fhat_ref is not None:  # Equal f_hat means the same token chosen at every position.
         assert rel_err(out.f_hat, _nchw_to_nhwc(tiny_io[fhat_ref])) < 1e-5
     if img_ref is not None:
         assert out.images.shape == (2, 256, 256, 3) and out.images.dtype == jnp.float32
-        np.testing.assert_allclose(out.images, _nchw_to_nhwc(tiny_io[img_ref]), atol=1e-4,
-                                   rtol=0)
+        np.testing.assert_allclose(out.images, _nchw_to_nhwc(tiny_io[img_ref]), atol=1e-4, rtol=0)
 
 
 def _record_transformer_inputs(model, label_B):
@@ -161,10 +177,15 @@ def _record_transformer_inputs(model, label_B):
 
     with nn.intercept_methods(record):
         jax.eval_shape(
-            functools.partial(sampling.generate, model.vqvae_config, model.transformer_config,
-                              top_k=1, decode=False),
-            model.vqvae_params, model.transformer_params, label_B, jax.random.PRNGKey(0),
-            sampling.guidance_schedule(1.5, model.transformer_config))
+            functools.partial(
+                sampling.generate, model.vqvae_config, model.transformer_config, top_k=1, decode=False
+            ),
+            model.vqvae_params,
+            model.transformer_params,
+            label_B,
+            jax.random.PRNGKey(0),
+            sampling.guidance_schedule(1.5, model.transformer_config),
+        )
     return calls
 
 
@@ -174,7 +195,7 @@ def test_mvar_runs_one_scale_at_a_time_without_cache(tiny_models):
     calls = _record_transformer_inputs(model, jnp.array([1, 2, 3]))
     steps = [c for c in calls if c[0] == "scale_logits"]
     assert [c[1] for c in steps] == list(range(config.num_scales))
-    for (_, si, shape, cache), pn in zip(steps, config.patch_nums):
+    for (_, _, shape, cache), pn in zip(steps, config.patch_nums):
         assert shape == (6, pn * pn, config.embed_dim)  # Conditional + unconditional halves.
         assert cache is None
     # Every block's attention sees exactly the current scale's tokens, nothing earlier.
@@ -196,23 +217,40 @@ def test_var_contrast_uses_a_full_length_cache(tiny_models):
 def _random_params(abstract, seed: int, std: float):
     """Normal values of the given shapes: every weight matters, nothing to compile."""
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda leaf: jnp.asarray(rng.normal(0, std, leaf.shape), jnp.float32),
-                        abstract)
+    return jax.tree.map(lambda leaf: jnp.asarray(rng.normal(0, std, leaf.shape), jnp.float32), abstract)
 
 
 # A small random model (3 scales, 8 px) for what needs no parity: it compiles fast.
 @pytest.fixture(scope="module")
 def mini_model() -> checkpoint.ModelBundle:
     patch_nums = (1, 2, 4)
-    vqvae_config = VQVAEConfig(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2),
-                               num_res_blocks=1, using_sa=False, using_mid_sa=False,
-                               patch_nums=patch_nums)
+    vqvae_config = VQVAEConfig(
+        vocab_size=16,
+        z_channels=4,
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        using_sa=False,
+        using_mid_sa=False,
+        patch_nums=patch_nums,
+    )
     transformer_config = TransformerConfig(
-        vocab_size=16, cvae=4, num_classes=5, depth=1, embed_dim=32, num_heads=2,
-        patch_nums=patch_nums, kernel_size=3, refine_step=2)
+        vocab_size=16,
+        cvae=4,
+        num_classes=5,
+        depth=1,
+        embed_dim=32,
+        num_heads=2,
+        patch_nums=patch_nums,
+        kernel_size=3,
+        refine_step=2,
+    )
     return checkpoint.ModelBundle(
-        vqvae_config, _random_params(abstract_variables(vqvae_config), 1, 0.2),
-        transformer_config, _random_params(param_shapes(transformer_config), 2, 0.3))
+        vqvae_config,
+        _random_params(abstract_variables(vqvae_config), 1, 0.2),
+        transformer_config,
+        _random_params(param_shapes(transformer_config), 2, 0.3),
+    )
 
 
 # Shared by the tests below, so that they share one compilation.
@@ -245,10 +283,13 @@ def test_more_smooth_and_bfloat16(mini_model):
     greedy = dict(_OPTIONS, top_k=1)
     np.testing.assert_allclose(
         sampling.sample(mini_model, _LABELS, key, **greedy, more_smooth=True, decode=False).f_hat,
-        sampling.sample(mini_model, _LABELS, key, **greedy, decode=False).f_hat, atol=1e-6)
+        sampling.sample(mini_model, _LABELS, key, **greedy, decode=False).f_hat,
+        atol=1e-6,
+    )
 
-    bf16 = mini_model._replace(transformer_config=dataclasses.replace(
-        mini_model.transformer_config, dtype="bfloat16"))
+    bf16 = mini_model._replace(
+        transformer_config=dataclasses.replace(mini_model.transformer_config, dtype="bfloat16")
+    )
     out = sampling.sample(bf16, _LABELS, key, **_OPTIONS, decode=False)
     assert out.images is None and out.tokens.dtype == jnp.int32
     assert out.tokens.shape == (4, mini_model.transformer_config.seq_len)
@@ -262,8 +303,7 @@ def test_prepared_chunked_and_micro_batched_sampling_draw_the_same(mini_model):
     prepared = sampling.prepare(mini_model)
     assert blocks_are_stacked(prepared.transformer_params)
     assert sampling.prepare(prepared) is prepared
-    chunked = sampling.sample(prepared, _LABELS, key, **_OPTIONS, chunk_tokens=1,
-                              decode_batch_size=3)
+    chunked = sampling.sample(prepared, _LABELS, key, **_OPTIONS, chunk_tokens=1, decode_batch_size=3)
     np.testing.assert_array_equal(chunked.tokens, whole.tokens)
     np.testing.assert_allclose(chunked.images, whole.images, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
@@ -278,7 +318,8 @@ def test_bad_labels_and_mismatched_configs_raise(mini_model):
         sampling.sample(mini_model, [-1], key)
     # A bundle put together in memory is not checked by load_model; the sampler still
     # refuses a transformer that does not speak the VQVAE's tokens.
-    wider = mini_model._replace(transformer_config=dataclasses.replace(
-        mini_model.transformer_config, vocab_size=32))
+    wider = mini_model._replace(
+        transformer_config=dataclasses.replace(mini_model.transformer_config, vocab_size=32)
+    )
     with pytest.raises(ValueError, match="do not fit together"):
         sampling.sample(wider, [1], key)

@@ -14,18 +14,17 @@ import pytest
 from jax._src.lib import version as jaxlib_version
 
 if jaxlib_version > (0, 10, 2):  # kernels.cubin.LOWERS_TO_TRITON_IR, without importing triton
-    pytest.skip("this jaxlib compiles Pallas kernels while lowering (a GPU machine's jax)",
-                allow_module_level=True)
+    pytest.skip(
+        "this jaxlib compiles Pallas kernels while lowering (a GPU machine's jax)", allow_module_level=True
+    )
 
 from kernels import cubin  # noqa: E402
-from kernels.spatial_markov import (  # noqa: E402
-    CANDIDATE_MAPS, Tiling, candidate_tilings, default_tiling)
+from kernels.spatial_markov import CANDIDATE_MAPS, Tiling, candidate_tilings, default_tiling  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def compiled() -> list[cubin.Compiled]:
-    return cubin.spatial_markov_resources(cubin.checked_cases(), capabilities=(80, 90),
-                                          processes=2)
+    return cubin.spatial_markov_resources(cubin.checked_cases(), capabilities=(80, 90), processes=2)
 
 
 def test_every_candidate_compiles_within_the_limits(compiled):
@@ -33,10 +32,14 @@ def test_every_candidate_compiles_within_the_limits(compiled):
     assert len(compiled) == len(cases) * 3 * 2  # three kernels, two targets
     for side in CANDIDATE_MAPS:
         assert set(candidate_tilings(side, side)) == {
-            c.tiling for c in cases if c.side == side and c.dtype == "bfloat16"}
-    problems = [f"{c.kernel} {c.case.side}x{c.case.side} {c.case.dtype} {c.case.tiling} "
-                f"sm_{c.resources.capability}: {problem}"
-                for c in compiled for problem in cubin.within_limits(c.resources)]
+            c.tiling for c in cases if c.side == side and c.dtype == "bfloat16"
+        }
+    problems = [
+        f"{c.kernel} {c.case.side}x{c.case.side} {c.case.dtype} {c.case.tiling} "
+        f"sm_{c.resources.capability}: {problem}"
+        for c in compiled
+        for problem in cubin.within_limits(c.resources)
+    ]
     assert not problems, "\n".join(problems)
 
 
@@ -67,27 +70,38 @@ def test_spills_are_reported():
     assert tiling not in candidate_tilings(16, 16)
 
 
-@pytest.mark.parametrize("resources, expected", [
-    # 128 registers: 4096 per warp, 16 warps fit; shared (20608 + 1 KB) fits 7 times.
-    (cubin.Resources(80, 4, 128, 0, 0, 0, 20608), cubin.Occupancy(4, 16, "registers")),
-    # 32 registers leave 64 warps; 100 KB blocks fit twice in 228 KB.
-    (cubin.Resources(90, 4, 32, 0, 0, 0, 100 * 1024), cubin.Occupancy(2, 8, "shared")),
-    # 255 registers round up to 8192 per warp: 8 warps, one block of 8.
-    (cubin.Resources(80, 8, 255, 0, 0, 0, 0), cubin.Occupancy(1, 8, "registers")),
-    # 16 registers, 1 warp, no shared memory: 32 blocks at most.
-    (cubin.Resources(90, 1, 16, 0, 0, 0, 0), cubin.Occupancy(32, 32, "blocks")),
-])
+@pytest.mark.parametrize(
+    "resources, expected",
+    [
+        # 128 registers: 4096 per warp, 16 warps fit; shared (20608 + 1 KB) fits 7 times.
+        (cubin.Resources(80, 4, 128, 0, 0, 0, 20608), cubin.Occupancy(4, 16, "registers")),
+        # 32 registers leave 64 warps; 100 KB blocks fit twice in 228 KB.
+        (cubin.Resources(90, 4, 32, 0, 0, 0, 100 * 1024), cubin.Occupancy(2, 8, "shared")),
+        # 255 registers round up to 8192 per warp: 8 warps, one block of 8.
+        (cubin.Resources(80, 8, 255, 0, 0, 0, 0), cubin.Occupancy(1, 8, "registers")),
+        # 16 registers, 1 warp, no shared memory: 32 blocks at most.
+        (cubin.Resources(90, 1, 16, 0, 0, 0, 0), cubin.Occupancy(32, 32, "blocks")),
+    ],
+)
 def test_occupancy(resources, expected):
     assert cubin.occupancy(resources) == expected
 
 
-@pytest.mark.parametrize("resources, problem", [
-    (cubin.Resources(80, 4, 128, 0, 0, 0, 166913), "shared"),
-    (cubin.Resources(90, 4, 128, 0, 0, 0, 232449), "shared"),
-    (cubin.Resources(90, 4, 128, 4, 0, 16, 1024), "spills"),
-])
+@pytest.mark.parametrize(
+    "resources, problem",
+    [
+        (cubin.Resources(80, 4, 128, 0, 0, 0, 166913), "shared"),
+        (cubin.Resources(90, 4, 128, 0, 0, 0, 232449), "shared"),
+        (cubin.Resources(90, 4, 128, 4, 0, 16, 1024), "spills"),
+    ],
+)
 def test_limits(resources, problem):
     assert [problem in p for p in cubin.within_limits(resources)] == [True]
-    assert cubin.within_limits(cubin.Resources(resources.capability, 4, 255, 0, 0, 0,
-                                               cubin.SM_LIMITS[resources.capability]
-                                               .shared_per_block)) == []
+    assert (
+        cubin.within_limits(
+            cubin.Resources(
+                resources.capability, 4, 255, 0, 0, 0, cubin.SM_LIMITS[resources.capability].shared_per_block
+            )
+        )
+        == []
+    )

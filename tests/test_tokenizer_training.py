@@ -40,8 +40,7 @@ def shapes(tmp_path_factory):
             class_dir.mkdir(parents=True)
             for i in range(per_class):
                 seed = builtin_shapes.example_seed(0, tfds_split, c * per_class + i)
-                PIL.Image.fromarray(builtin_shapes.draw_example(c, seed, DRAWN)).save(
-                    class_dir / f"{i}.png")
+                PIL.Image.fromarray(builtin_shapes.draw_example(c, seed, DRAWN)).save(class_dir / f"{i}.png")
         (root / split / "class0" / "bad.png").write_bytes(b"not a png")
     return root
 
@@ -74,15 +73,22 @@ def test_trains_evaluates_and_exports_a_generator_tokenizer(shapes, tmp_path):
     gen.vqvae_checkpoint, gen.data.image_size = str(model_dir), SIZE
     gen.model.patch_nums, gen.model.refine_step = PATCH_NUMS, 2
     generator.check_config(gen)
-    model = generator.transformer_config(
-        gen, generator.load_tokenizer(gen.vqvae_checkpoint, PATCH_NUMS)[0])
+    model = generator.transformer_config(gen, generator.load_tokenizer(gen.vqvae_checkpoint, PATCH_NUMS)[0])
     assert (model.vocab_size, model.cvae, model.patch_nums) == (64, 8, PATCH_NUMS)
 
     # Codebook health every step, the evaluation at the end (the unreadable
     # validation image counted, not scored), and the grid as a PNG.
     scalars = event_scalars(tmp_path / "straight" / "tensorboard")
-    for tag in ("usage/1x1", "usage_official/4x4", "perplexity/2x2", "usage/all",
-                "codebook/restarted", "psnr", "rec/l2", "vq_loss"):
+    for tag in (
+        "usage/1x1",
+        "usage_official/4x4",
+        "perplexity/2x2",
+        "usage/all",
+        "codebook/restarted",
+        "psnr",
+        "rec/l2",
+        "vq_loss",
+    ):
         assert {(tag, s) in scalars for s in range(1, STEPS + 1)} == {True}, tag
     assert scalars[("eval/images", STEPS)] == {4.0}
     assert scalars[("eval/unreadable_images", STEPS)] == {1.0}
@@ -90,17 +96,19 @@ def test_trains_evaluates_and_exports_a_generator_tokenizer(shapes, tmp_path):
     assert (tmp_path / "straight" / "reconstructions" / f"step_{STEPS:08d}.png").exists()
 
     # The data position skipped (and counted) the corrupt training image.
-    _, data_state = checkpointing.Checkpointer(
-        tmp_path / "straight" / "checkpoints", max_to_keep=2).restore(
-            STEPS, jax.eval_shape(lambda: straight))
+    _, data_state = checkpointing.Checkpointer(tmp_path / "straight" / "checkpoints", max_to_keep=2).restore(
+        STEPS, jax.eval_shape(lambda: straight)
+    )
     assert data_state["num_bad_records"] >= 1
 
 
 def test_gan_starts_at_its_step_with_the_adaptive_weight(shapes, tmp_path):
     start = 2
-    config = _config(shapes, eval_every=0, **{
-        "gan.weight": 0.5, "gan.start": start, "gan.ndf": 8, "gan.n_layers": 2,
-        "codebook.dead_after": 0})
+    config = _config(
+        shapes,
+        eval_every=0,
+        **{"gan.weight": 0.5, "gan.start": start, "gan.ndf": 8, "gan.n_layers": 2, "codebook.dead_after": 0},
+    )
     state = trainer.train_and_evaluate(config, tmp_path)
 
     # The discriminator and its optimizer state are checkpointed with the VQVAE.
@@ -109,12 +117,12 @@ def test_gan_starts_at_its_step_with_the_adaptive_weight(shapes, tmp_path):
     _assert_trees_equal(restored, state)
     # Untouched before the start (the step-2 checkpoint holds the initial weights), trained after.
     task = tokenizer.TokenizerTask(config, mesh=parallel.make_mesh(), num_steps=STEPS)
-    initial = task.init_state(jax.tree.map(lambda _: parallel.replicated(parallel.make_mesh()),
-                                           task.abstract_state()))
+    initial = task.init_state(
+        jax.tree.map(lambda _: parallel.replicated(parallel.make_mesh()), task.abstract_state())
+    )
     at_start, _ = checkpointer.restore(start, jax.eval_shape(lambda: state))
     _assert_trees_equal(at_start.disc_params, initial.disc_params)
-    assert not np.array_equal(state.disc_params["conv0"]["kernel"],
-                              initial.disc_params["conv0"]["kernel"])
+    assert not np.array_equal(state.disc_params["conv0"]["kernel"], initial.disc_params["conv0"]["kernel"])
 
     scalars = event_scalars(tmp_path / "tensorboard")
     for step in range(1, STEPS + 1):
@@ -143,8 +151,7 @@ def _codebook_rows(tree):
 
 def test_restart_reseeds_dead_codes_and_zeroes_their_adam_rows(shapes):
     rng = np.random.default_rng(0)
-    batches = [{"image": jnp.asarray(rng.integers(0, 256, (4, SIZE, SIZE, 3), np.uint8))}
-               for _ in range(2)]
+    batches = [{"image": jnp.asarray(rng.integers(0, 256, (4, SIZE, SIZE, 3), np.uint8))} for _ in range(2)]
     # dead_after=1: a code that no scale chose in the step just taken is dead.
     restart_step, state = _train_step(_config(shapes, **{"codebook.dead_after": 1}))
     plain_step, _ = _train_step(_config(shapes, **{"codebook.dead_after": 0}))
@@ -174,8 +181,10 @@ def test_restart_reseeds_dead_codes_and_zeroes_their_adam_rows(shapes):
 
 
 def test_reset_code_moments_touches_only_the_codebook_rows():
-    params = {"quantize": {"embedding": {"embedding": jnp.ones((4, 2))}},
-              "decoder": {"embedding": {"embedding": jnp.ones((4, 2))}}}
+    params = {
+        "quantize": {"embedding": {"embedding": jnp.ones((4, 2))}},
+        "decoder": {"embedding": {"embedding": jnp.ones((4, 2))}},
+    }
     tx = optax.adam(1e-3)
     opt_state = tx.update(params, tx.init(params), params)[1]  # moments of a step: nonzero
     rows = jnp.asarray([True, False, True, False])
@@ -183,31 +192,48 @@ def test_reset_code_moments_touches_only_the_codebook_rows():
     for moments in ("mu", "nu"):
         got = getattr(reset[0], moments)
         want = getattr(opt_state[0], moments)
-        np.testing.assert_array_equal(got["quantize"]["embedding"]["embedding"],
-                                      np.where(rows[:, None], 0, want["quantize"]["embedding"]
-                                               ["embedding"]))
-        np.testing.assert_array_equal(got["decoder"]["embedding"]["embedding"],
-                                      want["decoder"]["embedding"]["embedding"])
+        np.testing.assert_array_equal(
+            got["quantize"]["embedding"]["embedding"],
+            np.where(rows[:, None], 0, want["quantize"]["embedding"]["embedding"]),
+        )
+        np.testing.assert_array_equal(
+            got["decoder"]["embedding"]["embedding"], want["decoder"]["embedding"]["embedding"]
+        )
 
 
-@pytest.mark.parametrize("overrides,error,match", [
-    ({"model.patch_nums": (1, 2, 3)}, ValueError,
-     r"patch_nums=\(1, 2, 3\) do not fit config.data.image_size=16: .* must be image_size / 4 = 4"),
-    ({"data.image_size": 48}, ValueError, r"image_size=48: .* image_size / 4 = 12"),
-    ({"model.vocab_size": 1}, ValueError, "vocab_size=1: a codebook needs >= 2 codes"),
-    ({"model.ch": 40}, ValueError, "config.model: .* not divisible by the 32 GroupNorm groups"),
-    ({"loss.l2": 0.0, "loss.l1": 0.0}, ValueError, "no reconstruction loss"),
-    ({"loss.lpips": 0.1}, torch_checkpoint.CheckpointError,
-     "LPIPS is enabled but no file is given for its VGG16 weights"),
-    ({"loss.lpips": 0.1, "loss.lpips_vgg": "/nonexistent/vgg16.pth",
-      "loss.lpips_lin": "/nonexistent/vgg.pth"}, torch_checkpoint.CheckpointError,
-     "VGG16 weights .* file is missing: /nonexistent/vgg16.pth"),
-    ({"gan.weight": 0.5, "gan.loss": "wgan"}, ValueError, "gan.loss='wgan'"),
-    ({"gan.weight": 0.5}, ValueError, "a 3-layer discriminator .* does not fit 16 px images"),
-    ({"codebook.window": 0}, ValueError, "codebook.window=0"),
-    ({"data.token_cache_dir": "/tmp/tokens"}, ValueError, "token_cache_dir is set"),
-    ({"grid_images": 8}, ValueError, r"grid_images=8 must be in \[0, eval_batch_size=4\]"),
-])
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        (
+            {"model.patch_nums": (1, 2, 3)},
+            ValueError,
+            r"patch_nums=\(1, 2, 3\) do not fit config.data.image_size=16: .* must be image_size / 4 = 4",
+        ),
+        ({"data.image_size": 48}, ValueError, r"image_size=48: .* image_size / 4 = 12"),
+        ({"model.vocab_size": 1}, ValueError, "vocab_size=1: a codebook needs >= 2 codes"),
+        ({"model.ch": 40}, ValueError, "config.model: .* not divisible by the 32 GroupNorm groups"),
+        ({"loss.l2": 0.0, "loss.l1": 0.0}, ValueError, "no reconstruction loss"),
+        (
+            {"loss.lpips": 0.1},
+            torch_checkpoint.CheckpointError,
+            "LPIPS is enabled but no file is given for its VGG16 weights",
+        ),
+        (
+            {
+                "loss.lpips": 0.1,
+                "loss.lpips_vgg": "/nonexistent/vgg16.pth",
+                "loss.lpips_lin": "/nonexistent/vgg.pth",
+            },
+            torch_checkpoint.CheckpointError,
+            "VGG16 weights .* file is missing: /nonexistent/vgg16.pth",
+        ),
+        ({"gan.weight": 0.5, "gan.loss": "wgan"}, ValueError, "gan.loss='wgan'"),
+        ({"gan.weight": 0.5}, ValueError, "a 3-layer discriminator .* does not fit 16 px images"),
+        ({"codebook.window": 0}, ValueError, "codebook.window=0"),
+        ({"data.token_cache_dir": "/tmp/tokens"}, ValueError, "token_cache_dir is set"),
+        ({"grid_images": 8}, ValueError, r"grid_images=8 must be in \[0, eval_batch_size=4\]"),
+    ],
+)
 def test_bad_configs_fail_before_anything_is_written(shapes, tmp_path, overrides, error, match):
     with pytest.raises(error, match=match):
         trainer.train_and_evaluate(_config(shapes, **overrides), tmp_path)
@@ -216,8 +242,11 @@ def test_bad_configs_fail_before_anything_is_written(shapes, tmp_path, overrides
 
 def test_a_discriminator_starting_past_the_end_fails_at_start_up(shapes, tmp_path):
     config = _config(shapes, **{"gan.weight": 0.5, "gan.start": STEPS, "gan.n_layers": 2})
-    with pytest.raises(ValueError, match=rf"gan.start={STEPS} is past the run's end \({STEPS} "
-                                         "steps\\): the discriminator would never train"):
+    with pytest.raises(
+        ValueError,
+        match=rf"gan.start={STEPS} is past the run's end \({STEPS} "
+        "steps\\): the discriminator would never train",
+    ):
         trainer.train_and_evaluate(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
 
@@ -240,12 +269,12 @@ def test_tiny_config_passes_its_checks():
     assert (vqvae_config.image_size, vqvae_config.downsample) == (64, 8)
 
 
-def test_imagenet_recipe_passes_its_checks_once_the_lpips_weights_are_there(tmp_path,
-                                                                         monkeypatch):
+def test_imagenet_recipe_passes_its_checks_once_the_lpips_weights_are_there(tmp_path, monkeypatch):
     config = vqvae_imagenet256.get_config()
     monkeypatch.chdir(tmp_path)  # the config's relative LPIPS paths
-    with pytest.raises(torch_checkpoint.CheckpointError,
-                       match="file is missing: pretrained/vgg16-397923af.pth"):
+    with pytest.raises(
+        torch_checkpoint.CheckpointError, match="file is missing: pretrained/vgg16-397923af.pth"
+    ):
         tokenizer.check_config(config)
     for path in (config.loss.lpips_vgg, config.loss.lpips_lin):
         (tmp_path / path).parent.mkdir(exist_ok=True)

@@ -48,8 +48,7 @@ class _ToyTask:
         self.architecture = workdir.Architecture("toy_config.json", {"width": 4})
 
     def _fresh(self) -> _State:
-        return _State(step=jnp.zeros((), jnp.int32), w=jnp.zeros(4),
-                      second_steps=jnp.zeros((), jnp.int32))
+        return _State(step=jnp.zeros((), jnp.int32), w=jnp.zeros(4), second_steps=jnp.zeros((), jnp.int32))
 
     def abstract_state(self):
         return jax.eval_shape(self._fresh)
@@ -61,9 +60,14 @@ class _ToyTask:
         def make(second: bool):
             def train_step(state, batch):
                 loss, grad = jax.value_and_grad(lambda w: jnp.mean((batch["x"] - w) ** 2))(state.w)
-                return state.replace(step=state.step + 1, w=state.w - self._config.toy_rate * grad,
-                                     second_steps=state.second_steps + second), {"loss": loss}
+                return state.replace(
+                    step=state.step + 1,
+                    w=state.w - self._config.toy_rate * grad,
+                    second_steps=state.second_steps + second,
+                ), {"loss": loss}
+
             return train_step
+
         return [make(False), make(True)]
 
     def step_index(self, step):
@@ -110,8 +114,7 @@ def test_a_second_task_trains_evaluates_and_exports(toy_task, tmp_path):
     assert isinstance(state, _State) and int(state.step) == STEPS
     assert int(state.second_steps) == STEPS - SWITCH_AT  # the step index picked the step
     assert json.loads((tmp_path / "toy_config.json").read_text()) == {"width": 4}
-    assert sorted(p.name for p in (tmp_path / "toy").iterdir()) == [
-        f"step_{s:08d}.png" for s in (2, 4, 6)]
+    assert sorted(p.name for p in (tmp_path / "toy").iterdir()) == [f"step_{s:08d}.png" for s in (2, 4, 6)]
     assert json.loads((tmp_path / "model" / workdir.EXPORTED_STEP).read_text()) == {"step": STEPS}
     np.testing.assert_array_equal(np.load(tmp_path / "model" / "params" / "w.npy"), state.w)
     # Another task's work directory is refused before it is touched.
@@ -123,8 +126,7 @@ def test_a_second_task_trains_evaluates_and_exports(toy_task, tmp_path):
 def test_a_second_task_resumes_exactly(toy_task, tmp_path):
     straight = trainer.train_and_evaluate(_config(), tmp_path / "straight", source=_source())
     with pytest.raises(RuntimeError, match="simulated crash"):
-        trainer.train_and_evaluate(_config(crash_at=CRASH_AT), tmp_path / "crashed",
-                                   source=_source())
+        trainer.train_and_evaluate(_config(crash_at=CRASH_AT), tmp_path / "crashed", source=_source())
     resumed = trainer.train_and_evaluate(_config(), tmp_path / "crashed", source=_source())
     jax.tree.map(np.testing.assert_array_equal, resumed, straight)
 
@@ -132,8 +134,11 @@ def test_a_second_task_resumes_exactly(toy_task, tmp_path):
 def test_the_config_picks_the_task(toy_task, tmp_path):
     config = _config()
     config.task = "vqgan"
-    with pytest.raises(ValueError, match=r"config.task='vqgan' is unknown; expected one of "
-                                         r"\('generator', 'tokenizer', 'toy'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"config.task='vqgan' is unknown; expected one of "
+        r"\('generator', 'tokenizer', 'toy'\)",
+    ):
         trainer.train_and_evaluate(config, tmp_path, source=_source())
     config = _config()
     config.toy_rate = 0.0

@@ -23,13 +23,21 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
+from conftest import event_scalars, set_fields
 
 import sample
-from conftest import event_scalars, set_fields
 from configs import tiny_cpu, tiny_cpu_m_var
 from mvar_jax import checkpoint, quality
-from mvar_jax.training import checkpointing, generator, metrics_writer, schedule, trainer, workdir
-from mvar_jax.training import state as state_lib, step as step_lib
+from mvar_jax.training import (
+    checkpointing,
+    generator,
+    metrics_writer,
+    schedule,
+    state as state_lib,
+    step as step_lib,
+    trainer,
+    workdir,
+)
 from mvar_jax.training.synthetic import SyntheticTokenSource
 from mvar_jax.transformer import Transformer
 from mvar_jax.vqvae import VQVAE
@@ -52,8 +60,7 @@ def _config(**overrides):
 
 
 def _source(seed: int = 0) -> SyntheticTokenSource:
-    return SyntheticTokenSource(batch_size=BATCH, seq_len=30, vocab_size=64, num_classes=10,
-                                seed=seed)
+    return SyntheticTokenSource(batch_size=BATCH, seq_len=30, vocab_size=64, num_classes=10, seed=seed)
 
 
 class _CrashingSource:
@@ -114,14 +121,19 @@ def _assert_trees_equal(a, b):
 
 
 def test_tiny_config_learns_a_fixed_batch(tmp_path):
-    config = _config(num_train_steps=30, ratio_k=8, checkpoint_every=30, log_every=30,
-                     sample_every=30, sample_classes=(0, 1, 2),
-                     **{"optim.warmup_fraction": 0.05, "optim.base_lr": 0.3})
+    config = _config(
+        num_train_steps=30,
+        ratio_k=8,
+        checkpoint_every=30,
+        log_every=30,
+        sample_every=30,
+        sample_classes=(0, 1, 2),
+        **{"optim.warmup_fraction": 0.05, "optim.base_lr": 0.3},
+    )
     batch = _source(seed=1).batch(0)
     state = trainer.train_and_evaluate(config, tmp_path, source=_FixedSource(batch))
 
-    vqvae_config, vqvae_params = generator.load_tokenizer(config.vqvae_checkpoint,
-                                                          config.model.patch_nums)
+    vqvae_config, vqvae_params = generator.load_tokenizer(config.vqvae_checkpoint, config.model.patch_nums)
     model_config = generator.transformer_config(config, vqvae_config)
     model = Transformer(model_config)
     ids = jnp.split(batch["tokens"], np.cumsum([1, 4, 9])[:3], axis=1)
@@ -133,14 +145,17 @@ def test_tiny_config_learns_a_fixed_batch(tmp_path):
         total = 0.0
         for seg in schedule.mvar_segments(4, model_config.refine_step):
             begin, end = model_config.token_range(*seg)
-            logits = model.apply({"params": params}, batch["label"],
-                                 x_BLCv[:, max(begin - 1, 0):end - 1],
-                                 first_scale=seg.first_scale, last_scale=seg.last_scale)
+            logits = model.apply(
+                {"params": params},
+                batch["label"],
+                x_BLCv[:, max(begin - 1, 0) : end - 1],
+                first_scale=seg.first_scale,
+                last_scale=seg.last_scale,
+            )
             total += step_lib.cross_entropy(logits, batch["tokens"][:, begin:end]).sum()
         return total / batch["tokens"].size
 
-    start = float(mean_ce(state_lib.init_params(model_config, config.init,
-                                                jax.random.PRNGKey(config.seed))))
+    start = float(mean_ce(state_lib.init_params(model_config, config.init, jax.random.PRNGKey(config.seed))))
     assert start == pytest.approx(math.log(64), rel=0.01)  # near-uniform logits at init
     assert float(mean_ce(state.params)) < 0.5 * start
     # The run leaves a loadable model, a checkpoint, TensorBoard events and a sample grid.
@@ -154,19 +169,16 @@ def test_tiny_config_learns_a_fixed_batch(tmp_path):
 
 def test_logged_scalars_are_on_disk_when_the_write_returns(tmp_path):
     """A killed run loses nothing it logged; a record it tore does not trouble the next run."""
-    writer = metrics_writer.MetricsWriter(tmp_path, start=0, total=3, global_batch=1,
-                                          summarize=None)
+    writer = metrics_writer.MetricsWriter(tmp_path, start=0, total=3, global_batch=1, summarize=None)
     for step in (1, 2, 3):
         writer.write_scalars(step, {"loss": float(step)})
     (events,) = (tmp_path / "tensorboard").iterdir()
     assert event_scalars(tmp_path / "tensorboard") == {("loss", s): {float(s)} for s in (1, 2, 3)}
     with open(events, "ab") as f:  # a record torn by a kill: half a length header
         f.write(bytes(5))
-    resumed = metrics_writer.MetricsWriter(tmp_path, start=3, total=4, global_batch=1,
-                                           summarize=None)
+    resumed = metrics_writer.MetricsWriter(tmp_path, start=3, total=4, global_batch=1, summarize=None)
     resumed.write_scalars(4, {"loss": 4.0})  # into a file of its own
-    assert event_scalars(tmp_path / "tensorboard") == {("loss", s): {float(s)}
-                                                       for s in (1, 2, 3, 4)}
+    assert event_scalars(tmp_path / "tensorboard") == {("loss", s): {float(s)} for s in (1, 2, 3, 4)}
     writer.close()
     resumed.close()
 
@@ -182,15 +194,18 @@ class _SmallDisk:
     def __init__(self, path: pathlib.Path, monkeypatch, *, mount: bool = True):
         self.path, self._full = path, None
         path.mkdir()
-        self.mounted = mount and subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={self.SIZE}", "tmpfs", str(path)],
-            capture_output=True).returncode == 0
+        self.mounted = (
+            mount
+            and subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={self.SIZE}", "tmpfs", str(path)], capture_output=True
+            ).returncode
+            == 0
+        )
         if not self.mounted:
             real_open = builtins.open
 
             def open_(file, mode="r", *args, **kwargs):
-                if (self._full and any(m in mode for m in "wax+")
-                        and str(file).startswith(str(self._full))):
+                if self._full and any(m in mode for m in "wax+") and str(file).startswith(str(self._full)):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
                 return real_open(file, mode, *args, **kwargs)
 
@@ -249,10 +264,14 @@ def test_a_save_on_a_full_disk_names_its_step_and_keeps_the_last_checkpoint(each
     checkpointer.wait()
     small_disk.fill(directory)
     checkpointer.save(_tiny_state(2), {"position": 2})  # returns; the write fails meanwhile
-    with pytest.raises(workdir.DiskFull, match=(
+    with pytest.raises(
+        workdir.DiskFull,
+        match=(
             rf"disk full while saving the checkpoint of step 2: no space left writing "
             rf"{directory}/2\.orbax-checkpoint-tmp.* \(.* free there\)\. The newest whole "
-            "checkpoint is step 1")):
+            "checkpoint is step 1"
+        ),
+    ):
         checkpointer.save(_tiny_state(3), {"position": 3})
     with contextlib.suppress(workdir.DiskFull):  # Orbax may raise the failure once more
         checkpointer.close()
@@ -278,10 +297,14 @@ def test_a_crash_and_a_full_disk_then_resume_equal_an_uninterrupted_run(tmp_path
     # The disk fills up: the final (step-6) save fails in the background, and the run
     # stops when it waits for it, before the export, saying so.
     small_disk.fill(crashed / "checkpoints")
-    with pytest.raises(workdir.DiskFull, match=(
+    with pytest.raises(
+        workdir.DiskFull,
+        match=(
             rf"disk full while saving the checkpoint of step {STEPS}: no space left writing "
             rf"{crashed}/checkpoints/.* \(.* free there\)\. The newest whole checkpoint is "
-            "step 3: free space and run the same command to resume from it.")):
+            "step 3: free space and run the same command to resume from it."
+        ),
+    ):
         trainer.train_and_evaluate(_config(), crashed, source=_source())
     assert not (crashed / "model").exists()
     small_disk.free()
@@ -311,21 +334,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert not (tmp_path / "model").exists()
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ({"model.name": "vqgan"}, "model.name='vqgan' is unknown"),
-    ({"model.refine_step": 9}, "refine_step must be in"),
-    ({"model.kernel_size": 5}, "kernel_size 5 exceeds"),
-    ({"vqvae_checkpoint": "/nonexistent/vae.pth"}, "vqvae_checkpoint: not found"),
-    ({"finetune_from": "/nonexistent/var_d16.pth"}, "finetune_from: not found"),
-    ({"optim.schedule": "step"}, "optim.schedule='step'"),
-    ({"num_train_steps": -1, "num_epochs": 0}, "nothing to train"),
-    ({"data.image_size": 128}, "image_size=128 does not fit"),
-    ({"init.std": 0.02}, "init.std"),
-    ({"sample_classes": (3, 10)}, r"sample_classes \[10\] outside \[0, config.data.num_classes=10"),
-    ({"sample_classes": ()}, "sample_classes is empty"),
-    ({"sample_top_k": -1}, "sample_top_k=-1"),
-    ({"sample_top_p": 1.5}, r"sample_top_p=1.5 must be in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"model.name": "vqgan"}, "model.name='vqgan' is unknown"),
+        ({"model.refine_step": 9}, "refine_step must be in"),
+        ({"model.kernel_size": 5}, "kernel_size 5 exceeds"),
+        ({"vqvae_checkpoint": "/nonexistent/vae.pth"}, "vqvae_checkpoint: not found"),
+        ({"finetune_from": "/nonexistent/var_d16.pth"}, "finetune_from: not found"),
+        ({"optim.schedule": "step"}, "optim.schedule='step'"),
+        ({"num_train_steps": -1, "num_epochs": 0}, "nothing to train"),
+        ({"data.image_size": 128}, "image_size=128 does not fit"),
+        ({"init.std": 0.02}, "init.std"),
+        ({"sample_classes": (3, 10)}, r"sample_classes \[10\] outside \[0, config.data.num_classes=10"),
+        ({"sample_classes": ()}, "sample_classes is empty"),
+        ({"sample_top_k": -1}, "sample_top_k=-1"),
+        ({"sample_top_p": 1.5}, r"sample_top_p=1.5 must be in \[0, 1\]"),
+    ],
+)
 def test_invalid_configs_fail_before_training(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         trainer.train_and_evaluate(_config(**overrides), tmp_path, source=_source())
@@ -344,12 +370,15 @@ def test_resume_may_change_execution_fields_only(tmp_path):
     assert config["neighborhood_impl"] == "auto" and config["dtype"] == "float32"
     # The documented fallback for a failing Pallas kernel, and bfloat16 compute, resume.
     state = trainer.train_and_evaluate(
-        _config(num_train_steps=3, **{"model.neighborhood_impl": "reference",
-                                       "model.dtype": "bfloat16"}), tmp_path, source=_source())
+        _config(num_train_steps=3, **{"model.neighborhood_impl": "reference", "model.dtype": "bfloat16"}),
+        tmp_path,
+        source=_source(),
+    )
     assert int(state.step) == 3
     with pytest.raises(ValueError, match=r"different model \(fields \['depth'\]\)"):
-        trainer.train_and_evaluate(_config(num_train_steps=3, **{"model.depth": 3}), tmp_path,
-                                   source=_source())
+        trainer.train_and_evaluate(
+            _config(num_train_steps=3, **{"model.depth": 3}), tmp_path, source=_source()
+        )
     assert not list(tmp_path.glob("*.incomplete-*"))
 
 
@@ -380,9 +409,15 @@ def test_epochs_use_the_data_source_size(tmp_path):
 
 def _m_var_overrides(**extra) -> dict:
     """tiny_cpu_m_var:fixture at depth 1: the M-VAR runs' cheap steps."""
-    return {"vqvae_checkpoint": str(REPO / tiny_cpu_m_var.get_config("fixture").vqvae_checkpoint),
-            "model.depth": 1, "batch_size": BATCH, "log_every": 1, "checkpoint_every": 2,
-            "sample_every": 0, **extra}
+    return {
+        "vqvae_checkpoint": str(REPO / tiny_cpu_m_var.get_config("fixture").vqvae_checkpoint),
+        "model.depth": 1,
+        "batch_size": BATCH,
+        "log_every": 1,
+        "checkpoint_every": 2,
+        "sample_every": 0,
+        **extra,
+    }
 
 
 @pytest.mark.slow  # ~50 s of compiling; test_a_crash_and_a_full_disk_... covers the trainer
@@ -396,8 +431,7 @@ def test_m_var_resumes_exactly(tmp_path):
         target[leaf] = value
     reference = trainer.train_and_evaluate(config, tmp_path / "straight", source=_source())
     with pytest.raises(RuntimeError, match="simulated crash"):  # dies reading batch 4
-        trainer.train_and_evaluate(config, tmp_path / "crashed",
-                                   source=_CrashingSource(_source(), 3))
+        trainer.train_and_evaluate(config, tmp_path / "crashed", source=_CrashingSource(_source(), 3))
     resumed = trainer.train_and_evaluate(config, tmp_path / "crashed", source=_source())
     _assert_trees_equal(resumed, reference)
 
@@ -407,15 +441,35 @@ def m_var_run(builtin_shapes_dir, tmp_path_factory) -> pathlib.Path:
     """The work directory of a 2-step ``train.py`` run of tiny_cpu_m_var on the built-in data,
     with a sample grid after step 2."""
     workdir = tmp_path_factory.mktemp("m_var") / "run"
-    overrides = _m_var_overrides(**{"data.data_dir": builtin_shapes_dir, "num_train_steps": 2,
-                                    "sample_every": 2, "sample_classes": "(0,3)"})
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-           "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # compiles faster
+    overrides = _m_var_overrides(
+        **{
+            "data.data_dir": builtin_shapes_dir,
+            "num_train_steps": 2,
+            "sample_every": 2,
+            "sample_classes": "(0,3)",
+        }
+    )
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(REPO),
+        "XLA_FLAGS": "--xla_backend_optimization_level=0",
+    }  # compiles faster
     out = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "--config",
-         f"{REPO / 'configs/tiny_cpu_m_var.py'}:fixture", "--workdir", str(workdir),
-         *(f"--config.{k}={v}" for k, v in overrides.items())],
-        env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "--config",
+            f"{REPO / 'configs/tiny_cpu_m_var.py'}:fixture",
+            "--workdir",
+            str(workdir),
+            *(f"--config.{k}={v}" for k, v in overrides.items()),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return workdir
 
@@ -438,8 +492,7 @@ def test_m_var_trains_every_scale_in_each_step_through_train_py(m_var_run, built
         (loss,) = scalars["loss", step]
         assert loss == pytest.approx(np.dot(ce, [1, 4, 9, 16]) / 30, rel=1e-5)
     # The export is an M-VAR model that the quality measure's checks accept.
-    model, labels = quality.load_generator(m_var_run / "model",
-                                           _m_var_data_config(builtin_shapes_dir))
+    model, labels = quality.load_generator(m_var_run / "model", _m_var_data_config(builtin_shapes_dir))
     assert model.transformer_config.attention == "mamba" and labels == list(range(10))
 
 
@@ -449,19 +502,43 @@ def test_m_var_model_samples_and_evaluates(m_var_run, builtin_shapes_dir, tmp_pa
     # An untrained judge: this test is about the model's path.
     data_cfg = _m_var_data_config(builtin_shapes_dir)
     judge = jax.jit(quality.Classifier(quality.ClassifierConfig(), 10).init)(
-        jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
-    quality.save_classifier(quality.classifier_cache_path(tmp_path, data_cfg),
-                            quality.TrainedClassifier(quality.ClassifierConfig(), 10, 64, judge,
-                                                      0.0, 0.0))
-    report = quality.evaluate_model(m_var_run / "model", classifier_cache=tmp_path,
-                                    data_cfg=data_cfg, labels=[0, 3], samples_per_class=1,
-                                    batch_size=2, progress=False)
+        jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))
+    )
+    quality.save_classifier(
+        quality.classifier_cache_path(tmp_path, data_cfg),
+        quality.TrainedClassifier(quality.ClassifierConfig(), 10, 64, judge, 0.0, 0.0),
+    )
+    report = quality.evaluate_model(
+        m_var_run / "model",
+        classifier_cache=tmp_path,
+        data_cfg=data_cfg,
+        labels=[0, 3],
+        samples_per_class=1,
+        batch_size=2,
+        progress=False,
+    )
     assert report["model"]["attention"] == "mamba"
     assert np.isfinite(report["frechet_distance"]["generated"])
     assert quality.report_markdown(report).startswith("M-VAR depth 1, 64 px")
     # sample.py with evaluate_model's batch and options: the same compiled sampler.
     npz = tmp_path / "samples.npz"
-    sample.main(["--checkpoint", str(m_var_run / "model"), "--labels", "0,3", "--cfg", "1.5",
-                 "--top_k", "0", "--top_p", "0", "--batch_size", "2", "--out", str(npz)])
+    sample.main(
+        [
+            "--checkpoint",
+            str(m_var_run / "model"),
+            "--labels",
+            "0,3",
+            "--cfg",
+            "1.5",
+            "--top_k",
+            "0",
+            "--top_p",
+            "0",
+            "--batch_size",
+            "2",
+            "--out",
+            str(npz),
+        ]
+    )
     with np.load(npz) as f:
         assert f["images"].shape == (2, 64, 64, 3) and f["tokens"].shape == (2, 30)

@@ -43,7 +43,11 @@ def test_official_configs(name):
     config = _config(name)
     model = generator.transformer_config(config, VQVAEConfig())  # the released tokenizer
     assert (model.attention, model.depth, model.embed_dim, model.num_heads) == (
-        attention, depth, embed, depth)
+        attention,
+        depth,
+        embed,
+        depth,
+    )
     assert model.drop_path_rate == pytest.approx(0.1 * depth / 24)
     assert (model.vocab_size, model.cvae, model.num_classes, model.seq_len) == (4096, 32, 1000, 680)
     assert (model.kernel_size, model.refine_step, model.dtype) == (7, 8, "bfloat16")
@@ -81,9 +85,11 @@ def test_config_argument_reaches_get_config():
 
 # name: (depth, global batch, epochs, tblr, alng, wpe, attn_l2_norm) from the M-VAR README's
 # commands (OliverRensu/MVAR); attn_l2_norm off for d16/d20 per its inference note.
-M_VAR_OFFICIAL = {"m_var_d16": (16, 768, 200, 1e-4, 1e-3, 0.1, False),
-                  "m_var_d20": (20, 768, 250, 1e-4, 1e-3, 0.1, False),
-                  "m_var_d24": (24, 768, 350, 8e-5, 1e-4, 0.01, True)}
+M_VAR_OFFICIAL = {
+    "m_var_d16": (16, 768, 200, 1e-4, 1e-3, 0.1, False),
+    "m_var_d20": (20, 768, 250, 1e-4, 1e-3, 0.1, False),
+    "m_var_d24": (24, 768, 350, 8e-5, 1e-4, 0.01, True),
+}
 
 
 @pytest.mark.parametrize("name", sorted(M_VAR_OFFICIAL))
@@ -95,24 +101,27 @@ def test_official_m_var_configs(name, fixture_dir):
     generator.check_config(checked)
     model = generator.transformer_config(config, VQVAEConfig())  # the released tokenizer
     assert (model.attention, model.depth, model.embed_dim, model.num_heads) == (
-        "mamba", depth, 64 * depth, depth)
+        "mamba",
+        depth,
+        64 * depth,
+        depth,
+    )
     assert (model.attn_l2_norm, model.shared_aln, model.dtype) == (l2_norm, False, "bfloat16")
     assert model.drop_path_rate == pytest.approx(0.1 * depth / 24)
     assert (model.mamba.d_state, model.mamba.d_conv, model.mamba.expand) == (64, 4, 2)
     assert (config.batch_size, config.num_epochs, config.optim.base_lr) == (batch, epochs, tblr)
     assert (config.init.adaln_gamma, config.optim.final_lr_ratio) == (alng, wpe)
-    assert (config.data.crop, config.data.hflip, config.label_smoothing) == (
-        "resize_random_crop", False, 0.0)
+    assert (config.data.crop, config.data.hflip, config.label_smoothing) == ("resize_random_crop", False, 0.0)
     assert (config.sample_cfg, config.sample_top_k, config.sample_top_p) == (1.5, 900, 0.96)
     assert trainer.total_steps(config) == epochs * -(-1_281_167 // batch)
     assert schedule.make_schedule("mamba", model.num_scales, ratio_k=config.ratio_k) == (
-        schedule.SegmentSchedule((schedule.Segment(0, 10),), (0,)))
+        schedule.SegmentSchedule((schedule.Segment(0, 10),), (0,))
+    )
 
 
 def test_tiny_cpu_fixture_config_fits_the_fixture_tokenizer(fixture_dir):
     config = importlib.import_module("configs.tiny_cpu").get_config("fixture")
-    vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth",
-                                          patch_nums=config.model.patch_nums)
+    vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth", patch_nums=config.model.patch_nums)
     model = generator.transformer_config(config, vqvae_config)
     assert (model.vocab_size, model.cvae, model.seq_len) == (64, 8, 30)
     assert config.vqvae_checkpoint == "tests/fixtures/official/tiny_vae.pth"
@@ -126,8 +135,7 @@ def test_tiny_cpu_config_fits_the_demo_tokenizer():
     tokenizer = importlib.import_module("configs.vqvae_tiny_cpu").get_config()
     vqvae_config = importlib.import_module("mvar_jax.training.tokenizer").vqvae_config(tokenizer)
     model = generator.transformer_config(config, vqvae_config)  # raises if the maps do not fit
-    assert (model.vocab_size, model.cvae) == (tokenizer.model.vocab_size,
-                                              tokenizer.model.z_channels)
+    assert (model.vocab_size, model.cvae) == (tokenizer.model.vocab_size, tokenizer.model.z_channels)
     assert model.patch_nums == tuple(tokenizer.model.patch_nums)
     assert vqvae_config.image_size == config.data.image_size == tokenizer.data.image_size
     with pytest.raises(ValueError, match="configs/tiny_cpu.py:vqgan: expected one of"):
@@ -136,8 +144,9 @@ def test_tiny_cpu_config_fits_the_demo_tokenizer():
 
 @pytest.mark.parametrize("tokenizer", ["demo", "fixture"])
 @pytest.mark.parametrize("twin,family", [("tiny_cpu_var", "var"), ("tiny_cpu_m_var", "mamba")])
-def test_tiny_cpu_twins_differ_from_tiny_cpu_in_the_model_family_only(twin, family, tokenizer,
-                                                                       fixture_dir, monkeypatch):
+def test_tiny_cpu_twins_differ_from_tiny_cpu_in_the_model_family_only(
+    twin, family, tokenizer, fixture_dir, monkeypatch
+):
     """The MVAR / VAR / M-VAR comparison at one budget: only the model family differs."""
     mvar = importlib.import_module("configs.tiny_cpu").get_config(tokenizer)
     other = importlib.import_module(f"configs.{twin}").get_config(tokenizer)
@@ -150,19 +159,28 @@ def test_tiny_cpu_twins_differ_from_tiny_cpu_in_the_model_family_only(twin, fami
         monkeypatch.chdir(REPO)  # vqvae_checkpoint is repo-relative
         trainer.check_config(other)
         generator.check_config(other)
-        vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth",
-                                              patch_nums=other.model.patch_nums)
-        mvar_model, other_model = (generator.transformer_config(c, vqvae_config)
-                                   for c in (mvar, other))
+        vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth", patch_nums=other.model.patch_nums)
+        mvar_model, other_model = (generator.transformer_config(c, vqvae_config) for c in (mvar, other))
         assert (mvar_model.attention, other_model.attention) == ("mvar", family)
         assert dataclasses.replace(other_model, attention="mvar") == mvar_model
 
 
 def test_train_py_applies_overrides_and_reports_bad_values(tmp_path):
     out = subprocess.run(
-        [sys.executable, "train.py", "--config", "configs/tiny_cpu.py", "--workdir",
-         str(tmp_path), "--config.model.name=vqgan"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/tiny_cpu.py",
+            "--workdir",
+            str(tmp_path),
+            "--config.model.name=vqgan",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode != 0
     assert "config.model.name='vqgan' is unknown" in out.stderr
 
@@ -175,8 +193,13 @@ def test_finetune_and_tokenizer_from_official_files_or_a_model_dir(fixture_dir, 
         np.testing.assert_array_equal(a, b)
     # A converted model directory works too.
     vqvae_config, vqvae_params = load_official_vqvae(fixture_dir / "tiny_vae.pth")
-    checkpoint.save_model(tmp_path / "model", vqvae_config=vqvae_config, vqvae_params=vqvae_params,
-                          transformer_config=var_config, transformer_params=var_params)
+    checkpoint.save_model(
+        tmp_path / "model",
+        vqvae_config=vqvae_config,
+        vqvae_params=vqvae_params,
+        transformer_config=var_config,
+        transformer_params=var_params,
+    )
     params = generator.finetune_params(tmp_path / "model", mvar_config)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(var_params["params"])):
         np.testing.assert_array_equal(np.asarray(a), b)

@@ -21,6 +21,7 @@ PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 # ----------------------------------------------------------------------------
 # Segment schedule.
 
+
 def test_mvar_cycle_is_8_1_1_at_the_official_setting(fixture_dir):
     cycle = schedule.make_schedule("mvar", 10, refine_step=8, ratio_k=8)
     assert cycle.segments == (Segment(0, 8), Segment(8, 9), Segment(9, 10))
@@ -50,8 +51,7 @@ def test_schedule_matches_the_official_rule(ratio_k, refine_step):
     cycle = schedule.make_schedule("mvar", 10, refine_step=refine_step, ratio_k=ratio_k)
     for g_it in range(60):
         prog_ed = _official_prog_ed(g_it, ratio_k, refine_step, 10)
-        official = (Segment(0, refine_step) if prog_ed == refine_step - 1
-                    else Segment(prog_ed, prog_ed + 1))
+        official = Segment(0, refine_step) if prog_ed == refine_step - 1 else Segment(prog_ed, prog_ed + 1)
         assert cycle.segment_at(g_it) == official, g_it
 
 
@@ -60,12 +60,15 @@ def test_var_trains_every_scale_each_step():
     assert {cycle.segment_at(s) for s in range(12)} == {Segment(0, 10)}
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(model_name="mvar", refine_step=11), "refine_step must be in"),
-    (dict(model_name="mvar", refine_step=1), "refine_step must be in"),
-    (dict(model_name="mvar", ratio_k=0), "ratio_k"),
-    (dict(model_name="vqgan"), "unknown model name"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(model_name="mvar", refine_step=11), "refine_step must be in"),
+        (dict(model_name="mvar", refine_step=1), "refine_step must be in"),
+        (dict(model_name="mvar", ratio_k=0), "ratio_k"),
+        (dict(model_name="vqgan"), "unknown model name"),
+    ],
+)
 def test_schedule_rejects_bad_settings(kwargs, match):
     kwargs = {"refine_step": 8, "ratio_k": 8, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -75,10 +78,12 @@ def test_schedule_rejects_bad_settings(kwargs, match):
 # ----------------------------------------------------------------------------
 # Learning rate and weight decay.
 
+
 def test_lin0_schedule_at_its_corners():
     peak, total, warmup = 2.0, 1001, 100
-    lr = optimizer.learning_rate_schedule(peak=peak, total_steps=total, warmup_steps=warmup,
-                                          kind="lin0", warmup_start=0.005, final_ratio=0.1)
+    lr = optimizer.learning_rate_schedule(
+        peak=peak, total_steps=total, warmup_steps=warmup, kind="lin0", warmup_start=0.005, final_ratio=0.1
+    )
     at = lambda s: float(lr(s))  # noqa: E731
     assert at(0) == pytest.approx(0.005 * peak)
     assert at(50) == pytest.approx((0.005 + 0.995 * 0.5) * peak)  # linear warm-up
@@ -92,8 +97,9 @@ def test_lin0_schedule_at_its_corners():
 
 
 def test_cos_schedule_and_peak_scaling():
-    lr = optimizer.learning_rate_schedule(peak=1.0, total_steps=101, warmup_steps=0, kind="cos",
-                                          final_ratio=0.0)
+    lr = optimizer.learning_rate_schedule(
+        peak=1.0, total_steps=101, warmup_steps=0, kind="cos", final_ratio=0.0
+    )
     assert float(lr(0)) == pytest.approx(1.0)
     assert float(lr(50)) == pytest.approx(0.5, abs=1e-6)
     optim = ml_collections.ConfigDict({"base_lr": 1e-4})
@@ -112,8 +118,17 @@ def test_weight_decay_schedule():
 
 def _tiny_config(**kw) -> transformer.TransformerConfig:
     return transformer.TransformerConfig(
-        vocab_size=16, cvae=4, num_classes=3, depth=2, embed_dim=16, num_heads=2,
-        patch_nums=(1, 2, 3), refine_step=2, kernel_size=1, **kw)
+        vocab_size=16,
+        cvae=4,
+        num_classes=3,
+        depth=2,
+        embed_dim=16,
+        num_heads=2,
+        patch_nums=(1, 2, 3),
+        refine_step=2,
+        kernel_size=1,
+        **kw,
+    )
 
 
 def _init(config, **scales):
@@ -138,8 +153,12 @@ def test_init_multipliers_scale_exactly_the_official_weights(shared_aln):
         else:
             expected_gain[f"blocks_{i}/ada_lin/kernel"] = gates_then_rest
     flat_unit, flat_custom = (
-        {"/".join(k.key for k in path): np.asarray(x)
-         for path, x in jax.tree_util.tree_flatten_with_path(p)[0]} for p in (unit, custom))
+        {
+            "/".join(k.key for k in path): np.asarray(x)
+            for path, x in jax.tree_util.tree_flatten_with_path(p)[0]
+        }
+        for p in (unit, custom)
+    )
     assert flat_unit.keys() == flat_custom.keys() >= expected_gain.keys()
     for name, value in flat_unit.items():
         gain = expected_gain.get(name, 1.0)
@@ -147,7 +166,7 @@ def test_init_multipliers_scale_exactly_the_official_weights(shared_aln):
     # And the draws themselves have the official spread: multiplier x init_std for the
     # Linear weights (sqrt(1 / 3C)), multiplier x 1 / sqrt(C) for ada_gss (randn / sqrt(C)).
     for name, gain in expected_gain.items():
-        base = C ** -0.5 if name.endswith("ada_gss") else (1 / (3 * C)) ** 0.5
+        base = C**-0.5 if name.endswith("ada_gss") else (1 / (3 * C)) ** 0.5
         gains = np.broadcast_to(gain, flat_custom[name].shape)
         for g in np.unique(gains):
             spread = flat_custom[name][gains == g].std() / (g * base)
@@ -164,16 +183,21 @@ def test_init_multipliers_must_be_finite_and_non_negative():
 def test_no_decay_set_is_the_official_one():
     params = transformer.param_shapes(_tiny_config())["params"]
     flat = jax.tree_util.tree_flatten_with_path(optimizer.decay_mask(params))[0]
-    no_decay = {transformer_weights.official_key(tuple(k.key for k in path))
-                for path, decayed in flat if not decayed}
+    no_decay = {
+        transformer_weights.official_key(tuple(k.key for k in path)) for path, decayed in flat if not decayed
+    }
     # filter_params: 1-D tensors, biases and the nowd_keys (pos_*, lvl_embed, scale_mul).
-    expected = {"pos_start", "pos_1LC", "lvl_embed.weight", "word_embed.bias", "head.bias",
-                "head_nm.ada_lin.1.bias"}
+    expected = {
+        "pos_start",
+        "pos_1LC",
+        "lvl_embed.weight",
+        "word_embed.bias",
+        "head.bias",
+        "head_nm.ada_lin.1.bias",
+    }
     for i in range(2):
-        expected |= {f"blocks.{i}.attn.{n}" for n in ("q_bias", "v_bias", "scale_mul_1H11",
-                                                      "proj.bias")}
-        expected |= {f"blocks.{i}.ffn.fc1.bias", f"blocks.{i}.ffn.fc2.bias",
-                     f"blocks.{i}.ada_lin.1.bias"}
+        expected |= {f"blocks.{i}.attn.{n}" for n in ("q_bias", "v_bias", "scale_mul_1H11", "proj.bias")}
+        expected |= {f"blocks.{i}.ffn.fc1.bias", f"blocks.{i}.ffn.fc2.bias", f"blocks.{i}.ada_lin.1.bias"}
     assert no_decay == expected
     # Everything else, class embedding included, is decayed.
     # word_embed, class_emb; mat_qkv, proj, fc1, fc2, ada_lin per block; head_nm, head.
@@ -182,15 +206,29 @@ def test_no_decay_set_is_the_official_one():
 
 def test_adamw_matches_torch_with_the_no_decay_groups():
     """One step of the optax chain equals torch AdamW with filter_params' groups and clipping."""
-    optim = ml_collections.ConfigDict(dict(
-        base_lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, weight_decay_end=0.05,
-        grad_clip=0.5, schedule="lin0", warmup_start=0.005, final_lr_ratio=0.01))
+    optim = ml_collections.ConfigDict(
+        dict(
+            base_lr=1e-2,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.05,
+            weight_decay_end=0.05,
+            grad_clip=0.5,
+            schedule="lin0",
+            warmup_start=0.005,
+            final_lr_ratio=0.01,
+        )
+    )
     rng = np.random.default_rng(0)
-    params = {"head": {"kernel": rng.normal(size=(3, 4)).astype(np.float32),
-                       "bias": rng.normal(size=(4,)).astype(np.float32)}}
+    params = {
+        "head": {
+            "kernel": rng.normal(size=(3, 4)).astype(np.float32),
+            "bias": rng.normal(size=(4,)).astype(np.float32),
+        }
+    }
     grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
-    tx, lr = optimizer.make_optimizer(optim, global_batch_size=256, total_steps=100,
-                                      warmup_steps=0)
+    tx, lr = optimizer.make_optimizer(optim, global_batch_size=256, total_steps=100, warmup_steps=0)
     updates, _ = tx.update(grads, tx.init(params), params)
     new = jax.tree.map(lambda p, u: np.asarray(p + u), params, updates)
 
@@ -198,9 +236,12 @@ def test_adamw_matches_torch_with_the_no_decay_groups():
     for k, g in grads["head"].items():
         tp[k].grad = torch.tensor(g)
     torch.nn.utils.clip_grad_norm_(list(tp.values()), 0.5)
-    opt = torch.optim.AdamW([{"params": [tp["kernel"]], "weight_decay": 0.05},
-                             {"params": [tp["bias"]], "weight_decay": 0.0}],
-                            lr=float(lr(0)), betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": [tp["kernel"]], "weight_decay": 0.05}, {"params": [tp["bias"]], "weight_decay": 0.0}],
+        lr=float(lr(0)),
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
     opt.step()
     for k in ("kernel", "bias"):
         np.testing.assert_allclose(new["head"][k], tp[k].detach().numpy(), rtol=1e-5, atol=1e-6)
@@ -209,6 +250,7 @@ def test_adamw_matches_torch_with_the_no_decay_groups():
 # ----------------------------------------------------------------------------
 # Loss.
 
+
 def test_cross_entropy_matches_torch_label_smoothing():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
@@ -216,8 +258,11 @@ def test_cross_entropy_matches_torch_label_smoothing():
     for smoothing in (0.0, 0.1):
         ours = step_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), smoothing)
         ref = torch.nn.functional.cross_entropy(
-            torch.tensor(logits).reshape(-1, 11), torch.tensor(targets).reshape(-1),
-            label_smoothing=smoothing, reduction="none").reshape(2, 5)
+            torch.tensor(logits).reshape(-1, 11),
+            torch.tensor(targets).reshape(-1),
+            label_smoothing=smoothing,
+            reduction="none",
+        ).reshape(2, 5)
         np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -227,23 +272,42 @@ def test_segment_loss_weights_tokens_by_one_over_L():
     model = transformer.Transformer(config)
     params = transformer.init_params(config, jax.random.PRNGKey(0))["params"]
     rng = np.random.default_rng(2)
-    batch = {"label": jnp.asarray(rng.integers(0, 3, (2,))),
-             "tokens": jnp.asarray(rng.integers(0, 16, (2, config.seq_len))),
-             "x_BLCv": jnp.asarray(rng.normal(size=(2, config.seq_len - 1, 4)), jnp.float32)}
+    batch = {
+        "label": jnp.asarray(rng.integers(0, 3, (2,))),
+        "tokens": jnp.asarray(rng.integers(0, 16, (2, config.seq_len))),
+        "x_BLCv": jnp.asarray(rng.normal(size=(2, config.seq_len - 1, 4)), jnp.float32),
+    }
     tx, lr = optimizer.make_optimizer(
-        ml_collections.ConfigDict(dict(base_lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
-                                       weight_decay_end=0.0, grad_clip=0.0, schedule="lin0",
-                                       warmup_start=1.0, final_lr_ratio=1.0)),
-        global_batch_size=256, total_steps=10, warmup_steps=0)
+        ml_collections.ConfigDict(
+            dict(
+                base_lr=1e-3,
+                b1=0.9,
+                b2=0.95,
+                eps=1e-8,
+                weight_decay=0.0,
+                weight_decay_end=0.0,
+                grad_clip=0.0,
+                schedule="lin0",
+                warmup_start=1.0,
+                final_lr_ratio=1.0,
+            )
+        ),
+        global_batch_size=256,
+        total_steps=10,
+        warmup_steps=0,
+    )
     state = state_lib.create_train_state(params, tx, jax.random.PRNGKey(1))
     segment = Segment(2, 3)  # the 3x3 scale alone: tokens [5, 14)
     train_step = jax.jit(step_lib.make_train_step(model, tx, lr, segment, label_smoothing=0.0))
     _, metrics = train_step(state, batch)
-    logits = model.apply({"params": params}, batch["label"], batch["x_BLCv"][:, 4:13],
-                         first_scale=2, last_scale=3)
+    logits = model.apply(
+        {"params": params}, batch["label"], batch["x_BLCv"][:, 4:13], first_scale=2, last_scale=3
+    )
     ce = torch.nn.functional.cross_entropy(
         torch.tensor(np.asarray(logits)).reshape(-1, 16),
-        torch.tensor(np.asarray(batch["tokens"][:, 5:14])).long().reshape(-1), reduction="none")
+        torch.tensor(np.asarray(batch["tokens"][:, 5:14])).long().reshape(-1),
+        reduction="none",
+    )
     expected = ce.reshape(2, 9).sum(1).mean() / config.seq_len
     assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
     assert float(metrics["ce/3x3"]) == pytest.approx(float(ce.mean()), rel=1e-5)
@@ -252,15 +316,20 @@ def test_segment_loss_weights_tokens_by_one_over_L():
 
 def test_no_decay_set_of_m_var_is_the_official_one():
     """filter_params on M-VAR's Mamba2 layer: its 1-D tensors and biases are not decayed."""
-    config = transformer.TransformerConfig(depth=1, embed_dim=64, num_heads=2, patch_nums=(1, 2),
-                                           attention="mamba")
+    config = transformer.TransformerConfig(
+        depth=1, embed_dim=64, num_heads=2, patch_nums=(1, 2), attention="mamba"
+    )
     params = transformer.param_shapes(config)["params"]
     flat = jax.tree_util.tree_flatten_with_path(optimizer.decay_mask(params))[0]
-    decayed = {transformer_weights.official_key(tuple(k.key for k in path)): d
-               for path, d in flat}
-    assert {k.removeprefix("blocks.0.mamba."): d for k, d in decayed.items()
-            if ".mamba." in k} == {
-        "in_proj.weight": True, "out_proj.weight": True, "conv1d.weight": True,  # (C, 1, 4)
-        "conv1d.bias": False, "dt_bias": False, "A_log": False, "D": False,
-        "norm.weight": False}
+    decayed = {transformer_weights.official_key(tuple(k.key for k in path)): d for path, d in flat}
+    assert {k.removeprefix("blocks.0.mamba."): d for k, d in decayed.items() if ".mamba." in k} == {
+        "in_proj.weight": True,
+        "out_proj.weight": True,
+        "conv1d.weight": True,  # (C, 1, 4)
+        "conv1d.bias": False,
+        "dt_bias": False,
+        "A_log": False,
+        "D": False,
+        "norm.weight": False,
+    }
     assert decayed["blocks.0.ada_lin.1.weight"]  # the 9-way AdaLN, as VAR's 6-way one

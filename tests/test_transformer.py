@@ -12,12 +12,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import rel_err
+
 from mvar_jax import transformer_weights
-from mvar_jax.transformer import (Transformer, TransformerConfig, blocks_are_stacked,
-                                  check_refine_step, init_kv_cache, init_params, param_shapes,
-                                  stack_blocks, stack_cache)
+from mvar_jax.transformer import (
+    Transformer,
+    TransformerConfig,
+    blocks_are_stacked,
+    check_refine_step,
+    init_kv_cache,
+    init_params,
+    param_shapes,
+    stack_blocks,
+    stack_cache,
+)
 
 # The official MVAR training segments of the tiny fixtures (tiny_meta.json).
 SEGMENTS = {"mvar_logits_seg0": (0, 8), "mvar_logits_seg1": (8, 9), "mvar_logits_seg2": (9, 10)}
@@ -27,20 +35,18 @@ SEGMENTS = {"mvar_logits_seg0": (0, 8), "mvar_logits_seg1": (8, 9), "mvar_logits
 def _forward(config, train=False):
     """Jitted teacher forcing (static scale range), compiled once per config."""
     model = Transformer(config)
-    return jax.jit(functools.partial(model.apply, train=train),
-                   static_argnames=("first_scale", "last_scale"))
+    return jax.jit(functools.partial(model.apply, train=train), static_argnames=("first_scale", "last_scale"))
 
 
 def _inputs_for(config, x_BLCv_wo_first_l, first_scale, last_scale):
     """The official trainer's slice of the teacher-forcing input for a scale range."""
     begin, end = config.token_range(first_scale, last_scale)
-    return x_BLCv_wo_first_l[:, max(0, begin - config.first_l):end - config.first_l]
+    return x_BLCv_wo_first_l[:, max(0, begin - config.first_l) : end - config.first_l]
 
 
 @pytest.fixture(scope="module")
 def tiny_mvar(fixture_dir):
-    return transformer_weights.load_transformer(fixture_dir / "tiny_mvar.pth",
-                                                neighborhood_impl="reference")
+    return transformer_weights.load_transformer(fixture_dir / "tiny_mvar.pth", neighborhood_impl="reference")
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +57,13 @@ def tiny_var(fixture_dir):
 # ----------------------------------------------------------------------------
 # Parity with the official PyTorch code.
 
+
 @pytest.mark.parametrize("checkpoint", ["tiny_mvar.pth", "tiny_mvar_release_layout.pth"])
 def test_mvar_teacher_forcing_matches_official(fixture_dir, tiny_io, checkpoint):
-    config, params = transformer_weights.load_transformer(fixture_dir / checkpoint,
-                                                          neighborhood_impl="reference")
-    assert (config.attention, config.depth, config.embed_dim, config.num_heads) == (
-        "mvar", 2, 64, 4)
+    config, params = transformer_weights.load_transformer(
+        fixture_dir / checkpoint, neighborhood_impl="reference"
+    )
+    assert (config.attention, config.depth, config.embed_dim, config.num_heads) == ("mvar", 2, 64, 4)
     forward = _forward(config)
     for name, (first, last) in SEGMENTS.items():
         x = _inputs_for(config, tiny_io["x_BLCv_wo_first_l"], first, last)
@@ -66,8 +73,10 @@ def test_mvar_teacher_forcing_matches_official(fixture_dir, tiny_io, checkpoint)
         assert err < 1e-5, (name, err)  # measured ~2.4e-7
 
 
-@pytest.mark.skipif(importlib.util.find_spec("kernels.spatial_markov") is None,
-                    reason="kernels/spatial_markov.py not written yet")
+@pytest.mark.skipif(
+    importlib.util.find_spec("kernels.spatial_markov") is None,
+    reason="kernels/spatial_markov.py not written yet",
+)
 def test_mvar_spatial_markov_through_pallas_kernel_matches_official(tiny_mvar, tiny_io):
     # The 13x13 scale: not a power of two, and most windows touch a border.
     config = dataclasses.replace(tiny_mvar[0], neighborhood_impl="pallas_interpret")
@@ -79,8 +88,9 @@ def test_mvar_spatial_markov_through_pallas_kernel_matches_official(tiny_mvar, t
 
 def test_var_teacher_forcing_matches_official(tiny_var, tiny_io):
     config, params = tiny_var
-    logits = _forward(config)(params, tiny_io["label"], tiny_io["x_BLCv_wo_first_l"],
-                              first_scale=0, last_scale=config.num_scales)
+    logits = _forward(config)(
+        params, tiny_io["label"], tiny_io["x_BLCv_wo_first_l"], first_scale=0, last_scale=config.num_scales
+    )
     err = rel_err(logits, tiny_io["var_logits"])
     assert err < 1e-5, err  # measured ~2.3e-7
 
@@ -88,9 +98,18 @@ def test_var_teacher_forcing_matches_official(tiny_var, tiny_io):
 # ----------------------------------------------------------------------------
 # Attention structure on a small random model.
 
-SMALL = TransformerConfig(vocab_size=16, cvae=4, num_classes=5, depth=2, embed_dim=32,
-                          num_heads=2, patch_nums=(1, 2, 3, 4, 5), refine_step=3,
-                          kernel_size=3, neighborhood_impl="reference")
+SMALL = TransformerConfig(
+    vocab_size=16,
+    cvae=4,
+    num_classes=5,
+    depth=2,
+    embed_dim=32,
+    num_heads=2,
+    patch_nums=(1, 2, 3, 4, 5),
+    refine_step=3,
+    kernel_size=3,
+    neighborhood_impl="reference",
+)
 
 
 def _random_params(config, seed=0):
@@ -111,18 +130,19 @@ def _random_params(config, seed=0):
 def _small_forward(attention):
     config = dataclasses.replace(SMALL, attention=attention)
     forward = _forward(config)
-    return config, _random_params(config), functools.partial(
-        forward, first_scale=0, last_scale=config.num_scales)
+    return (
+        config,
+        _random_params(config),
+        functools.partial(forward, first_scale=0, last_scale=config.num_scales),
+    )
 
 
 def _per_scale_logits(config, params, label_B, x_BLCv_wo_first_l):
     """The inference API driven with teacher-forcing inputs, one scale at a time."""
     stacked = blocks_are_stacked(params)
     model = Transformer(config, scan_blocks=stacked)
-    step = jax.jit(functools.partial(model.apply, method=Transformer.scale_logits),
-                   static_argnames="si")
-    embed = jax.jit(functools.partial(model.apply, method=Transformer.scale_input),
-                    static_argnames="si")
+    step = jax.jit(functools.partial(model.apply, method=Transformer.scale_logits), static_argnames="si")
+    embed = jax.jit(functools.partial(model.apply, method=Transformer.scale_input), static_argnames="si")
     x, cond = model.apply(params, label_B, method=Transformer.start_input)
     cache = init_kv_cache(config, label_B.shape[0])
     cache = stack_cache(cache) if stacked else cache
@@ -140,8 +160,7 @@ def test_per_scale_inference_reproduces_teacher_forcing(attention):
     """MVAR: each scale alone; VAR: the KV cache stands in for the earlier scales.
     (Teacher forcing itself is pinned to the official logits above.)"""
     config, params, forward = _small_forward(attention)
-    x = np.random.default_rng(0).standard_normal(
-        (2, config.seq_len - 1, config.cvae)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((2, config.seq_len - 1, config.cvae)).astype(np.float32)
     label = jnp.array([2, 0])
     assert (init_kv_cache(config, 2) is None) == (attention == "mvar")
     err = rel_err(_per_scale_logits(config, params, label, x), forward(params, label, x))
@@ -157,12 +176,12 @@ def test_stacked_blocks_scan_to_the_same_logits(attention):
     stacked = stack_blocks(params, config.depth)
     assert blocks_are_stacked(stacked) and not blocks_are_stacked(params)
     assert jax.tree.leaves(stacked["params"]["blocks"])[0].shape[0] == config.depth
-    x = np.random.default_rng(1).standard_normal(
-        (2, config.seq_len - 1, config.cvae)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((2, config.seq_len - 1, config.cvae)).astype(np.float32)
     label = jnp.array([4, 1])
     want = forward(params, label, x)
     scanned = Transformer(config, scan_blocks=True).apply(
-        stacked, label, x, first_scale=0, last_scale=config.num_scales)
+        stacked, label, x, first_scale=0, last_scale=config.num_scales
+    )
     assert rel_err(scanned, want) < 1e-6
     assert rel_err(_per_scale_logits(config, stacked, label, x), want) < 1e-6
     if attention == "var":
@@ -176,20 +195,26 @@ def test_stacked_blocks_are_for_inference_and_need_every_block():
     stacked = stack_blocks(params, config.depth)
     x = jnp.zeros((1, config.seq_len - 1, config.cvae))
     with pytest.raises(ValueError, match="scanned blocks are for inference"):
-        model.apply(stacked, jnp.zeros((1,), jnp.int32), x, first_scale=0,
-                    last_scale=config.num_scales, train=True,
-                    rngs={"dropout": jax.random.PRNGKey(0)})
+        model.apply(
+            stacked,
+            jnp.zeros((1,), jnp.int32),
+            x,
+            first_scale=0,
+            last_scale=config.num_scales,
+            train=True,
+            rngs={"dropout": jax.random.PRNGKey(0)},
+        )
     with pytest.raises(ValueError, match=r"\['blocks_2'\] not found"):
         stack_blocks(params, config.depth + 1)
     # A scanned model initialises stacked blocks of the per-block shapes.
-    fresh = model.init(jax.random.PRNGKey(0), jnp.zeros((1,), jnp.int32), None,
-                       first_scale=0, last_scale=1)
+    fresh = model.init(jax.random.PRNGKey(0), jnp.zeros((1,), jnp.int32), None, first_scale=0, last_scale=1)
     assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, stacked)
 
 
 @hypothesis.settings(max_examples=8, deadline=None, database=None)
-@hypothesis.given(attention=st.sampled_from(["mvar", "var", "mamba"]), scale=st.integers(1, 4),
-                  seed=st.integers(0, 2**16))
+@hypothesis.given(
+    attention=st.sampled_from(["mvar", "var", "mamba"]), scale=st.integers(1, 4), seed=st.integers(0, 2**16)
+)
 def test_perturbing_one_scale_reaches_only_the_scales_that_attend_to_it(attention, scale, seed):
     config, params, forward = _small_forward(attention)
     rng = np.random.default_rng(seed)
@@ -197,7 +222,7 @@ def test_perturbing_one_scale_reaches_only_the_scales_that_attend_to_it(attentio
     x = rng.standard_normal((2, config.seq_len - 1, config.cvae)).astype(np.float32)
     begin, end = config.token_range(scale, scale + 1)
     x_new = x.copy()
-    x_new[:, begin - 1:end - 1] += rng.standard_normal((2, end - begin, config.cvae))
+    x_new[:, begin - 1 : end - 1] += rng.standard_normal((2, end - begin, config.cvae))
     change = np.abs(np.asarray(forward(params, label, x_new) - forward(params, label, x)))
     for si in range(config.num_scales):
         b, e = config.token_range(si, si + 1)
@@ -216,21 +241,25 @@ def test_mvar_full_range_equals_its_training_segments():
     label = jnp.array([0, 4])
     full = forward(params, label, x.astype(np.float32))
     apply = _forward(config)
-    parts = [apply(params, label, _inputs_for(config, x, a, b).astype(np.float32),
-                   first_scale=a, last_scale=b) for a, b in [(0, 3), (3, 4), (4, 5)]]
+    parts = [
+        apply(params, label, _inputs_for(config, x, a, b).astype(np.float32), first_scale=a, last_scale=b)
+        for a, b in [(0, 3), (3, 4), (4, 5)]
+    ]
     assert rel_err(jnp.concatenate(parts, axis=1), full) < 1e-6
 
 
 # ----------------------------------------------------------------------------
 # Training-time stochasticity, dtype, errors.
 
+
 def test_class_dropout_replaces_labels_by_the_null_class():
     config = dataclasses.replace(SMALL, cond_drop_rate=0.999)
     params = _random_params(config)
     x = jnp.ones((2, config.seq_len - 1, config.cvae))
     span = dict(first_scale=0, last_scale=config.num_scales)
-    dropped = _forward(config, train=True)(params, jnp.array([1, 2]), x,
-                                           rngs={"dropout": jax.random.PRNGKey(0)}, **span)
+    dropped = _forward(config, train=True)(
+        params, jnp.array([1, 2]), x, rngs={"dropout": jax.random.PRNGKey(0)}, **span
+    )
     null = _forward(config)(params, jnp.full((2,), config.num_classes), x, **span)
     kept = _forward(config)(params, jnp.array([1, 2]), x, **span)
     assert rel_err(dropped, null) < 1e-6
@@ -255,11 +284,13 @@ def test_drop_path_is_stochastic_in_training_only():
 
 def test_bfloat16_compute_stays_close_to_float32():
     config, params, forward = _small_forward("mvar")
-    x = jnp.asarray(np.random.default_rng(0).standard_normal(
-        (2, config.seq_len - 1, config.cvae)), jnp.float32)
+    x = jnp.asarray(
+        np.random.default_rng(0).standard_normal((2, config.seq_len - 1, config.cvae)), jnp.float32
+    )
     label = jnp.array([0, 1])
     bf16 = _forward(dataclasses.replace(config, dtype="bfloat16"))(
-        params, label, x, first_scale=0, last_scale=config.num_scales)
+        params, label, x, first_scale=0, last_scale=config.num_scales
+    )
     assert bf16.dtype == jnp.float32
     err = rel_err(bf16, forward(params, label, x))
     assert 0 < err < 3e-2, err
@@ -270,8 +301,8 @@ def test_init_params_follows_official_recipe():
     std = (1 / (3 * SMALL.embed_dim)) ** 0.5
     ada = np.asarray(params["blocks_0"]["ada_lin"]["kernel"])
     C = SMALL.embed_dim
-    assert np.abs(ada[:, :2 * C]).max() < 1e-4  # gates start closed
-    assert 0.2 * std < ada[:, 2 * C:].std() < 0.8 * std
+    assert np.abs(ada[:, : 2 * C]).max() < 1e-4  # gates start closed
+    assert 0.2 * std < ada[:, 2 * C :].std() < 0.8 * std
     assert np.all(np.asarray(params["blocks_0"]["attn"]["scale_mul"]) == np.float32(np.log(4)))
     assert not np.any(np.asarray(params["head"]["bias"]))
 
@@ -281,9 +312,16 @@ def test_config_defaults_roundtrip_and_validation():
     assert (d20.embed_dim, d20.num_heads, d20.head_dim, d20.seq_len) == (1280, 20, 64, 680)
     assert TransformerConfig.from_dict(d20.to_dict()) == d20
     assert TransformerConfig(depth=2, embed_dim=64, num_heads=4).head_dim == 16
-    bad = [dict(depth=2, embed_dim=64, num_heads=5), dict(attention="full"),
-           dict(kernel_size=4), dict(kernel_size=15), dict(refine_step=0), dict(dtype="fp8"),
-           dict(neighborhood_impl="natten"), dict(cond_drop_rate=1.0)]
+    bad = [
+        dict(depth=2, embed_dim=64, num_heads=5),
+        dict(attention="full"),
+        dict(kernel_size=4),
+        dict(kernel_size=15),
+        dict(refine_step=0),
+        dict(dtype="fp8"),
+        dict(neighborhood_impl="natten"),
+        dict(cond_drop_rate=1.0),
+    ]
     for kwargs in bad:
         with pytest.raises(ValueError, match="TransformerConfig"):
             TransformerConfig(**kwargs)

@@ -7,8 +7,8 @@ import json
 import jax
 import numpy as np
 import pytest
-
 from conftest import M_VAR_FIXTURES, M_VAR_VARIANTS
+
 from mvar_jax import transformer_weights as tw
 from mvar_jax.torch_checkpoint import CheckpointError, StateDictMismatchError, load_state_dict
 from mvar_jax.transformer import TransformerConfig, param_shapes
@@ -37,9 +37,12 @@ def test_nested_var_trainer_checkpoint_loads_the_same_weights(fixture_dir, tmp_p
     import torch
 
     weights = torch.load(fixture_dir / "tiny_var.pth", map_location="cpu", weights_only=True)
-    trainer = {"config": {"tlr": 1e-4}, "var_wo_ddp": weights,
-               "vae_local": {"quant_conv.weight": torch.zeros(2, 2, 3, 3)},
-               "var_opt": {"optim": {"state": {}}, "names": ["a"]}}
+    trainer = {
+        "config": {"tlr": 1e-4},
+        "var_wo_ddp": weights,
+        "vae_local": {"quant_conv.weight": torch.zeros(2, 2, 3, 3)},
+        "var_opt": {"optim": {"state": {}}, "names": ["a"]},
+    }
     path = tmp_path / "ar-ckpt-last.pth"
     torch.save({"epoch": 3, "iter": 7, "trainer": trainer}, path)
     plain_cfg, plain = tw.load_transformer(fixture_dir / "tiny_var.pth")
@@ -50,27 +53,32 @@ def test_nested_var_trainer_checkpoint_loads_the_same_weights(fixture_dir, tmp_p
 
 def test_architecture_is_read_off_the_tensors(fixture_dir, mvar_sd):
     config = tw.config_from_state_dict(mvar_sd)
-    assert config == TransformerConfig(vocab_size=64, cvae=8, num_classes=10, depth=2,
-                                       embed_dim=64, num_heads=4, attention="mvar")
+    assert config == TransformerConfig(
+        vocab_size=64, cvae=8, num_classes=10, depth=2, embed_dim=64, num_heads=4, attention="mvar"
+    )
     var_sd = load_state_dict(fixture_dir / "tiny_var.pth")
     assert tw.config_from_state_dict(var_sd).attention == "var"
     # Official MVAR fine-tuning starts from VAR weights: same tensors, other attention.
     as_mvar = tw.config_from_state_dict(var_sd, attention="mvar", kernel_size=5, refine_step=9)
     assert (as_mvar.attention, as_mvar.kernel_size, as_mvar.refine_step) == ("mvar", 5, 9)
-    jax.tree.map(np.testing.assert_array_equal, tw.params_from_state_dict(var_sd, as_mvar),
-                 tw.params_from_state_dict(var_sd, tw.config_from_state_dict(var_sd)))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        tw.params_from_state_dict(var_sd, as_mvar),
+        tw.params_from_state_dict(var_sd, tw.config_from_state_dict(var_sd)),
+    )
 
 
 def test_params_take_the_official_values(mvar_sd):
     params = tw.params_from_state_dict(mvar_sd, tw.config_from_state_dict(mvar_sd))["params"]
-    np.testing.assert_array_equal(params["blocks_1"]["attn"]["mat_qkv"]["kernel"],
-                                  mvar_sd["blocks.1.attn.mat_qkv.weight"].T)
-    np.testing.assert_array_equal(params["blocks_0"]["attn"]["scale_mul"],
-                                  mvar_sd["blocks.0.attn.scale_mul_1H11"].reshape(4))
+    np.testing.assert_array_equal(
+        params["blocks_1"]["attn"]["mat_qkv"]["kernel"], mvar_sd["blocks.1.attn.mat_qkv.weight"].T
+    )
+    np.testing.assert_array_equal(
+        params["blocks_0"]["attn"]["scale_mul"], mvar_sd["blocks.0.attn.scale_mul_1H11"].reshape(4)
+    )
     np.testing.assert_array_equal(params["pos_embed"], mvar_sd["pos_1LC"][0])
     np.testing.assert_array_equal(params["class_emb"]["embedding"], mvar_sd["class_emb.weight"])
-    np.testing.assert_array_equal(params["head_nm"]["ada_lin"]["bias"],
-                                  mvar_sd["head_nm.ada_lin.1.bias"])
+    np.testing.assert_array_equal(params["head_nm"]["ada_lin"]["bias"], mvar_sd["head_nm.ada_lin.1.bias"])
 
 
 def _official_checkpoints(fixture_dir):
@@ -91,16 +99,24 @@ def test_every_official_checkpoint_maps_onto_the_full_size_model(fixture_dir):
         assert (config.vocab_size, config.cvae, config.num_classes) == (4096, 32, 1000)
         assert config.attn_l2_norm and not config.shared_aln
         params = tw.params_from_state_dict(state_dict, config)  # views: nothing allocated
-        jax.tree.map(lambda p, s: np.testing.assert_equal(p.shape, s.shape),
-                     params, param_shapes(config))
+        jax.tree.map(lambda p, s: np.testing.assert_equal(p.shape, s.shape), params, param_shapes(config))
 
 
 def test_shared_adaln_and_plain_attention_layouts_roundtrip():
     # No official checkpoint uses them, so check that the layout the model expects
     # reads back as the same architecture.
-    config = TransformerConfig(vocab_size=32, cvae=4, num_classes=7, depth=3, embed_dim=48,
-                               num_heads=6, mlp_ratio=2.0, shared_aln=True, attn_l2_norm=False,
-                               attention="var")
+    config = TransformerConfig(
+        vocab_size=32,
+        cvae=4,
+        num_classes=7,
+        depth=3,
+        embed_dim=48,
+        num_heads=6,
+        mlp_ratio=2.0,
+        shared_aln=True,
+        attn_l2_norm=False,
+        attention="var",
+    )
     shapes = tw.official_shapes(config)
     assert shapes["shared_ada_lin.1.weight"] == (6 * 48, 48)
     assert shapes["blocks.2.ada_gss"] == (1, 1, 6, 48)
@@ -120,8 +136,11 @@ def test_missing_unexpected_and_misshaped_keys_are_named(mvar_sd):
     assert e.value.unexpected == ["blocks.0.attn.k_bias"]
     assert [k for k, _, _ in e.value.mis_shaped] == ["head.bias"]
     message = str(e.value)
-    for fragment in ("blocks.1.ffn.fc2.bias", "blocks.0.attn.k_bias",
-                     "wrong shape for head.bias: got (10,), expected (64,)"):
+    for fragment in (
+        "blocks.1.ffn.fc2.bias",
+        "blocks.0.attn.k_bias",
+        "wrong shape for head.bias: got (10,), expected (64,)",
+    ):
         assert fragment in message
 
 
@@ -152,24 +171,28 @@ def test_bad_requests_raise(mvar_sd):
 # ----------------------------------------------------------------------------
 # M-VAR (OliverRensu/MVAR): Mamba2 layers and a 9-way ada_lin.
 
+
 @pytest.fixture(scope="module")
 def m_var_sd():
-    return {variant: load_state_dict(M_VAR_FIXTURES / f"tiny_mvar_m_{variant}.pth")
-            for variant in M_VAR_VARIANTS}
+    return {
+        variant: load_state_dict(M_VAR_FIXTURES / f"tiny_mvar_m_{variant}.pth") for variant in M_VAR_VARIANTS
+    }
 
 
 def test_m_var_architecture_and_values(m_var_sd):
     l21 = tw.config_from_state_dict(m_var_sd["l21"])
-    assert l21 == TransformerConfig(vocab_size=64, cvae=8, num_classes=10, depth=2, embed_dim=64,
-                                    num_heads=4, attention="mamba")
+    assert l21 == TransformerConfig(
+        vocab_size=64, cvae=8, num_classes=10, depth=2, embed_dim=64, num_heads=4, attention="mamba"
+    )
     # Without L2 attention nothing in the file gives the heads (as for MVAR/VAR).
     l20 = tw.config_from_state_dict(m_var_sd["l20"], num_heads=4)
     assert (l20.attention, l20.attn_l2_norm, l20.num_heads) == ("mamba", False, 4)
     sd = m_var_sd["l21"]
     mamba = tw.params_from_state_dict(sd, l21)["params"]["blocks_1"]["mamba"]
     np.testing.assert_array_equal(mamba["in_proj"]["kernel"], sd["blocks.1.mamba.in_proj.weight"].T)
-    np.testing.assert_array_equal(mamba["conv1d"]["kernel"],
-                                  sd["blocks.1.mamba.conv1d.weight"].transpose(2, 1, 0))
+    np.testing.assert_array_equal(
+        mamba["conv1d"]["kernel"], sd["blocks.1.mamba.conv1d.weight"].transpose(2, 1, 0)
+    )
     np.testing.assert_array_equal(mamba["norm"]["scale"], sd["blocks.1.mamba.norm.weight"])
     for name in ("A_log", "dt_bias", "D"):
         np.testing.assert_array_equal(mamba[name], sd[f"blocks.1.mamba.{name}"])
@@ -178,8 +201,7 @@ def test_m_var_architecture_and_values(m_var_sd):
 def test_m_var_full_size_layout_follows_the_official_constructor():
     # models/basic_mvar.py: Mamba2(d_model=C, d_state=64, d_conv=4, expand=2), headdim 64;
     # ada_lin Linear(C, 9C). At d16: d_inner 2048, 32 heads, conv over x, B, C.
-    shapes = tw.official_shapes(TransformerConfig(depth=16, attention="mamba",
-                                                  attn_l2_norm=False))
+    shapes = tw.official_shapes(TransformerConfig(depth=16, attention="mamba", attn_l2_norm=False))
     assert shapes["blocks.15.mamba.in_proj.weight"] == (2 * 2048 + 2 * 64 + 32, 1024)
     assert shapes["blocks.15.mamba.conv1d.weight"] == (2048 + 2 * 64, 1, 4)
     assert shapes["blocks.15.mamba.conv1d.bias"] == (2048 + 2 * 64,)
@@ -198,10 +220,8 @@ def test_m_var_files_are_checked_strictly(m_var_sd, fixture_dir):
     with pytest.raises(StateDictMismatchError) as e:
         tw.params_from_state_dict(broken, config)
     assert e.value.missing == ["blocks.1.mamba.dt_bias"]
-    assert "wrong shape for blocks.0.mamba.in_proj.weight: got (450, 64), expected (386, 64)" \
-        in str(e.value)
+    assert "wrong shape for blocks.0.mamba.in_proj.weight: got (450, 64), expected (386, 64)" in str(e.value)
     with pytest.raises(CheckpointError, match="an M-VAR checkpoint"):
         tw.config_from_state_dict(sd, attention="mvar")
     with pytest.raises(CheckpointError, match="not an M-VAR checkpoint"):
-        tw.config_from_state_dict(load_state_dict(fixture_dir / "tiny_var.pth"),
-                                  attention="mamba")
+        tw.config_from_state_dict(load_state_dict(fixture_dir / "tiny_var.pth"), attention="mamba")

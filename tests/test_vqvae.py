@@ -48,20 +48,28 @@ def outputs(tiny_vae, tiny_io):
 
     def encode_side(m: VQVAE, img):
         f = m.encode(img)
-        return {"enc_out": m.encoder(img), "quant_conv_out": f, "ids": m.img_to_idx(img),
-                "fhat_last": m.fhat_per_scale(f)[-1]}
+        return {
+            "enc_out": m.encoder(img),
+            "quant_conv_out": f,
+            "ids": m.img_to_idx(img),
+            "fhat_last": m.fhat_per_scale(f)[-1],
+        }
 
     def decode_side(m: VQVAE, fhat_ref, ids):
-        return {"recon_img": m.fhat_to_img(fhat_ref), "idx_to_img": m.idx_to_img(ids),
-                "x_BLCv_wo_first_l": m.idx_to_var_input(ids)}
+        return {
+            "recon_img": m.fhat_to_img(fhat_ref),
+            "idx_to_img": m.idx_to_img(ids),
+            "x_BLCv_wo_first_l": m.idx_to_var_input(ids),
+        }
 
     out = _jit_apply(model, encode_side)(variables, _nhwc(tiny_io["img"]))
     out.update(_jit_apply(model, decode_side)(variables, _nhwc(tiny_io["fhat_last"]), gt_ids))
     return jax.tree.map(np.asarray, out)
 
 
-@pytest.mark.parametrize("name", [
-    "enc_out", "quant_conv_out", "fhat_last", "recon_img", "idx_to_img", "x_BLCv_wo_first_l"])
+@pytest.mark.parametrize(
+    "name", ["enc_out", "quant_conv_out", "fhat_last", "recon_img", "idx_to_img", "x_BLCv_wo_first_l"]
+)
 def test_matches_official(outputs, tiny_io, name):
     got, ref = outputs[name], tiny_io[name]
     if got.ndim == 4:
@@ -131,8 +139,7 @@ def train_outputs(tiny_vae, train_io):
     def loss_fn(params, img, target):
         rec, q = model.apply({"params": params}, img, method=VQVAE.train_forward)
         rec_loss = jnp.mean(jnp.square(rec - target))
-        return rec_loss + q.vq_loss, {"rec": rec, "vq_loss": q.vq_loss, "rec_loss": rec_loss,
-                                      "ids": q.ids}
+        return rec_loss + q.vq_loss, {"rec": rec, "vq_loss": q.vq_loss, "rec_loss": rec_loss, "ids": q.ids}
 
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
     img = _nhwc(train_io["img"])
@@ -150,9 +157,13 @@ def train_outputs(tiny_vae, train_io):
         assert g.shape == official_shape(path, leaf.shape), name
         grads[name] = g
     out = {k: np.asarray(v) for k, v in aux.items() if k != "ids"}
-    out.update(loss=np.asarray(loss), grad_img=np.asarray(g_img).transpose(0, 3, 1, 2),
-               rec=out["rec"].transpose(0, 3, 1, 2), grads=grads,
-               gt_BL=np.concatenate([np.asarray(i) for i in aux["ids"]], axis=1))
+    out.update(
+        loss=np.asarray(loss),
+        grad_img=np.asarray(g_img).transpose(0, 3, 1, 2),
+        rec=out["rec"].transpose(0, 3, 1, 2),
+        grads=grads,
+        gt_BL=np.concatenate([np.asarray(i) for i in aux["ids"]], axis=1),
+    )
     return out
 
 
@@ -210,8 +221,9 @@ def _torch_embed_to_fhat(h_list, params, patch_nums, ratio, n_phis):
 @pytest.mark.parametrize("share, ratio", [(0, 0.5), (1, 0.5), (4, -0.3), (4, 0.0)])
 def test_embed_to_fhat_matches_torch_reference(share, ratio):
     patch_nums, C = (1, 2, 3, 5), 4
-    q = MultiScaleQuantizer(vocab_size=16, Cvae=C, patch_nums=patch_nums,
-                            quant_resi=ratio, share_quant_resi=share)
+    q = MultiScaleQuantizer(
+        vocab_size=16, Cvae=C, patch_nums=patch_nums, quant_resi=ratio, share_quant_resi=share
+    )
     rng = np.random.default_rng(share)
     f = rng.standard_normal((2, 5, 5, C)).astype(np.float32)
     variables = q.init(jax.random.PRNGKey(0), f, method=MultiScaleQuantizer.quantize)
@@ -292,15 +304,18 @@ def test_config_round_trips_through_json():
     assert VQVAEConfig().image_size == 256 and VQVAEConfig().num_tokens == 680
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"ch": 48}, "not divisible by the 32 GroupNorm groups"),
-    ({"ch_mult": ()}, "ch_mult"),
-    ({"patch_nums": (1, 3, 2)}, "strictly increasing"),
-    ({"patch_nums": (16,)}, "patch_nums"),
-    ({"quant_conv_ks": 2}, "odd"),
-    ({"share_quant_resi": -1}, "share_quant_resi"),
-    ({"vocab_size": 0}, "vocab_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"ch": 48}, "not divisible by the 32 GroupNorm groups"),
+        ({"ch_mult": ()}, "ch_mult"),
+        ({"patch_nums": (1, 3, 2)}, "strictly increasing"),
+        ({"patch_nums": (16,)}, "patch_nums"),
+        ({"quant_conv_ks": 2}, "odd"),
+        ({"share_quant_resi": -1}, "share_quant_resi"),
+        ({"vocab_size": 0}, "vocab_size"),
+    ],
+)
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         VQVAEConfig(**kwargs)

@@ -100,9 +100,7 @@ def _batches(
             pool.shutdown(cancel_futures=True)
 
 
-def _stack(
-    rows: list[Example | None], spec: Spec, batch_size: int, with_mask: bool
-) -> dict[str, np.ndarray]:
+def _stack(rows: list[Example | None], spec: Spec, batch_size: int, with_mask: bool) -> dict[str, np.ndarray]:
     batch = {k: np.zeros((batch_size, *shape), dtype) for k, (shape, dtype) in spec.items()}
     mask_b = np.zeros(batch_size, bool)
     for i, row in enumerate(rows):

@@ -68,27 +68,20 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A muted two-colour gradient with faint stripes and grain, ``(S, S, 3)`` in [0, 1]."""
-    c0, c1 = (
-        _hsv_to_rgb(rng.uniform(), rng.uniform(0.05, 0.35), rng.uniform(0.25, 0.9))
-        for _ in range(2)
-    )
+    c0, c1 = (_hsv_to_rgb(rng.uniform(), rng.uniform(0.05, 0.35), rng.uniform(0.25, 0.9)) for _ in range(2))
     y, x = (np.mgrid[0:size, 0:size] + 0.5) / size
     phi = rng.uniform(0.0, 2 * np.pi)
     t = np.clip(0.5 + (x - 0.5) * np.cos(phi) + (y - 0.5) * np.sin(phi), 0.0, 1.0)
     img_HW3 = c0 * (1.0 - t[..., None]) + c1 * t[..., None]
     psi = rng.uniform(0.0, np.pi)
     cycles = rng.uniform(2.0, 7.0)
-    stripes = np.sin(
-        2 * np.pi * cycles * (x * np.cos(psi) + y * np.sin(psi)) + rng.uniform(0, 2 * np.pi)
-    )
+    stripes = np.sin(2 * np.pi * cycles * (x * np.cos(psi) + y * np.sin(psi)) + rng.uniform(0, 2 * np.pi))
     img_HW3 = img_HW3 + rng.uniform(0.02, 0.07) * stripes[..., None]
     img_HW3 = img_HW3 + rng.normal(0.0, 0.015, size=img_HW3.shape)
     return np.clip(img_HW3, 0.0, 1.0)
 
 
-def _shape_alpha(
-    shape: str, centre: np.ndarray, radius: float, angle: float, size: int
-) -> np.ndarray:
+def _shape_alpha(shape: str, centre: np.ndarray, radius: float, angle: float, size: int) -> np.ndarray:
     """Anti-aliased coverage ``(S, S)`` in [0, 1] of the rotated, placed shape."""
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     vertices = (_OUTLINES[shape] @ rotation.T * radius + centre) * _SUPERSAMPLE
@@ -149,8 +142,7 @@ class BuiltinShapes(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First version."}
     BUILDER_CONFIGS = [
-        ShapesConfig(name=f"res{s}", description=f"{s}x{s} px images", image_size=s)
-        for s in RESOLUTIONS
+        ShapesConfig(name=f"res{s}", description=f"{s}x{s} px images", image_size=s) for s in RESOLUTIONS
     ]
     DEFAULT_CONFIG_NAME = "res64"
 

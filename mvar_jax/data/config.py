@@ -58,10 +58,6 @@ def check_config(cfg: Any) -> None:
     if int(cfg.num_classes) <= 0:
         raise ValueError(f"data.num_classes={cfg.num_classes} must be positive")
     if cfg.on_bad_image not in BAD_IMAGE_POLICIES:
-        raise ValueError(
-            f"data.on_bad_image={cfg.on_bad_image!r}: expected one of {BAD_IMAGE_POLICIES}"
-        )
+        raise ValueError(f"data.on_bad_image={cfg.on_bad_image!r}: expected one of {BAD_IMAGE_POLICIES}")
     if int(cfg.num_workers) < 0 or int(cfg.prefetch) < 0:
-        raise ValueError(
-            f"data.num_workers={cfg.num_workers} and data.prefetch={cfg.prefetch} must be >= 0"
-        )
+        raise ValueError(f"data.num_workers={cfg.num_workers} and data.prefetch={cfg.prefetch} must be >= 0")

@@ -33,9 +33,7 @@ class Slot(NamedTuple):
 
 def _check_host(process_index: int, process_count: int) -> None:
     if not 0 <= process_index < process_count:
-        raise ValueError(
-            f"process_index={process_index} is not in [0, process_count={process_count})"
-        )
+        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
 
 
 def _check_state(state: Any, keys: tuple[str, ...]) -> dict[str, int]:
@@ -62,9 +60,7 @@ class ShuffledEpochs:
     def __post_init__(self):
         _check_host(self.process_index, self.process_count)
         if self.num_records < self.process_count:
-            raise ValueError(
-                f"{self.num_records} examples cannot be shared by {self.process_count} hosts"
-            )
+            raise ValueError(f"{self.num_records} examples cannot be shared by {self.process_count} hosts")
         if self.seed < 0:
             raise ValueError(f"seed={self.seed} must be non-negative")
 
@@ -73,9 +69,7 @@ class ShuffledEpochs:
         return self.num_records // self.process_count
 
     def host_indices(self, epoch: int) -> np.ndarray:
-        perm = np.random.default_rng([_PERMUTATION_STREAM, self.seed, epoch]).permutation(
-            self.num_records
-        )
+        perm = np.random.default_rng([_PERMUTATION_STREAM, self.seed, epoch]).permutation(self.num_records)
         return perm[self.process_index : self.per_host * self.process_count : self.process_count]
 
     def initial_state(self) -> dict[str, int]:
@@ -84,9 +78,7 @@ class ShuffledEpochs:
     def check_state(self, state: Any) -> dict[str, int]:
         state = _check_state(state, ("epoch", "position"))
         if state["position"] >= self.per_host:
-            raise ValueError(
-                f"position {state['position']} is past the epoch ({self.per_host} per host)"
-            )
+            raise ValueError(f"position {state['position']} is past the epoch ({self.per_host} per host)")
         return state
 
     def slots(self, state: dict[str, int]) -> Iterator[Slot]:

@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mvar_jax.data import batching, order, records, token_cache
-from mvar_jax.data import config as config_lib
+from mvar_jax.data import batching, config as config_lib, order, records, token_cache
 
 
 def _host_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -28,9 +27,7 @@ def _host_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
-def _loader_and_spec(
-    cfg: Any, role: str, seed: int | None
-) -> tuple[batching.LoadFn, batching.Spec, int]:
+def _loader_and_spec(cfg: Any, role: str, seed: int | None) -> tuple[batching.LoadFn, batching.Spec, int]:
     """How to load one example of ``role``, its fields, and the split size."""
     label = {"label": ((), np.int32)}
     if cfg.token_cache_dir:

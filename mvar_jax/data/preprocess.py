@@ -25,7 +25,6 @@ import PIL.Image
 
 from mvar_jax.data import config as config_lib
 
-
 ArrayT = TypeVar("ArrayT", np.ndarray, jax.Array)
 
 

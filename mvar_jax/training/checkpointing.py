@@ -41,10 +41,12 @@ def _gather_host_states(local_state: dict[str, Any]) -> dict[str, Any]:
     encoded = np.frombuffer(json.dumps(local_state).encode(), np.uint8)
     lengths = multihost_utils.process_allgather(np.asarray([encoded.size]))
     padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[:encoded.size] = encoded
+    padded[: encoded.size] = encoded
     gathered = multihost_utils.process_allgather(padded)
-    return {str(i): json.loads(gathered[i, :int(n)].tobytes().decode())
-            for i, n in enumerate(lengths.reshape(-1))}
+    return {
+        str(i): json.loads(gathered[i, : int(n)].tobytes().decode())
+        for i, n in enumerate(lengths.reshape(-1))
+    }
 
 
 class Checkpointer:
@@ -53,10 +55,12 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int, async_save: bool = True):
         self._directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(
-            self._directory, options=options, item_names=("state", "data"))
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(self._directory, options=options, item_names=("state", "data"))
         self._last_save: int | None = None  # the step an asynchronous failure belongs to
 
     def latest_step(self) -> int | None:
@@ -68,9 +72,13 @@ class Checkpointer:
     def _stop_when_disk_full(self, step: int) -> contextlib.AbstractContextManager:
         """``workdir.DiskFull`` instead of Orbax's error when saving ``step`` found no space."""
         return workdir.stop_when_disk_full(
-            f"saving the checkpoint of step {step}", self._directory,
-            lambda: f"The newest whole checkpoint is {self._newest_whole()}: free space and "
-                    "run the same command to resume from it.")
+            f"saving the checkpoint of step {step}",
+            self._directory,
+            lambda: (
+                f"The newest whole checkpoint is {self._newest_whole()}: free space and "
+                "run the same command to resume from it."
+            ),
+        )
 
     def _newest_whole(self) -> str:
         steps = ocp.utils.checkpoint_steps(self._directory)  # read from disk: renamed ones
@@ -81,20 +89,31 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         self.wait()  # the previous save's failure names that save's step
         with self._stop_when_disk_full(step):
-            self._manager.save(step, force=True, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(_gather_host_states(data_state))))
+            self._manager.save(
+                step,
+                force=True,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(_gather_host_states(data_state)),
+                ),
+            )
         self._last_save = step
 
     def restore(self, step: int, abstract_state: State) -> tuple[State, dict[str, Any]]:
         """State at ``step`` laid out like ``abstract_state`` (``ShapeDtypeStruct`` with
         shardings), and this host's data-source state."""
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            ),
+        )
         hosts = restored["data"]
         if len(hosts) != jax.process_count():
-            raise ValueError(f"checkpoint step {step} was written by {len(hosts)} hosts, but this "
-                             f"run has {jax.process_count()}; the data position cannot be mapped")
+            raise ValueError(
+                f"checkpoint step {step} was written by {len(hosts)} hosts, but this "
+                f"run has {jax.process_count()}; the data position cannot be mapped"
+            )
         return restored["state"], hosts[str(jax.process_index())]
 
     def wait(self) -> None:

@@ -24,14 +24,11 @@ from jax.sharding import Mesh
 
 from mvar_jax import checkpoint, data, parallel, sampling, transformer_weights
 from mvar_jax.images import image_grid
-from mvar_jax.training import optimizer, schedule
-from mvar_jax.training import state as state_lib
-from mvar_jax.training import step as step_lib
+from mvar_jax.training import optimizer, schedule, state as state_lib, step as step_lib
 from mvar_jax.training.metrics_writer import MetricsWriter
 from mvar_jax.training.task import Batch, StepFn
 from mvar_jax.training.workdir import Architecture
-from mvar_jax.transformer import (ATTENTIONS, Transformer, TransformerConfig,
-                                  official_drop_path_rate)
+from mvar_jax.transformer import ATTENTIONS, Transformer, TransformerConfig, official_drop_path_rate
 from mvar_jax.vqvae import VQVAE, VQVAEConfig, split_scales
 
 # Execution choices that leave the params unchanged, so a run may resume with others
@@ -47,31 +44,34 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """
     m = config.model
     if m.name not in ATTENTIONS:
-        raise ValueError(f"config.model.name={m.name!r} is unknown; expected one of "
-                         f"{ATTENTIONS}")
-    schedule.make_schedule(m.name, len(m.patch_nums), refine_step=m.refine_step,
-                           ratio_k=config.ratio_k)  # raises on refine_step / ratio_k
+        raise ValueError(f"config.model.name={m.name!r} is unknown; expected one of {ATTENTIONS}")
+    schedule.make_schedule(
+        m.name, len(m.patch_nums), refine_step=m.refine_step, ratio_k=config.ratio_k
+    )  # raises on refine_step / ratio_k
     if config.sample_every < 0:
         raise ValueError(f"config.sample_every={config.sample_every} must be >= 0 (0: never)")
     if config.sample_every:
         _check_sampling(config)
     if config.init.std != -1:
-        raise ValueError(f"config.init.std={config.init.std}: only the official automatic init "
-                         "(-1, std = sqrt(1 / (3 * embed_dim))) is implemented")
+        raise ValueError(
+            f"config.init.std={config.init.std}: only the official automatic init "
+            "(-1, std = sqrt(1 / (3 * embed_dim))) is implemented"
+        )
     o = config.optim
     if o.base_lr <= 0 or not math.isfinite(o.base_lr):
         raise ValueError(f"config.optim.base_lr={o.base_lr} must be positive and finite")
     if o.schedule not in optimizer.SCHEDULES:
-        raise ValueError(f"config.optim.schedule={o.schedule!r}; expected one of "
-                         f"{optimizer.SCHEDULES}")
+        raise ValueError(f"config.optim.schedule={o.schedule!r}; expected one of {optimizer.SCHEDULES}")
     if not 0 <= o.warmup_fraction < 1:
         raise ValueError(f"config.optim.warmup_fraction={o.warmup_fraction} must be in [0, 1)")
     if not 0 <= config.label_smoothing < 1:
         raise ValueError(f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
     if not os.path.exists(config.vqvae_checkpoint):
-        raise ValueError(f"config.vqvae_checkpoint: not found: {config.vqvae_checkpoint!r} "
-                         "(download vae_ch160v4096z32.pth from the VAR release, or train a "
-                         "tokenizer: `make demo` trains the one configs/tiny_cpu.py reads)")
+        raise ValueError(
+            f"config.vqvae_checkpoint: not found: {config.vqvae_checkpoint!r} "
+            "(download vae_ch160v4096z32.pth from the VAR release, or train a "
+            "tokenizer: `make demo` trains the one configs/tiny_cpu.py reads)"
+        )
     if config.finetune_from and not os.path.exists(config.finetune_from):
         raise ValueError(f"config.finetune_from: not found: {config.finetune_from!r}")
 
@@ -83,14 +83,13 @@ def _check_sampling(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.sample_classes is empty; set classes or config.sample_every=0")
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
-        raise ValueError(f"config.sample_classes {bad} outside [0, config.data.num_classes="
-                         f"{num_classes})")
-    sampling.check_filters(config.sample_top_k, config.sample_top_p,
-                           names=("config.sample_top_k", "config.sample_top_p"))
+        raise ValueError(f"config.sample_classes {bad} outside [0, config.data.num_classes={num_classes})")
+    sampling.check_filters(
+        config.sample_top_k, config.sample_top_p, names=("config.sample_top_k", "config.sample_top_p")
+    )
 
 
-def load_tokenizer(path: str | os.PathLike, patch_nums: tuple[int, ...]
-                   ) -> tuple[VQVAEConfig, Any]:
+def load_tokenizer(path: str | os.PathLike, patch_nums: tuple[int, ...]) -> tuple[VQVAEConfig, Any]:
     """The frozen VQVAE: an official ``.pth``, a tokenizer directory or a generator model's VQVAE.
 
     The token pyramid (``patch_nums``) is the run's; it does not change the weights.
@@ -98,8 +97,7 @@ def load_tokenizer(path: str | os.PathLike, patch_nums: tuple[int, ...]
     return checkpoint.load_vqvae_checkpoint(path, patch_nums)
 
 
-def transformer_config(config: ml_collections.ConfigDict, vqvae_config: VQVAEConfig
-                       ) -> TransformerConfig:
+def transformer_config(config: ml_collections.ConfigDict, vqvae_config: VQVAEConfig) -> TransformerConfig:
     """The architecture: the config's model section plus the tokenizer's vocabulary.
 
     Raises ValueError when the images do not fit the token pyramid, or (from
@@ -110,17 +108,28 @@ def transformer_config(config: ml_collections.ConfigDict, vqvae_config: VQVAECon
         raise ValueError(
             f"config.data.image_size={config.data.image_size} does not fit the token pyramid: "
             f"patch_nums {tuple(m.patch_nums)} at the VQVAE's {vqvae_config.downsample}x "
-            f"downsampling need {vqvae_config.image_size} px images")
+            f"downsampling need {vqvae_config.image_size} px images"
+        )
     return TransformerConfig(
-        vocab_size=vqvae_config.vocab_size, cvae=vqvae_config.z_channels,
-        num_classes=config.data.num_classes, depth=m.depth, embed_dim=m.embed_dim,
-        num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, norm_eps=m.norm_eps,
-        shared_aln=m.shared_aln, attn_l2_norm=m.attn_l2_norm, patch_nums=tuple(m.patch_nums),
-        attention=m.name, kernel_size=m.kernel_size, refine_step=m.refine_step,
-        drop_path_rate=(official_drop_path_rate(m.depth) if m.drop_path_rate is None
-                        else m.drop_path_rate),
-        cond_drop_rate=m.cond_drop_rate, dtype=m.dtype,
-        neighborhood_impl=m.neighborhood_impl)
+        vocab_size=vqvae_config.vocab_size,
+        cvae=vqvae_config.z_channels,
+        num_classes=config.data.num_classes,
+        depth=m.depth,
+        embed_dim=m.embed_dim,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        norm_eps=m.norm_eps,
+        shared_aln=m.shared_aln,
+        attn_l2_norm=m.attn_l2_norm,
+        patch_nums=tuple(m.patch_nums),
+        attention=m.name,
+        kernel_size=m.kernel_size,
+        refine_step=m.refine_step,
+        drop_path_rate=(official_drop_path_rate(m.depth) if m.drop_path_rate is None else m.drop_path_rate),
+        cond_drop_rate=m.cond_drop_rate,
+        dtype=m.dtype,
+        neighborhood_impl=m.neighborhood_impl,
+    )
 
 
 def finetune_params(path: str | os.PathLike, model_config: TransformerConfig) -> Any:
@@ -135,28 +144,44 @@ def finetune_params(path: str | os.PathLike, model_config: TransformerConfig) ->
         source_config, params = bundle.transformer_config, bundle.transformer_params
     else:
         source_config, params = transformer_weights.load_transformer(
-            path, attention=model_config.attention, patch_nums=model_config.patch_nums,
-            kernel_size=model_config.kernel_size, refine_step=model_config.refine_step)
-    fields = ("vocab_size", "cvae", "num_classes", "depth", "embed_dim", "num_heads",
-              "mlp_ratio", "shared_aln", "attn_l2_norm", "patch_nums")
-    differ = [f"{f}: checkpoint {getattr(source_config, f)} vs config {getattr(model_config, f)}"
-              for f in fields if getattr(source_config, f) != getattr(model_config, f)]
+            path,
+            attention=model_config.attention,
+            patch_nums=model_config.patch_nums,
+            kernel_size=model_config.kernel_size,
+            refine_step=model_config.refine_step,
+        )
+    fields = (
+        "vocab_size",
+        "cvae",
+        "num_classes",
+        "depth",
+        "embed_dim",
+        "num_heads",
+        "mlp_ratio",
+        "shared_aln",
+        "attn_l2_norm",
+        "patch_nums",
+    )
+    differ = [
+        f"{f}: checkpoint {getattr(source_config, f)} vs config {getattr(model_config, f)}"
+        for f in fields
+        if getattr(source_config, f) != getattr(model_config, f)
+    ]
     if differ:
-        raise ValueError(f"config.finetune_from={path!r} does not fit the model: "
-                         + "; ".join(differ))
+        raise ValueError(f"config.finetune_from={path!r} does not fit the model: " + "; ".join(differ))
     return params["params"]
 
 
 def _tokenizer(vqvae: VQVAE, patch_nums: tuple[int, ...]):
     """Images (or cached token ids) -> the step's inputs: ids, teacher-forcing input, label."""
+
     def tokenize(vqvae_params: Any, batch: Batch) -> Batch:
         if "tokens" in batch:
             ids = split_scales(batch["tokens"], patch_nums)
         else:
             ids = vqvae.apply(vqvae_params, data.to_pm1(batch["image"]), method=VQVAE.img_to_idx)
         x_BLCv = vqvae.apply(vqvae_params, ids, method=VQVAE.idx_to_var_input)
-        return {"label": batch["label"], "tokens": jnp.concatenate(ids, axis=1),
-                "x_BLCv": x_BLCv}
+        return {"label": batch["label"], "tokens": jnp.concatenate(ids, axis=1), "x_BLCv": x_BLCv}
 
     return tokenize
 
@@ -169,11 +194,11 @@ class GeneratorTask:
 
     def __init__(self, config: ml_collections.ConfigDict, *, mesh: Mesh, num_steps: int):
         self._config = config
-        vqvae_config, vqvae_params = load_tokenizer(config.vqvae_checkpoint,
-                                                    tuple(config.model.patch_nums))
+        vqvae_config, vqvae_params = load_tokenizer(config.vqvae_checkpoint, tuple(config.model.patch_nums))
         self._model = Transformer(transformer_config(config, vqvae_config))
-        self.architecture = Architecture("transformer_config.json",
-                                         self._model.config.to_dict(), EXECUTION_FIELDS)
+        self.architecture = Architecture(
+            "transformer_config.json", self._model.config.to_dict(), EXECUTION_FIELDS
+        )
         self.eval_every = config.sample_every
         self._vqvae = VQVAE(vqvae_config)
         # On the mesh, so that every host can take part in saving them with the export.
@@ -181,13 +206,18 @@ class GeneratorTask:
         self._tokenize = jax.jit(
             _tokenizer(self._vqvae, self._model.config.patch_nums),
             in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-            out_shardings=parallel.batch_sharding(mesh))
+            out_shardings=parallel.batch_sharding(mesh),
+        )
         self._tx, self._learning_rate = optimizer.make_optimizer(
-            config.optim, global_batch_size=config.batch_size, total_steps=num_steps,
-            warmup_steps=round(config.optim.warmup_fraction * num_steps))
+            config.optim,
+            global_batch_size=config.batch_size,
+            total_steps=num_steps,
+            warmup_steps=round(config.optim.warmup_fraction * num_steps),
+        )
         m = self._model.config
-        self._schedule = schedule.make_schedule(m.attention, m.num_scales,
-                                                refine_step=m.refine_step, ratio_k=config.ratio_k)
+        self._schedule = schedule.make_schedule(
+            m.attention, m.num_scales, refine_step=m.refine_step, ratio_k=config.ratio_k
+        )
         self._rng = jax.random.PRNGKey(config.seed)
 
     def _fresh_state(self) -> state_lib.TrainState:
@@ -202,17 +232,26 @@ class GeneratorTask:
         """Fresh (official init) or fine-tuned params, born with their shardings."""
         if not self._config.finetune_from:
             return jax.jit(self._fresh_state, out_shardings=shardings)()
-        params = jax.device_put(finetune_params(self._config.finetune_from, self._model.config),
-                                shardings.params)
-        create = jax.jit(lambda p: state_lib.create_train_state(p, self._tx, self._rng),
-                         out_shardings=shardings)
+        params = jax.device_put(
+            finetune_params(self._config.finetune_from, self._model.config), shardings.params
+        )
+        create = jax.jit(
+            lambda p: state_lib.create_train_state(p, self._tx, self._rng), out_shardings=shardings
+        )
         return create(params)
 
     def train_steps(self) -> list[StepFn]:
         """One step per segment: each has its own static shapes."""
-        return [step_lib.make_train_step(self._model, self._tx, self._learning_rate, segment,
-                                         label_smoothing=self._config.label_smoothing)
-                for segment in self._schedule.segments]
+        return [
+            step_lib.make_train_step(
+                self._model,
+                self._tx,
+                self._learning_rate,
+                segment,
+                label_smoothing=self._config.label_smoothing,
+            )
+            for segment in self._schedule.segments
+        ]
 
     def step_index(self, step: int) -> int:
         return self._schedule.index_at(step)
@@ -222,28 +261,39 @@ class GeneratorTask:
 
     def summarize(self, step: int, scalars: Mapping[str, float]) -> tuple[str, dict[str, str]]:
         segment = self._schedule.segment_at(step - 1)  # the last step's
-        line = (f"loss {scalars['loss']:.4f}, lr {scalars['learning_rate']:.3g}, "
-                f"grad_norm {scalars['grad_norm']:.3g}")
-        return line, {"loss": f"{scalars['loss']:.4f}",
-                      "seg": segment.name(self._model.config.patch_nums)}
+        line = (
+            f"loss {scalars['loss']:.4f}, lr {scalars['learning_rate']:.3g}, "
+            f"grad_norm {scalars['grad_norm']:.3g}"
+        )
+        return line, {"loss": f"{scalars['loss']:.4f}", "seg": segment.name(self._model.config.patch_nums)}
 
     def _bundle(self, state: state_lib.TrainState) -> checkpoint.ModelBundle:
-        return checkpoint.ModelBundle(self._vqvae.config, self._vqvae_params,
-                                      self._model.config, {"params": state.params})
+        return checkpoint.ModelBundle(
+            self._vqvae.config, self._vqvae_params, self._model.config, {"params": state.params}
+        )
 
     def evaluate(self, state: state_lib.TrainState, step: int, writer: MetricsWriter) -> None:
         """Samples ``config.sample_classes`` with the current params: a ``samples`` grid."""
         c = self._config
-        samples = sampling.sample(self._bundle(state), np.asarray(c.sample_classes),
-                                  jax.random.fold_in(jax.random.PRNGKey(c.seed), step),
-                                  cfg=c.sample_cfg, top_k=c.sample_top_k, top_p=c.sample_top_p)
+        samples = sampling.sample(
+            self._bundle(state),
+            np.asarray(c.sample_classes),
+            jax.random.fold_in(jax.random.PRNGKey(c.seed), step),
+            cfg=c.sample_cfg,
+            top_k=c.sample_top_k,
+            top_p=c.sample_top_p,
+        )
         images = multihost_utils.process_allgather(samples.images, tiled=True)
         grid = image_grid(np.asarray(images), columns=min(8, len(c.sample_classes)))
         writer.write_image("samples", grid, step)
 
     def export(self, state: state_lib.TrainState, model_dir: pathlib.Path) -> None:
         bundle = self._bundle(state)
-        checkpoint.save_model(model_dir, vqvae_config=bundle.vqvae_config,
-                              vqvae_params=bundle.vqvae_params,
-                              transformer_config=bundle.transformer_config,
-                              transformer_params=bundle.transformer_params, overwrite=True)
+        checkpoint.save_model(
+            model_dir,
+            vqvae_config=bundle.vqvae_config,
+            vqvae_params=bundle.vqvae_params,
+            transformer_config=bundle.transformer_config,
+            transformer_params=bundle.transformer_params,
+            overwrite=True,
+        )

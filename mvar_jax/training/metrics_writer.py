@@ -47,13 +47,19 @@ class MetricsWriter:
     nothing else (the steps after the last checkpoint are logged again, equal).
     """
 
-    def __init__(self, workdir: pathlib.Path, *, start: int, total: int, global_batch: int,
-                 summarize: Summarize):
+    def __init__(
+        self, workdir: pathlib.Path, *, start: int, total: int, global_batch: int, summarize: Summarize
+    ):
         self._workdir, self._global_batch, self._summarize = workdir, global_batch, summarize
         self._main = jax.process_index() == 0
         self._events = None  # opened at the first write, so a finished run adds no file
-        self._bar = tqdm.tqdm(total=total, initial=start, disable=not self._main or start >= total,
-                              desc="train", dynamic_ncols=True)
+        self._bar = tqdm.tqdm(
+            total=total,
+            initial=start,
+            disable=not self._main or start >= total,
+            desc="train",
+            dynamic_ncols=True,
+        )
         self._since = time.perf_counter()
 
     def _write_event(self, step: int, summary) -> None:
@@ -66,8 +72,7 @@ class MetricsWriter:
             directory.mkdir(parents=True, exist_ok=True)
             # A name of its own (tensorboardX truncates an existing file), as TensorFlow's
             # events.out.tfevents.<time>.<host>.<pid>.<uid>.
-            self._events = EventsWriter(str(directory / "events"),
-                                        f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+            self._events = EventsWriter(str(directory / "events"), f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
         self._events.write_event(Event(wall_time=time.time(), step=step, summary=summary))
         self._events.flush()
 
@@ -82,15 +87,15 @@ class MetricsWriter:
         self._bar.set_postfix(postfix)
         self.write_scalars(step, scalars)
         announce(f"step {step}: {line}, {scalars['images_per_sec']:.1f} img/s")
-        logging.info("step %d: %s", step,
-                     ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
+        logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         from tensorboardX.proto.summary_pb2 import Summary
 
         if self._main:
-            self._write_event(step, Summary(value=[Summary.Value(tag=k, simple_value=v)
-                                                   for k, v in scalars.items()]))
+            self._write_event(
+                step, Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()])
+            )
 
     def write_image(self, tag: str, image_HW3: np.ndarray, step: int) -> None:
         """A uint8 ``(H, W, 3)`` image to TensorBoard and ``<tag>/step_<step>.png``."""

@@ -21,18 +21,37 @@ from mvar_jax import transformer_weights
 
 # Substrings of an official parameter name that exempt it from weight decay
 # (the official ``nowd_keys``).
-NO_DECAY_KEYS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC",
-                 "pos_start", "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias",
-                 "scale_mul")
+NO_DECAY_KEYS = (
+    "cls_token",
+    "start_token",
+    "task_token",
+    "cfg_uncond",
+    "pos_embed",
+    "pos_1LC",
+    "pos_start",
+    "start_pos",
+    "lvl_embed",
+    "gamma",
+    "beta",
+    "ada_gss",
+    "moe_bias",
+    "scale_mul",
+)
 
 # Fraction of the post-warm-up phase held at the peak rate before the linear decay.
 _LINEAR_HOLD = {"lin": 0.15, "lin0": 0.05}
 SCHEDULES = ("lin0", "lin", "cos")
 
 
-def learning_rate_schedule(*, peak: float, total_steps: int, warmup_steps: int,
-                           kind: str = "lin0", warmup_start: float = 0.005,
-                           final_ratio: float = 0.01) -> optax.Schedule:
+def learning_rate_schedule(
+    *,
+    peak: float,
+    total_steps: int,
+    warmup_steps: int,
+    kind: str = "lin0",
+    warmup_start: float = 0.005,
+    final_ratio: float = 0.01,
+) -> optax.Schedule:
     """Official ``lr_wd_annealing``: linear warm-up from ``warmup_start * peak``, then decay.
 
     ``kind`` 'lin'/'lin0' hold the peak for the first 15%/5% of the decay phase,
@@ -51,8 +70,7 @@ def learning_rate_schedule(*, peak: float, total_steps: int, warmup_steps: int,
             decay = final_ratio + (1 - final_ratio) * (0.5 + 0.5 * jnp.cos(math.pi * done))
         else:
             hold = _LINEAR_HOLD[kind]
-            decay = jnp.where(done < hold, 1.0,
-                              final_ratio + (1 - final_ratio) * (1 - done) / (1 - hold))
+            decay = jnp.where(done < hold, 1.0, final_ratio + (1 - final_ratio) * (1 - done) / (1 - hold))
         return peak * jnp.where(step < warmup_steps, warm, decay)
 
     return schedule
@@ -82,6 +100,7 @@ def decay_mask(params: Any) -> Any:
 
     The rule is applied to the official name of each Flax parameter.
     """
+
     def decayed(path, p):
         name = transformer_weights.official_key(tuple(k.key for k in path))
         return is_decayed(name, jnp.ndim(p))
@@ -94,15 +113,19 @@ def peak_learning_rate(optim: ml_collections.ConfigDict, global_batch_size: int)
     return optim.base_lr * global_batch_size / 256
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, *, global_batch_size: int, total_steps: int,
-                   warmup_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    optim: ml_collections.ConfigDict, *, global_batch_size: int, total_steps: int, warmup_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The AdamW chain and its learning-rate schedule (also logged by the train step)."""
     lr = learning_rate_schedule(
-        peak=peak_learning_rate(optim, global_batch_size), total_steps=total_steps,
-        warmup_steps=warmup_steps, kind=optim.schedule, warmup_start=optim.warmup_start,
-        final_ratio=optim.final_lr_ratio)
-    wd = weight_decay_schedule(start=optim.weight_decay, end=optim.weight_decay_end,
-                               total_steps=total_steps)
+        peak=peak_learning_rate(optim, global_batch_size),
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        kind=optim.schedule,
+        warmup_start=optim.warmup_start,
+        final_ratio=optim.final_lr_ratio,
+    )
+    wd = weight_decay_schedule(start=optim.weight_decay, end=optim.weight_decay_end, total_steps=total_steps)
     tx = optax.chain(
         optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity(),
         optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),

@@ -15,7 +15,8 @@ Each segment has its own static shapes, hence its own compiled train step.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from mvar_jax import transformer
 
@@ -38,8 +39,7 @@ def mvar_segments(num_scales: int, refine_step: int) -> tuple[Segment, ...]:
     ``refine_step`` must be trainable (``transformer.check_refine_step``).
     """
     transformer.check_refine_step(refine_step, num_scales, training=True)
-    return (Segment(0, refine_step),) + tuple(
-        Segment(s, s + 1) for s in range(refine_step, num_scales))
+    return (Segment(0, refine_step),) + tuple(Segment(s, s + 1) for s in range(refine_step, num_scales))
 
 
 class SegmentSchedule(NamedTuple):
@@ -56,8 +56,9 @@ class SegmentSchedule(NamedTuple):
         return self.segments[self.index_at(step)]
 
 
-def make_schedule(model_name: str, num_scales: int, *, refine_step: int = 0,
-                  ratio_k: int = 1) -> SegmentSchedule:
+def make_schedule(
+    model_name: str, num_scales: int, *, refine_step: int = 0, ratio_k: int = 1
+) -> SegmentSchedule:
     """The official schedule: MVAR's ``ratio_k``:1:...:1 cycle, or VAR's and M-VAR's
     single segment (``refine_step`` and ``ratio_k`` are MVAR's alone).
 
@@ -68,8 +69,7 @@ def make_schedule(model_name: str, num_scales: int, *, refine_step: int = 0,
     so every large scale is visited once per cycle for any ratio_k.
     """
     if model_name not in transformer.ATTENTIONS:
-        raise ValueError(f"unknown model name {model_name!r}; expected one of "
-                         f"{transformer.ATTENTIONS}")
+        raise ValueError(f"unknown model name {model_name!r}; expected one of {transformer.ATTENTIONS}")
     if model_name != "mvar":  # VAR, M-VAR: every scale in every step.
         return SegmentSchedule((Segment(0, num_scales),), (0,))
     if ratio_k < 1:

@@ -26,16 +26,15 @@ class TrainState:
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
 
-def init_params(config: transformer.TransformerConfig, init: ml_collections.ConfigDict,
-                rng: jax.Array) -> Any:
+def init_params(
+    config: transformer.TransformerConfig, init: ml_collections.ConfigDict, rng: jax.Array
+) -> Any:
     """Fresh transformer params (the tree under 'params') with the run's init multipliers.
 
     ``init`` is the run config's ``init`` block (official ``aln``, ``alng``, ``hd``).
     """
-    scales = transformer.InitScales(adaln=init.adaln, adaln_gamma=init.adaln_gamma,
-                                    head=init.head)
+    scales = transformer.InitScales(adaln=init.adaln, adaln_gamma=init.adaln_gamma, head=init.head)
     return transformer.init_params(config, rng, scales=scales)["params"]

@@ -21,8 +21,7 @@ from mvar_jax.training.task import Batch, Metrics, StepFn
 from mvar_jax.transformer import Transformer
 
 
-def cross_entropy(logits_BlV: jax.Array, targets_Bl: jax.Array,
-                  label_smoothing: float = 0.0) -> jax.Array:
+def cross_entropy(logits_BlV: jax.Array, targets_Bl: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Per-token cross-entropy ``(B, l)`` against ``(1 - s) one_hot + s / V`` (PyTorch's rule).
 
     Written with the log-sum-exp so no ``(B, l, V)`` one-hot is materialised.
@@ -36,13 +35,14 @@ def cross_entropy(logits_BlV: jax.Array, targets_Bl: jax.Array,
     return ce
 
 
-def scale_metrics(logits_BlV: jax.Array, targets_Bl: jax.Array, patch_nums: Sequence[int],
-                  segment: Segment) -> Metrics:
+def scale_metrics(
+    logits_BlV: jax.Array, targets_Bl: jax.Array, patch_nums: Sequence[int], segment: Segment
+) -> Metrics:
     """Unsmoothed cross-entropy and accuracy (%) per scale of the segment, keyed by side."""
     ce_Bl = cross_entropy(logits_BlV, targets_Bl)
     hit_Bl = (logits_BlV.argmax(-1) == targets_Bl).astype(jnp.float32) * 100
     metrics, offset = {}, 0
-    for pn in patch_nums[segment.first_scale:segment.last_scale]:
+    for pn in patch_nums[segment.first_scale : segment.last_scale]:
         part = slice(offset, offset + pn * pn)
         metrics[f"ce/{pn}x{pn}"] = ce_Bl[:, part].mean()
         metrics[f"acc/{pn}x{pn}"] = hit_Bl[:, part].mean()
@@ -50,9 +50,14 @@ def scale_metrics(logits_BlV: jax.Array, targets_Bl: jax.Array, patch_nums: Sequ
     return metrics
 
 
-def make_train_step(model: Transformer, tx: optax.GradientTransformation,
-                    learning_rate: optax.Schedule, segment: Segment, *,
-                    label_smoothing: float) -> StepFn:
+def make_train_step(
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    learning_rate: optax.Schedule,
+    segment: Segment,
+    *,
+    label_smoothing: float,
+) -> StepFn:
     """One optimizer step on scales ``segment`` (pure; jit it with the shardings).
 
     The batch holds ``label`` ``(B,)``, ``tokens`` ``(B, L)`` and ``x_BLCv``
@@ -64,9 +69,14 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
 
     def loss_fn(params: Any, batch: Batch, rng: jax.Array):
         logits_BlV = model.apply(
-            {"params": params}, batch["label"], batch["x_BLCv"][:, x_begin:x_end],
-            first_scale=segment.first_scale, last_scale=segment.last_scale, train=True,
-            rngs={"dropout": rng})
+            {"params": params},
+            batch["label"],
+            batch["x_BLCv"][:, x_begin:x_end],
+            first_scale=segment.first_scale,
+            last_scale=segment.last_scale,
+            train=True,
+            rngs={"dropout": rng},
+        )
         targets_Bl = batch["tokens"][:, begin:end]
         ce_Bl = cross_entropy(logits_BlV, targets_Bl, label_smoothing)
         loss = ce_Bl.sum(axis=-1).mean() / cfg.seq_len
@@ -89,4 +99,3 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
         return new_state, metrics
 
     return train_step
-

@@ -14,8 +14,16 @@ import numpy as np
 class SyntheticTokenSource:
     """Yields ``{'tokens': (b, L) int32, 'label': (b,) int32}`` per host, forever."""
 
-    def __init__(self, *, batch_size: int, seq_len: int, vocab_size: int, num_classes: int,
-                 seed: int = 0, process_index: int = 0):
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        seq_len: int,
+        vocab_size: int,
+        num_classes: int,
+        seed: int = 0,
+        process_index: int = 0,
+    ):
         self._shape = (batch_size, seq_len)
         self._vocab_size, self._num_classes = vocab_size, num_classes
         self._seed, self._process_index = seed, process_index
@@ -23,8 +31,10 @@ class SyntheticTokenSource:
 
     def batch(self, index: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng((self._seed, self._process_index, index))
-        return {"tokens": rng.integers(0, self._vocab_size, self._shape, dtype=np.int32),
-                "label": rng.integers(0, self._num_classes, self._shape[:1], dtype=np.int32)}
+        return {
+            "tokens": rng.integers(0, self._vocab_size, self._shape, dtype=np.int32),
+            "label": rng.integers(0, self._num_classes, self._shape[:1], dtype=np.int32),
+        }
 
     def __iter__(self) -> SyntheticTokenSource:
         return self

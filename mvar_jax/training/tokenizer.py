@@ -42,9 +42,21 @@ from mvar_jax.training.workdir import Architecture
 from mvar_jax.vqvae import VQVAE, VQVAEConfig
 
 # config.model fields that make the VQVAEConfig (the rest of config.model is empty).
-MODEL_FIELDS = ("vocab_size", "z_channels", "ch", "ch_mult", "num_res_blocks", "using_sa",
-                "using_mid_sa", "quant_conv_ks", "quant_resi", "share_quant_resi",
-                "using_znorm", "beta", "patch_nums")
+MODEL_FIELDS = (
+    "vocab_size",
+    "z_channels",
+    "ch",
+    "ch_mult",
+    "num_res_blocks",
+    "using_sa",
+    "using_mid_sa",
+    "quant_conv_ks",
+    "quant_resi",
+    "share_quant_resi",
+    "using_znorm",
+    "beta",
+    "patch_nums",
+)
 # The codebook's path in the VQVAE params (and so in the Adam moments).
 CODEBOOK_PATH = ("quantize", "embedding", "embedding")
 
@@ -71,7 +83,8 @@ def vqvae_config(config: ml_collections.ConfigDict) -> VQVAEConfig:
         raise ValueError(
             f"config.model.patch_nums={vc.patch_nums} do not fit config.data.image_size={size}: "
             f"ch_mult {vc.ch_mult} downsamples {vc.downsample}x, so the last patch_num must be "
-            f"image_size / {vc.downsample} = {size / vc.downsample:g}")
+            f"image_size / {vc.downsample} = {size / vc.downsample:g}"
+        )
     return vc
 
 
@@ -84,8 +97,7 @@ def _check_optim(name: str, o: ml_collections.ConfigDict) -> None:
     if not (math.isfinite(o.lr) and o.lr > 0):
         raise ValueError(f"config.{name}.lr={o.lr} must be positive and finite")
     if o.schedule not in optimizer.SCHEDULES:
-        raise ValueError(f"config.{name}.schedule={o.schedule!r}; expected one of "
-                         f"{optimizer.SCHEDULES}")
+        raise ValueError(f"config.{name}.schedule={o.schedule!r}; expected one of {optimizer.SCHEDULES}")
     if o.warmup_steps < 0:
         raise ValueError(f"config.{name}.warmup_steps={o.warmup_steps} must be >= 0")
 
@@ -100,8 +112,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if vc.vocab_size < 2:
         raise ValueError(f"config.model.vocab_size={vc.vocab_size}: a codebook needs >= 2 codes")
     if config.data.token_cache_dir:
-        raise ValueError("config.data.token_cache_dir is set: the tokenizer trains on images, "
-                         "not on cached tokens")
+        raise ValueError(
+            "config.data.token_cache_dir is set: the tokenizer trains on images, not on cached tokens"
+        )
     size = config.data.image_size
     loss = config.loss
     for name in ("l1", "l2", "vq", "lpips"):
@@ -117,48 +130,62 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _check_weight("gan.weight", gan.weight)
     if gan.weight:
         if gan.loss not in discriminator.D_LOSSES:
-            raise ValueError(f"config.gan.loss={gan.loss!r}; expected one of "
-                             f"{sorted(discriminator.D_LOSSES)}")
+            raise ValueError(
+                f"config.gan.loss={gan.loss!r}; expected one of {sorted(discriminator.D_LOSSES)}"
+            )
         if gan.start < 0:
             raise ValueError(f"config.gan.start={gan.start} must be >= 0")
         if gan.n_layers < 1 or gan.ndf < 1 or discriminator.patch_grid_size(size, gan.n_layers) < 1:
-            raise ValueError(f"config.gan: a {gan.n_layers}-layer discriminator (ndf {gan.ndf}) "
-                             f"does not fit {size} px images")
+            raise ValueError(
+                f"config.gan: a {gan.n_layers}-layer discriminator (ndf {gan.ndf}) "
+                f"does not fit {size} px images"
+            )
         _check_optim("gan.optim", gan.optim)
     cb = config.codebook
     if not isinstance(cb.window, int) or cb.window < 1:
         raise ValueError(f"config.codebook.window={cb.window!r} must be a positive int of steps")
     if not isinstance(cb.dead_after, int) or cb.dead_after < 0:
-        raise ValueError(f"config.codebook.dead_after={cb.dead_after!r} must be an int >= 0 "
-                         "(0: no dead-code restart)")
+        raise ValueError(
+            f"config.codebook.dead_after={cb.dead_after!r} must be an int >= 0 (0: no dead-code restart)"
+        )
     if config.eval_every < 0:
         raise ValueError(f"config.eval_every={config.eval_every} must be >= 0 (0: never)")
     if config.eval_every:
         if config.eval_images < 1 or config.eval_batch_size < 1:
-            raise ValueError(f"config.eval_images={config.eval_images} and "
-                             f"config.eval_batch_size={config.eval_batch_size} must be positive")
+            raise ValueError(
+                f"config.eval_images={config.eval_images} and "
+                f"config.eval_batch_size={config.eval_batch_size} must be positive"
+            )
         if not 0 <= config.grid_images <= config.eval_batch_size:
-            raise ValueError(f"config.grid_images={config.grid_images} must be in [0, "
-                             f"eval_batch_size={config.eval_batch_size}]")
+            raise ValueError(
+                f"config.grid_images={config.grid_images} must be in [0, "
+                f"eval_batch_size={config.eval_batch_size}]"
+            )
         if size < image_metrics.SSIM_WINDOW:
-            raise ValueError(f"the evaluation's SSIM needs images of >= "
-                             f"{image_metrics.SSIM_WINDOW} px, got {size}")
+            raise ValueError(
+                f"the evaluation's SSIM needs images of >= {image_metrics.SSIM_WINDOW} px, got {size}"
+            )
 
 
-def make_optimizer(o: ml_collections.ConfigDict, total_steps: int
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    o: ml_collections.ConfigDict, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Adam(W) with the trainer's warm-up + decay schedule (absolute peak ``o.lr``).
 
     Weight decay, if any, applies to kernels and the codebook (arrays of >= 2 dims).
     """
     lr = optimizer.learning_rate_schedule(
-        peak=o.lr, total_steps=total_steps, warmup_steps=o.warmup_steps, kind=o.schedule,
-        warmup_start=o.warmup_start, final_ratio=o.final_lr_ratio)
+        peak=o.lr,
+        total_steps=total_steps,
+        warmup_steps=o.warmup_steps,
+        kind=o.schedule,
+        warmup_start=o.warmup_start,
+        final_ratio=o.final_lr_ratio,
+    )
     tx = optax.chain(
         optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
         optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
-        optax.add_decayed_weights(o.weight_decay,
-                                  mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
+        optax.add_decayed_weights(o.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
         optax.scale_by_learning_rate(lr),
     )
     return tx, lr
@@ -170,26 +197,27 @@ def reset_code_moments(opt_state: optax.OptState, rows_V: jax.Array) -> optax.Op
     A re-seeded code starts like a fresh parameter: without this its first
     updates would follow the momentum of the dead vector it replaced.
     """
+
     def reset(path, x):
         keys = tuple(getattr(k, "key", None) for k in path)
         return jnp.where(rows_V[:, None], 0, x) if keys == CODEBOOK_PATH else x
 
     def per_state(s):
         if isinstance(s, optax.ScaleByAdamState):
-            return s._replace(mu=jax.tree_util.tree_map_with_path(reset, s.mu),
-                              nu=jax.tree_util.tree_map_with_path(reset, s.nu))
+            return s._replace(
+                mu=jax.tree_util.tree_map_with_path(reset, s.mu),
+                nu=jax.tree_util.tree_map_with_path(reset, s.nu),
+            )
         return s
 
-    return jax.tree.map(per_state, opt_state,
-                        is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+    return jax.tree.map(per_state, opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
 
 
 def _decoder_norm_out(module: nn.Module, method_name: str) -> bool:
     """capture_intermediates filter: the decoder's last norm (its output, after silu, is
     the input of ``conv_out``, the layer the adaptive GAN weight is measured at)."""
     del method_name
-    return (module.name == "norm_out" and module.parent is not None
-            and module.parent.name == "decoder")
+    return module.name == "norm_out" and module.parent is not None and module.parent.name == "decoder"
 
 
 def _value_and_cotangent(fn, x: jax.Array) -> tuple[tuple[jax.Array, Any], jax.Array]:
@@ -200,10 +228,13 @@ def _value_and_cotangent(fn, x: jax.Array) -> tuple[tuple[jax.Array, Any], jax.A
 
 def _conv_out(h_BHWC: jax.Array, bias: jax.Array) -> Callable[[jax.Array], jax.Array]:
     """The decoder's ``conv_out`` (3x3, padding 1) as a function of its kernel."""
+
     def apply(kernel):
-        y = jax.lax.conv_general_dilated(h_BHWC, kernel, (1, 1), ((1, 1), (1, 1)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.lax.conv_general_dilated(
+            h_BHWC, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
         return y + bias
+
     return apply
 
 
@@ -220,17 +251,19 @@ class TokenizerTask:
         gan = config.gan
         self._gan = bool(gan.weight)
         if self._gan and gan.start >= num_steps:
-            raise ValueError(f"config.gan.start={gan.start} is past the run's end ({num_steps} "
-                             "steps): the discriminator would never train; lower it or set "
-                             "config.gan.weight=0")
+            raise ValueError(
+                f"config.gan.start={gan.start} is past the run's end ({num_steps} "
+                "steps): the discriminator would never train; lower it or set "
+                "config.gan.weight=0"
+            )
         self._disc = discriminator.PatchDiscriminator(ndf=gan.ndf, n_layers=gan.n_layers)
         self._tx, self._learning_rate = make_optimizer(config.optim, num_steps)
         self._disc_tx = make_optimizer(gan.optim, num_steps)[0] if self._gan else None
         self._lpips_params = None
         if config.loss.lpips:
             self._lpips_params = jax.device_put(
-                lpips.load_lpips(config.loss.lpips_vgg, config.loss.lpips_lin),
-                parallel.replicated(mesh))
+                lpips.load_lpips(config.loss.lpips_vgg, config.loss.lpips_lin), parallel.replicated(mesh)
+            )
         self.finite_metrics = ("loss", "grad_norm") + (("gan/d_loss",) if self._gan else ())
         self.eval_every = config.eval_every
         self._eval_source = None
@@ -238,13 +271,20 @@ class TokenizerTask:
             parallel.check_batch_size(config.eval_batch_size, mesh)
             # Opened now, so that a missing validation split stops the run at start-up.
             self._eval_source = data.build_eval_source(
-                config.data, global_batch_size=config.eval_batch_size,
-                process_index=jax.process_index(), process_count=jax.process_count())
+                config.data,
+                global_batch_size=config.eval_batch_size,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
             self._eval_step = jax.jit(
                 self._reconstruct,
-                in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh),
-                              parallel.batch_sharding(mesh)),
-                out_shardings=parallel.replicated(mesh))
+                in_shardings=(
+                    parallel.replicated(mesh),
+                    parallel.batch_sharding(mesh),
+                    parallel.batch_sharding(mesh),
+                ),
+                out_shardings=parallel.replicated(mesh),
+            )
 
     # ------------------------------------------------------------------ state
 
@@ -255,15 +295,16 @@ class TokenizerTask:
         k_model, k_disc, k_state = jax.random.split(jax.random.PRNGKey(self._config.seed), 3)
         params = self._model.init(k_model, img)["params"]
         state = TokenizerState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=self._tx.init(params),
-            codebook=codebook.init_state(len(self._vqvae_config.patch_nums),
-                                         self._vqvae_config.vocab_size),
-            rng=k_state)
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self._tx.init(params),
+            codebook=codebook.init_state(len(self._vqvae_config.patch_nums), self._vqvae_config.vocab_size),
+            rng=k_state,
+        )
         if not self._gan:
             return state
         disc_params = self._disc.init(k_disc, img)["params"]
-        return state.replace(disc_params=disc_params,
-                             disc_opt_state=self._disc_tx.init(disc_params))
+        return state.replace(disc_params=disc_params, disc_opt_state=self._disc_tx.init(disc_params))
 
     def abstract_state(self) -> TokenizerState:
         return jax.eval_shape(self._fresh_state)
@@ -273,16 +314,18 @@ class TokenizerTask:
 
     # ------------------------------------------------------------------ steps
 
-    def _reconstruction_loss(self, rec_BHW3: jax.Array, img_BHW3: jax.Array
-                             ) -> tuple[jax.Array, Metrics]:
+    def _reconstruction_loss(self, rec_BHW3: jax.Array, img_BHW3: jax.Array) -> tuple[jax.Array, Metrics]:
         """The weighted pixel (+ perceptual) loss on the unclamped reconstruction, and its terms."""
         loss = self._config.loss
-        terms = {"rec/l1": image_metrics.l1_loss(rec_BHW3, img_BHW3),
-                 "rec/l2": image_metrics.l2_loss(rec_BHW3, img_BHW3)}
+        terms = {
+            "rec/l1": image_metrics.l1_loss(rec_BHW3, img_BHW3),
+            "rec/l2": image_metrics.l2_loss(rec_BHW3, img_BHW3),
+        }
         total = loss.l1 * terms["rec/l1"] + loss.l2 * terms["rec/l2"]
         if loss.lpips:
-            terms["rec/lpips"] = lpips.LPIPS().apply(
-                {"params": self._lpips_params}, rec_BHW3, img_BHW3).mean()
+            terms["rec/lpips"] = (
+                lpips.LPIPS().apply({"params": self._lpips_params}, rec_BHW3, img_BHW3).mean()
+            )
             total = total + loss.lpips * terms["rec/lpips"]
         return total, terms
 
@@ -294,19 +337,25 @@ class TokenizerTask:
             rec_loss, metrics = self._reconstruction_loss(rec, img_BHW3)
             return rec_loss + c.loss.vq * q.vq_loss, (rec, q, metrics)
         (rec, q), captured = self._model.apply(
-            {"params": params}, img_BHW3, method=VQVAE.train_forward,
-            mutable=["intermediates"], capture_intermediates=_decoder_norm_out)
+            {"params": params},
+            img_BHW3,
+            method=VQVAE.train_forward,
+            mutable=["intermediates"],
+            capture_intermediates=_decoder_norm_out,
+        )
         # The two losses' cotangents at the decoder output give their gradients at the
         # last kernel through that layer alone (discriminator.last_layer_grads).
         (rec_loss, metrics), rec_pull = _value_and_cotangent(
-            lambda r: self._reconstruction_loss(r, img_BHW3), rec)
+            lambda r: self._reconstruction_loss(r, img_BHW3), rec
+        )
         (g_loss, _), g_pull = _value_and_cotangent(
-            lambda r: (discriminator.generator_loss(
-                self._disc.apply({"params": disc_params}, r)), None), rec)
+            lambda r: (discriminator.generator_loss(self._disc.apply({"params": disc_params}, r)), None), rec
+        )
         h = nn.silu(captured["intermediates"]["decoder"]["norm_out"]["__call__"][0])
         conv_out = params["decoder"]["conv_out"]
         g_rec, g_gan = discriminator.last_layer_grads(
-            _conv_out(h, conv_out["bias"]), conv_out["kernel"], rec_pull, g_pull)
+            _conv_out(h, conv_out["bias"]), conv_out["kernel"], rec_pull, g_pull
+        )
         if c.gan.adaptive:
             d_weight = discriminator.adaptive_weight(g_rec, g_gan, c.gan.weight)
         else:
@@ -314,18 +363,20 @@ class TokenizerTask:
         metrics = {**metrics, "gan/g_loss": g_loss, "gan/d_weight": d_weight}
         return rec_loss + c.loss.vq * q.vq_loss + d_weight * g_loss, (rec, q, metrics)
 
-    def _codebook_update(self, state: TokenizerState, params: Any, opt_state: optax.OptState,
-                         q: Any) -> tuple[TokenizerState, Metrics]:
+    def _codebook_update(
+        self, state: TokenizerState, params: Any, opt_state: optax.OptState, q: Any
+    ) -> tuple[TokenizerState, Metrics]:
         """Records the step's tokens; re-seeds dead codes (same rows on every device)."""
         c, vc = self._config, self._vqvae_config
         book = codebook.record(state.codebook, q.ids, window=c.codebook.window)
-        metrics = codebook.metrics(book, vc.patch_nums, window=c.codebook.window,
-                                   global_batch_size=c.batch_size)
+        metrics = codebook.metrics(
+            book, vc.patch_nums, window=c.codebook.window, global_batch_size=c.batch_size
+        )
         if c.codebook.dead_after:
             table = params["quantize"]["embedding"]["embedding"]
             restart = codebook.restart_dead_codes(
-                table, book, q.z, jax.random.fold_in(state.rng, state.step),
-                dead_after=c.codebook.dead_after)
+                table, book, q.z, jax.random.fold_in(state.rng, state.step), dead_after=c.codebook.dead_after
+            )
             params = _with_codebook(params, restart.embedding_VC)
             opt_state = reset_code_moments(opt_state, restart.restarted_V)
             book = restart.state
@@ -341,10 +392,14 @@ class TokenizerTask:
             (loss, (rec, q, metrics)), grads = grad_fn(state.params, state.disc_params, img, gan)
             updates, opt_state = self._tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            metrics = {**metrics, "loss": loss, "vq_loss": q.vq_loss,
-                       "grad_norm": optax.global_norm(grads),
-                       "learning_rate": self._learning_rate(state.step),
-                       "psnr": image_metrics.psnr(jnp.clip(rec, -1, 1), img).mean()}
+            metrics = {
+                **metrics,
+                "loss": loss,
+                "vq_loss": q.vq_loss,
+                "grad_norm": optax.global_norm(grads),
+                "learning_rate": self._learning_rate(state.step),
+                "psnr": image_metrics.psnr(jnp.clip(rec, -1, 1), img).mean(),
+            }
             if gan:  # The discriminator learns from the same reconstructions, before the update.
                 fake = jax.lax.stop_gradient(rec)
 
@@ -352,17 +407,19 @@ class TokenizerTask:
                     # Separate calls: its batch-statistics norm must not mix real and fake.
                     real_logits = self._disc.apply({"params": dp}, img)
                     fake_logits = self._disc.apply({"params": dp}, fake)
-                    return (discriminator.discriminator_loss(real_logits, fake_logits, c.gan.loss),
-                            (real_logits.mean(), fake_logits.mean()))
+                    return (
+                        discriminator.discriminator_loss(real_logits, fake_logits, c.gan.loss),
+                        (real_logits.mean(), fake_logits.mean()),
+                    )
 
-                (d_loss, (real, fake_mean)), d_grads = jax.value_and_grad(
-                    disc_loss, has_aux=True)(state.disc_params)
-                d_updates, d_opt = self._disc_tx.update(d_grads, state.disc_opt_state,
-                                                        state.disc_params)
-                state = state.replace(disc_params=optax.apply_updates(state.disc_params, d_updates),
-                                      disc_opt_state=d_opt)
-                metrics.update({"gan/d_loss": d_loss, "gan/logits_real": real,
-                                "gan/logits_fake": fake_mean})
+                (d_loss, (real, fake_mean)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(
+                    state.disc_params
+                )
+                d_updates, d_opt = self._disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
+                state = state.replace(
+                    disc_params=optax.apply_updates(state.disc_params, d_updates), disc_opt_state=d_opt
+                )
+                metrics.update({"gan/d_loss": d_loss, "gan/logits_real": real, "gan/logits_fake": fake_mean})
             state, book_metrics = self._codebook_update(state, params, opt_state, q)
             return state.replace(step=state.step + 1), {**metrics, **book_metrics}
 
@@ -370,8 +427,7 @@ class TokenizerTask:
 
     def train_steps(self) -> list[StepFn]:
         """Before ``gan.start``: the VQVAE alone; from it on (with a GAN): both networks."""
-        return [self._make_train_step(False)] + ([self._make_train_step(True)] if self._gan
-                                                 else [])
+        return [self._make_train_step(False)] + ([self._make_train_step(True)] if self._gan else [])
 
     def step_index(self, step: int) -> int:
         return int(self._gan and step >= self._config.gan.start)
@@ -381,12 +437,17 @@ class TokenizerTask:
 
     def summarize(self, step: int, scalars: Mapping[str, float]) -> tuple[str, dict[str, str]]:
         usage = np.mean([scalars[f"usage/{pn}x{pn}"] for pn in self._vqvae_config.patch_nums])
-        line = (f"loss {scalars['loss']:.4f}, psnr {scalars['psnr']:.2f} dB, usage {usage:.1f}%, "
-                f"lr {scalars['learning_rate']:.3g}")
+        line = (
+            f"loss {scalars['loss']:.4f}, psnr {scalars['psnr']:.2f} dB, usage {usage:.1f}%, "
+            f"lr {scalars['learning_rate']:.3g}"
+        )
         if "gan/d_loss" in scalars:
             line += f", d_loss {scalars['gan/d_loss']:.3f}, d_weight {scalars['gan/d_weight']:.3g}"
-        return line, {"loss": f"{scalars['loss']:.4f}", "psnr": f"{scalars['psnr']:.2f}",
-                      "usage": f"{usage:.0f}%"}
+        return line, {
+            "loss": f"{scalars['loss']:.4f}",
+            "psnr": f"{scalars['psnr']:.2f}",
+            "usage": f"{usage:.0f}%",
+        }
 
     # ------------------------------------------------------------- evaluation
 
@@ -402,13 +463,22 @@ class TokenizerTask:
 
         ids, rec = self._model.apply({"params": params}, img, method=run)
         V = self._vqvae_config.vocab_size
-        hits_SV = jnp.stack([jnp.bincount(idx.reshape(-1), length=V,
-                                          weights=jnp.repeat(mask_B, idx.shape[1]).astype(jnp.int32))
-                             for idx in ids])
+        hits_SV = jnp.stack(
+            [
+                jnp.bincount(
+                    idx.reshape(-1), length=V, weights=jnp.repeat(mask_B, idx.shape[1]).astype(jnp.int32)
+                )
+                for idx in ids
+            ]
+        )
         n = self._config.grid_images
-        return {"psnr": image_metrics.psnr(rec, img), "ssim": image_metrics.ssim(rec, img),
-                "mask": mask_B, "hits": hits_SV,
-                "pairs": jnp.stack([img[:n], rec[:n]], axis=1) * 0.5 + 0.5}
+        return {
+            "psnr": image_metrics.psnr(rec, img),
+            "ssim": image_metrics.ssim(rec, img),
+            "mask": mask_B,
+            "hits": hits_SV,
+            "pairs": jnp.stack([img[:n], rec[:n]], axis=1) * 0.5 + 0.5,
+        }
 
     def evaluate(self, state: TokenizerState, step: int, writer: MetricsWriter) -> None:
         """PSNR/SSIM over the first ``eval_images`` validation images, the share of the
@@ -431,23 +501,30 @@ class TokenizerTask:
                     break
         finally:
             source.close()
-        psnr, ssim = np.concatenate(psnr)[:c.eval_images], np.concatenate(ssim)[:c.eval_images]
+        psnr, ssim = np.concatenate(psnr)[: c.eval_images], np.concatenate(ssim)[: c.eval_images]
         usage_S = 100 * (np.asarray(hits_SV) > 0).mean(axis=1)
-        scalars = {"eval/psnr": float(psnr.mean()), "eval/ssim": float(ssim.mean()),
-                   "eval/images": float(len(psnr)),
-                   "eval/unreadable_images": float(source.num_bad_records),
-                   "eval/usage/all": float(100 * (np.asarray(hits_SV) > 0).any(0).mean())}
+        scalars = {
+            "eval/psnr": float(psnr.mean()),
+            "eval/ssim": float(ssim.mean()),
+            "eval/images": float(len(psnr)),
+            "eval/unreadable_images": float(source.num_bad_records),
+            "eval/usage/all": float(100 * (np.asarray(hits_SV) > 0).any(0).mean()),
+        }
         scalars.update({f"eval/usage/{pn}x{pn}": float(u) for pn, u in zip(vc.patch_nums, usage_S)})
         writer.write_scalars(step, scalars)
         if grid is not None:
             writer.write_image("reconstructions", grid, step)
-        announce(f"eval at step {step}: psnr {scalars['eval/psnr']:.2f} dB, ssim "
-                 f"{scalars['eval/ssim']:.4f}, usage per scale "
-                 + " ".join(f"{u:.0f}%" for u in usage_S) + f" ({len(psnr)} images)")
+        announce(
+            f"eval at step {step}: psnr {scalars['eval/psnr']:.2f} dB, ssim "
+            f"{scalars['eval/ssim']:.4f}, usage per scale "
+            + " ".join(f"{u:.0f}%" for u in usage_S)
+            + f" ({len(psnr)} images)"
+        )
 
     def export(self, state: TokenizerState, model_dir: pathlib.Path) -> None:
-        checkpoint.save_tokenizer(model_dir, vqvae_config=self._vqvae_config,
-                                  vqvae_params={"params": state.params}, overwrite=True)
+        checkpoint.save_tokenizer(
+            model_dir, vqvae_config=self._vqvae_config, vqvae_params={"params": state.params}, overwrite=True
+        )
 
 
 def _with_codebook(params: Any, table_VC: jax.Array) -> Any:

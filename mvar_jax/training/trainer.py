@@ -28,14 +28,12 @@ import numpy as np
 
 from mvar_jax import data, faults, parallel
 from mvar_jax.data import config as data_config
-from mvar_jax.training import checkpointing, generator, tokenizer
-from mvar_jax.training import workdir as workdir_lib
+from mvar_jax.training import checkpointing, generator, tokenizer, workdir as workdir_lib
 from mvar_jax.training.metrics_writer import MetricsWriter, announce
 from mvar_jax.training.task import State, Task
 
 # config.task -> the task class (constructor and ``check_config``, see task.Task).
-TASKS: dict[str, Any] = {"generator": generator.GeneratorTask,
-                         "tokenizer": tokenizer.TokenizerTask}
+TASKS: dict[str, Any] = {"generator": generator.GeneratorTask, "tokenizer": tokenizer.TokenizerTask}
 
 
 def task_class(config: ml_collections.ConfigDict) -> Any:
@@ -62,8 +60,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.batch_size <= 0:
         raise ValueError(f"config.batch_size={config.batch_size} must be positive")
     if total_steps(config) <= 0:
-        raise ValueError("nothing to train: set config.num_epochs (with num_train_examples) or "
-                         "config.num_train_steps to a positive value")
+        raise ValueError(
+            "nothing to train: set config.num_epochs (with num_train_examples) or "
+            "config.num_train_steps to a positive value"
+        )
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
         if config[name] <= 0:
             raise ValueError(f"config.{name}={config[name]} must be positive")
@@ -73,19 +73,25 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def _num_steps(config: ml_collections.ConfigDict, source: Iterator) -> int:
     """``total_steps`` with the source's own split size when it reports one."""
     num_examples = getattr(source, "num_examples", None)
-    if (num_examples is not None and config.num_train_steps <= 0
-            and num_examples != config.num_train_examples):
-        announce(f"the data source holds {num_examples} train examples, not "
-                 f"config.num_train_examples={config.num_train_examples}; epochs use "
-                 f"{num_examples}")
+    if num_examples is not None and config.num_train_steps <= 0 and num_examples != config.num_train_examples:
+        announce(
+            f"the data source holds {num_examples} train examples, not "
+            f"config.num_train_examples={config.num_train_examples}; epochs use "
+            f"{num_examples}"
+        )
     num_steps = total_steps(config, num_examples)
     if num_steps <= 0:
         raise ValueError(f"nothing to train: the data source holds {num_examples} examples")
     return num_steps
 
 
-def _check_finite(window: list[Mapping[str, np.ndarray]], names: tuple[str, ...], *,
-                  steps_before: int, last_saved: int | None) -> None:
+def _check_finite(
+    window: list[Mapping[str, np.ndarray]],
+    names: tuple[str, ...],
+    *,
+    steps_before: int,
+    last_saved: int | None,
+) -> None:
     """Raises on the first step of ``window`` where a metric of ``names`` is not finite."""
     for offset, metrics in enumerate(window):
         values = {k: float(metrics[k]) for k in names if k in metrics}
@@ -93,16 +99,19 @@ def _check_finite(window: list[Mapping[str, np.ndarray]], names: tuple[str, ...]
             kept = f"step {last_saved}" if last_saved is not None else "none saved yet"
             raise FloatingPointError(
                 f"non-finite training values at step {steps_before + offset + 1} ({values}); "
-                f"stopped without saving this state. Last good checkpoint: {kept}")
+                f"stopped without saving this state. Last good checkpoint: {kept}"
+            )
 
 
 def _with_shardings(abstract_state: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract_state, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
+    )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-                       source: Iterator | None = None) -> State:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, source: Iterator | None = None
+) -> State:
     """Trains to ``total_steps``, resuming from ``workdir`` if it holds a checkpoint.
 
     Args:
@@ -129,9 +138,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         cleanup.enter_context(workdir_lib.stop_when_disk_full(f"training in {workdir}", workdir))
         if source is None:
             source = data.build_train_source(
-                config.data, global_batch_size=config.batch_size,
-                process_index=jax.process_index(), process_count=jax.process_count(),
-                seed=config.seed)
+                config.data,
+                global_batch_size=config.batch_size,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                seed=config.seed,
+            )
         if hasattr(source, "close"):
             cleanup.callback(source.close)
         num_steps = _num_steps(config, source)
@@ -140,11 +152,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
         # Restore the newest checkpoint (train state and data position), or start afresh.
         abstract_state = task.abstract_state()
-        shardings = parallel.state_shardings(abstract_state, mesh, fsdp=config.parallel.fsdp,
-                                             min_size=config.parallel.fsdp_min_size)
-        checkpointer = cleanup.enter_context(contextlib.closing(checkpointing.Checkpointer(
-            workdir / "checkpoints", max_to_keep=config.keep_checkpoints,
-            async_save=config.async_checkpointing)))
+        shardings = parallel.state_shardings(
+            abstract_state, mesh, fsdp=config.parallel.fsdp, min_size=config.parallel.fsdp_min_size
+        )
+        checkpointer = cleanup.enter_context(
+            contextlib.closing(
+                checkpointing.Checkpointer(
+                    workdir / "checkpoints",
+                    max_to_keep=config.keep_checkpoints,
+                    async_save=config.async_checkpointing,
+                )
+            )
+        )
         # Global batches assembled from every host's slice, two in flight; its state is
         # that of the last batch handed out, which is what a checkpoint must record.
         batches = data.DevicePrefetch(source, parallel.batch_sharding(mesh), size=2)
@@ -153,17 +172,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             start, state = 0, task.init_state(shardings)
         else:
             announce(f"resuming {workdir} from step {start} of {num_steps}")
-            state, data_state = checkpointer.restore(
-                start, _with_shardings(abstract_state, shardings))
+            state, data_state = checkpointer.restore(start, _with_shardings(abstract_state, shardings))
             batches.set_state(data_state)
         if start >= num_steps:
             announce(f"{workdir} is already trained ({start} of {num_steps} steps)")
 
-        train_steps = [parallel.jit_train_step(step_fn, shardings, mesh)
-                       for step_fn in task.train_steps()]
-        writer = cleanup.enter_context(contextlib.closing(MetricsWriter(
-            workdir, start=start, total=num_steps, global_batch=config.batch_size,
-            summarize=task.summarize)))
+        train_steps = [parallel.jit_train_step(step_fn, shardings, mesh) for step_fn in task.train_steps()]
+        writer = cleanup.enter_context(
+            contextlib.closing(
+                MetricsWriter(
+                    workdir,
+                    start=start,
+                    total=num_steps,
+                    global_batch=config.batch_size,
+                    summarize=task.summarize,
+                )
+            )
+        )
         window = []  # device metrics of the steps since the last log
         last_saved = checkpointer.latest_step()
         for step in range(start, num_steps):
@@ -175,8 +200,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             save = done % config.checkpoint_every == 0 or done == num_steps
             if save or done % config.log_every == 0:
                 window = jax.device_get(window)
-                _check_finite(window, task.finite_metrics, steps_before=done - len(window),
-                              last_saved=last_saved)
+                _check_finite(
+                    window, task.finite_metrics, steps_before=done - len(window), last_saved=last_saved
+                )
                 writer.write_train(done, window)
                 window = []
             if save:
@@ -188,7 +214,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         checkpointer.wait()
 
         final_step = max(start, num_steps)  # the state's step, known on every host
-        if workdir_lib.export_model(workdir / "model", final_step,
-                                    lambda model_dir: task.export(state, model_dir)):
+        if workdir_lib.export_model(
+            workdir / "model", final_step, lambda model_dir: task.export(state, model_dir)
+        ):
             announce(f"exported the model at step {final_step} to {workdir / 'model'}")
     return state

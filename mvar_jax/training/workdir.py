@@ -65,15 +65,19 @@ def _try_lock(path: pathlib.Path) -> int | None:
         raise WorkdirInUse(
             f"{path.parent} is in use by another run ({holder}); a second run would "
             "interleave its writes with it. Wait for it to end or stop it (a killed run "
-            "frees the directory at once), or use another --workdir") from None
+            "frees the directory at once), or use another --workdir"
+        ) from None
     except OSError as e:  # ENOLCK, EOPNOTSUPP: a filesystem without locks
         os.close(fd)
-        logging.warning("cannot lock %s (%s): nothing stops a second run on this work "
-                        "directory", path, e)
+        logging.warning("cannot lock %s (%s): nothing stops a second run on this work directory", path, e)
         return None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
-                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    os.pwrite(
+        fd,
+        f"pid {os.getpid()} on host {socket.gethostname()}, since "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+        0,
+    )
     return fd
 
 
@@ -135,8 +139,7 @@ def _free_space(path: pathlib.Path) -> str:
 
 
 @contextlib.contextmanager
-def stop_when_disk_full(what: str, path: pathlib.Path,
-                        then: str | Callable[[], str] = "") -> Iterator[None]:
+def stop_when_disk_full(what: str, path: pathlib.Path, then: str | Callable[[], str] = "") -> Iterator[None]:
     """Turns a full-disk error of the block into ``DiskFull``: "disk full while ``what``:
     no space left writing <file> (<free> MiB free there). ``then``" (``then()`` if a
     function: what to do, known only after the failure)."""
@@ -149,8 +152,9 @@ def stop_when_disk_full(what: str, path: pathlib.Path,
             raise
         file = _failed_path(e, path)
         advice = then() if callable(then) else then
-        raise DiskFull(f"disk full while {what}: no space left writing {file} "
-                       f"({_free_space(file)}). {advice}".strip()) from e
+        raise DiskFull(
+            f"disk full while {what}: no space left writing {file} ({_free_space(file)}). {advice}".strip()
+        ) from e
 
 
 def _replace(path: pathlib.Path, write: Callable[[Any], None]) -> None:
@@ -189,18 +193,19 @@ def check_architecture(workdir: pathlib.Path, architecture: Architecture) -> Non
     """Records the architecture on the first start; refuses a run of another model."""
     others = sorted(p.name for p in workdir.glob("*_config.json") if p.name != architecture.file)
     if others:
-        raise ValueError(f"{workdir} holds a run of a different model ({others[0]}); "
-                         "use a new --workdir")
+        raise ValueError(f"{workdir} holds a run of a different model ({others[0]}); use a new --workdir")
     path = workdir / architecture.file
     if not path.exists():
         write_json(path, dict(architecture.fields))
         return
     saved, current = json.loads(path.read_text()), dict(architecture.fields)
-    differ = sorted(k for k in set(saved) | set(current)
-                    if k not in architecture.execution_fields and saved.get(k) != current.get(k))
+    differ = sorted(
+        k
+        for k in set(saved) | set(current)
+        if k not in architecture.execution_fields and saved.get(k) != current.get(k)
+    )
     if differ:
-        raise ValueError(f"{workdir} holds a run of a different model (fields {differ}); "
-                         "use a new --workdir")
+        raise ValueError(f"{workdir} holds a run of a different model (fields {differ}); use a new --workdir")
 
 
 def exported_step(model_dir: str | os.PathLike) -> int | None:
@@ -224,8 +229,7 @@ def _holds_step(model_dir: pathlib.Path, step: int) -> bool:
     return _any_host(jax.process_index() == 0 and exported_step(model_dir) == step)
 
 
-def export_model(model_dir: pathlib.Path, step: int,
-                 save: Callable[[pathlib.Path], None]) -> bool:
+def export_model(model_dir: pathlib.Path, step: int, save: Callable[[pathlib.Path], None]) -> bool:
     """Has ``save`` (re)write ``model_dir`` with train step ``step``'s model, unless it holds it.
 
     The step is recorded after ``save`` returns, so a half-written export is redone.
@@ -235,9 +239,11 @@ def export_model(model_dir: pathlib.Path, step: int,
         return False
     if jax.process_index() == 0:
         (model_dir / EXPORTED_STEP).unlink(missing_ok=True)
-    with stop_when_disk_full(f"exporting the model of step {step}", model_dir,
-                             "The checkpoints are whole: free space and run the same "
-                             "command to export again."):
+    with stop_when_disk_full(
+        f"exporting the model of step {step}",
+        model_dir,
+        "The checkpoints are whole: free space and run the same command to export again.",
+    ):
         save(model_dir)
         faults.point("export-record")
         write_json(model_dir / EXPORTED_STEP, {"step": step})

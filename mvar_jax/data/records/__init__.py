@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from absl import logging
 
-from mvar_jax.data import batching, order, preprocess
-from mvar_jax.data import config as config_lib
+from mvar_jax.data import batching, config as config_lib, order, preprocess
 
 if TYPE_CHECKING:
     import tensorflow_datasets as tfds
@@ -58,9 +57,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 def _image_files(class_dir: pathlib.Path) -> list[str]:
     files = []
     for root, _, names in sorted(os.walk(class_dir, followlinks=True)):
-        files.extend(
-            os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        files.extend(os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS))
     return files
 
 
@@ -71,8 +68,7 @@ class FolderRecords:
         split_dir = pathlib.Path(split_dir)
         if not split_dir.is_dir():
             raise FileNotFoundError(
-                f"image folder split {split_dir} does not exist; expected "
-                f"{split_dir}/<class>/<image>.jpg"
+                f"image folder split {split_dir} does not exist; expected {split_dir}/<class>/<image>.jpg"
             )
         self.classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
         if not self.classes:
@@ -142,9 +138,7 @@ def prepare(
         builder = _builtin_builder(data_dir, image_size)
     else:
         builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-    )
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return builder
 
 
@@ -176,9 +170,7 @@ class TfdsRecords:
 
         info = builder.info
         if split not in info.splits:
-            raise ValueError(
-                f"{info.full_name} has no split {split!r}; available: {sorted(info.splits)}"
-            )
+            raise ValueError(f"{info.full_name} has no split {split!r}; available: {sorted(info.splits)}")
         keys = info.supervised_keys or ("image", "label")
         if not (
             len(keys) == 2
@@ -236,8 +228,7 @@ def open_image_records(cfg: Any, role: str) -> ImageRecords:
         recs = TfdsRecords(builder, present[0])
     if recs.num_classes != int(cfg.num_classes):
         raise ValueError(
-            f"data.num_classes={cfg.num_classes} but {cfg.name} ({role}) has "
-            f"{recs.num_classes} classes"
+            f"data.num_classes={cfg.num_classes} but {cfg.name} ({role}) has {recs.num_classes} classes"
         )
     if len(recs) == 0:
         raise ValueError(f"{cfg.name} ({role}) has no examples")

@@ -17,9 +17,7 @@ from absl import app, flags
 
 from mvar_jax.data import records
 
-_NAME = flags.DEFINE_string(
-    "name", "builtin_shapes", "'builtin_shapes', 'imagenet2012' or 'tfds:<name>'."
-)
+_NAME = flags.DEFINE_string("name", "builtin_shapes", "'builtin_shapes', 'imagenet2012' or 'tfds:<name>'.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)."
 )
@@ -28,9 +26,7 @@ _MANUAL_DIR = flags.DEFINE_string(
     None,
     "Where manually downloaded archives are (default: <data_dir>/downloads/manual).",
 )
-_IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", 64, "builtin_shapes only: the resolution to cover."
-)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "builtin_shapes only: the resolution to cover.")
 
 
 def main(argv: Sequence[str]) -> None:

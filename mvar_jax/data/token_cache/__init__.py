@@ -182,9 +182,7 @@ class TokenCache:
             )
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("version") != _VERSION:
-            raise ValueError(
-                f"{meta_path} has cache version {self.meta.get('version')}, expected {_VERSION}"
-            )
+            raise ValueError(f"{meta_path} has cache version {self.meta.get('version')}, expected {_VERSION}")
         n, size = self.meta["num_examples"], self.meta["chunk_size"]
         num_chunks = -(-n // size)
         missing = [c for c in range(num_chunks) if not _chunk_paths(self.split_dir, c)[0].exists()]
@@ -193,9 +191,7 @@ class TokenCache:
                 f"token cache {self.split_dir} is incomplete: {len(missing)} of {num_chunks} "
                 f"chunks missing (first: {missing[0]}); run the caching again to finish it"
             )
-        self._tokens = [
-            np.load(_chunk_paths(self.split_dir, c)[0], mmap_mode="r") for c in range(num_chunks)
-        ]
+        self._tokens = [np.load(_chunk_paths(self.split_dir, c)[0], mmap_mode="r") for c in range(num_chunks)]
         self._labels_N = np.concatenate(
             [np.load(_chunk_paths(self.split_dir, c)[1]) for c in range(num_chunks)]
         )

@@ -20,16 +20,15 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mvar_jax import checkpoint
-from mvar_jax.data import config as config_lib
-from mvar_jax.data import token_cache
+from mvar_jax.data import config as config_lib, token_cache
 from mvar_jax.vqvae import VQVAE
 
 _DATA = config_flags.DEFINE_config_dict(
     "data", config_lib.default_config(), "Data config; data.token_cache_dir is the output."
 )
 _VAE = flags.DEFINE_string(
-    "vae", None, "Official VQ-VAE state dict (.pth), or a tokenizer / model directory.",
-    required=True)
+    "vae", None, "Official VQ-VAE state dict (.pth), or a tokenizer / model directory.", required=True
+)
 _PATCH_NUMS = flags.DEFINE_list(
     "patch_nums",
     "1,2,3,4,5,6,8,10,13,16",
@@ -38,12 +37,8 @@ _PATCH_NUMS = flags.DEFINE_list(
 _ROLE = flags.DEFINE_enum("role", "train", ["train", "eval"], "Which split to cache.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per encoder call (per host).")
 _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 4096, "Examples per cache file.")
-_PROCESS_INDEX = flags.DEFINE_integer(
-    "process_index", None, "This host (default: jax.process_index())."
-)
-_PROCESS_COUNT = flags.DEFINE_integer(
-    "process_count", None, "Hosts (default: jax.process_count())."
-)
+_PROCESS_INDEX = flags.DEFINE_integer("process_index", None, "This host (default: jax.process_index()).")
+_PROCESS_COUNT = flags.DEFINE_integer("process_count", None, "Hosts (default: jax.process_count()).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -55,9 +50,7 @@ def main(argv: Sequence[str]) -> None:
     vae_config, variables = checkpoint.load_vqvae_checkpoint(
         _VAE.value, patch_nums=tuple(int(p) for p in _PATCH_NUMS.value)
     )
-    encode_fn = token_cache.sharded_encoder(
-        token_cache.vqvae_tokenize(VQVAE(vae_config)), variables
-    )
+    encode_fn = token_cache.sharded_encoder(token_cache.vqvae_tokenize(VQVAE(vae_config)), variables)
     token_cache.write_token_cache(
         cfg,
         encode_fn,
