@@ -67,7 +67,7 @@ def _worker() -> None:
     from mvar_jax.transformer import Transformer
     from mvar_jax.vqvae import VQVAEConfig
 
-    toy = tiny_cpu.get_config()  # the toy model, on the tiny tokenizer's vocabulary
+    toy = tiny_cpu.get_config("fixture")  # the toy model, on the fixture tokenizer's vocabulary
     toy.model.drop_path_rate = 0.1  # drawn per example: must not depend on the devices
     toy.optim.base_lr = 0.1
     config = generator.transformer_config(
