@@ -8,8 +8,8 @@ official training losses (L2 + VQ) and the dead-code restart.
 
 Chosen for the demo by what the generator needs, not by PSNR alone (measured in
 docs/benchmarks.md): a wider first level (ch 64, batch 8, L2 + 0.5 L1, znorm,
-420 steps) reaches 21.7 dB instead of ~20 but only 48% of its reconstructions
-are recognised by the demo's classifier (stars never), against 75% here. At
+420 steps) reaches 21.7 dB instead of 20.8 but only 48% of its reconstructions
+are recognised by the demo's classifier (stars never), against 78% here. At
 ch 32 each of GroupNorm's 32 groups holds one channel, so the decoder's last
 norm removes every image's mean colour: backgrounds come out grey, but the
 object, which carries the class, keeps its colour. The export
