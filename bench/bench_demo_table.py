@@ -37,6 +37,8 @@ import sys
 import time
 from typing import Any
 
+from bench import common
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FAMILIES = {"mvar": "tiny_cpu", "var": "tiny_cpu_var", "m_var": "tiny_cpu_m_var"}
 MiB = 2**20
@@ -157,17 +159,8 @@ def measure_sampling(model_dir: str, batch: int, reps: int, decode: bool) -> dic
 
 
 def sampling_isolated(model_dir: pathlib.Path, batch: int, reps: int, decode: bool) -> dict[str, Any]:
-    case = json.dumps({"model_dir": str(model_dir), "batch": batch, "reps": reps, "decode": decode})
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.bench_demo_table", "--case", case],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"sampling case {case} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    case = {"model_dir": str(model_dir), "batch": batch, "reps": reps, "decode": decode}
+    return common.run_case("bench.bench_demo_table", "--case", case)
 
 
 def markdown(rows: list[dict[str, Any]], batch: int) -> str:
