@@ -123,10 +123,10 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
-def use_builtin_shapes(c: ml_collections.ConfigDict) -> None:
-    """Points a config at the built-in shapes dataset at 64 px (no download)."""
+def use_builtin_shapes(c: ml_collections.ConfigDict, image_size: int = 64) -> None:
+    """Points a config at the built-in shapes dataset (no download), drawn at ``image_size`` px."""
     c.data.name = "builtin_shapes"
-    c.data.image_size = 64
+    c.data.image_size = image_size
     c.data.crop = "resize_random_crop"
     c.data.num_classes = 10
     c.data.num_workers = 2

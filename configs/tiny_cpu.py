@@ -31,6 +31,7 @@ TOKENIZERS = {
     "demo": dict(
         vqvae_checkpoint="demo_out/tokenizer/model",
         token_cache_dir="demo_out/tokens",
+        image_size=32,
         patch_nums=(1, 2, 3, 4, 6, 8),
         refine_step=4,
         kernel_size=3,
@@ -45,6 +46,7 @@ TOKENIZERS = {
     "fixture": dict(
         vqvae_checkpoint="tests/fixtures/official/tiny_vae.pth",
         token_cache_dir=None,
+        image_size=64,
         patch_nums=(1, 2, 3, 4),
         refine_step=3,
         kernel_size=3,
@@ -75,7 +77,7 @@ def get_config(tokenizer: str = "demo"):
     m.kernel_size = t["kernel_size"]
     m.dtype = "float32"  # bfloat16 matmuls are slow on CPUs
 
-    common.use_builtin_shapes(c)
+    common.use_builtin_shapes(c, image_size=t["image_size"])
     c.data.token_cache_dir = t["token_cache_dir"]
 
     c.batch_size = 32

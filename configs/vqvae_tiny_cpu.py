@@ -25,7 +25,7 @@ def get_config():
 
     m = c.model
     m.ch = 32
-    m.ch_mult = (1, 1, 2, 2)  # 8x downsampling: 64 px -> 8x8
+    m.ch_mult = (1, 2, 2)  # 4x downsampling: 32 px -> 8x8
     m.num_res_blocks = 1
     m.using_sa = False  # attention costs more than it gives at this size
     m.using_mid_sa = False
@@ -34,10 +34,10 @@ def get_config():
     m.patch_nums = (1, 2, 3, 4, 6, 8)
     m.using_znorm = True  # cosine code lookup: far higher code usage from the first steps
 
-    common.use_builtin_shapes(c)
+    common.use_builtin_shapes(c, image_size=32)
 
     c.batch_size = 16
-    c.num_train_steps = 400
+    c.num_train_steps = 1000
 
     c.loss.l2 = 1.0
     c.loss.vq = 1.0
@@ -53,9 +53,9 @@ def get_config():
     c.codebook.dead_after = 10  # as the demo's measured tokenizer (docs/benchmarks.md)
 
     c.log_every = 20
-    c.checkpoint_every = 200
+    c.checkpoint_every = 500
     c.keep_checkpoints = 2
-    c.eval_every = 200
+    c.eval_every = 500
     c.eval_images = 500  # the whole builtin_shapes validation split
     c.eval_batch_size = 100
     c.grid_images = 16

@@ -64,13 +64,13 @@ class ClassifierConfig:
     widths: tuple[int, ...] = (16, 32, 64, 64)  # conv channels; the first conv has stride 2
     feature_dim: int = 64  # the penultimate layer: the Fréchet distance's features
     batch_size: int = 64
-    num_steps: int = 400
+    num_steps: int = 1200
     learning_rate: float = 5e-3
     weight_decay: float = 1e-4
     seed: int = 0
     # Training-time degradation (see `degrade`): box-downsampling factors drawn
     # with the identity, and the largest noise std (images in [0, 1]).
-    blur_factors: tuple[int, ...] = (2, 4)
+    blur_factors: tuple[int, ...] = (2,)
     max_noise: float = 0.1
 
 

@@ -100,7 +100,7 @@ def draw_example(label: int, seed: int | np.random.SeedSequence, size: int) -> n
     rng = np.random.default_rng(seed)
     img_HW3 = _background(rng, size)
 
-    radius = rng.uniform(0.2, 0.36) * size
+    radius = rng.uniform(0.3, 0.45) * size
     centre = rng.uniform(radius, size - radius, size=2)
     alpha_HW = _shape_alpha(shape, centre, radius, rng.uniform(0.0, 2 * np.pi), size)
 
@@ -139,8 +139,8 @@ class ShapesConfig(tfds.core.BuilderConfig):
 class BuiltinShapes(tfds.core.GeneratorBasedBuilder):
     """Coloured shapes on textured backgrounds: 10 balanced classes."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "First version.", "2.0.0": "Larger objects."}
     BUILDER_CONFIGS = [
         ShapesConfig(name=f"res{s}", description=f"{s}x{s} px images", image_size=s) for s in RESOLUTIONS
     ]
