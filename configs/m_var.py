@@ -33,16 +33,11 @@ DEPTHS = tuple(_EPOCHS)
 
 def get_config(depth: str | None = None) -> ml_collections.ConfigDict:
     """The M-VAR recipe at ``depth`` ('d16', 'd20' or 'd24')."""
-    if depth not in _EPOCHS:
-        raise ValueError(
-            f"configs/m_var.py takes the depth, one of {', '.join(DEPTHS)}: "
-            f"--config configs/m_var.py:d16 (got {depth!r})"
-        )
     c = common.get_config()
     c.model.name = "mamba"  # M-VAR: attention within each scale, Mamba2 across the pyramid
     # --depth (embed 64 * depth, depth heads, drop path 0.1 * depth / 24: common.py);
     # d16: embed 1024, drop path 0.0667; d20: 1280, 0.0833; d24: 1536, 0.1.
-    c.model.depth = int(depth[1:])
+    c.model.depth = common.check_depth("m_var", depth, DEPTHS)
     # arg_util.py's --anorm defaults to True and the commands do not set it, but the README
     # has d16 and d20 sampled with attn_l2_norm=False, and the released d16/d20 weights
     # hold no scale_mul: they were trained without L2-normalised attention. d24 keeps the
