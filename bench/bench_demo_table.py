@@ -41,7 +41,7 @@ from absl import flags
 from bench import common
 from mvar_jax import cli
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = common.REPO
 FAMILIES = {"mvar": "tiny_cpu", "var": "tiny_cpu_var", "m_var": "tiny_cpu_m_var"}
 MiB = 2**20
 CFG = 1.5
