@@ -119,13 +119,17 @@ def test_m_var_cost_bench(tmp_path):
 
 
 def test_bench_flags_keep_their_old_dashed_spellings():
-    with pytest.warns(FutureWarning, match="--chunk-tokens is now --chunk_tokens"):
+    with pytest.warns(FutureWarning) as warned:
         args = cli.parse_flags(
             bench_cost.FLAGS,
             ["--out=x", "--neighborhood-impl", "masked", "--chunk-tokens", "0", "--depths", "16,24"],
             prog=bench_cost.PROG,
             doc=None,
         )
+    assert [str(w.message) for w in warned] == [
+        "--neighborhood-impl is now --neighborhood_impl",
+        "--chunk-tokens is now --chunk_tokens",
+    ]
     assert (args.neighborhood_impl, args.chunk_tokens, args.depths) == ("masked", 0, (16, 24))
     with pytest.warns(FutureWarning, match="--batch-sizes is now --batch_sizes"):
         args = cli.parse_flags(bench_sampling.FLAGS, ["--out=x", "--batch-sizes=2,4"], prog="b", doc=None)
