@@ -38,7 +38,7 @@ TOKENIZERS = {
         ratio_k=2,
         depth=4,
         embed_dim=128,
-        num_train_steps=900,
+        num_train_steps=1800,
         base_lr=0.06,
         sample_every=0,
     ),  # mvar_jax.demo draws the grid from the export

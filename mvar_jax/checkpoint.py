@@ -286,6 +286,12 @@ def load_model(directory: str | os.PathLike) -> ModelBundle:
     return ModelBundle(vqvae_config, params["vqvae"], transformer_config, params["transformer"])
 
 
+def read_vqvae_config(directory: str | os.PathLike) -> VQVAEConfig:
+    """The tokenizer config of a model or tokenizer directory, without reading any params."""
+    directory = _existing(directory, "model", (_VQVAE_CONFIG,))
+    return _read_config(directory, _VQVAE_CONFIG, VQVAEConfig)
+
+
 def load_tokenizer(directory: str | os.PathLike) -> tuple[VQVAEConfig, Any]:
     """``(config, {'params': ...})`` of a tokenizer directory or of a generator model's VQVAE.
 

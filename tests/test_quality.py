@@ -11,8 +11,10 @@ import ml_collections
 import numpy as np
 import pytest
 import scipy.linalg
+import tensorflow_datasets as tfds
 
 from mvar_jax import checkpoint, data, quality
+from mvar_jax.data import builtin_shapes
 from mvar_jax.torch_checkpoint import CheckpointError
 from mvar_jax.transformer import TransformerConfig, init_params
 from mvar_jax.vqvae import VQVAE
@@ -90,6 +92,13 @@ def test_psnr():
     np.testing.assert_allclose(quality.psnr(img, ref), [20.0, 40.0])
 
 
+def test_blur_factors_keep_a_legible_image():
+    config = quality.ClassifierConfig()  # (2, 4), at least 16 px a side
+    assert config.blur_factors_at(64) == (2, 4)
+    assert config.blur_factors_at(32) == (2,)
+    assert config.blur_factors_at(16) == ()
+
+
 def test_degrade_blurs_and_adds_bounded_noise():
     x = np.zeros((64, 8, 8, 3), np.float32)
     x[:, :, :4] = 1.0  # a vertical edge
@@ -154,6 +163,9 @@ def test_cache_key_changes_with_resolution_and_recipe(data_cfg, tmp_path):
         quality.classifier_cache_path(tmp_path, data_cfg, other_recipe),
     }
     assert path not in others and len(others) == 2
+    with pytest.MonkeyPatch.context() as m:  # a new version of the built-in images
+        m.setattr(builtin_shapes.BuiltinShapes, "VERSION", tfds.core.Version("99.0.0"))
+        assert quality.classifier_cache_path(tmp_path, data_cfg) not in others | {path}
     moved = data.default_config()  # where the data lives does not matter
     assert quality.classifier_cache_path(tmp_path, moved) == path
     path.write_text("not an npz")

@@ -266,7 +266,7 @@ def test_tiny_config_passes_its_checks():
     tokenizer.check_config(config)
     assert trainer.task_class(config) is tokenizer.TokenizerTask
     vqvae_config = tokenizer.vqvae_config(config)
-    assert (vqvae_config.image_size, vqvae_config.downsample) == (64, 8)
+    assert (vqvae_config.image_size, vqvae_config.downsample) == (32, 4)
 
 
 def test_imagenet_recipe_passes_its_checks_once_the_lpips_weights_are_there(tmp_path, monkeypatch):
