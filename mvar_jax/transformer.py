@@ -140,15 +140,8 @@ class TransformerConfig:
         def fail(msg: str):
             raise ValueError(f"TransformerConfig: {msg}")
 
-        for name in (
-            "vocab_size",
-            "cvae",
-            "num_classes",
-            "depth",
-            "embed_dim",
-            "num_heads",
-            "mamba_inference_chunk_size",
-        ):
+        sizes = ("vocab_size", "cvae", "num_classes", "depth", "embed_dim", "num_heads")
+        for name in (*sizes, "mamba_inference_chunk_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.embed_dim % self.num_heads:
