@@ -124,7 +124,7 @@ def ssd_scan(
         decay rates; B_BLN, C_BLN: input and output projections shared by the heads.
       state_BHPN: the state before the first token.
       chunk_size: tokens per chunk (at most L): O(L * chunk) work inside chunks,
-        an (unrolled) ``lax.scan`` over ``ceil(L / chunk)`` chunk boundaries.
+        a ``lax.scan`` over ``ceil(L / chunk)`` chunk boundaries.
 
     Returns:
       ``y_BLHP`` (without the D skip) and the state after the last token.
@@ -157,13 +157,10 @@ def ssd_scan(
         decay_BH, input_BHPN = chunk
         return h_BHPN * decay_BH[..., None, None] + input_BHPN, h_BHPN
 
-    # Unrolled: a few multiply-adds per chunk boundary, and XLA's cost analysis counts a
-    # rolled loop's body once whatever its trip count (bench/bench_m_var_cost.py counts FLOPs).
     final_BHPN, entering_cBHPN = jax.lax.scan(
         across,
         state_BHPN.astype(jnp.float32),
         (jnp.moveaxis(chunk_decay_BcH, 1, 0), jnp.moveaxis(chunk_input_BcHPN, 1, 0)),
-        unroll=True,
     )
 
     # The state entering each chunk, decayed to token l, read out by C_l.
