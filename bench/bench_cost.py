@@ -12,7 +12,7 @@ is allocated) and compiled for the CPU, never run. Each runs in its own process
 
 * ``sample`` / ``sample+decode``: ``sampling.generate`` at bfloat16, cfg 1.5,
   top-k 900, top-p 0.96, the neighbourhood impl ``auto`` resolves to here (the
-  memory-lean 'masked' path, as on TPUs; ``--neighborhood-impl`` for another);
+  memory-lean 'masked' path, as on TPUs; ``--neighborhood_impl`` for another);
 * ``train <scales>``: the train step (forward, backward, AdamW) of each MVAR
   segment (scales 1-8, 13 and 16 at 256 px) and of VAR, bfloat16.
 
@@ -43,7 +43,6 @@ Writes ``results.md`` and ``results.json`` to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -52,10 +51,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
 from bench.bench_sampling import OPTIONS as SAMPLE_OPTIONS, model_configs
-from bench.common import GiB, run_case, write_results
-from mvar_jax import attention, parallel, sampling, transformer
+from bench.common import GiB, define_flags, run_case, write_results
+from mvar_jax import attention, cli, parallel, sampling, transformer
 from mvar_jax.training import optimizer, state as state_lib, step as step_lib
 from mvar_jax.training.schedule import Segment, make_schedule
 from mvar_jax.vqvae import VQVAEConfig, abstract_variables
@@ -319,7 +319,7 @@ def measure(program: Program) -> dict[str, Any]:
 
 def run_isolated(program: Program) -> dict[str, Any]:
     """``measure`` in a fresh process: compilations of this size hold GBs until exit."""
-    return run_case("bench.bench_cost", "--program", dataclasses.asdict(program))
+    return run_case("bench.bench_cost", dataclasses.asdict(program))
 
 
 def _variant(row: dict[str, Any]) -> str:
@@ -369,47 +369,61 @@ def program_of(fields: dict[str, Any]) -> Program:
     return Program(**fields)
 
 
-def _csv(text: str, cast=str) -> list:
-    return [cast(item) for item in text.split(",") if item]
+PROG = "python -m bench.bench_cost"
+FLAGS = flags.FlagValues()
+define_flags(FLAGS, smoke="toy model at batch 2, in this process (CI)", case=True)
+flags.DEFINE_list("models", ["mvar", "var"], "comma-separated: mvar, var", flag_values=FLAGS)
+cli.define_int_list("depths", "16,20,24", "model depths", FLAGS, what="depths", example="16,24")
+cli.define_int_list("batches", "32,64", "batch sizes", FLAGS, what="batch sizes", example="32,64")
+flags.DEFINE_list("programs", list(PROGRAMS), f"comma-separated from {PROGRAMS}", flag_values=FLAGS)
+flags.DEFINE_enum(
+    "neighborhood_impl",
+    "auto",
+    attention.NEIGHBORHOOD_IMPLS,
+    "MVAR's spatial-Markov attention",
+    flag_values=FLAGS,
+)
+flags.DEFINE_enum(
+    "blocks",
+    "stacked",
+    ["stacked", "per-block"],
+    "sampler params: stacked (sampling.prepare, scanned) or per-block (unrolled), for ablations",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "chunk_tokens",
+    sampling.CHUNK_TOKENS,
+    "sampler chunk_tokens (0: one chunk)",
+    lower_bound=0,
+    flag_values=FLAGS,
+)
+flags.register_validator(
+    "programs",
+    lambda kinds: bool(kinds) and set(kinds) <= set(PROGRAMS),
+    message=f"--programs must name some of {PROGRAMS}",
+    flag_values=FLAGS,
+)
+flags.register_validator(
+    "models",
+    lambda models: bool(models) and set(models) <= set(attention.PATTERNS),
+    message=f"--models must name some of {attention.PATTERNS}",
+    flag_values=FLAGS,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=pathlib.Path, help="directory for results.md/.json")
-    parser.add_argument("--models", default="mvar,var")
-    parser.add_argument("--depths", default="16,20,24")
-    parser.add_argument("--batches", default="32,64")
-    parser.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated from {PROGRAMS}")
-    parser.add_argument("--neighborhood-impl", default="auto", choices=attention.NEIGHBORHOOD_IMPLS)
-    parser.add_argument(
-        "--blocks",
-        choices=("stacked", "per-block"),
-        default="stacked",
-        help="sampler params: stacked (sampling.prepare, scanned) or per-block (unrolled), for ablations",
-    )
-    parser.add_argument(
-        "--chunk-tokens",
-        type=int,
-        default=sampling.CHUNK_TOKENS,
-        help=f"sampler chunk_tokens (0: one chunk; default {sampling.CHUNK_TOKENS})",
-    )
-    parser.add_argument("--smoke", action="store_true", help="toy model at batch 2, in this process (CI)")
-    parser.add_argument("--program", help=argparse.SUPPRESS)  # One program, JSON on stdout.
-    args = parser.parse_args(argv)
-    if args.program:
-        print(json.dumps(measure(program_of(json.loads(args.program)))))
+    args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
+    if args.case:
+        print(json.dumps(measure(program_of(json.loads(args.case)))))
         return
-    if args.out is None:
-        parser.error("--out is required")
-    kinds = tuple(_csv(args.programs))
-    if not kinds or set(kinds) - set(PROGRAMS):
-        parser.error(f"--programs must name some of {PROGRAMS}, got {args.programs!r}")
-    depths, batches = ([2], [2]) if args.smoke else (_csv(args.depths, int), _csv(args.batches, int))
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = args.out / "results.json"
+    kinds = tuple(args.programs)
+    depths, batches = ([2], [2]) if args.smoke else (args.depths, args.batches)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.json"
     rows = json.loads(results.read_text()) if results.exists() else []
     done = {program_of(row) for row in rows}
-    for model in _csv(args.models):
+    for model in args.models:
         for depth in depths:
             for batch in batches:
                 for program in programs_for(
@@ -432,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"temp {row['temp_bytes'] / GiB:.2f} GiB",
                         flush=True,
                     )
-    write_results(args.out, rows, markdown(rows))
+    write_results(out, rows, markdown(rows))
 
 
 if __name__ == "__main__":

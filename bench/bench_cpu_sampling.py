@@ -21,19 +21,18 @@ machine; issue 16) are quoted in docs/benchmarks.md. Writes ``results.md`` and
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import pathlib
 import statistics
 import time
 from typing import Any
 
 import jax
+from absl import flags
 
+from bench import common
 from bench.bench_sampling import OPTIONS, random_model
-from bench.common import run_case, write_results
-from mvar_jax import sampling
+from mvar_jax import cli, sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +75,7 @@ def measure(case: Case) -> dict[str, Any]:
 
 def run_isolated(case: Case) -> dict[str, Any]:
     """``measure`` in a fresh process, so that the first call pays for compilation."""
-    return run_case("bench.bench_cpu_sampling", "--case", dataclasses.asdict(case))
+    return common.run_case("bench.bench_cpu_sampling", dataclasses.asdict(case))
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -99,23 +98,22 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PROG = "python -m bench.bench_cpu_sampling"
+FLAGS = flags.FlagValues()
+common.define_flags(FLAGS, smoke="toy model, one call after the first", case=True)
+flags.DEFINE_list("models", ["mvar"], "comma-separated: mvar, var", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 2, "images per call", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "transformer compute", flag_values=FLAGS)
+flags.DEFINE_integer("reps", 3, "calls after the first (--smoke: 1)", lower_bound=1, flag_values=FLAGS)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=pathlib.Path, help="directory for results.md/.json")
-    parser.add_argument("--models", default="mvar", help="comma-separated: mvar, var")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true", help="toy model, one call after the first")
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # One case, JSON result on stdout.
-    args = parser.parse_args(argv)
+    args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
     if args.case:
         print(json.dumps(measure(Case(**json.loads(args.case)))))
         return
-    if args.out is None:
-        parser.error("--out is required")
     rows = []
-    for attention in args.models.split(","):
+    for attention in args.models:
         rows.append(
             run_isolated(Case(attention, args.batch, args.dtype, 1 if args.smoke else args.reps, args.smoke))
         )
@@ -124,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{rows[-1]['seconds_per_call']:.2f} s/call",
             flush=True,
         )
-    write_results(args.out, rows, markdown(rows))
+    common.write_results(args.out, rows, markdown(rows))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The paper's table in miniature: MVAR vs VAR (vs M-VAR) on the demo's tokenizer, same budget.
 
     python -m mvar_jax.demo --out demo_out                      # first: tokenizer + tokens
-    python -m bench.bench_demo_table --demo-out demo_out --out bench_out/demo_table
+    python -m bench.bench_demo_table --demo_out demo_out --out bench_out/demo_table
 
 Each family trains its ``configs/tiny_cpu*.py`` (the same width, depth, batch,
 steps, data and recipe; only the attention pattern differs) over the demo's
@@ -25,7 +25,6 @@ Writes ``results.json`` and ``results.md`` to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -37,9 +36,12 @@ import sys
 import time
 from typing import Any
 
-from bench import common
+from absl import flags
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from bench import common
+from mvar_jax import cli
+
+REPO = common.REPO
 FAMILIES = {"mvar": "tiny_cpu", "var": "tiny_cpu_var", "m_var": "tiny_cpu_m_var"}
 MiB = 2**20
 CFG = 1.5
@@ -160,7 +162,7 @@ def measure_sampling(model_dir: str, batch: int, reps: int, decode: bool) -> dic
 
 def sampling_isolated(model_dir: pathlib.Path, batch: int, reps: int, decode: bool) -> dict[str, Any]:
     case = {"model_dir": str(model_dir), "batch": batch, "reps": reps, "decode": decode}
-    return common.run_case("bench.bench_demo_table", "--case", case)
+    return common.run_case("bench.bench_demo_table", case)
 
 
 def markdown(rows: list[dict[str, Any]], batch: int) -> str:
@@ -193,52 +195,50 @@ def markdown(rows: list[dict[str, Any]], batch: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--demo-out",
-        type=pathlib.Path,
-        default=pathlib.Path("demo_out"),
-        help="a finished (or at least tokenized) demo directory",
-    )
-    parser.add_argument("--out", type=pathlib.Path, help="work and results directory")
-    parser.add_argument(
-        "--families",
-        default=None,
-        help=f"comma-separated, of {tuple(FAMILIES)} (default: those with a config)",
-    )
-    parser.add_argument("--data-dir", default=os.environ.get("TFDS_DATA_DIR"))
-    parser.add_argument(
-        "--classifier-cache", type=pathlib.Path, default=None, help="default: mvar_jax.quality's user cache"
-    )
-    parser.add_argument("--batch", type=int, default=50, help="images per sampling call")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # one sampling case, JSON on stdout
-    args = parser.parse_args()
+PROG = "python -m bench.bench_demo_table"
+FLAGS = flags.FlagValues()
+common.define_flags(FLAGS, smoke=None, case=True)
+flags.DEFINE_string(
+    "demo_out", "demo_out", "a finished (or at least tokenized) demo directory", flag_values=FLAGS
+)
+flags.DEFINE_list(
+    "families",
+    None,
+    f"comma-separated, of {tuple(FAMILIES)} (default: those with a config)",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string("data_dir", os.environ.get("TFDS_DATA_DIR"), "TFDS data directory", flag_values=FLAGS)
+flags.DEFINE_string("classifier_cache", None, "default: mvar_jax.quality's user cache", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 50, "images per sampling call", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("reps", 5, "timed sampling calls", lower_bound=1, flag_values=FLAGS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
     if args.case:
         print(json.dumps(measure_sampling(**json.loads(args.case))))
         return
-    if args.out is None:
-        parser.error("--out is required")
     import jax
 
     from mvar_jax import checkpoint, data, quality
 
-    demo_out = args.demo_out.absolute()
+    demo_out = pathlib.Path(args.demo_out).absolute()
     for needed in (demo_out / "tokenizer" / "model", demo_out / "tokens" / "train" / "meta.json"):
         if not needed.exists():
-            parser.error(
+            cli.usage_error(
+                PROG,
                 f"{needed} is missing: run `python -m mvar_jax.demo --out {demo_out}` "
-                "first (its tokenizer and tokens are what every family trains on)"
+                "first (its tokenizer and tokens are what every family trains on)",
             )
-    families = args.families.split(",") if args.families else available_families()
+    families = args.families or available_families()
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
-        parser.error(f"--families {unknown}: expected some of {tuple(FAMILIES)}")
-    cache = args.classifier_cache or quality.default_cache_dir()
+        cli.usage_error(PROG, f"--families {unknown}: expected some of {tuple(FAMILIES)}")
+    cache = pathlib.Path(args.classifier_cache) if args.classifier_cache else quality.default_cache_dir()
+    out = pathlib.Path(args.out)
     rows = []
     for family in families:
-        workdir = (args.out / family).absolute()
+        workdir = (out / family).absolute()
         print(f"== {family}: training into {workdir}", flush=True)
         timing = train(family, demo_out, workdir, args.data_dir)
         data_cfg = data.default_config()
@@ -261,10 +261,7 @@ def main() -> None:
             }
         )
         print(markdown(rows[-1:], args.batch), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    (args.out / "results.md").write_text(markdown(rows, args.batch))
-    print(markdown(rows, args.batch))
+    common.write_results(out, rows, markdown(rows, args.batch))
 
 
 if __name__ == "__main__":

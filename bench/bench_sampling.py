@@ -21,19 +21,18 @@ Writes ``results.md`` and ``results.json`` to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import pathlib
 import statistics
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
-from bench.common import GiB, run_case, write_results
-from mvar_jax import attention, checkpoint, sampling, transformer
+from bench import common
+from mvar_jax import attention, checkpoint, cli, sampling, transformer
 from mvar_jax.vqvae import VQVAEConfig, abstract_variables
 
 OPTIONS = dict(cfg=1.5, top_k=900, top_p=0.96)
@@ -54,25 +53,9 @@ def model_configs(
     smoke: bool,
     dtype: str = "bfloat16",
 ) -> tuple[VQVAEConfig, transformer.TransformerConfig]:
-    """The released tokenizer and d16 at 256 px, or a toy for --smoke."""
+    """The released tokenizer and d16 at 256 px, or the toy (``common.toy_configs``) for --smoke."""
     if smoke:
-        patch_nums = (1, 2, 3, 4)
-        vqvae_config = VQVAEConfig(
-            vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=patch_nums
-        )
-        return vqvae_config, transformer.TransformerConfig(
-            vocab_size=64,
-            cvae=8,
-            num_classes=10,
-            depth=2,
-            embed_dim=64,
-            num_heads=4,
-            patch_nums=patch_nums,
-            refine_step=3,
-            kernel_size=3,
-            attention=attention,
-            dtype=dtype,
-        )
+        return common.toy_configs(attention, dtype)
     return VQVAEConfig(), transformer.TransformerConfig(depth=16, attention=attention, dtype=dtype)
 
 
@@ -119,7 +102,7 @@ def measure(case: Case) -> dict[str, Any]:
 
 def run_isolated(case: Case) -> dict[str, Any]:
     """``measure`` in a fresh process: the device's peak counter cannot be reset."""
-    return run_case("bench.bench_sampling", "--case", dataclasses.asdict(case))
+    return common.run_case("bench.bench_sampling", dataclasses.asdict(case))
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -132,7 +115,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "| --- | ---: | --- | ---: | ---: | ---: |",
     ]
     for r in rows:
-        peak = "n/a" if r["peak_bytes_in_use"] is None else f"{r['peak_bytes_in_use'] / GiB:.2f}"
+        peak = "n/a" if r["peak_bytes_in_use"] is None else f"{r['peak_bytes_in_use'] / common.GiB:.2f}"
         lines.append(
             f"| {r['attention'].upper()}-d{r['depth']} | {r['batch']} | "
             f"{'yes' if r['decode'] else 'no'} | {r['images_per_s']:.1f} | "
@@ -141,32 +124,33 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=pathlib.Path, help="directory for results.md/.json")
-    parser.add_argument("--smoke", action="store_true", help="toy model and batches (CPU)")
-    parser.add_argument("--batch-sizes", default=None, help="comma-separated (default 32,64; --smoke: 2)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # One case, JSON result on stdout.
-    args = parser.parse_args()
+PROG = "python -m bench.bench_sampling"
+FLAGS = flags.FlagValues()
+common.define_flags(FLAGS, smoke="toy model and batches (CPU)", case=True)
+cli.define_int_list(
+    "batch_sizes", None, "default 32,64; --smoke: 2", FLAGS, what="batch sizes", example="32,64"
+)
+flags.DEFINE_integer("warmup", 1, "untimed calls first (compilation)", lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_integer("reps", 5, "timed calls per case (--smoke: 1)", lower_bound=1, flag_values=FLAGS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
     if args.case:
         print(json.dumps(measure(Case(**json.loads(args.case)))))
         return
-    if args.out is None:
-        parser.error("--out is required")
-    batches = args.batch_sizes or ("2" if args.smoke else "32,64")
+    batches = args.batch_sizes or ((2,) if args.smoke else (32, 64))
     reps = 1 if args.smoke else args.reps
     rows = []
     for pattern in attention.PATTERNS:
-        for batch in (int(b) for b in batches.split(",")):
+        for batch in batches:
             for decode in (True, False):
                 rows.append(run_isolated(Case(pattern, batch, decode, args.smoke, args.warmup, reps)))
                 print(
                     f"{pattern} batch {batch} decode {decode}: {rows[-1]['images_per_s']:.1f} img/s",
                     flush=True,
                 )
-    write_results(args.out, rows, markdown(rows))
+    common.write_results(args.out, rows, markdown(rows))
 
 
 if __name__ == "__main__":

@@ -5,12 +5,12 @@
 
 Each row is one compiled train step of ``mvar_jax.training.step`` (forward,
 backward, AdamW with the official recipe) on random weights and random tokens,
-bfloat16 compute, ``--batch-per-device`` images per device over all local
+bfloat16 compute, ``--batch_per_device`` images per device over all local
 devices (data parallel). The VQVAE is not part of the step (the token cache
 removes it from training), so the teacher-forcing input is random too.
 
 * ``attention impl``: MVAR's spatial-Markov segments (13x13 and 16x16 at
-  256 px) run once per ``--neighborhood-impls`` entry
+  256 px) run once per ``--neighborhood_impls`` entry
   (``TransformerConfig.neighborhood_impl``: the Pallas kernel, XLA's dense
   attention under the window mask, the gather reference); the other segments
   use dense attention only;
@@ -30,20 +30,19 @@ the process-wide peak (``memory_stats``). Writes ``results.md`` and
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import pathlib
 import statistics
 import time
 
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
+from bench import common as bench_common
 from bench.common import GiB
 from configs import common
-from mvar_jax import attention, parallel
+from mvar_jax import attention, cli, parallel
 from mvar_jax.training import optimizer, schedule, state as state_lib, step as step_lib
 from mvar_jax.training.schedule import Segment
 from mvar_jax.training.synthetic import SyntheticTokenSource
@@ -56,21 +55,10 @@ DENSE = "dense"  # The attention impl column of segments without spatial-Markov 
 
 
 def model_config(attention: str, smoke: bool) -> TransformerConfig:
-    """d16 at 256 px with the released tokenizer's vocabulary, or a toy for --smoke."""
+    """d16 at 256 px with the released tokenizer's vocabulary, or the toy
+    (``bench.common.toy_configs``) for --smoke."""
     if smoke:
-        return TransformerConfig(
-            vocab_size=64,
-            cvae=8,
-            num_classes=10,
-            depth=2,
-            embed_dim=64,
-            num_heads=4,
-            patch_nums=(1, 2, 3, 4),
-            refine_step=3,
-            kernel_size=3,
-            attention=attention,
-            dtype="bfloat16",
-        )
+        return bench_common.toy_configs(attention)[1]
     return TransformerConfig(
         vocab_size=4096,
         cvae=32,
@@ -249,37 +237,41 @@ def to_markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_impls(text: str | None, smoke: bool) -> tuple[str, ...]:
-    """``--neighborhood-impls``: comma-separated, distinct, each a neighborhood_impl value."""
-    if text is None:
+def parse_impls(names: list[str] | None, smoke: bool) -> tuple[str, ...]:
+    """``--neighborhood_impls``: distinct names, each a neighborhood_impl value."""
+    if names is None:
         return SMOKE_IMPLS if smoke else DEFAULT_IMPLS
-    impls = tuple(name.strip() for name in text.split(",") if name.strip())
+    impls = tuple(name.strip() for name in names if name.strip())
     unknown = [name for name in impls if name not in attention.NEIGHBORHOOD_IMPLS]
     if not impls or unknown or len(set(impls)) != len(impls):
         raise ValueError(
-            f"--neighborhood-impls must list distinct names from {attention.NEIGHBORHOOD_IMPLS}, got {text!r}"
+            f"--neighborhood_impls must list distinct names from {attention.NEIGHBORHOOD_IMPLS}, "
+            f"got {','.join(names)!r}"
         )
     return impls
 
 
+PROG = "python -m bench.bench_train_step"
+FLAGS = flags.FlagValues()
+bench_common.define_flags(FLAGS, smoke="toy model, 2 steps (CPU check)")
+flags.DEFINE_integer("batch_per_device", 32, "images per device", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 3, "untimed steps first", lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_integer("reps", 20, "timed steps per row", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_list(
+    "neighborhood_impls",
+    None,
+    "MVAR spatial-Markov attention impls to time, the first also for the cycle row "
+    f"(default: {','.join(DEFAULT_IMPLS)}; with --smoke {','.join(SMOKE_IMPLS)})",
+    flag_values=FLAGS,
+)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=pathlib.Path, required=True)
-    parser.add_argument("--batch-per-device", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument(
-        "--neighborhood-impls",
-        help="MVAR spatial-Markov attention impls to time, the first also for "
-        f"the cycle row (default: {','.join(DEFAULT_IMPLS)}; with --smoke "
-        f"{','.join(SMOKE_IMPLS)})",
-    )
-    parser.add_argument("--smoke", action="store_true", help="toy model, 2 steps (CPU check)")
-    args = parser.parse_args(argv)
+    args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
     try:
         impls = parse_impls(args.neighborhood_impls, args.smoke)
     except ValueError as e:
-        parser.error(str(e))
+        cli.usage_error(PROG, str(e))
     if args.smoke:
         args.batch_per_device, args.warmup, args.reps = 2, 1, 2
 
@@ -306,23 +298,16 @@ def main(argv: list[str] | None = None) -> None:
         markdown += "\n" + "".join(ratio_line(r) + "\n" for r in ratios)
     if peak is not None:
         markdown += f"\nProcess peak device memory: {peak / GiB:.2f} GiB\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(markdown)
-    (args.out / "results.json").write_text(
-        json.dumps(
-            {
-                "device": device.device_kind,
-                "jax": jax.__version__,
-                "smoke": args.smoke,
-                "batch_per_device": args.batch_per_device,
-                "neighborhood_impls": list(impls),
-                "rows": rows,
-                "ratios": ratios,
-            },
-            indent=1,
-        )
-    )
-    print(markdown)
+    results = {
+        "device": device.device_kind,
+        "jax": jax.__version__,
+        "smoke": args.smoke,
+        "batch_per_device": args.batch_per_device,
+        "neighborhood_impls": list(impls),
+        "rows": rows,
+        "ratios": ratios,
+    }
+    bench_common.write_results(args.out, results, markdown)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,17 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
+def check_depth(file: str, depth: str | None, depths: tuple[str, ...]) -> int:
+    """The depth of ``--config configs/<file>.py:<depth>`` ('d16' -> 16); a ValueError showing
+    the spelling when ``depth`` is not one of ``depths``."""
+    if depth not in depths:
+        raise ValueError(
+            f"configs/{file}.py takes the depth, one of {', '.join(depths)}: "
+            f"--config configs/{file}.py:{depths[0]} (got {depth!r})"
+        )
+    return int(depth[1:])
+
+
 def use_builtin_shapes(c: ml_collections.ConfigDict) -> None:
     """Points a config at the built-in shapes dataset at 64 px (no download)."""
     c.data.name = "builtin_shapes"

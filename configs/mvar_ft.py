@@ -24,14 +24,9 @@ DEPTHS = tuple(_BATCH_SIZE)
 
 def get_config(depth: str | None = None) -> ml_collections.ConfigDict:
     """The fine-tune recipe at ``depth`` ('d16', 'd20' or 'd24')."""
-    if depth not in _BATCH_SIZE:
-        raise ValueError(
-            f"configs/mvar_ft.py takes the depth, one of {', '.join(DEPTHS)}: "
-            f"--config configs/mvar_ft.py:d16 (got {depth!r})"
-        )
     c = common.get_config()
     # --depth (embed 64 * depth, depth heads, drop path 0.1 * depth / 24: common.py)
-    c.model.depth = int(depth[1:])
+    c.model.depth = common.check_depth("mvar_ft", depth, DEPTHS)
     c.batch_size = _BATCH_SIZE[depth]  # --bs
     c.num_epochs = 80  # --ep=80
     c.init.adaln_gamma = 1e-3  # --alng=1e-3 (overwritten by the VAR weights)

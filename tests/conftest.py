@@ -24,6 +24,18 @@ M_VAR_FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "m_var"
 # The M-VAR fixtures: attn_l2_norm True (l21) and False (l20).
 M_VAR_VARIANTS = ("l21", "l20")
 REPO = pathlib.Path(__file__).parent.parent
+# The smallest VQVAE the tests build (16 codes of 4 channels, one ResNet block a level, no
+# attention, 2x downsampling): for checkpoints, shapes and losses that need no parity.
+# ``VQVAEConfig(**MINI_VQVAE, patch_nums=...)``; a plain dict, so a subprocess script can take it.
+MINI_VQVAE = dict(
+    vocab_size=16,
+    z_channels=4,
+    ch=32,
+    ch_mult=(1, 1),
+    num_res_blocks=1,
+    using_sa=False,
+    using_mid_sa=False,
+)
 
 
 def pytest_addoption(parser):
@@ -111,6 +123,17 @@ def rel_err(out, ref) -> float:
     out = np.asarray(out, np.float64)
     ref = np.asarray(ref, np.float64)
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def usage_error_of(*argv: str) -> str:
+    """``python *argv`` from the repository root, as a user runs a command: it must exit with
+    status 2 and an ``error:`` line, no traceback. Its stderr."""
+    result = subprocess.run(
+        [sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "error:" in result.stderr and "Traceback" not in result.stderr, result.stderr[-4000:]
+    return result.stderr
 
 
 def run_on_eight_devices(script: str | os.PathLike, cwd: pathlib.Path) -> dict:

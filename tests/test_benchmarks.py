@@ -7,7 +7,10 @@ docs/benchmarks.md is filled from.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+
+import pytest
 
 from bench import (
     bench_cost,
@@ -17,8 +20,10 @@ from bench import (
     bench_sampling,
     bench_spatial_markov,
     bench_train_step,
+    common,
     tune_spatial_markov,
 )
+from mvar_jax import cli
 
 
 def test_kernel_bench_and_tuner(tmp_path):
@@ -66,13 +71,20 @@ def test_train_step_bench(tmp_path):
     assert "reference / pallas_interpret" in (tmp_path / "results.md").read_text()
 
 
-def test_sampling_bench_cases():
+def _case(bench, case, capsys) -> dict:
+    """``bench.main(['--case=JSON'])``, as ``common.run_case``'s child runs it: its JSON row."""
+    capsys.readouterr()
+    bench.main([f"--case={json.dumps(dataclasses.asdict(case))}"])
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_sampling_bench_cases(capsys):
     """The two sampling benches on one toy program (the second call hits the first's compile)."""
     case = bench_sampling.Case("mvar", batch=2, decode=False, smoke=True, warmup=1, reps=1)
-    row = bench_sampling.measure(case)
+    row = _case(bench_sampling, case, capsys)
     assert row["images_per_s"] > 0 and row["depth"] == 2
     assert "| MVAR-d2 | 2 | no |" in bench_sampling.markdown([row])
-    row = bench_cpu_sampling.measure(bench_cpu_sampling.Case("mvar", 2, "bfloat16", 1, True))
+    row = _case(bench_cpu_sampling, bench_cpu_sampling.Case("mvar", 2, "bfloat16", 1, True), capsys)
     assert row["first_call_s"] > 0 and row["seconds_per_call"] > 0
     assert row["cpu_seconds_per_call"] > 0
     assert "| MVAR-d2 | 2 | bfloat16 |" in bench_cpu_sampling.markdown([row])
@@ -108,3 +120,48 @@ def test_m_var_cost_bench(tmp_path):
     assert len(set(r["carried_mamba_flops_per_chunk"].values())) == 1
     table = (tmp_path / "results.md").read_text()
     assert "| ours (Mamba state carried from scale to scale, chunks of 16) |" in table
+
+
+def test_bench_flags_keep_their_old_dashed_spellings():
+    with pytest.warns(FutureWarning) as warned:
+        args = cli.parse_flags(
+            bench_cost.FLAGS,
+            ["--out=x", "--neighborhood-impl", "masked", "--chunk-tokens", "0", "--depths", "16,24"],
+            prog=bench_cost.PROG,
+            doc=None,
+        )
+    assert [str(w.message) for w in warned] == [
+        "--neighborhood-impl is now --neighborhood_impl",
+        "--chunk-tokens is now --chunk_tokens",
+    ]
+    assert (args.neighborhood_impl, args.chunk_tokens, args.depths) == ("masked", 0, (16, 24))
+    with pytest.warns(FutureWarning, match="--batch-sizes is now --batch_sizes"):
+        args = cli.parse_flags(bench_sampling.FLAGS, ["--out=x", "--batch-sizes=2,4"], prog="b", doc=None)
+    assert args.batch_sizes == (2, 4)
+    with pytest.warns(FutureWarning, match="--batch-per-device is now --batch_per_device"):
+        args = cli.parse_flags(
+            bench_train_step.FLAGS, ["--out=x", "--batch-per-device=8"], prog="b", doc=None
+        )
+    assert args.batch_per_device == 8
+
+
+def test_bench_needs_out_unless_it_runs_one_case(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_cost.main([])
+    assert exit_info.value.code == 2
+    assert "--out is required" in capsys.readouterr().err
+
+
+def test_smoke_model_is_the_tiny_cpu_fixture_config():
+    from configs import tiny_cpu
+
+    vqvae_config, config = common.toy_configs("var", "float32")
+    toy = tiny_cpu.get_config("fixture").model
+    assert (config.attention, config.dtype, config.depth, config.embed_dim) == ("var", "float32", 2, 64)
+    assert (config.patch_nums, config.refine_step, config.kernel_size) == (
+        tuple(toy.patch_nums),
+        toy.refine_step,
+        toy.kernel_size,
+    )
+    assert (config.vocab_size, config.cvae) == (vqvae_config.vocab_size, vqvae_config.z_channels) == (64, 8)
+    assert vqvae_config.image_size == 64  # the built-in shapes' size, as in tiny_cpu

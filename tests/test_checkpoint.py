@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import MINI_VQVAE
 
 from mvar_jax import checkpoint
 from mvar_jax.torch_checkpoint import CheckpointError, StateDictMismatchError
@@ -61,16 +62,7 @@ transformer_params = place(init_params(transformer_config, jax.random.PRNGKey(0)
 checkpoint.save_model(sys.argv[1], vqvae_config=vqvae_config, vqvae_params=vqvae_params,
                       transformer_config=transformer_config, transformer_params=transformer_params)
 """
-_VQVAE = dict(
-    vocab_size=16,
-    z_channels=4,
-    ch=32,
-    ch_mult=(1, 1),
-    num_res_blocks=1,
-    using_sa=False,
-    using_mid_sa=False,
-    patch_nums=(1, 2),
-)
+_VQVAE = dict(MINI_VQVAE, patch_nums=(1, 2))
 _TRANSFORMER = dict(
     vocab_size=16,
     cvae=4,
@@ -335,17 +327,7 @@ def test_vqvae_checkpoint_accepts_a_pth_a_tokenizer_or_a_generator_model(
 
 
 def test_vqvae_checkpoint_with_one_phi_per_scale_keeps_its_scale_count(tmp_path):
-    config = VQVAEConfig(
-        vocab_size=16,
-        z_channels=4,
-        ch=32,
-        ch_mult=(1, 1),
-        num_res_blocks=1,
-        using_sa=False,
-        using_mid_sa=False,
-        share_quant_resi=0,
-        patch_nums=(1, 2),
-    )
+    config = VQVAEConfig(**MINI_VQVAE, share_quant_resi=0, patch_nums=(1, 2))
     params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_variables(config))
     checkpoint.save_tokenizer(tmp_path / "tok", vqvae_config=config, vqvae_params=params)
     assert checkpoint.load_vqvae_checkpoint(tmp_path / "tok", (1, 3))[0].patch_nums == (1, 3)

@@ -91,25 +91,22 @@ def test_each_stage_is_done_when_its_output_is_whole_and_newer_than_its_input(tm
     make_image_folder(folder, num_classes=2, per_class=3)
     cfg = data.default_config()
     cfg.update(name="folder", data_dir=str(folder), num_classes=2, num_workers=1)
-    split = token_cache.write_token_cache(
-        cfg,
-        lambda img: np.zeros((len(img), 5), np.int32),
-        out / "tokens",
-        "train",
-        batch_size=2,
-        chunk_size=4,
-    )
+
+    def write_tokens():
+        return token_cache.write_token_cache(
+            cfg,
+            lambda img: np.zeros((len(img), 5), np.int32),
+            out / "tokens",
+            "train",
+            batch_size=2,
+            chunk_size=4,
+        )
+
+    split = write_tokens()
     assert stages["tokens"].done()
     (split / "chunk-000001.tokens.npy").unlink()  # a killed caching run
     assert not stages["tokens"].done()
-    token_cache.write_token_cache(
-        cfg,
-        lambda img: np.zeros((len(img), 5), np.int32),
-        out / "tokens",
-        "train",
-        batch_size=2,
-        chunk_size=4,
-    )
+    write_tokens()
     assert stages["tokens"].done()
     _fake_export(out / "tokenizer" / "model", tokenizer_steps, (split / "meta.json").stat().st_mtime + 1)
     assert not stages["tokens"].done()  # the tokenizer was trained again since

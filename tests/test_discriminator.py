@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err
+from conftest import MINI_VQVAE, rel_err
 
 from mvar_jax.discriminator import (
     PatchDiscriminator,
@@ -134,16 +134,7 @@ def test_adaptive_weight_analytic():
 
 
 # A tiny VQVAE decoder: 32 px out of 16x16 latents.
-_DEC_CONFIG = VQVAEConfig(
-    vocab_size=16,
-    z_channels=4,
-    ch=32,
-    ch_mult=(1, 1),
-    num_res_blocks=1,
-    using_sa=False,
-    using_mid_sa=False,
-    patch_nums=(1, 2, 4, 16),
-)
+_DEC_CONFIG = VQVAEConfig(**MINI_VQVAE, patch_nums=(1, 2, 4, 16))
 
 
 def _random_params(abstract, seed: int):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import MINI_VQVAE, rel_err
 
 from mvar_jax import checkpoint, sampling
 from mvar_jax.transformer import (
@@ -224,16 +224,7 @@ def _random_params(abstract, seed: int, std: float):
 @pytest.fixture(scope="module")
 def mini_model() -> checkpoint.ModelBundle:
     patch_nums = (1, 2, 4)
-    vqvae_config = VQVAEConfig(
-        vocab_size=16,
-        z_channels=4,
-        ch=32,
-        ch_mult=(1, 2),
-        num_res_blocks=1,
-        using_sa=False,
-        using_mid_sa=False,
-        patch_nums=patch_nums,
-    )
+    vqvae_config = VQVAEConfig(**{**MINI_VQVAE, "ch_mult": (1, 2)}, patch_nums=patch_nums)
     transformer_config = TransformerConfig(
         vocab_size=16,
         cvae=4,

@@ -59,17 +59,26 @@ def test_official_configs(name):
     assert trainer.total_steps(config) == epochs * -(-1_281_167 // batch)
 
 
-@pytest.mark.parametrize("depth", ["d16", "d20", "d24"])
-def test_old_fine_tune_config_names_still_work(depth):
-    with pytest.warns(FutureWarning, match=f"configs/mvar_ft.py:{depth}"):
-        old = importlib.reload(importlib.import_module(f"configs.mvar_{depth}_ft"))
-    assert old.get_config().to_dict() == _config(f"mvar_ft:{depth}").to_dict()
+# Old file name: the config[:depth] it became (configs of one recipe at several depths).
+RENAMED = {
+    **{f"mvar_{depth}_ft": f"mvar_ft:{depth}" for depth in ("d16", "d20", "d24")},
+    **{f"m_var_{depth}": f"m_var:{depth}" for depth in ("d16", "d20", "d24")},
+}
 
 
+@pytest.mark.parametrize("old_name", sorted(RENAMED))
+def test_old_config_names_still_work(old_name):
+    new_name = RENAMED[old_name]
+    with pytest.warns(FutureWarning, match=f"configs/{new_name.replace(':', '.py:')}"):
+        old = importlib.reload(importlib.import_module(f"configs.{old_name}"))
+    assert old.get_config().to_dict() == _config(new_name).to_dict()
+
+
+@pytest.mark.parametrize("file", ["mvar_ft", "m_var"])
 @pytest.mark.parametrize("arg", [None, "d30", "16"])
-def test_fine_tune_config_needs_a_known_depth(arg):
-    with pytest.raises(ValueError, match="configs/mvar_ft.py:d16"):
-        _config("mvar_ft" if arg is None else f"mvar_ft:{arg}")
+def test_depth_configs_need_a_known_depth(file, arg):
+    with pytest.raises(ValueError, match=f"configs/{file}.py:d16"):
+        _config(file if arg is None else f"{file}:{arg}")
 
 
 def test_config_argument_reaches_get_config():
@@ -86,16 +95,16 @@ def test_config_argument_reaches_get_config():
 # name: (depth, global batch, epochs, tblr, alng, wpe, attn_l2_norm) from the M-VAR README's
 # commands (OliverRensu/MVAR); attn_l2_norm off for d16/d20 per its inference note.
 M_VAR_OFFICIAL = {
-    "m_var_d16": (16, 768, 200, 1e-4, 1e-3, 0.1, False),
-    "m_var_d20": (20, 768, 250, 1e-4, 1e-3, 0.1, False),
-    "m_var_d24": (24, 768, 350, 8e-5, 1e-4, 0.01, True),
+    "m_var:d16": (16, 768, 200, 1e-4, 1e-3, 0.1, False),
+    "m_var:d20": (20, 768, 250, 1e-4, 1e-3, 0.1, False),
+    "m_var:d24": (24, 768, 350, 8e-5, 1e-4, 0.01, True),
 }
 
 
 @pytest.mark.parametrize("name", sorted(M_VAR_OFFICIAL))
 def test_official_m_var_configs(name, fixture_dir):
     depth, batch, epochs, tblr, alng, wpe, l2_norm = M_VAR_OFFICIAL[name]
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = _config(name)
     checked = config.copy_and_resolve_references()
     checked.vqvae_checkpoint = str(fixture_dir / "tiny_vae.pth")  # the released one is not here
     generator.check_config(checked)
