@@ -102,7 +102,9 @@ class AdaLNAttnMamba(AdaLNSelfAttn):
         )
         x_BlC = add(x_BlC, h, gamma1)
 
-        mamba = mamba2.Mamba2(cfg.mamba, dtype=cfg.compute_dtype, proj_std=init_std(cfg), name="mamba")
+        # Carrying the state: inference's chunking (the same result, fewer FLOPs per token).
+        mamba_config = cfg.mamba_inference if isinstance(cache, mamba2.MambaState) else cfg.mamba
+        mamba = mamba2.Mamba2(mamba_config, dtype=cfg.compute_dtype, proj_std=init_std(cfg), name="mamba")
         if isinstance(cache, RerunPrefix):  # From scratch over every token so far.
             prefix_BLC = jnp.concatenate([cache.x_BLC, x_BlC], axis=1)
             h, _ = mamba(normed(prefix_BLC, scale2, shift2))

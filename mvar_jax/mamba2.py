@@ -157,6 +157,9 @@ def ssd_scan(
         decay_BH, input_BHPN = chunk
         return h_BHPN * decay_BH[..., None, None] + input_BHPN, h_BHPN
 
+    # Rolled: unrolled, XLA computes each step twice (once for the carry, once for the
+    # output). Its cost analysis counts the rolled body once whatever the trip count;
+    # bench/bench_m_var_cost.py adds the other chunks' share.
     final_BHPN, entering_cBHPN = jax.lax.scan(
         across,
         state_BHPN.astype(jnp.float32),

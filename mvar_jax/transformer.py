@@ -98,6 +98,14 @@ class TransformerConfig:
     ``embed_dim`` and ``num_heads`` default to the official convention
     ``64 * depth`` and ``depth``. ``drop_path_rate`` only acts in training, where
     the official runs use ``official_drop_path_rate(depth)``.
+
+    ``mamba_inference_chunk_size`` (M-VAR only) is the Mamba2 scan's chunk when
+    inference advances each block's carried state by one scale
+    (``mamba_inference``); training, teacher forcing and the official re-run keep
+    mamba_ssm's 256 (``mamba``). The result does not depend on the chunk, the
+    cost does: the within-chunk work per token grows with the chunk, so one
+    256-token chunk per scale costs more than chunks of 16 (measured per scale
+    with bench/bench_m_var_cost.py's ``flops``, docs/benchmarks.md, issue 15).
     """
 
     vocab_size: int = 4096
@@ -118,6 +126,7 @@ class TransformerConfig:
     cond_drop_rate: float = 0.1
     dtype: str = "float32"
     neighborhood_impl: str = "auto"
+    mamba_inference_chunk_size: int = 16
 
     def __post_init__(self):
         object.__setattr__(self, "patch_nums", tuple(int(p) for p in self.patch_nums))
@@ -131,7 +140,8 @@ class TransformerConfig:
         def fail(msg: str):
             raise ValueError(f"TransformerConfig: {msg}")
 
-        for name in ("vocab_size", "cvae", "num_classes", "depth", "embed_dim", "num_heads"):
+        sizes = ("vocab_size", "cvae", "num_classes", "depth", "embed_dim", "num_heads")
+        for name in (*sizes, "mamba_inference_chunk_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.embed_dim % self.num_heads:
@@ -204,6 +214,11 @@ class TransformerConfig:
     def mamba(self) -> mamba2.Mamba2Config:
         """M-VAR's Mamba2 layer: the official settings at this width."""
         return mamba2.Mamba2Config(d_model=self.embed_dim)
+
+    @property
+    def mamba_inference(self) -> mamba2.Mamba2Config:
+        """The same layer as inference runs it on a carried state: its own chunk size."""
+        return dataclasses.replace(self.mamba, chunk_size=self.mamba_inference_chunk_size)
 
     def token_range(self, first_scale: int, last_scale: int) -> tuple[int, int]:
         """``[begin, end)`` token offsets of scales ``[first_scale, last_scale)``."""

@@ -100,10 +100,10 @@ def test_inference_carrying_mamba_state_matches_the_official_rerun(models, m_var
     np.testing.assert_array_equal(_greedy_tokens(logits, config), io["greedy_BL"])
 
 
-def test_carried_state_equals_our_rerun_where_history_matters():
-    """Our copy of the official algorithm (``init_rerun_cache``) against the carried state,
-    on a random model whose Mamba decays slowly (A = -0.01): every scale's logits depend
-    on all earlier ones, unlike the fixture's freshly initialised layers."""
+def _slow_decay_model(**overrides):
+    """A random M-VAR whose Mamba decays slowly (A = -0.01): every scale's logits depend
+    on all earlier ones, unlike the fixture's freshly initialised layers. Returns the
+    arguments of ``_inference_logits``; ``overrides``: config fields."""
     config = TransformerConfig(
         vocab_size=16,
         cvae=4,
@@ -113,6 +113,7 @@ def test_carried_state_equals_our_rerun_where_history_matters():
         num_heads=2,
         patch_nums=(1, 2, 3, 4, 5),
         attention="mamba",
+        **overrides,
     )
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map_with_path(
@@ -123,16 +124,22 @@ def test_carried_state_equals_our_rerun_where_history_matters():
         ),
         param_shapes(config),
     )
-    args = (
+    return (
         config,
         params,
         jnp.array([1, 4]),
         rng.normal(size=(2, config.seq_len - 1, config.cvae)).astype(np.float32),
     )
+
+
+def test_carried_state_equals_our_rerun_where_history_matters():
+    """Our copy of the official algorithm (``init_rerun_cache``) against the carried state."""
+    args = _slow_decay_model()
+    config = args[0]
     carried = _inference_logits(*args, rerun=False)
     rerun = _inference_logits(*args, rerun=True)
     err = rel_err(carried, rerun)
-    assert err < 1e-5, err  # measured 2.3e-7
+    assert err < 1e-5, err  # measured 2.2e-7
     np.testing.assert_array_equal(_greedy_tokens(carried, config), _greedy_tokens(rerun, config))
     # The history matters: new inputs for scales 1-3 move the last scale's logits.
     changed = args[3].copy()
@@ -140,6 +147,20 @@ def test_carried_state_equals_our_rerun_where_history_matters():
     last = slice(*config.token_range(4, 5))
     moved = _inference_logits(*args[:3], changed, rerun=False)
     assert rel_err(moved[:, last], carried[:, last]) > 1e-2  # measured 0.10
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_inference_logits_do_not_depend_on_the_inference_chunk_size(chunk_size):
+    """Chunks of 1 and 4 tokens (scales of up to 25 tokens: many chunks, the last one
+    partial) against one chunk per scale, on the carried state."""
+    one_chunk = _slow_decay_model(mamba_inference_chunk_size=256)
+    chunked = _slow_decay_model(mamba_inference_chunk_size=chunk_size)
+    expected = _inference_logits(*one_chunk, rerun=False)
+    got = _inference_logits(*chunked, rerun=False)
+    err = rel_err(got, expected)
+    assert err < 1e-5, err  # measured 2.2e-7 (1), 2.0e-7 (4)
+    config = chunked[0]
+    np.testing.assert_array_equal(_greedy_tokens(got, config), _greedy_tokens(expected, config))
 
 
 def test_greedy_sampling_matches_official(models, m_var_io):
@@ -154,13 +175,15 @@ def test_greedy_sampling_matches_official(models, m_var_io):
 
 
 def _mamba_calls(model: checkpoint.ModelBundle, mamba_rerun: bool):
-    """Traces generate (no compile): (tokens in, SSM state shape) of every Mamba2 call."""
+    """Traces generate (no compile): (tokens in, SSM state shape, scan chunk) of every
+    Mamba2 call."""
     calls = []
 
     def record(next_fun, args, kwargs, context):
         if isinstance(context.module, Mamba2) and context.method_name == "__call__":
             state = args[1] if len(args) > 1 else None
-            calls.append((args[0].shape[1], None if state is None else state.ssm_BHPN.shape))
+            ssm_shape = None if state is None else state.ssm_BHPN.shape
+            calls.append((args[0].shape[1], ssm_shape, context.module.config.chunk_size))
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
@@ -187,13 +210,16 @@ def test_sampler_runs_each_scale_once_on_a_fixed_size_state(models):
     config = model.transformer_config
     sizes = [pn * pn for pn in config.patch_nums]
     state_shape = (6, config.mamba.nheads, config.mamba.headdim, config.mamba.d_state)
-    # Ours: each block's Mamba sees this scale's tokens and the state from the last one.
+    # Ours: each block's Mamba sees this scale's tokens and the state from the last one,
+    # in inference's chunks.
+    assert config.mamba_inference_chunk_size == 16
     assert _mamba_calls(model, mamba_rerun=False) == [
-        (n, state_shape) for n in sizes for _ in range(config.depth)
+        (n, state_shape, 16) for n in sizes for _ in range(config.depth)
     ]
-    # The official algorithm: all tokens so far, from scratch, at every scale.
+    # The official algorithm: all tokens so far, from scratch, at every scale, in
+    # mamba_ssm's chunks.
     assert _mamba_calls(model, mamba_rerun=True) == [
-        (sum(sizes[: si + 1]), None) for si in range(config.num_scales) for _ in range(config.depth)
+        (sum(sizes[: si + 1]), None, 256) for si in range(config.num_scales) for _ in range(config.depth)
     ]
 
 
@@ -216,6 +242,8 @@ def test_m_var_settings_and_errors():
     assert sampling.guidance_schedule(1.0, config) is not None  # Guides at cfg 1, as VAR.
     with pytest.raises(ValueError, match="M-VAR .* has no shared AdaLN"):
         TransformerConfig(depth=2, embed_dim=64, shared_aln=True, attention="mamba")
+    with pytest.raises(ValueError, match="mamba_inference_chunk_size must be a positive int, got 0"):
+        TransformerConfig(depth=2, embed_dim=64, attention="mamba", mamba_inference_chunk_size=0)
     with pytest.raises(ValueError, match="Mamba2 layer: .* not a multiple of headdim 64"):
         TransformerConfig(depth=2, embed_dim=48, num_heads=4, attention="mamba")
     params = _random_params(param_shapes(config), 0, 0.1)

@@ -33,7 +33,7 @@ from mvar_jax.vqvae import VQVAE, VQVAEConfig, split_scales
 
 # Execution choices that leave the params unchanged, so a run may resume with others
 # (e.g. neighborhood_impl='reference' when the Pallas kernel fails on a GPU).
-EXECUTION_FIELDS = ("neighborhood_impl", "dtype")
+EXECUTION_FIELDS = ("neighborhood_impl", "dtype", "mamba_inference_chunk_size")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
