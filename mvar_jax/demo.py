@@ -5,7 +5,7 @@
 Stages, each skipped when its output is whole (so a second run resumes where the
 first stopped, or reports the demo complete):
 
-  1. data       the built-in shapes dataset at 64 px, drawn locally (TFDS data dir)
+  1. data       the built-in shapes dataset at 32 px, drawn locally (TFDS data dir)
   2. tokenizer  configs/vqvae_tiny_cpu.py trained into OUT/tokenizer (model: OUT/tokenizer/model)
   3. tokens     the train split's token ids under that tokenizer: OUT/tokens
   4. generator  configs/tiny_cpu.py (MVAR) trained on those tokens into OUT (model: OUT/model)

@@ -259,10 +259,19 @@ def test_cli_reports_bad_input_as_usage_errors(tiny_checkpoints, tmp_path, capsy
                 str(tmp_path / "r.json"),
                 "--classifier_cache",
                 str(tmp_path),
+                "--image_size",
+                "64",
             ]
         )
     assert exit_info.value.code == 2
     assert "makes 256x256 px images but the dataset" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # by default the data is at the model's resolution
+        quality.main(
+            ["--checkpoint", str(tiny_checkpoints["var"]), "--out", str(tmp_path / "r.json")]
+            + ["--classifier_cache", str(tmp_path)]
+        )
+    assert exit_info.value.code == 2
+    assert "drawn at up to 128 px; image_size=256 is larger" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         quality.main(["--checkpoint", str(tiny_checkpoints["var"]), "--out", str(tmp_path / "r.txt")])
     assert "--out must end in .json" in capsys.readouterr().err
