@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     import jax
 
-    from mvar_jax import checkpoint, data, quality
+    from mvar_jax import checkpoint, quality
 
     demo_out = pathlib.Path(args.demo_out).absolute()
     for needed in (demo_out / "tokenizer" / "model", demo_out / "tokens" / "train" / "meta.json"):
@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         workdir = (out / family).absolute()
         print(f"== {family}: training into {workdir}", flush=True)
         timing = train(family, demo_out, workdir, args.data_dir)
-        data_cfg = data.default_config()
-        data_cfg.data_dir = args.data_dir
+        data_cfg = load_config(family, demo_out, args.data_dir).data  # its images, at its resolution
+        data_cfg.token_cache_dir = None  # the judge reads images
         report = quality.evaluate_model(
             workdir / "model", classifier_cache=cache, data_cfg=data_cfg, samples_per_class=50, cfg=CFG
         )
