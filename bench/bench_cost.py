@@ -225,7 +225,7 @@ def sampler_lowered(program: Program, *, loop_free: bool):
         params = jax.eval_shape(lambda p: transformer.stack_blocks(p, config.depth), params)
     B = program.batch
     guidance = sampling.guidance_schedule(SAMPLE_OPTIONS["cfg"], config)
-    return sampling._generate_jit.lower(
+    return sampling.generate_jit.lower(
         vqvae_config,
         config,
         abstract_variables(vqvae_config),

@@ -59,18 +59,6 @@ from mvar_jax.vqvae import VQVAE, VQVAEConfig, abstract_variables
 OPTIONS = dict(top_k=900, top_p=0.96)
 BATCH = 64
 CHUNK_CANDIDATES = (8, 16, 32, 64, 256)
-_generate = jax.jit(
-    sampling.generate,
-    static_argnames=(
-        "vqvae_config",
-        "transformer_config",
-        "top_k",
-        "top_p",
-        "more_smooth",
-        "decode",
-        "mamba_rerun",
-    ),
-)
 
 
 def model_configs(smoke: bool) -> tuple[VQVAEConfig, TransformerConfig]:
@@ -135,7 +123,7 @@ def sampler_flops(
     uncounted = config.depth * sum(uncounted_scan_flops(config, rows, n, chunk_size) for n in tokens)
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     counted = flops(
-        _generate.lower(
+        sampling.generate_jit.lower(
             vqvae_config,
             config,
             abstract_variables(vqvae_config),

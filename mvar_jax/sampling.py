@@ -345,7 +345,8 @@ def generate(
     return Samples(jnp.concatenate(tokens, axis=1), f_hat_BhwC, images)
 
 
-_generate_jit = jax.jit(
+# ``generate`` compiled per static setting; benches lower it with abstract inputs.
+generate_jit = jax.jit(
     generate,
     static_argnames=(
         "vqvae_config",
@@ -400,7 +401,7 @@ def sample(
         raise ValueError(
             f"decode_batch_size and chunk_tokens must be >= 1, got {decode_batch_size}, {chunk_tokens}"
         )
-    return _generate_jit(
+    return generate_jit(
         model.vqvae_config,
         tcfg,
         model.vqvae_params,
