@@ -36,7 +36,7 @@ def get_config():
     common.use_builtin_shapes(c, image_size=32)
 
     c.batch_size = 16
-    c.num_train_steps = 1000  # ~220 CPU-s; PSNR still rises slowly (23.5 dB at 500)
+    c.num_train_steps = 1000  # 355 CPU-s in the demo; PSNR 22.9 dB at 500, 24.9 dB at 1000
 
     c.loss.l2 = 1.0
     c.loss.vq = 1.0

@@ -518,7 +518,7 @@ def check_resolution(image_size: int, data_cfg: ml_collections.ConfigDict, what:
         raise ValueError(
             f"{what} makes {image_size}x{image_size} px images but the dataset and its "
             f"classifier are {data_cfg.image_size}x{data_cfg.image_size} px (data.image_size, "
-            "--image-size on the command line); evaluate it against data at its own resolution"
+            "--image_size on the command line); evaluate it against data at its own resolution"
         )
 
 
