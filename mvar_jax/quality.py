@@ -772,15 +772,11 @@ def evaluate_model(
     classifier_cache: str | os.PathLike,
     data_cfg: ml_collections.ConfigDict | None = None,
     labels: Sequence[int] | None = None,
-    samples_per_class: int = 50,
-    cfg: float = 1.5,
-    top_k: int = 0,
-    top_p: float = 0.0,
-    seed: int = 0,
-    batch_size: int = 50,
     progress: bool = True,
+    **sampling: Any,
 ) -> dict[str, Any]:
-    """Loads and checks a generator model directory, then ``evaluate_generator``.
+    """Loads and checks a generator model directory, then ``evaluate_generator`` (which
+    takes ``sampling``: samples_per_class, cfg, top_k, top_p, seed, batch_size).
 
     The model is checked against the data before the classifier is trained or
     loaded, so a wrong model fails fast. ``data_cfg`` defaults to
@@ -789,19 +785,7 @@ def evaluate_model(
     data_cfg = data.default_config() if data_cfg is None else data_cfg
     model, labels = load_generator(model_dir, data_cfg, labels)
     classifier = load_or_train_classifier(classifier_cache, data_cfg, progress=progress)
-    report = evaluate_generator(
-        model,
-        classifier,
-        data_cfg,
-        labels=labels,
-        samples_per_class=samples_per_class,
-        cfg=cfg,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    report = evaluate_generator(model, classifier, data_cfg, labels=labels, progress=progress, **sampling)
     report["model"]["directory"] = str(pathlib.Path(model_dir).absolute())
     return report
 

@@ -55,6 +55,18 @@ def test_the_object_carries_the_colour_half_of_the_label():
         assert red_minus_blue > 0.3 if i % 10 < 5 else red_minus_blue < -0.3
 
 
+def test_squares_stand_nearly_upright():
+    """A square tilted by t fills 1 / (1 + sin 2t) of its axis-aligned bounding box: at
+    most 15 degrees (MAX_TILT) leaves >= 2/3 filled; at 45 degrees, 1/2."""
+    square = builtin_shapes.CLASS_NAMES.index("red_square")
+    for i in range(40):
+        img = builtin_shapes.draw_example(square, builtin_shapes.example_seed(0, "train", i), 64) / 255.0
+        saturation = (img.max(-1) - img.min(-1)) / np.maximum(img.max(-1), 1e-6)
+        ys, xs = np.nonzero(saturation > 0.55)  # the object's pixels
+        box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        assert len(ys) / box > 0.6, f"image {i}: fills {len(ys) / box:.2f} of its box"
+
+
 def test_pipeline_reads_it_by_name_and_through_the_generic_tfds_path(built):
     data_dir, _ = built
     cfg = data.default_config()
