@@ -288,6 +288,29 @@ def test_a_save_on_a_full_disk_names_its_step_and_keeps_the_last_checkpoint(each
     fresh.close()
 
 
+def test_a_run_that_dies_while_evaluating_evaluates_that_step_on_resume(tmp_path, monkeypatch):
+    config = _config(sample_every=3, sample_classes=(0, 1))
+    evaluate = generator.GeneratorTask.evaluate
+
+    def dies_at_the_last_step(self, state, step, writer):
+        if step == STEPS:
+            raise RuntimeError("simulated crash while sampling")
+        evaluate(self, state, step, writer)
+
+    with monkeypatch.context() as m:
+        m.setattr(generator.GeneratorTask, "evaluate", dies_at_the_last_step)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            trainer.train_and_evaluate(config, tmp_path, source=_source())
+    # The step-6 checkpoint would say step 6 is done, grid and all.
+    assert checkpointing.Checkpointer(tmp_path / "checkpoints", max_to_keep=2).all_steps() == [3]
+    assert not (tmp_path / "samples" / f"step_{STEPS:08d}.png").exists()
+    trainer.train_and_evaluate(config, tmp_path, source=_source())
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+        "step_00000003.png",
+        f"step_{STEPS:08d}.png",
+    ]
+
+
 def test_a_crash_and_a_full_disk_then_resume_equal_an_uninterrupted_run(tmp_path, small_disk):
     reference = trainer.train_and_evaluate(_config(), tmp_path / "straight", source=_source())
 

@@ -205,12 +205,14 @@ def train_and_evaluate(
                 )
                 writer.write_train(done, window)
                 window = []
+            # A step's evaluation comes before its checkpoint: a run that dies while
+            # evaluating resumes from the checkpoint before and evaluates that step again.
+            if task.eval_every and done % task.eval_every == 0:
+                task.evaluate(state, done, writer)
             if save:
                 checkpointer.save(state, batches.get_state())
                 faults.point("checkpoint-save", done)
                 last_saved = done
-            if task.eval_every and done % task.eval_every == 0:
-                task.evaluate(state, done, writer)
         checkpointer.wait()
 
         final_step = max(start, num_steps)  # the state's step, known on every host
