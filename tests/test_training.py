@@ -301,7 +301,7 @@ def test_a_run_that_dies_while_evaluating_evaluates_that_step_on_resume(tmp_path
         m.setattr(generator.GeneratorTask, "evaluate", dies_at_the_last_step)
         with pytest.raises(RuntimeError, match="simulated crash"):
             trainer.train_and_evaluate(config, tmp_path, source=_source())
-    # The step-6 checkpoint would say step 6 is done, grid and all.
+    # Not saved at step 6: a checkpoint means its step was evaluated too.
     assert checkpointing.Checkpointer(tmp_path / "checkpoints", max_to_keep=2).all_steps() == [3]
     assert not (tmp_path / "samples" / f"step_{STEPS:08d}.png").exists()
     trainer.train_and_evaluate(config, tmp_path, source=_source())
