@@ -27,10 +27,11 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from mvar_jax import attention, checkpoint, cli, sampling
+from mvar_jax import checkpoint, cli, sampling
 from mvar_jax.atomic_write import atomic_write
+from mvar_jax.errors import CheckpointError
 from mvar_jax.images import labelled_grid, to_uint8
-from mvar_jax.torch_checkpoint import CheckpointError
+from mvar_jax.models import attention
 
 PROG = "sample.py"
 FLAGS = flags.FlagValues()  # this command's own, so that tests can import several commands

@@ -55,10 +55,11 @@ from absl import flags
 
 from bench.bench_sampling import OPTIONS as SAMPLE_OPTIONS, model_configs
 from bench.common import GiB, define_flags, run_case, write_results
-from mvar_jax import attention, cli, parallel, sampling, transformer
+from mvar_jax import cli, parallel, sampling
+from mvar_jax.models import attention, transformer
+from mvar_jax.models.vqvae import VQVAEConfig, abstract_variables
 from mvar_jax.training import optimizer, state as state_lib, step as step_lib
 from mvar_jax.training.schedule import Segment, make_schedule
-from mvar_jax.vqvae import VQVAEConfig, abstract_variables
 
 PROGRAMS = ("sample", "sample+decode", "train")
 UNCHUNKED = 2**62  # chunk_tokens that keeps every image in one chunk

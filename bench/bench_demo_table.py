@@ -9,7 +9,7 @@ tokenizer and token cache, in its own ``train.py`` process, into
 ``--out/<family>``; a family whose export is whole is not trained again (its
 recorded training time is reused). Then, per family:
 
-* class accuracy and Fréchet distance: ``mvar_jax.quality.evaluate_model``
+* class accuracy and Fréchet distance: ``mvar_jax.eval.quality.evaluate_model``
   (cfg 1.5, 50 samples per class, the demo's cached classifier);
 * ``train s``: wall and CPU seconds of the ``train.py`` process (start-up,
   compilation and checkpoints included);
@@ -208,7 +208,7 @@ flags.DEFINE_list(
     flag_values=FLAGS,
 )
 flags.DEFINE_string("data_dir", os.environ.get("TFDS_DATA_DIR"), "TFDS data directory", flag_values=FLAGS)
-flags.DEFINE_string("classifier_cache", None, "default: mvar_jax.quality's user cache", flag_values=FLAGS)
+flags.DEFINE_string("classifier_cache", None, "default: the quality command's cache", flag_values=FLAGS)
 flags.DEFINE_integer("batch", 50, "images per sampling call", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("reps", 5, "timed sampling calls", lower_bound=1, flag_values=FLAGS)
 
@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     import jax
 
-    from mvar_jax import checkpoint, quality
+    from mvar_jax import checkpoint
+    from mvar_jax.eval import quality
 
     demo_out = pathlib.Path(args.demo_out).absolute()
     for needed in (demo_out / "tokenizer" / "model", demo_out / "tokens" / "train" / "meta.json"):

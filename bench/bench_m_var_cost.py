@@ -52,9 +52,9 @@ from absl import flags
 
 from bench import common
 from mvar_jax import cli, sampling
-from mvar_jax.mamba2 import Mamba2
-from mvar_jax.transformer import TransformerConfig, layer_norm, modulate, param_shapes
-from mvar_jax.vqvae import VQVAE, VQVAEConfig, abstract_variables
+from mvar_jax.models.mamba2 import Mamba2
+from mvar_jax.models.transformer import TransformerConfig, layer_norm, modulate, param_shapes
+from mvar_jax.models.vqvae import VQVAE, VQVAEConfig, abstract_variables
 
 OPTIONS = dict(top_k=900, top_p=0.96)
 BATCH = 64

@@ -32,8 +32,9 @@ import jax.numpy as jnp
 from absl import flags
 
 from bench import common
-from mvar_jax import attention, checkpoint, cli, sampling, transformer
-from mvar_jax.vqvae import VQVAEConfig, abstract_variables
+from mvar_jax import checkpoint, cli, sampling
+from mvar_jax.models import attention, transformer
+from mvar_jax.models.vqvae import VQVAEConfig, abstract_variables
 
 OPTIONS = dict(cfg=1.5, top_k=900, top_p=0.96)
 

@@ -42,11 +42,12 @@ from absl import flags
 from bench import common as bench_common
 from bench.common import GiB
 from configs import common
-from mvar_jax import attention, cli, parallel
+from mvar_jax import cli, parallel
+from mvar_jax.models import attention
+from mvar_jax.models.transformer import Transformer, TransformerConfig, official_drop_path_rate
 from mvar_jax.training import optimizer, schedule, state as state_lib, step as step_lib
 from mvar_jax.training.schedule import Segment
 from mvar_jax.training.synthetic import SyntheticTokenSource
-from mvar_jax.transformer import Transformer, TransformerConfig, official_drop_path_rate
 
 DEFAULT_IMPLS = ("pallas", "masked", "reference")
 # The interpreter runs the kernel's code on CPU, so the smoke run exercises both paths.

@@ -21,8 +21,8 @@ from typing import Any
 import jax
 from absl import flags
 
-from mvar_jax.transformer import TransformerConfig
-from mvar_jax.vqvae import VQVAEConfig
+from mvar_jax.models.transformer import TransformerConfig
+from mvar_jax.models.vqvae import VQVAEConfig
 
 GiB = 2**30
 REPO = pathlib.Path(__file__).resolve().parents[1]

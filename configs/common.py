@@ -168,7 +168,7 @@ def tokenizer_config() -> ml_collections.ConfigDict:
     c = trainer_config()
     c.task = "tokenizer"
 
-    m = c.model = ml_collections.ConfigDict()  # mvar_jax.vqvae.VQVAEConfig
+    m = c.model = ml_collections.ConfigDict()  # mvar_jax.models.vqvae.VQVAEConfig
     m.vocab_size = 4096
     m.z_channels = 32  # Cvae
     m.ch = 160
@@ -188,7 +188,7 @@ def tokenizer_config() -> ml_collections.ConfigDict:
     loss.l2 = 1.0
     loss.vq = 1.0  # weight of the VQ loss (beta is in model)
     loss.lpips = 0.0  # > 0 needs the two weight files below
-    loss.lpips_vgg = ""  # torchvision's vgg16 state dict (.pth), see mvar_jax/lpips.py
+    loss.lpips_vgg = ""  # torchvision's vgg16 state dict (.pth), see mvar_jax/models/lpips.py
     loss.lpips_lin = ""  # the lpips package's weights/v0.1/vgg.pth
 
     gan = c.gan = ml_collections.ConfigDict()

@@ -97,6 +97,6 @@ def get_config(tokenizer: str = "demo"):
     c.sample_every = t["sample_every"]
     c.sample_classes = tuple(range(10))
     c.sample_cfg = 1.5
-    c.sample_top_k = 0  # the model's own distribution, as mvar_jax.quality measures it
+    c.sample_top_k = 0  # the model's own distribution, as mvar_jax.eval.quality measures it
     c.sample_top_p = 0.0
     return c

@@ -3,7 +3,7 @@
 The window of query i along an axis of ``size`` positions starts at
 ``clamp(i - k // 2, 0, size - k)``: windows stay inside the map, so border queries
 see a shifted window rather than a padded one, and every query sees k*k keys.
-The pure-jnp reference (``mvar_jax.attention``), the Pallas kernel
+The pure-jnp reference (``mvar_jax.models.attention``), the Pallas kernel
 (``kernels.spatial_markov``) and the benches all take the rule from here.
 
 Each function works on numpy values (static windows, built at trace time) and on

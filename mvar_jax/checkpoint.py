@@ -30,11 +30,12 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from mvar_jax import faults, vqvae_weights
-from mvar_jax.quantizer import num_phis
-from mvar_jax.torch_checkpoint import CheckpointError, check_keys
-from mvar_jax.transformer import TransformerConfig, param_shapes
-from mvar_jax.vqvae import VQVAEConfig, abstract_variables
+from mvar_jax import faults
+from mvar_jax.errors import CheckpointError, check_keys
+from mvar_jax.models.quantizer import num_phis
+from mvar_jax.models.transformer import TransformerConfig, param_shapes
+from mvar_jax.models.vqvae import VQVAEConfig, abstract_variables
+from mvar_jax.weights import vqvae as vqvae_weights
 
 _VQVAE_CONFIG = "vqvae_config.json"
 _TRANSFORMER_CONFIG = "transformer_config.json"

@@ -28,10 +28,11 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from mvar_jax import checkpoint, cli, transformer_weights, vqvae_weights
-from mvar_jax.torch_checkpoint import CheckpointError
-from mvar_jax.transformer import MODEL_NAMES
-from mvar_jax.vqvae import VQVAEConfig
+from mvar_jax import checkpoint, cli
+from mvar_jax.errors import CheckpointError
+from mvar_jax.models.transformer import MODEL_NAMES
+from mvar_jax.models.vqvae import VQVAEConfig
+from mvar_jax.weights import transformer as transformer_weights, vqvae as vqvae_weights
 
 PROG = "python -m mvar_jax.convert"
 FLAGS = flags.FlagValues()  # this command's own, so that tests can import several commands

@@ -13,9 +13,9 @@ first stopped, or reports the demo complete):
   6. report     class accuracy, Fréchet distance, tokenizer PSNR: OUT/report.json + report.md
 
 The two training stages resume from their checkpoints when interrupted. The judge
-of the report (``mvar_jax.quality``'s classifier) is trained once and cached in
+of the report (``mvar_jax.eval.quality``'s classifier) is trained once and cached in
 ``--classifier_cache`` (default ``~/.cache/mvar_jax``, shared with
-``python -m mvar_jax.quality``). A stage whose input was rebuilt after its output
+``python -m mvar_jax.eval.quality``). A stage whose input was rebuilt after its output
 was made runs again (its output is older than its input), as in make.
 """
 
@@ -35,10 +35,11 @@ from collections.abc import Callable, Sequence
 import ml_collections
 from absl import flags
 
-from mvar_jax import checkpoint, cli, quality
+from mvar_jax import checkpoint, cli
 from mvar_jax.data import records, token_cache
+from mvar_jax.eval import quality
+from mvar_jax.models.vqvae import VQVAE
 from mvar_jax.training import trainer, workdir
-from mvar_jax.vqvae import VQVAE
 
 REPO = pathlib.Path(__file__).resolve().parent.parent  # configs/ and sample.py live here
 GRID_PER_CLASS = 2

@@ -29,6 +29,11 @@ def to_uint8(images_01: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(images_01, np.float32) * 255, 0, 255).astype(np.uint8)
 
 
+def from_uint8(images_u8: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [0, 1] (``k / 255``): the inverse of ``to_uint8``."""
+    return np.asarray(images_u8).astype(np.float32) / 255.0
+
+
 def image_grid(images_NHW3: np.ndarray, columns: int, pad_value: float = 0.0) -> np.ndarray:
     """Images in [0, 1] tiled row-major into one uint8 ``(rows * H, columns * W, 3)`` image.
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from mvar_jax import attention
+from mvar_jax.models import attention
 
 PATCH_NUMS = (1, 2, 3, 4, 5)
 

@@ -19,11 +19,11 @@ import pytest
 from conftest import MINI_VQVAE
 
 from mvar_jax import checkpoint
-from mvar_jax.torch_checkpoint import CheckpointError, StateDictMismatchError
-from mvar_jax.transformer import TransformerConfig, init_params
-from mvar_jax.transformer_weights import load_transformer
-from mvar_jax.vqvae import VQVAEConfig, abstract_variables
-from mvar_jax.vqvae_weights import load_official_vqvae
+from mvar_jax.errors import CheckpointError, StateDictMismatchError
+from mvar_jax.models.transformer import TransformerConfig, init_params
+from mvar_jax.models.vqvae import VQVAEConfig, abstract_variables
+from mvar_jax.weights.transformer import load_transformer
+from mvar_jax.weights.vqvae import load_official_vqvae
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,8 @@ import sys
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mvar_jax import checkpoint
-from mvar_jax.transformer import TransformerConfig, init_params
-from mvar_jax.vqvae import VQVAEConfig, abstract_variables
+from mvar_jax.models.transformer import TransformerConfig, init_params
+from mvar_jax.models.vqvae import VQVAEConfig, abstract_variables
 
 assert jax.device_count() == 2, jax.devices()
 vqvae_config = VQVAEConfig(**_VQVAE)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import run_on_eight_devices
 
-from mvar_jax import codebook
+from mvar_jax.training import codebook
 
 PATCH_NUMS = (1, 2, 4)
 V = 16
@@ -143,7 +143,7 @@ def test_restart_raises_usage_on_the_builtin_shapes():
     import optax
 
     from mvar_jax.data import builtin_shapes
-    from mvar_jax.vqvae import VQVAE, VQVAEConfig
+    from mvar_jax.models.vqvae import VQVAE, VQVAEConfig
 
     n_img, batch, steps, window = 64, 8, 30, 10
     imgs = np.stack(

@@ -386,10 +386,10 @@ def test_sharded_encoder_matches_the_plain_function():
 
 
 def test_cache_with_the_official_tiny_vqvae(fixture_dir, tmp_path):
-    pytest.importorskip("mvar_jax.vqvae")
-    weights = pytest.importorskip("mvar_jax.vqvae_weights")
+    pytest.importorskip("mvar_jax.models.vqvae")
+    weights = pytest.importorskip("mvar_jax.weights.vqvae")
     vae_config, variables = weights.load_official_vqvae(fixture_dir / "tiny_vae.pth", patch_nums=(1, 2, 3, 4))
-    from mvar_jax.vqvae import VQVAE
+    from mvar_jax.models.vqvae import VQVAE
 
     make_split(tmp_path, "train", 1)  # 3 images, one encoder batch
     cfg = folder_cfg(tmp_path, image_size=64, crop="adm_center_crop")

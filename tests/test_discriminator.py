@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import MINI_VQVAE, rel_err
 
-from mvar_jax.discriminator import (
+from mvar_jax.models.discriminator import (
     PatchDiscriminator,
     adaptive_weight,
     disc_factor,
@@ -21,7 +21,7 @@ from mvar_jax.discriminator import (
     patch_grid_size,
     vanilla_d_loss,
 )
-from mvar_jax.vqvae import Decoder, VQVAEConfig
+from mvar_jax.models.vqvae import Decoder, VQVAEConfig
 
 
 def _images(batch: int, size: int, seed: int = 0) -> np.ndarray:

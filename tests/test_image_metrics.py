@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mvar_jax import image_metrics
+from mvar_jax.eval import image_metrics
 
 
 def _images(seed: int, shape=(3, 24, 20, 3)) -> tuple[np.ndarray, np.ndarray]:
@@ -60,3 +60,9 @@ def test_bad_shapes_are_named():
         image_metrics.psnr(a, b[:, :-1])
     with pytest.raises(ValueError, match="at least 11 px"):
         image_metrics.ssim(a[:, :10], b[:, :10])
+
+
+def test_psnr_of_images_in_0_1():
+    ref = np.full((2, 4, 4, 3), 0.5)
+    img = ref + np.array([0.1, 0.01])[:, None, None, None]  # MSE 1e-2 and 1e-4
+    np.testing.assert_allclose(image_metrics.psnr(img, ref, data_range=1.0), [20.0, 40.0])

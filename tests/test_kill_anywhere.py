@@ -37,9 +37,10 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import event_scalars, make_image_folder
 
-from mvar_jax import checkpoint, vqvae_weights
+from mvar_jax import checkpoint
 from mvar_jax.data import token_cache
 from mvar_jax.training import trainer, workdir as workdir_lib
+from mvar_jax.weights import vqvae as vqvae_weights
 
 REPO = pathlib.Path(__file__).parent.parent
 TINY_VAE = REPO / "tests/fixtures/official/tiny_vae.pth"

@@ -19,16 +19,9 @@ import pytest
 import torch
 from conftest import rel_err
 
-from mvar_jax.lpips import (
-    LPIPS,
-    VGG16_BLOCKS,
-    check_lpips_files,
-    conv_names,
-    load_lpips,
-    torchvision_index,
-    unit_normalize,
-)
-from mvar_jax.torch_checkpoint import CheckpointError, StateDictMismatchError
+from mvar_jax.errors import CheckpointError, StateDictMismatchError
+from mvar_jax.models.lpips import LPIPS, VGG16_BLOCKS, conv_names, torchvision_index, unit_normalize
+from mvar_jax.weights.lpips import check_lpips_files, load_lpips
 
 SIZE = 64
 

@@ -12,10 +12,17 @@ import numpy as np
 import pytest
 from conftest import M_VAR_VARIANTS, rel_err
 
-from mvar_jax import checkpoint, m_var, sampling
-from mvar_jax.mamba2 import Mamba2
-from mvar_jax.transformer import Transformer, TransformerConfig, init_kv_cache, init_params, param_shapes
-from mvar_jax.vqvae import VQVAE, VQVAEConfig
+from mvar_jax import checkpoint, sampling
+from mvar_jax.models import m_var
+from mvar_jax.models.mamba2 import Mamba2
+from mvar_jax.models.transformer import (
+    Transformer,
+    TransformerConfig,
+    init_kv_cache,
+    init_params,
+    param_shapes,
+)
+from mvar_jax.models.vqvae import VQVAE, VQVAEConfig
 
 CFG = 1.5  # The fixtures' guidance (greedy, top_k 1).
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from mvar_jax.mamba2 import Mamba2, Mamba2Config, MambaState, ssd_scan
+from mvar_jax.models.mamba2 import Mamba2, Mamba2Config, MambaState, ssd_scan
 
 # Small but with every axis > 1: 4 heads of 16, d_state 8, conv width 4.
 SIZES = dict(d_model=32, d_state=8, d_conv=4, expand=2, headdim=16)

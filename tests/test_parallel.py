@@ -62,10 +62,10 @@ def _worker() -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     from configs import tiny_cpu
     from mvar_jax import parallel
+    from mvar_jax.models.transformer import Transformer
+    from mvar_jax.models.vqvae import VQVAEConfig
     from mvar_jax.training import generator, optimizer, schedule, state as state_lib, step as step_lib
     from mvar_jax.training.synthetic import SyntheticTokenSource
-    from mvar_jax.transformer import Transformer
-    from mvar_jax.vqvae import VQVAEConfig
 
     toy = tiny_cpu.get_config("fixture")  # the toy model, on the fixture tokenizer's vocabulary
     toy.model.drop_path_rate = 0.1  # drawn per example: must not depend on the devices

@@ -1,4 +1,4 @@
-"""mvar_jax.quality: the Fréchet distance against closed forms, the accuracy bookkeeping, the
+"""mvar_jax.eval.quality: the Fréchet distance against closed forms, the accuracy bookkeeping, the
 classifier reaching its threshold, tokenizer PSNR, the bad-input errors, the CLI."""
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import pytest
 import scipy.linalg
 import tensorflow_datasets as tfds
 
-from mvar_jax import checkpoint, data, quality
+from mvar_jax import checkpoint, data
 from mvar_jax.data import builtin_shapes
-from mvar_jax.torch_checkpoint import CheckpointError
-from mvar_jax.transformer import TransformerConfig, init_params
-from mvar_jax.vqvae import VQVAE
-from mvar_jax.vqvae_weights import load_official_vqvae
+from mvar_jax.errors import CheckpointError
+from mvar_jax.eval import classifier as classifier_lib, frechet, quality
+from mvar_jax.models.transformer import TransformerConfig, init_params
+from mvar_jax.models.vqvae import VQVAE
+from mvar_jax.weights.vqvae import load_official_vqvae
 
 
 def _random_covariance(rng: np.random.Generator, dim: int) -> np.ndarray:
@@ -31,7 +32,7 @@ def test_frechet_distance_closed_forms():
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 0.25])
     expected = 1.0 + 4.0 + (1 - 2) ** 2 + (2 - 1) ** 2 + (3 - 0.5) ** 2
-    assert quality.frechet_distance_from_stats(mu1, np.diag(a), mu2, np.diag(b)) == (
+    assert frechet.frechet_distance_from_stats(mu1, np.diag(a), mu2, np.diag(b)) == (
         pytest.approx(expected, rel=1e-12)
     )
     # 2x2 covariances that do not commute: tr sqrt(S1 S2) = sqrt(tr(S1 S2) + 2 sqrt(det(S1 S2))).
@@ -40,12 +41,12 @@ def test_frechet_distance_closed_forms():
     p = s1 @ s2
     tr_sqrt = np.sqrt(np.trace(p) + 2 * np.sqrt(np.linalg.det(p)))
     expected = 0.5**2 + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
-    assert quality.frechet_distance_from_stats(np.zeros(2), s1, np.array([0.5, 0.0]), s2) == (
+    assert frechet.frechet_distance_from_stats(np.zeros(2), s1, np.array([0.5, 0.0]), s2) == (
         pytest.approx(expected, rel=1e-12)
     )
     # A distribution is at distance 0 from itself.
     s = _random_covariance(np.random.default_rng(0), 16)
-    assert abs(quality.frechet_distance_from_stats(mu1[:1].repeat(16), s, mu1[:1].repeat(16), s)) < 1e-9
+    assert abs(frechet.frechet_distance_from_stats(mu1[:1].repeat(16), s, mu1[:1].repeat(16), s)) < 1e-9
 
 
 def test_frechet_distance_matches_the_scipy_sqrtm_formula():
@@ -55,7 +56,7 @@ def test_frechet_distance_matches_the_scipy_sqrtm_formula():
     s1, s2 = _random_covariance(rng, 32), _random_covariance(rng, 32)
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     reference = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean)
-    assert quality.frechet_distance_from_stats(mu1, s1, mu2, s2) == pytest.approx(reference, rel=1e-9)
+    assert frechet.frechet_distance_from_stats(mu1, s1, mu2, s2) == pytest.approx(reference, rel=1e-9)
 
 
 def test_frechet_distance_of_samples_estimates_the_gaussians_distance():
@@ -65,35 +66,29 @@ def test_frechet_distance_of_samples_estimates_the_gaussians_distance():
     s1, s2 = np.diag([1.0, 2.0, 0.5, 1.0]), _random_covariance(rng, 4)
     x1 = rng.multivariate_normal(mu1, s1, size=200_000)
     x2 = rng.multivariate_normal(mu2, s2, size=200_000)
-    exact = quality.frechet_distance_from_stats(mu1, s1, mu2, s2)
-    assert quality.frechet_distance(x1, x2) == pytest.approx(exact, abs=0.02)
-    mean, cov = quality.gaussian_stats(x1[:3])
+    exact = frechet.frechet_distance_from_stats(mu1, s1, mu2, s2)
+    assert frechet.frechet_distance(x1, x2) == pytest.approx(exact, abs=0.02)
+    mean, cov = frechet.gaussian_stats(x1[:3])
     np.testing.assert_allclose(cov, np.cov(x1[:3].T))  # unbiased (N - 1), as FID code uses
     with pytest.raises(ValueError, match="at least 2 feature rows"):
-        quality.frechet_distance(x1[:1], x2)
+        frechet.frechet_distance(x1[:1], x2)
 
 
 def test_class_accuracy_bookkeeping():
     labels = np.array([0, 0, 0, 0, 2, 2, 3])
     predicted = np.array([0, 1, 0, 0, 2, 0, 1])
-    acc = quality.class_accuracy(predicted, labels, num_classes=4)
+    acc = classifier_lib.class_accuracy(predicted, labels, num_classes=4)
     assert acc["per_class"] == [0.75, None, 0.5, 0.0]
     assert acc["count"] == [4, 0, 2, 1]
     assert acc["mean"] == pytest.approx((0.75 + 0.5 + 0.0) / 3)  # classes weigh the same
     with pytest.raises(ValueError, match=r"labels \[4\] are outside the 4 classes"):
-        quality.class_accuracy(predicted, np.array([0, 0, 0, 0, 2, 2, 4]), num_classes=4)
+        classifier_lib.class_accuracy(predicted, np.array([0, 0, 0, 0, 2, 2, 4]), num_classes=4)
     with pytest.raises(ValueError, match="same length"):
-        quality.class_accuracy(predicted[:3], labels, num_classes=4)
-
-
-def test_psnr():
-    ref = np.full((2, 4, 4, 3), 0.5)
-    img = ref + np.array([0.1, 0.01])[:, None, None, None]  # MSE 1e-2 and 1e-4
-    np.testing.assert_allclose(quality.psnr(img, ref), [20.0, 40.0])
+        classifier_lib.class_accuracy(predicted[:3], labels, num_classes=4)
 
 
 def test_blur_factors_keep_a_legible_image():
-    config = quality.ClassifierConfig()  # (2, 4), at least 16 px a side
+    config = classifier_lib.ClassifierConfig()  # (2, 4), at least 16 px a side
     assert config.blur_factors_at(64) == (2, 4)
     assert config.blur_factors_at(32) == (2,)
     assert config.blur_factors_at(16) == ()
@@ -102,11 +97,11 @@ def test_blur_factors_keep_a_legible_image():
 def test_degrade_blurs_and_adds_bounded_noise():
     x = np.zeros((64, 8, 8, 3), np.float32)
     x[:, :, :4] = 1.0  # a vertical edge
-    clean = np.asarray(quality.degrade(jax.random.PRNGKey(0), x, (2, 4), 0.0))
+    clean = np.asarray(classifier_lib.degrade(jax.random.PRNGKey(0), x, (2, 4), 0.0))
     blurred = [np.array_equal(img, x[0]) for img in clean]
     assert 0 < sum(blurred) < len(x)  # some images are left sharp, the others blurred
     assert np.allclose(clean.mean(axis=(1, 2, 3)), 0.5, atol=0.05)  # blur keeps the mean
-    noisy = np.asarray(quality.degrade(jax.random.PRNGKey(1), x, (), 0.1))
+    noisy = np.asarray(classifier_lib.degrade(jax.random.PRNGKey(1), x, (), 0.1))
     stds = (noisy - x).std(axis=(1, 2, 3))
     assert stds.max() < 0.2 * 1.2 and stds.min() < stds.max() / 2  # random std in [0, 0.2]
 
@@ -124,9 +119,9 @@ def classifier_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def classifier(data_cfg, classifier_cache) -> quality.TrainedClassifier:
+def classifier(data_cfg, classifier_cache) -> classifier_lib.TrainedClassifier:
     """Trained once for the module (about a minute of CPU), then read from the cache."""
-    return quality.load_or_train_classifier(classifier_cache, data_cfg, progress=False)
+    return classifier_lib.load_or_train_classifier(classifier_cache, data_cfg, progress=False)
 
 
 def test_classifier_reaches_the_accuracy_threshold_and_is_cached(
@@ -136,41 +131,41 @@ def test_classifier_reaches_the_accuracy_threshold_and_is_cached(
         f"classifier: held-out accuracy {classifier.val_accuracy:.4f}, "
         f"{classifier.train_cpu_seconds:.1f} CPU s"
     )
-    assert classifier.val_accuracy >= quality.MIN_CLASSIFIER_ACCURACY
+    assert classifier.val_accuracy >= classifier_lib.MIN_CLASSIFIER_ACCURACY
     # Held-out accuracy recomputed from the validation images, independently of training.
-    images, labels = quality.validation_images(data_cfg)
+    images, labels = classifier_lib.validation_images(data_cfg)
     assert len(images) == 500
-    logits, features = quality.classifier_outputs(classifier, images / 255.0)
+    logits, features = classifier_lib.classifier_outputs(classifier, images / 255.0)
     assert np.mean(logits.argmax(-1) == labels) == pytest.approx(classifier.val_accuracy)
     assert features.shape == (500, classifier.config.feature_dim)
 
     # A second call reads the cache (training would fail here) and gets the same params.
-    monkeypatch.setattr(quality, "train_classifier", lambda *a, **k: pytest.fail("retrained"))
-    cached = quality.load_or_train_classifier(classifier_cache, data_cfg, progress=False)
+    monkeypatch.setattr(classifier_lib, "train_classifier", lambda *a, **k: pytest.fail("retrained"))
+    cached = classifier_lib.load_or_train_classifier(classifier_cache, data_cfg, progress=False)
     for a, b in zip(jax.tree.leaves(cached.params), jax.tree.leaves(classifier.params)):
         np.testing.assert_array_equal(a, b)
     assert cached._replace(params=None) == classifier._replace(params=None)
 
 
 def test_cache_key_changes_with_resolution_and_recipe(data_cfg, tmp_path):
-    path = quality.classifier_cache_path(tmp_path, data_cfg)
+    path = classifier_lib.classifier_cache_path(tmp_path, data_cfg)
     assert path.parent == tmp_path and "res64" in path.name
     other_size = data.default_config()
     other_size.update(data_dir=data_cfg.data_dir, image_size=32)
-    other_recipe = quality.ClassifierConfig(num_steps=10)
+    other_recipe = classifier_lib.ClassifierConfig(num_steps=10)
     others = {
-        quality.classifier_cache_path(tmp_path, other_size),
-        quality.classifier_cache_path(tmp_path, data_cfg, other_recipe),
+        classifier_lib.classifier_cache_path(tmp_path, other_size),
+        classifier_lib.classifier_cache_path(tmp_path, data_cfg, other_recipe),
     }
     assert path not in others and len(others) == 2
     with pytest.MonkeyPatch.context() as m:  # a new version of the built-in images
         m.setattr(builtin_shapes.BuiltinShapes, "VERSION", tfds.core.Version("99.0.0"))
-        assert quality.classifier_cache_path(tmp_path, data_cfg) not in others | {path}
+        assert classifier_lib.classifier_cache_path(tmp_path, data_cfg) not in others | {path}
     moved = data.default_config()  # where the data lives does not matter
-    assert quality.classifier_cache_path(tmp_path, moved) == path
+    assert classifier_lib.classifier_cache_path(tmp_path, moved) == path
     path.write_text("not an npz")
     with pytest.raises(ValueError, match="cannot read the classifier cache"):
-        quality.load_classifier(path)
+        classifier_lib.load_classifier(path)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +176,7 @@ def tiny_tokenizer(fixture_dir):
 
 def test_tokenizer_psnr_against_the_full_pyramid_reconstruction(tiny_tokenizer, data_cfg):
     config, params = tiny_tokenizer
-    images = quality.validation_images(data_cfg)[0][:8] / 255.0
+    images = classifier_lib.validation_images(data_cfg)[0][:8] / 255.0
     recon = quality.reconstruct(config, params, images, batch_size=8)
     # VQVAE.__call__ reconstructs through f_hat directly, not through the token ids.
     direct = (np.asarray(jax.jit(VQVAE(config).apply)(params, images * 2 - 1)) + 1) / 2

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mvar_jax.resize import area_matrix, bicubic_matrix, resize_area, resize_bicubic
+from mvar_jax.models.resize import area_matrix, bicubic_matrix, resize_area, resize_bicubic
 
 SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PAIRS = list(itertools.product(SIZES, SIZES))

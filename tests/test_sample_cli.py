@@ -18,7 +18,7 @@ from PIL import Image
 import sample
 from mvar_jax import checkpoint, sampling
 from mvar_jax.images import CAPTION_PX
-from mvar_jax.transformer import blocks_are_stacked
+from mvar_jax.models.transformer import blocks_are_stacked
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GREEDY = ["--cfg", "1.5", "--top_k", "1", "--top_p", "0", "--seed", "0"]

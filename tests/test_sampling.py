@@ -13,14 +13,14 @@ import pytest
 from conftest import MINI_VQVAE, rel_err
 
 from mvar_jax import checkpoint, sampling
-from mvar_jax.transformer import (
+from mvar_jax.models.transformer import (
     SelfAttention,
     Transformer,
     TransformerConfig,
     blocks_are_stacked,
     param_shapes,
 )
-from mvar_jax.vqvae import VQVAEConfig, abstract_variables
+from mvar_jax.models.vqvae import VQVAEConfig, abstract_variables
 
 
 def _official_filter_numpy(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:

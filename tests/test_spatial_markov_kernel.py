@@ -17,9 +17,9 @@ from conftest import rel_err
 from hypothesis import given, settings, strategies as st
 
 from kernels.spatial_markov import Tiling, spatial_markov_attention
-from mvar_jax import transformer_weights
-from mvar_jax.attention import neighborhood_attention_reference
-from mvar_jax.transformer import Transformer
+from mvar_jax.models.attention import neighborhood_attention_reference
+from mvar_jax.models.transformer import Transformer
+from mvar_jax.weights import transformer as transformer_weights
 
 TOL = 1e-5
 

@@ -19,10 +19,11 @@ from conftest import event_scalars, set_fields
 from test_training import _assert_trees_equal
 
 from configs import tiny_cpu, vqvae_imagenet256, vqvae_tiny_cpu
-from mvar_jax import checkpoint, parallel, torch_checkpoint
+from mvar_jax import checkpoint, parallel
 from mvar_jax.data import builtin_shapes
+from mvar_jax.errors import CheckpointError
+from mvar_jax.models.vqvae import VQVAEConfig
 from mvar_jax.training import checkpointing, generator, tokenizer, trainer
-from mvar_jax.vqvae import VQVAEConfig
 
 DRAWN, SIZE, CLASSES = 32, 16, 4  # drawn at 32 px, trained at 16
 STEPS = 4
@@ -215,7 +216,7 @@ def test_reset_code_moments_touches_only_the_codebook_rows():
         ({"loss.l2": 0.0, "loss.l1": 0.0}, ValueError, "no reconstruction loss"),
         (
             {"loss.lpips": 0.1},
-            torch_checkpoint.CheckpointError,
+            CheckpointError,
             "LPIPS is enabled but no file is given for its VGG16 weights",
         ),
         (
@@ -224,7 +225,7 @@ def test_reset_code_moments_touches_only_the_codebook_rows():
                 "loss.lpips_vgg": "/nonexistent/vgg16.pth",
                 "loss.lpips_lin": "/nonexistent/vgg.pth",
             },
-            torch_checkpoint.CheckpointError,
+            CheckpointError,
             "VGG16 weights .* file is missing: /nonexistent/vgg16.pth",
         ),
         ({"gan.weight": 0.5, "gan.loss": "wgan"}, ValueError, "gan.loss='wgan'"),
@@ -272,9 +273,7 @@ def test_tiny_config_passes_its_checks():
 def test_imagenet_recipe_passes_its_checks_once_the_lpips_weights_are_there(tmp_path, monkeypatch):
     config = vqvae_imagenet256.get_config()
     monkeypatch.chdir(tmp_path)  # the config's relative LPIPS paths
-    with pytest.raises(
-        torch_checkpoint.CheckpointError, match="file is missing: pretrained/vgg16-397923af.pth"
-    ):
+    with pytest.raises(CheckpointError, match="file is missing: pretrained/vgg16-397923af.pth"):
         tokenizer.check_config(config)
     for path in (config.loss.lpips_vgg, config.loss.lpips_lin):
         (tmp_path / path).parent.mkdir(exist_ok=True)

@@ -27,7 +27,10 @@ from conftest import event_scalars, set_fields
 
 import sample
 from configs import tiny_cpu, tiny_cpu_m_var
-from mvar_jax import checkpoint, quality
+from mvar_jax import checkpoint
+from mvar_jax.eval import classifier as classifier_lib, quality
+from mvar_jax.models.transformer import Transformer
+from mvar_jax.models.vqvae import VQVAE
 from mvar_jax.training import (
     checkpointing,
     generator,
@@ -39,8 +42,6 @@ from mvar_jax.training import (
     workdir,
 )
 from mvar_jax.training.synthetic import SyntheticTokenSource
-from mvar_jax.transformer import Transformer
-from mvar_jax.vqvae import VQVAE
 
 REPO = pathlib.Path(__file__).parent.parent
 BATCH = 8
@@ -527,12 +528,12 @@ def test_m_var_model_samples_and_evaluates(m_var_run, builtin_shapes_dir, tmp_pa
     """sample.py and the demo's quality measure on the trained export."""
     # An untrained judge: this test is about the model's path.
     data_cfg = _m_var_data_config(builtin_shapes_dir)
-    judge = jax.jit(quality.Classifier(quality.ClassifierConfig(), 10).init)(
+    judge = jax.jit(classifier_lib.Classifier(classifier_lib.ClassifierConfig(), 10).init)(
         jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))
     )
-    quality.save_classifier(
-        quality.classifier_cache_path(tmp_path, data_cfg),
-        quality.TrainedClassifier(quality.ClassifierConfig(), 10, 64, judge, 0.0, 0.0),
+    classifier_lib.save_classifier(
+        classifier_lib.classifier_cache_path(tmp_path, data_cfg),
+        classifier_lib.TrainedClassifier(classifier_lib.ClassifierConfig(), 10, 64, judge, 0.0, 0.0),
     )
     report = quality.evaluate_model(
         m_var_run / "model",

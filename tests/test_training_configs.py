@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from mvar_jax import checkpoint
+from mvar_jax.models.vqvae import VQVAEConfig
 from mvar_jax.training import generator, optimizer, schedule, trainer
-from mvar_jax.transformer_weights import load_transformer
-from mvar_jax.vqvae import VQVAEConfig
-from mvar_jax.vqvae_weights import load_official_vqvae
+from mvar_jax.weights.transformer import load_transformer
+from mvar_jax.weights.vqvae import load_official_vqvae
 
 REPO = pathlib.Path(__file__).parent.parent
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from mvar_jax import transformer, transformer_weights
+from mvar_jax.models import transformer
 from mvar_jax.training import optimizer, schedule, state as state_lib, step as step_lib
 from mvar_jax.training.schedule import Segment
+from mvar_jax.weights import transformer as transformer_weights
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 

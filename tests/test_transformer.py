@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from mvar_jax import transformer_weights
-from mvar_jax.transformer import (
+from mvar_jax.models.transformer import (
     Transformer,
     TransformerConfig,
     blocks_are_stacked,
@@ -26,6 +25,7 @@ from mvar_jax.transformer import (
     stack_blocks,
     stack_cache,
 )
+from mvar_jax.weights import transformer as transformer_weights
 
 # The official MVAR training segments of the tiny fixtures (tiny_meta.json).
 SEGMENTS = {"mvar_logits_seg0": (0, 8), "mvar_logits_seg1": (8, 9), "mvar_logits_seg2": (9, 10)}

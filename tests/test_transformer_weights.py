@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from conftest import M_VAR_FIXTURES, M_VAR_VARIANTS
 
-from mvar_jax import transformer_weights as tw
-from mvar_jax.torch_checkpoint import CheckpointError, StateDictMismatchError, load_state_dict
-from mvar_jax.transformer import TransformerConfig, param_shapes
+from mvar_jax.errors import CheckpointError, StateDictMismatchError
+from mvar_jax.models.transformer import TransformerConfig, param_shapes
+from mvar_jax.weights import transformer as tw
+from mvar_jax.weights.state_dict import load_state_dict
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from conftest import rel_err
 
-from mvar_jax.quantizer import MultiScaleQuantizer, num_phis, phi_index
-from mvar_jax.vqvae import VQVAE, VQVAEConfig, split_scales
-from mvar_jax.vqvae_weights import load_official_vqvae, official_key, official_shape
+from mvar_jax.models.quantizer import MultiScaleQuantizer, num_phis, phi_index
+from mvar_jax.models.vqvae import VQVAE, VQVAEConfig, split_scales
+from mvar_jax.weights.vqvae import load_official_vqvae, official_key, official_shape
 
 
 def _nhwc(x_NCHW: np.ndarray) -> np.ndarray:

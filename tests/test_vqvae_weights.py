@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from mvar_jax.torch_checkpoint import CheckpointError, StateDictMismatchError, load_state_dict
-from mvar_jax.vqvae import VQVAEConfig, abstract_variables
-from mvar_jax.vqvae_weights import (
+from mvar_jax.errors import CheckpointError, StateDictMismatchError
+from mvar_jax.models.vqvae import VQVAEConfig, abstract_variables
+from mvar_jax.weights.state_dict import load_state_dict
+from mvar_jax.weights.vqvae import (
     IGNORED_KEYS,
     VOCAB_HIT_KEY,
     config_from_state_dict,

@@ -22,14 +22,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from mvar_jax import checkpoint, data, parallel, sampling, transformer_weights
+from mvar_jax import checkpoint, data, parallel, sampling
 from mvar_jax.images import image_grid
+from mvar_jax.models.transformer import ATTENTIONS, Transformer, TransformerConfig, official_drop_path_rate
+from mvar_jax.models.vqvae import VQVAE, VQVAEConfig, split_scales
 from mvar_jax.training import optimizer, schedule, state as state_lib, step as step_lib
 from mvar_jax.training.metrics_writer import MetricsWriter
 from mvar_jax.training.task import Batch, StepFn
 from mvar_jax.training.workdir import Architecture
-from mvar_jax.transformer import ATTENTIONS, Transformer, TransformerConfig, official_drop_path_rate
-from mvar_jax.vqvae import VQVAE, VQVAEConfig, split_scales
+from mvar_jax.weights import transformer as transformer_weights
 
 # Execution choices that leave the params unchanged, so a run may resume with others
 # (e.g. neighborhood_impl='reference' when the Pallas kernel fails on a GPU).

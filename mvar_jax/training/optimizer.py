@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mvar_jax import transformer_weights
+from mvar_jax.weights import transformer as transformer_weights
 
 # Substrings of an official parameter name that exempt it from weight decay
 # (the official ``nowd_keys``).

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from mvar_jax import transformer
+from mvar_jax.models import transformer
 
 
 class Segment(NamedTuple):

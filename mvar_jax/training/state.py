@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mvar_jax import transformer
+from mvar_jax.models import transformer
 
 
 @flax.struct.dataclass

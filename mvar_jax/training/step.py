@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mvar_jax.models.transformer import Transformer
 from mvar_jax.training.schedule import Segment
 from mvar_jax.training.state import TrainState
 from mvar_jax.training.task import Batch, Metrics, StepFn
-from mvar_jax.transformer import Transformer
 
 
 def cross_entropy(logits_BlV: jax.Array, targets_Bl: jax.Array, label_smoothing: float = 0.0) -> jax.Array:

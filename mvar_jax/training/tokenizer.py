@@ -5,7 +5,7 @@ official training forward (``VQVAE.train_forward``): a reconstruction loss (L1
 and/or L2, optionally LPIPS), the VQ loss, and from ``config.gan.start`` on a
 PatchGAN's generator loss with VQGAN's adaptive weight, while the discriminator
 trains beside it with its own optimizer. Each step also records the codebook's
-usage (``mvar_jax.codebook``) and, optionally, re-seeds the codes that no scale
+usage (``mvar_jax.training.codebook``) and, optionally, re-seeds the codes that no scale
 chose for ``config.codebook.dead_after`` steps, zeroing their Adam moments so
 that the stale statistics of the old vector do not push the new one. The
 evaluation reconstructs validation images (PSNR, SSIM, per-scale usage, an
@@ -33,13 +33,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from mvar_jax import checkpoint, codebook, data, discriminator, image_metrics, lpips, parallel
+from mvar_jax import checkpoint, data, parallel
+from mvar_jax.eval import image_metrics
 from mvar_jax.images import image_grid
-from mvar_jax.training import optimizer
+from mvar_jax.models import discriminator, lpips
+from mvar_jax.models.vqvae import VQVAE, VQVAEConfig
+from mvar_jax.training import codebook, optimizer
 from mvar_jax.training.metrics_writer import MetricsWriter, announce
 from mvar_jax.training.task import Batch, Metrics, StepFn
 from mvar_jax.training.workdir import Architecture
-from mvar_jax.vqvae import VQVAE, VQVAEConfig
+from mvar_jax.weights import lpips as weights_lpips
 
 # config.model fields that make the VQVAEConfig (the rest of config.model is empty).
 MODEL_FIELDS = (
@@ -124,7 +127,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if loss.lpips:
         if size < 16:
             raise ValueError(f"config.loss.lpips needs images of >= 16 px, got {size}")
-        lpips.check_lpips_files(loss.lpips_vgg, loss.lpips_lin)
+        weights_lpips.check_lpips_files(loss.lpips_vgg, loss.lpips_lin)
     _check_optim("optim", config.optim)
     gan = config.gan
     _check_weight("gan.weight", gan.weight)
@@ -262,7 +265,8 @@ class TokenizerTask:
         self._lpips_params = None
         if config.loss.lpips:
             self._lpips_params = jax.device_put(
-                lpips.load_lpips(config.loss.lpips_vgg, config.loss.lpips_lin), parallel.replicated(mesh)
+                weights_lpips.load_lpips(config.loss.lpips_vgg, config.loss.lpips_lin),
+                parallel.replicated(mesh),
             )
         self.finite_metrics = ("loss", "grad_norm") + (("gan/d_loss",) if self._gan else ())
         self.eval_every = config.eval_every

@@ -83,7 +83,7 @@ def sharded_encoder(
 
 
 def vqvae_tokenize(vqvae: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
-    """``(variables, uint8 img_BHW3) -> ids (B, L)`` of a ``mvar_jax.vqvae.VQVAE``: the
+    """``(variables, uint8 img_BHW3) -> ids (B, L)`` of a ``mvar_jax.models.vqvae.VQVAE``: the
     per-scale ids of ``img_to_idx``, concatenated."""
 
     def tokenize(variables: Any, img_BHW3: jax.Array) -> jax.Array:

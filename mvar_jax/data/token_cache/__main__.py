@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from mvar_jax import checkpoint
 from mvar_jax.data import config as config_lib, token_cache
-from mvar_jax.vqvae import VQVAE
+from mvar_jax.models.vqvae import VQVAE
 
 _DATA = config_flags.DEFINE_config_dict(
     "data", config_lib.default_config(), "Data config; data.token_cache_dir is the output."

@@ -28,8 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvar_jax import mamba2
-from mvar_jax.transformer import (
+from mvar_jax.models import mamba2
+from mvar_jax.models.transformer import (
     FFN,
     AdaLNSelfAttn,
     SelfAttention,

@@ -33,15 +33,15 @@ def _check_pair(a: jax.Array, b: jax.Array) -> None:
         raise ValueError(f"expected two NHWC image batches of one shape, got {a.shape} and {b.shape}")
 
 
-def psnr(a_BHW3: jax.Array, b_BHW3: jax.Array) -> jax.Array:
+def psnr(a_BHW3: jax.Array, b_BHW3: jax.Array, *, data_range: float = 2.0) -> jax.Array:
     """Peak signal-to-noise ratio in dB per image, ``(B,)``; inf for identical images.
 
-    The peak is the range of [-1, 1] (2), so the value equals PSNR on the same
-    images mapped to [0, 1] with peak 1.
+    ``data_range`` is the span of the pixel values: 2 for the models' [-1, 1]
+    (the same value as PSNR on those images mapped to [0, 1]), 1 for [0, 1].
     """
     _check_pair(a_BHW3, b_BHW3)
     mse_B = jnp.mean(jnp.square(a_BHW3 - b_BHW3), axis=(1, 2, 3))
-    return 10 * jnp.log10(4.0 / mse_B)
+    return 10 * jnp.log10(data_range**2 / mse_B)
 
 
 def _gaussian_window() -> np.ndarray:

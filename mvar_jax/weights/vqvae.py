@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mvar_jax import torch_checkpoint
 from mvar_jax.atomic_write import atomic_write
-from mvar_jax.quantizer import num_phis
-from mvar_jax.vqvae import VQVAEConfig, abstract_variables
+from mvar_jax.errors import CheckpointError, StateDictMismatchError, check_keys
+from mvar_jax.models.quantizer import num_phis
+from mvar_jax.models.vqvae import VQVAEConfig, abstract_variables
+from mvar_jax.weights.state_dict import load_state_dict
 
 # Training statistics of the official quantizer (an EMA of code hits per scale,
 # (num_scales, vocab)), not a parameter; read and ignored, written for strict loading.
@@ -114,14 +115,10 @@ def expected_official_shapes(config: VQVAEConfig) -> dict[str, tuple[int, ...]]:
 def _shape_of(sd: Mapping[str, np.ndarray], key: str, ndim: int) -> tuple[int, ...]:
     """Shape of a tensor the architecture is read from; names the key if absent or malformed."""
     if key not in sd:
-        raise torch_checkpoint.StateDictMismatchError(
-            "VQVAE state dict (reading the architecture)", missing=[key]
-        )
+        raise StateDictMismatchError("VQVAE state dict (reading the architecture)", missing=[key])
     shape = tuple(sd[key].shape)
     if len(shape) != ndim:
-        raise torch_checkpoint.CheckpointError(
-            f"VQVAE state dict: {key} has shape {shape}, expected {ndim} dimensions"
-        )
+        raise CheckpointError(f"VQVAE state dict: {key} has shape {shape}, expected {ndim} dimensions")
     return shape
 
 
@@ -151,7 +148,7 @@ def config_from_state_dict(
     for i in range(num_levels):
         width = _shape_of(sd, f"encoder.down.{i}.block.0.conv1.weight", 4)[0]
         if width % ch:
-            raise torch_checkpoint.CheckpointError(
+            raise CheckpointError(
                 f"encoder.down.{i}.block.0.conv1.weight has {width} output channels, "
                 f"not a multiple of ch={ch}"
             )
@@ -165,7 +162,7 @@ def config_from_state_dict(
         share_quant_resi = 0
     elif num_phis(quant_resi, _DEFAULT.share_quant_resi, len(patch_nums)):
         # Otherwise check_keys would list every Phi key as missing without saying why.
-        raise torch_checkpoint.CheckpointError(
+        raise CheckpointError(
             f"VQVAE state dict has no Phi weights (quantize.quant_resi.*), but "
             f"quant_resi={quant_resi} needs them; pass quant_resi=0 for a tokenizer "
             f"whose Phi is the identity"
@@ -189,7 +186,7 @@ def config_from_state_dict(
     try:
         return VQVAEConfig(**fields)
     except ValueError as e:
-        raise torch_checkpoint.CheckpointError(
+        raise CheckpointError(
             f"VQVAE state dict: the architecture read off its shapes is invalid: {e}"
         ) from e
 
@@ -206,9 +203,7 @@ def vqvae_from_state_dict(
     keys; ``quantize.ema_vocab_hit_SV`` is accepted and ignored.
     """
     config = config_from_state_dict(sd, patch_nums, quant_resi, using_znorm)
-    torch_checkpoint.check_keys(
-        sd, expected_official_shapes(config), what="VQVAE state dict", ignore=IGNORED_KEYS
-    )
+    check_keys(sd, expected_official_shapes(config), what="VQVAE state dict", ignore=IGNORED_KEYS)
     params = {
         path: jnp.asarray(_to_flax(path, sd[official_key(path, config)], shape), jnp.float32)
         for path, shape in _flax_param_shapes(config)
@@ -223,7 +218,7 @@ def load_official_vqvae(
     using_znorm: bool = _DEFAULT.using_znorm,
 ) -> tuple[VQVAEConfig, dict[str, Any]]:
     """Reads an official VQVAE ``.pth`` file; see ``vqvae_from_state_dict``."""
-    sd = torch_checkpoint.load_state_dict(path)
+    sd = load_state_dict(path)
     return vqvae_from_state_dict(sd, patch_nums, quant_resi, using_znorm)
 
 
@@ -240,12 +235,12 @@ def vqvae_to_state_dict(
     params that do not fit the config.
     """
     if not isinstance(variables, Mapping) or "params" not in variables:
-        raise torch_checkpoint.CheckpointError(
+        raise CheckpointError(
             "VQVAE variables: expected a dict {'params': ...}, got "
             + (f"keys {sorted(variables)}" if isinstance(variables, Mapping) else type(variables).__name__)
         )
     flat = traverse_util.flatten_dict(dict(variables["params"]))
-    torch_checkpoint.check_keys(
+    check_keys(
         {"/".join(path): x for path, x in flat.items()},
         {"/".join(path): shape for path, shape in _flax_param_shapes(config)},
         what="VQVAE params",

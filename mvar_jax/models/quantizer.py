@@ -16,7 +16,7 @@ the same residual loop picks the same tokens; a VQ loss per scale pulls f and
 the running f_hat together (commitment ``beta * |sg(f_hat_s) - f|^2`` moves the
 encoder, ``|f_hat_s - sg(f)|^2`` moves the codebook and Phi), and the decoder
 sees f_hat through a straight-through estimator. Codebook usage statistics
-live outside the model, in ``mvar_jax.codebook``.
+live outside the model, in ``mvar_jax.training.codebook``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mvar_jax.normalize import l2_normalize
-from mvar_jax.resize import resize_area, resize_bicubic
+from mvar_jax.models.normalize import l2_normalize
+from mvar_jax.models.resize import resize_area, resize_bicubic
 
 # Below this |quant_resi| the official model replaces every Phi by the identity.
 _IDENTITY_PHI_TOL = 1e-6

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvar_jax.quantizer import MultiScaleQuantizer, QuantizerTrainOutput
+from mvar_jax.models.quantizer import MultiScaleQuantizer, QuantizerTrainOutput
 
 _GROUPS = 32
 

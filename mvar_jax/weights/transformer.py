@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from mvar_jax import attention, torch_checkpoint, transformer
-from mvar_jax.torch_checkpoint import CheckpointError, StateDictMismatchError
-from mvar_jax.transformer import TransformerConfig
+from mvar_jax.errors import CheckpointError, StateDictMismatchError, check_keys
+from mvar_jax.models import attention, transformer
+from mvar_jax.models.transformer import TransformerConfig
+from mvar_jax.weights.state_dict import load_state_dict
 
 # Flax names that differ from the official ones (other than blocks_<i> -> blocks.<i>).
 _OFFICIAL_NAMES = {
@@ -211,7 +212,7 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Transfo
     Raises StateDictMismatchError listing missing, unexpected and mis-shaped keys.
     """
     layout = _param_layout(config)
-    torch_checkpoint.check_keys(
+    check_keys(
         state_dict,
         {key: shape for key, _, shape in layout.values()},
         what="transformer state dict",
@@ -230,6 +231,6 @@ def load_transformer(path: str | os.PathLike, **config_args: Any) -> tuple[Trans
     ``config_args`` go to ``config_from_state_dict`` (e.g. ``attention='mvar'``
     to fine-tune VAR weights as MVAR, ``dtype='bfloat16'``).
     """
-    state_dict = torch_checkpoint.load_state_dict(path)
+    state_dict = load_state_dict(path)
     config = config_from_state_dict(state_dict, **config_args)
     return config, params_from_state_dict(state_dict, config)

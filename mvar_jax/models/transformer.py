@@ -51,8 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mvar_jax import attention, mamba2
-from mvar_jax.normalize import l2_normalize
+from mvar_jax.models import attention, mamba2
+from mvar_jax.models.normalize import l2_normalize
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -715,7 +715,7 @@ def stack_cache(cache: tuple[Any, ...] | None) -> Any:
 def block_class(config: TransformerConfig) -> type[AdaLNSelfAttn]:
     """The block of the config's family (M-VAR's lives in ``m_var``)."""
     if config.attention == "mamba":
-        from mvar_jax.m_var import AdaLNAttnMamba  # m_var builds on this module.
+        from mvar_jax.models.m_var import AdaLNAttnMamba  # m_var builds on this module.
 
         return AdaLNAttnMamba
     return AdaLNSelfAttn
