@@ -10,8 +10,7 @@
 written under it. ``--fid_npz`` stores uint8 ``arr_0`` (N, H, W, 3). Batch b draws
 from ``fold_in(PRNGKey(seed), b)``: the same seed and batch size give the same images.
 A file appears only when whole: a run killed while writing ``FILE`` leaves
-``FILE.incomplete-<pid>``. Flags are absl's (see ``mvar_jax.cli``); the dashed spellings
-of earlier versions (``--num-per-class``) still work.
+``FILE.incomplete-<pid>``.
 """
 
 from __future__ import annotations
@@ -20,18 +19,16 @@ import dataclasses
 import pathlib
 import sys
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-import jax
 import numpy as np
 from absl import flags
-from tqdm import tqdm
 
 from mvar_jax import checkpoint, cli, sampling
 from mvar_jax.atomic_write import atomic_write
 from mvar_jax.errors import CheckpointError
 from mvar_jax.images import labelled_grid, to_uint8
-from mvar_jax.models import attention
+from mvar_jax.models.config import NEIGHBORHOOD_IMPLS
 
 PROG = "sample.py"
 FLAGS = flags.FlagValues()  # this command's own, so that tests can import several commands
@@ -42,7 +39,7 @@ flags.DEFINE_string(
     required=True,
     flag_values=FLAGS,
 )
-cli.define_sampling_flags(FLAGS, batch_size=32, top_k=900, top_p=0.96)
+cli.define_sampling_flags(FLAGS, batch_size=32)
 flags.DEFINE_integer("num_per_class", 1, "images per label", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_bool(
     "more_smooth",
@@ -60,7 +57,7 @@ flags.DEFINE_enum(
 flags.DEFINE_enum(
     "neighborhood_impl",
     None,
-    list(attention.NEIGHBORHOOD_IMPLS),
+    list(NEIGHBORHOOD_IMPLS),
     "spatial-Markov attention: the Pallas kernel or the pure-jnp reference "
     "(default: the checkpoint's, normally 'auto')",
     flag_values=FLAGS,
@@ -94,7 +91,13 @@ def parse(argv: Sequence[str] | None) -> types.SimpleNamespace:
         cli.usage_error(PROG, "nothing to write: pass --out FILE.npz|FILE.png and/or --fid_npz FILE")
     if args.out is not None and args.out.suffix not in (".npz", ".png"):
         cli.usage_error(PROG, f"--out must end in .npz or .png, got {args.out}")
-    cli.check_sampling_flags(FLAGS, PROG)
+    args.options = cli.sampling_options(
+        FLAGS,
+        PROG,
+        more_smooth=args.more_smooth,
+        decode_batch_size=args.decode_batch_size,
+        chunk_tokens=args.chunk_tokens,
+    )
     return args
 
 
@@ -114,43 +117,6 @@ def load(args: types.SimpleNamespace) -> checkpoint.ModelBundle:
     return model
 
 
-def sample_batches(
-    model: checkpoint.ModelBundle, labels_N: np.ndarray, args: types.SimpleNamespace
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields images ``(b, H, W, 3)`` float32 in [0, 1] and tokens ``(b, L)`` per batch.
-
-    The last batch is padded to the batch size so that one compilation serves all.
-    Batch b + 1 is dispatched before batch b is copied to the host, so the device
-    never waits for the copy.
-    """
-    batch_size = min(args.batch_size, len(labels_N))
-    key = jax.random.PRNGKey(args.seed)
-    starts = range(0, len(labels_N), batch_size)
-    pending = None  # (samples on the device, number of real labels)
-    for b, start in enumerate(tqdm(starts, desc="sampling", unit="batch", disable=len(starts) == 1)):
-        labels_B = labels_N[start : start + batch_size]
-        n = len(labels_B)
-        out = sampling.sample(
-            model,
-            np.pad(labels_B, (0, batch_size - n), mode="edge"),
-            jax.random.fold_in(key, b),
-            cfg=args.cfg,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            more_smooth=args.more_smooth,
-            decode_batch_size=args.decode_batch_size,
-            chunk_tokens=args.chunk_tokens,
-        )
-        if pending is not None:
-            yield _to_host(*pending)
-        pending = (out, n)
-    yield _to_host(*pending)
-
-
-def _to_host(samples: sampling.Samples, n: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.asarray(samples.images)[:n], np.asarray(samples.tokens)[:n]
-
-
 def write_out(
     path: pathlib.Path, images_NHW3: np.ndarray, tokens_NL: np.ndarray, labels_N: np.ndarray
 ) -> None:
@@ -166,7 +132,7 @@ def write_out(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
-    model = sampling.prepare(load(args))  # Blocks stacked: compiles ~2x faster.
+    model = load(args)
     num_classes = model.transformer_config.num_classes
     labels = list(range(num_classes)) if args.labels is None else args.labels
     bad = sorted({c for c in labels if not 0 <= c < num_classes})
@@ -175,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels_N = np.repeat(np.asarray(labels, np.int32), args.num_per_class)
 
     images, fid_images, tokens = [], [], []
-    for images_b, tokens_b in sample_batches(model, labels_N, args):
+    batches = sampling.sample_batches(model, labels_N, args.seed, args.options, batch_size=args.batch_size)
+    for images_b, tokens_b in batches:
         tokens.append(tokens_b)
         if args.out is not None:  # Float copies only when asked: 50k images take 39 GB.
             images.append(images_b)

@@ -23,8 +23,8 @@ Columns:
   off its loop-free form (per-block params, one image chunk, one decode batch):
   the same arithmetic as the production program, unrolled;
 * ``temp``, ``args``, ``out``, ``peak`` GiB: ``compiled.memory_analysis()`` of the
-  production program (the sampler as ``sample.py`` runs it: ``sampling.prepare``d
-  block-stacked params, the default image chunks and decode batches); peak is
+  production program (``sampling.sample`` on a model as ``checkpoint.load_model`` returns
+  it: block-stacked params, the default image chunks and decode batches); peak is
   arguments + outputs + temporaries - aliased, i.e. the device memory the
   program needs with its weights;
 * ``analytic GFLOP``: the matmul work the model needs (``analytic_flops``):
@@ -55,11 +55,12 @@ from absl import flags
 
 from bench.bench_sampling import OPTIONS as SAMPLE_OPTIONS, model_configs
 from bench.common import GiB, define_flags, run_case, write_results
-from mvar_jax import cli, parallel, sampling
-from mvar_jax.models import attention, transformer
+from mvar_jax import checkpoint, cli, parallel, sampling
+from mvar_jax.models import families, transformer
+from mvar_jax.models.config import NEIGHBORHOOD_IMPLS, InitScales, TransformerConfig
+from mvar_jax.models.segments import Segment
 from mvar_jax.models.vqvae import VQVAEConfig, abstract_variables
 from mvar_jax.training import optimizer, state as state_lib, step as step_lib
-from mvar_jax.training.schedule import Segment, make_schedule
 
 PROGRAMS = ("sample", "sample+decode", "train")
 UNCHUNKED = 2**62  # chunk_tokens that keeps every image in one chunk
@@ -67,7 +68,7 @@ UNCHUNKED = 2**62  # chunk_tokens that keeps every image in one chunk
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-    model: str  # 'mvar' or 'var'
+    family: str  # models.families
     depth: int
     batch: int
     kind: str  # 'sample', 'sample+decode' or 'train'
@@ -78,15 +79,15 @@ class Program:
     chunk_tokens: int = sampling.CHUNK_TOKENS
     smoke: bool = False
 
-    def name(self, config: transformer.TransformerConfig) -> str:
+    def name(self, config: TransformerConfig) -> str:
         if self.kind != "train":
             return self.kind
         return f"train {Segment(*self.segment).name(config.patch_nums)}"
 
 
-def configs(program: Program) -> tuple[VQVAEConfig, transformer.TransformerConfig]:
+def configs(program: Program) -> tuple[VQVAEConfig, TransformerConfig]:
     """The released tokenizer and the official d-depth model at bfloat16 (toy with smoke)."""
-    vqvae_config, config = model_configs(program.model, program.smoke)
+    vqvae_config, config = model_configs(program.family, program.smoke)
     config = dataclasses.replace(config, neighborhood_impl=program.neighborhood_impl)
     if not program.smoke:
         config = dataclasses.replace(
@@ -99,16 +100,18 @@ def configs(program: Program) -> tuple[VQVAEConfig, transformer.TransformerConfi
     return vqvae_config, config
 
 
-def programs_for(model: str, depth: int, batch: int, kinds: tuple[str, ...], **options: Any) -> list[Program]:
-    """One Program per kind, one train step per segment of the model's schedule."""
-    base = Program(model, depth, batch, "sample", **options)
+def programs_for(
+    family: str, depth: int, batch: int, kinds: tuple[str, ...], **options: Any
+) -> list[Program]:
+    """One Program per kind, one train step per segment of the family's schedule."""
+    base = Program(family, depth, batch, "sample", **options)
     config = configs(base)[1]
     out = []
     for kind in kinds:
         if kind != "train":
             out.append(dataclasses.replace(base, kind=kind))
             continue
-        schedule = make_schedule(model, config.num_scales, refine_step=config.refine_step)
+        schedule = families.of(config).schedule(config, 1)
         out += [dataclasses.replace(base, kind=kind, segment=tuple(s)) for s in schedule.segments]
     return out
 
@@ -154,16 +157,8 @@ def decoder_flops(config: VQVAEConfig) -> int:
     return flops + conv(3, channels, 3, hw)
 
 
-def _keys(config: transformer.TransformerConfig, si: int) -> int:
-    """Keys a query of scale si attends, as its attention pattern needs."""
-    pn = config.patch_nums[si]
-    if config.attention == "var":
-        return config.token_range(0, si + 1)[1]
-    return pn * pn if si < config.refine_step else config.kernel_size**2
-
-
 def transformer_flops(
-    config: transformer.TransformerConfig, rows: int, first: int, last: int, input_rows: int
+    config: TransformerConfig, rows: int, first: int, last: int, input_rows: int
 ) -> dict[str, int]:
     """One forward over scales [first, last) for ``rows`` rows.
 
@@ -174,7 +169,8 @@ def transformer_flops(
     begin, end = config.token_range(first, last)
     tokens = end - begin
     embedded = tokens - (config.first_l if first == 0 else 0)
-    attention = sum(config.patch_nums[si] ** 2 * 4 * C * _keys(config, si) for si in range(first, last))
+    keys = families.of(config).keys_per_query
+    attention = sum(config.patch_nums[si] ** 2 * 4 * C * keys(config, si) for si in range(first, last))
     return {
         "linear": rows * tokens * N * 2 * C * (4 * C + 2 * config.mlp_dim),
         "attention": rows * N * attention,
@@ -219,26 +215,28 @@ def analytic_flops(program: Program) -> dict[str, int]:
 
 
 def sampler_lowered(program: Program, *, loop_free: bool):
-    """``sampling.generate`` lowered; ``loop_free`` for the cost view (see the module doc)."""
+    """The sampler lowered; ``loop_free`` for the cost view (see the module doc).
+
+    The production program is exactly the call ``sampling.sample(checkpoint.load_model(d))``
+    makes (``sampling.lower_sample`` on ``checkpoint.abstract_model``); the ablation
+    ``--blocks=per-block`` and the cost view lower ``generate`` on per-block params.
+    """
     vqvae_config, config = configs(program)
-    params = transformer.param_shapes(config)
+    B, decode = program.batch, program.kind == "sample+decode"
+    options = dataclasses.replace(SAMPLE_OPTIONS, decode=decode, chunk_tokens=program.chunk_tokens)
     if not loop_free and program.blocks == "stacked":
-        params = jax.eval_shape(lambda p: transformer.stack_blocks(p, config.depth), params)
-    B = program.batch
-    guidance = sampling.guidance_schedule(SAMPLE_OPTIONS["cfg"], config)
+        return sampling.lower_sample(checkpoint.abstract_model(vqvae_config, config), B, options)
+    if loop_free:
+        options = dataclasses.replace(options, decode_batch_size=B, chunk_tokens=UNCHUNKED)
     return sampling.generate_jit.lower(
         vqvae_config,
         config,
         abstract_variables(vqvae_config),
-        params,
+        transformer.param_shapes(config),
         jax.ShapeDtypeStruct((B,), jnp.int32),
-        jax.ShapeDtypeStruct((2,), jnp.uint32),
-        guidance,
-        top_k=SAMPLE_OPTIONS["top_k"],
-        top_p=SAMPLE_OPTIONS["top_p"],
-        decode=program.kind == "sample+decode",
-        decode_batch_size=B if loop_free else sampling.DECODE_BATCH_SIZE,
-        chunk_tokens=UNCHUNKED if loop_free else program.chunk_tokens,
+        jax.eval_shape(lambda: jax.random.PRNGKey(0)),
+        sampling.guidance_schedule(options.cfg, config),
+        options,
     )
 
 
@@ -249,10 +247,14 @@ def train_step_lowered(program: Program):
     _, config = configs(program)
     recipe = common.get_config()
     tx, lr = optimizer.make_optimizer(
-        recipe.optim, global_batch_size=program.batch, total_steps=10_000, warmup_steps=100
+        optimizer.OptimizerConfig(**recipe.optim),
+        global_batch_size=program.batch,
+        total_steps=10_000,
+        decay_mask=optimizer.official_decay_mask,
     )
+    scales = InitScales(**recipe.init)
     state = jax.eval_shape(
-        lambda rng: state_lib.create_train_state(state_lib.init_params(config, recipe.init, rng), tx, rng),
+        lambda rng: state_lib.create_train_state(state_lib.init_params(config, scales, rng), tx, rng),
         jax.random.PRNGKey(0),
     )
     B, L = program.batch, config.seq_len
@@ -339,8 +341,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     r0 = rows[0]
     lines = [
         f"XLA on {r0['device']} (jax {r0['jax']}), compiled, not run; bfloat16; sampler "
-        f"cfg {SAMPLE_OPTIONS['cfg']}, top-k {SAMPLE_OPTIONS['top_k']}, top-p "
-        f"{SAMPLE_OPTIONS['top_p']}{' (smoke: toy model)' if r0['smoke'] else ''}.",
+        f"cfg {SAMPLE_OPTIONS.cfg}, top-k {SAMPLE_OPTIONS.top_k}, top-p "
+        f"{SAMPLE_OPTIONS.top_p}{' (smoke: toy model)' if r0['smoke'] else ''}.",
         "",
         "| model | batch | program | XLA GFLOP | analytic GFLOP | ratio | XLA GB accessed "
         "| temp GiB | args GiB | out GiB | peak GiB | compile CPU s |",
@@ -353,7 +355,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         impl = _variant(r)
         lines.append(
-            f"| {r['model'].upper()}-d{r['depth']} | {r['batch']} | {r['name']}{impl} | "
+            f"| {families.get(r['family']).title}-d{r['depth']} | {r['batch']} | {r['name']}{impl} | "
             f"{gflop(r['xla_flops'])} | {gflop(r['analytic_flops'])} | "
             f"{r['ratio']:.3f} | {r['xla_bytes_accessed'] / 1e9:,.1f} | "
             f"{r['temp_bytes'] / GiB:.2f} | {r['argument_bytes'] / GiB:.2f} | "
@@ -373,14 +375,14 @@ def program_of(fields: dict[str, Any]) -> Program:
 PROG = "python -m bench.bench_cost"
 FLAGS = flags.FlagValues()
 define_flags(FLAGS, smoke="toy model at batch 2, in this process (CI)", case=True)
-flags.DEFINE_list("models", ["mvar", "var"], "comma-separated: mvar, var", flag_values=FLAGS)
+flags.DEFINE_list("families", ["mvar", "var"], f"some of {', '.join(families.NAMES)}", flag_values=FLAGS)
 cli.define_int_list("depths", "16,20,24", "model depths", FLAGS, what="depths", example="16,24")
 cli.define_int_list("batches", "32,64", "batch sizes", FLAGS, what="batch sizes", example="32,64")
 flags.DEFINE_list("programs", list(PROGRAMS), f"comma-separated from {PROGRAMS}", flag_values=FLAGS)
 flags.DEFINE_enum(
     "neighborhood_impl",
     "auto",
-    attention.NEIGHBORHOOD_IMPLS,
+    NEIGHBORHOOD_IMPLS,
     "MVAR's spatial-Markov attention",
     flag_values=FLAGS,
 )
@@ -388,7 +390,7 @@ flags.DEFINE_enum(
     "blocks",
     "stacked",
     ["stacked", "per-block"],
-    "sampler params: stacked (sampling.prepare, scanned) or per-block (unrolled), for ablations",
+    "sampler params: stacked (as load_model returns them, scanned) or per-block (unrolled), for ablations",
     flag_values=FLAGS,
 )
 flags.DEFINE_integer(
@@ -405,9 +407,9 @@ flags.register_validator(
     flag_values=FLAGS,
 )
 flags.register_validator(
-    "models",
-    lambda models: bool(models) and set(models) <= set(attention.PATTERNS),
-    message=f"--models must name some of {attention.PATTERNS}",
+    "families",
+    lambda names: bool(names) and set(names) <= set(families.NAMES),
+    message=f"--families must name some of {families.NAMES}",
     flag_values=FLAGS,
 )
 
@@ -424,11 +426,11 @@ def main(argv: list[str] | None = None) -> None:
     results = out / "results.json"
     rows = json.loads(results.read_text()) if results.exists() else []
     done = {program_of(row) for row in rows}
-    for model in args.models:
+    for family in args.families:
         for depth in depths:
             for batch in batches:
                 for program in programs_for(
-                    model,
+                    family,
                     depth,
                     batch,
                     kinds,
@@ -443,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append(row)
                     results.write_text(json.dumps(rows, indent=1))
                     print(
-                        f"{model} d{depth} b{batch} {row['name']}: ratio {row['ratio']:.3f}, "
+                        f"{family} d{depth} b{batch} {row['name']}: ratio {row['ratio']:.3f}, "
                         f"temp {row['temp_bytes'] / GiB:.2f} GiB",
                         flush=True,
                     )

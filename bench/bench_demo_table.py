@@ -25,6 +25,7 @@ Writes ``results.json`` and ``results.md`` to ``--out``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -36,20 +37,18 @@ import sys
 import time
 from typing import Any
 
+import jax
+import numpy as np
 from absl import flags
 
 from bench import common
-from mvar_jax import cli
+from mvar_jax import checkpoint, cli, sampling
+from mvar_jax.eval import quality
+from mvar_jax.models import families
 
 REPO = common.REPO
-FAMILIES = {"mvar": "tiny_cpu", "var": "tiny_cpu_var", "m_var": "tiny_cpu_m_var"}
+FAMILIES = {"mvar": "tiny_cpu", "var": "tiny_cpu_var", "m_var": "tiny_cpu_m_var"}  # family: its config
 MiB = 2**20
-CFG = 1.5
-
-
-def available_families() -> list[str]:
-    """The families whose config exists in this checkout (M-VAR's may not yet)."""
-    return [f for f, module in FAMILIES.items() if (REPO / "configs" / f"{module}.py").exists()]
 
 
 def overrides(demo_out: pathlib.Path, data_dir: str | None) -> dict[str, str]:
@@ -114,17 +113,13 @@ def _rss_bytes(field: str) -> int:
 
 def measure_sampling(model_dir: str, batch: int, reps: int, decode: bool) -> dict[str, Any]:
     """Runs in a fresh process: sampling speed, measured peak and XLA's memory analysis."""
-    import jax
-    import numpy as np
-
-    from mvar_jax import checkpoint, sampling
-
     model = checkpoint.load_model(model_dir)
+    options = dataclasses.replace(quality.UNFILTERED, decode=decode)
     labels = np.arange(batch) % model.transformer_config.num_classes
 
     def run(vqvae_params, transformer_params, key):
         bundle = model._replace(vqvae_params=vqvae_params, transformer_params=transformer_params)
-        return sampling.sample(bundle, labels, key, cfg=CFG, decode=decode)
+        return sampling.sample(bundle, labels, key, options)
 
     compiled = (
         jax.jit(run).lower(model.vqvae_params, model.transformer_params, jax.random.PRNGKey(0)).compile()
@@ -136,17 +131,13 @@ def measure_sampling(model_dir: str, batch: int, reps: int, decode: bool) -> dic
         + analysis.temp_size_in_bytes
         - analysis.alias_size_in_bytes
     )
-    jax.block_until_ready(
-        sampling.sample(model, labels, jax.random.PRNGKey(0), cfg=CFG, decode=decode)
-    )  # compiles
+    jax.block_until_ready(sampling.sample(model, labels, jax.random.PRNGKey(0), options))  # compiles
     rss_before = _rss_bytes("VmRSS")
     pathlib.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     seconds = []
     for i in range(reps):
         start = time.perf_counter()
-        jax.block_until_ready(
-            sampling.sample(model, labels, jax.random.PRNGKey(i + 1), cfg=CFG, decode=decode)
-        )
+        jax.block_until_ready(sampling.sample(model, labels, jax.random.PRNGKey(i + 1), options))
         seconds.append(time.perf_counter() - start)
     per_call = statistics.median(seconds)
     return {
@@ -166,7 +157,6 @@ def sampling_isolated(model_dir: pathlib.Path, batch: int, reps: int, decode: bo
 
 
 def markdown(rows: list[dict[str, Any]], batch: int) -> str:
-    names = {"mvar": "MVAR", "var": "VAR", "m_var": "M-VAR"}
     lines = [
         "| model | params | mean class acc. | worst class | Fréchet dist. (x recon. floor) | "
         f"train s wall / CPU | img/s @{batch} | sampling peak MiB measured / XLA | "
@@ -177,7 +167,7 @@ def markdown(rows: list[dict[str, Any]], batch: int) -> str:
         q, d, t = r["quality"], r["sampling"]["decode"], r["sampling"]["tokens"]
         fd = q["frechet_distance"]
         lines.append(
-            f"| {names[r['family']]} | {r['params'] / 1e6:.2f}M | "
+            f"| {families.get(r['family']).title} | {r['params'] / 1e6:.2f}M | "
             f"{100 * q['class_accuracy']['mean']:.1f}% | "
             f"{100 * min(q['class_accuracy']['per_class'].values()):.1f}% | "
             f"{fd['generated']:.2f} ({fd['ratio_to_reconstruction_floor']:.2f}x) | "
@@ -204,7 +194,7 @@ flags.DEFINE_string(
 flags.DEFINE_list(
     "families",
     None,
-    f"comma-separated, of {tuple(FAMILIES)} (default: those with a config)",
+    f"comma-separated, of {tuple(FAMILIES)} (default: all)",
     flag_values=FLAGS,
 )
 flags.DEFINE_string("data_dir", os.environ.get("TFDS_DATA_DIR"), "TFDS data directory", flag_values=FLAGS)
@@ -218,11 +208,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.case:
         print(json.dumps(measure_sampling(**json.loads(args.case))))
         return
-    import jax
-
-    from mvar_jax import checkpoint
-    from mvar_jax.eval import quality
-
     demo_out = pathlib.Path(args.demo_out).absolute()
     for needed in (demo_out / "tokenizer" / "model", demo_out / "tokens" / "train" / "meta.json"):
         if not needed.exists():
@@ -231,21 +216,21 @@ def main(argv: list[str] | None = None) -> None:
                 f"{needed} is missing: run `python -m mvar_jax.demo --out {demo_out}` "
                 "first (its tokenizer and tokens are what every family trains on)",
             )
-    families = args.families or available_families()
-    unknown = sorted(set(families) - set(FAMILIES))
+    names = args.families or list(FAMILIES)
+    unknown = sorted(set(names) - set(FAMILIES))
     if unknown:
         cli.usage_error(PROG, f"--families {unknown}: expected some of {tuple(FAMILIES)}")
     cache = pathlib.Path(args.classifier_cache) if args.classifier_cache else quality.default_cache_dir()
     out = pathlib.Path(args.out)
     rows = []
-    for family in families:
+    for family in names:
         workdir = (out / family).absolute()
         print(f"== {family}: training into {workdir}", flush=True)
         timing = train(family, demo_out, workdir, args.data_dir)
         data_cfg = load_config(family, demo_out, args.data_dir).data  # its images, at its resolution
         data_cfg.token_cache_dir = None  # the judge reads images
         report = quality.evaluate_model(
-            workdir / "model", classifier_cache=cache, data_cfg=data_cfg, samples_per_class=50, cfg=CFG
+            workdir / "model", classifier_cache=cache, data_cfg=data_cfg, num_per_class=50
         )
         sampled = {
             name: sampling_isolated(workdir / "model", args.batch, args.reps, decode)

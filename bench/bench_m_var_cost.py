@@ -16,7 +16,7 @@ classifier-free guidance (128 rows through the transformer), top-k 900, top-p
 * ``carried`` (ours): ``sampling.generate``; each scale's Mamba layers advance
   the state carried from the previous scale, so they see that scale's tokens
   only, in scan chunks of ``mamba_inference_chunk_size`` (16);
-* ``official re-run``: the same with ``mamba_rerun=True``, the official
+* ``official re-run``: the same from ``m_var.init_rerun_cache``, the official
   algorithm: at every scale each block's Mamba runs from scratch over all tokens
   so far, in mamba_ssm's chunks of 256, and keeps the outputs of the last scale's;
 * ``re-run share``: what the official sampler spends on the re-running itself,
@@ -52,45 +52,29 @@ from absl import flags
 
 from bench import common
 from mvar_jax import cli, sampling
+from mvar_jax.models import m_var
+from mvar_jax.models.config import TransformerConfig
+from mvar_jax.models.layers import layer_norm, modulate
 from mvar_jax.models.mamba2 import Mamba2
-from mvar_jax.models.transformer import TransformerConfig, layer_norm, modulate, param_shapes
+from mvar_jax.models.transformer import param_shapes
 from mvar_jax.models.vqvae import VQVAE, VQVAEConfig, abstract_variables
 
-OPTIONS = dict(top_k=900, top_p=0.96)
+OPTIONS = sampling.SamplingOptions(decode=False)  # the official FID filters: top-k 900, top-p 0.96
 BATCH = 64
 CHUNK_CANDIDATES = (8, 16, 32, 64, 256)
 
 
 def model_configs(smoke: bool) -> tuple[VQVAEConfig, TransformerConfig]:
     """The released tokenizer and M-VAR-d16 at 256 px, or a toy for --smoke."""
-    if smoke:
-        patch_nums = (1, 2)
+    if smoke:  # the toy of the other benches, one block, two scales
+        vqvae_config, config = common.toy_configs("m_var")
+        patch_nums = config.patch_nums[:2]
         return (
-            VQVAEConfig(
-                vocab_size=64,
-                z_channels=8,
-                ch=32,
-                ch_mult=(1, 2),
-                num_res_blocks=1,
-                using_sa=False,
-                using_mid_sa=False,
-                patch_nums=patch_nums,
-            ),
-            TransformerConfig(
-                vocab_size=64,
-                cvae=8,
-                num_classes=10,
-                depth=1,
-                embed_dim=64,
-                num_heads=4,
-                patch_nums=patch_nums,
-                attention="mamba",
-                attn_l2_norm=False,
-                dtype="bfloat16",
-            ),
+            dataclasses.replace(vqvae_config, ch_mult=(1, 2), patch_nums=patch_nums),
+            dataclasses.replace(config, depth=1, patch_nums=patch_nums, attn_l2_norm=False),
         )
     # Official README: d16 and d20 are released with attn_l2_norm=False.
-    return VQVAEConfig(), TransformerConfig(depth=16, attention="mamba", attn_l2_norm=False, dtype="bfloat16")
+    return VQVAEConfig(), TransformerConfig(family="m_var", depth=16, attn_l2_norm=False, dtype="bfloat16")
 
 
 def flops(lowered: jax.stages.Lowered) -> float:
@@ -104,19 +88,19 @@ def uncounted_scan_flops(config: TransformerConfig, rows: int, tokens: int, chun
     """What ``flops`` misses of one Mamba2 call: XLA counts a rolled loop's body once, and
     ``mamba2.ssd_scan`` loops over its chunk boundaries (``h * decay + input``, 2 FLOPs
     per state entry), so every chunk past the first is uncounted."""
-    m = config.mamba
+    m = m_var.mamba_config(config)
     chunks = -(-tokens // min(chunk_size, tokens))
     return (chunks - 1) * 2 * rows * m.nheads * m.headdim * m.d_state
 
 
 def sampler_flops(
-    vqvae_config: VQVAEConfig, config: TransformerConfig, batch: int, *, mamba_rerun: bool
+    vqvae_config: VQVAEConfig, config: TransformerConfig, batch: int, *, rerun: bool
 ) -> tuple[float, float]:
     """FLOPs of one compiled ``sampling.generate`` call with guidance, without decode, and
     those of its Mamba scans' chunk boundaries that XLA does not count (included)."""
     sizes = [pn * pn for pn in config.patch_nums]
-    if mamba_rerun:  # Every Mamba call runs over all scales so far.
-        tokens, chunk_size = np.cumsum(sizes).tolist(), config.mamba.chunk_size
+    if rerun:  # Every Mamba call runs over all scales so far.
+        tokens, chunk_size = np.cumsum(sizes).tolist(), m_var.mamba_config(config).chunk_size
     else:
         tokens, chunk_size = sizes, config.mamba_inference_chunk_size
     rows = 2 * batch  # Guidance doubles the rows.
@@ -131,9 +115,8 @@ def sampler_flops(
             jax.ShapeDtypeStruct((batch,), jnp.int32),
             key,
             jax.ShapeDtypeStruct((config.num_scales, 2), jnp.float32),
-            decode=False,
-            mamba_rerun=mamba_rerun,
-            **OPTIONS,
+            OPTIONS,
+            m_var.init_rerun_cache if rerun else None,
         )
     )
     return counted + uncounted, uncounted
@@ -170,7 +153,9 @@ def mamba_branch_flops(
 def _branch_flops(
     config: TransformerConfig, rows: int, tokens: int, kept: int, chunk_size: int, final_state: bool
 ) -> float:
-    mamba = Mamba2(dataclasses.replace(config.mamba, chunk_size=chunk_size), dtype=config.compute_dtype)
+    mamba = Mamba2(
+        dataclasses.replace(m_var.mamba_config(config), chunk_size=chunk_size), dtype=config.compute_dtype
+    )
     C = config.embed_dim
     params = jax.eval_shape(mamba.init, jax.random.PRNGKey(0), jnp.zeros((1, 1, C)))
 
@@ -190,7 +175,7 @@ def branch_accounting(config: TransformerConfig, rows: int) -> dict[str, float]:
     its chunks), those ours spends computing the state it carries to the next scale and
     those ours saves on its own tokens by its chunks (in ours'); ours' Mamba branches over
     all scales per candidate chunk."""
-    official_chunk, our_chunk = config.mamba.chunk_size, config.mamba_inference_chunk_size
+    official_chunk, our_chunk = m_var.mamba_config(config).chunk_size, config.mamba_inference_chunk_size
     rerun = state = chunking = 0.0
     per_chunk = dict.fromkeys(CHUNK_CANDIDATES, 0.0)
     prefix = 0
@@ -218,16 +203,16 @@ def branch_accounting(config: TransformerConfig, rows: int) -> dict[str, float]:
 
 def measure(smoke: bool, batch: int) -> dict[str, Any]:
     vqvae_config, config = model_configs(smoke)
-    ours, ours_uncounted = sampler_flops(vqvae_config, config, batch, mamba_rerun=False)
-    official, official_uncounted = sampler_flops(vqvae_config, config, batch, mamba_rerun=True)
+    ours, ours_uncounted = sampler_flops(vqvae_config, config, batch, rerun=False)
+    official, official_uncounted = sampler_flops(vqvae_config, config, batch, rerun=True)
     branches = branch_accounting(config, 2 * batch)  # Guidance doubles the rows.
     return dict(
         model=f"M-VAR-d{config.depth}",
         batch=batch,
         smoke=smoke,
         dtype=config.dtype,
-        options=OPTIONS,
-        official_chunk=config.mamba.chunk_size,
+        options=dataclasses.asdict(OPTIONS),
+        official_chunk=m_var.mamba_config(config).chunk_size,
         our_chunk=config.mamba_inference_chunk_size,
         carried_flops=ours,
         official_rerun_flops=official,

@@ -1,19 +1,23 @@
-"""Sampling throughput and peak memory: MVAR-d16 (no KV cache) vs VAR-d16 (KV cache).
+"""Sampling speed, first-call (compile) time and peak memory, for every family.
 
-    python -m bench.bench_sampling --out bench_out/sampling            # GPU
-    python -m bench.bench_sampling --out /tmp/sampling_smoke --smoke   # CPU smoke run
+    python -m bench.bench_sampling --out bench_out/sampling                   # GPU: d16, B 32/64
+    python -m bench.bench_sampling --out bench_out/cpu --batch_sizes=2 --dtype=float32 \\
+        --decode=no                                                        # the CPU comparison
+    python -m bench.bench_sampling --out /tmp/sampling_smoke --smoke          # CPU smoke run
 
 Random weights (the official initialisation for the transformer, small normal
-values for the VQVAE: timings do not depend on them), 256 px, bfloat16
-transformer (blocks stacked by ``sampling.prepare``), cfg 1.5, top-k 900,
-top-p 0.96, one image per class label. Each row is one (model, batch size,
-decode) case, run in its own process so that
-``peak_bytes_in_use`` (``jax`` device ``memory_stats``, weights included) is that
-case's alone:
+values for the VQVAE: timings do not depend on them), 256 px, the blocks stacked as
+``checkpoint.load_model`` returns them, the papers' FID setting (cfg 1.5, top-k
+900, top-p 0.96), one image per class label. Each row is one (family, batch,
+decode) case, run in its own process, so that its first call includes tracing and
+compilation and ``peak_bytes_in_use`` (the device's ``memory_stats``, weights
+included) is that case's alone:
 
-* ``img/s``: batch size / median seconds per ``sampling.sample`` call over
-  ``--reps`` calls after ``--warmup`` (compilation), each ended by
-  ``block_until_ready``;
+* ``first call s``: wall seconds of the first ``sampling.sample`` call (CPU seconds of the
+  process, all threads, beside it);
+* ``img/s``, ``s/call``: over ``--reps`` further calls, the median, each ended by
+  ``block_until_ready``; ``CPU s/call`` their process CPU seconds, which a machine
+  shared with other work inflates less than wall time;
 * ``decode``: with the VQVAE decoder (images) or without (tokens and f_hat only).
 
 Writes ``results.md`` and ``results.json`` to ``--out``.
@@ -33,106 +37,118 @@ from absl import flags
 
 from bench import common
 from mvar_jax import checkpoint, cli, sampling
-from mvar_jax.models import attention, transformer
+from mvar_jax.models import families, transformer
+from mvar_jax.models.config import DTYPES, TransformerConfig
 from mvar_jax.models.vqvae import VQVAEConfig, abstract_variables
 
-OPTIONS = dict(cfg=1.5, top_k=900, top_p=0.96)
+OPTIONS = sampling.SamplingOptions()  # the papers' FID setting: cfg 1.5, top-k 900, top-p 0.96
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    attention: str  # 'mvar' or 'var'
+    family: str  # models.families
     batch: int
     decode: bool
-    smoke: bool
-    warmup: int
+    dtype: str
     reps: int
+    smoke: bool
 
 
-def model_configs(
-    attention: str,
-    smoke: bool,
-    dtype: str = "bfloat16",
-) -> tuple[VQVAEConfig, transformer.TransformerConfig]:
+def model_configs(family: str, smoke: bool, dtype: str = "bfloat16") -> tuple[VQVAEConfig, TransformerConfig]:
     """The released tokenizer and d16 at 256 px, or the toy (``common.toy_configs``) for --smoke."""
     if smoke:
-        return common.toy_configs(attention, dtype)
-    return VQVAEConfig(), transformer.TransformerConfig(depth=16, attention=attention, dtype=dtype)
+        return common.toy_configs(family, dtype)
+    return VQVAEConfig(), TransformerConfig(family=family, depth=16, dtype=dtype)
 
 
-def random_model(attention: str, smoke: bool, dtype: str = "bfloat16") -> checkpoint.ModelBundle:
-    """Random weights for ``model_configs`` (no checkpoint needed)."""
-    vqvae_config, transformer_config = model_configs(attention, smoke, dtype)
+def random_model(family: str, smoke: bool, dtype: str = "bfloat16") -> checkpoint.ModelBundle:
+    """Random weights for ``model_configs`` (no checkpoint needed), the blocks stacked as
+    ``checkpoint.load_model`` returns them."""
+    vqvae_config, transformer_config = model_configs(family, smoke, dtype)
     leaves, treedef = jax.tree.flatten(abstract_variables(vqvae_config))
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
     vqvae_params = jax.tree.unflatten(
         treedef, [0.02 * jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves)]
     )
+    params = transformer.init_params(transformer_config, jax.random.PRNGKey(2))
     return checkpoint.ModelBundle(
         vqvae_config,
         vqvae_params,
         transformer_config,
-        transformer.init_params(transformer_config, jax.random.PRNGKey(2)),
+        transformer.stack_blocks(params, transformer_config.depth),
     )
 
 
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
 def measure(case: Case) -> dict[str, Any]:
-    """Runs one case in this process."""
-    model = sampling.prepare(random_model(case.attention, case.smoke))
+    """Times one case in this process: the first call, then ``case.reps`` calls."""
+    model = random_model(case.family, case.smoke, case.dtype)
+    options = dataclasses.replace(OPTIONS, decode=case.decode)
     labels = jnp.arange(case.batch) % model.transformer_config.num_classes
-    seconds = []
-    for i in range(case.warmup + case.reps):
-        start = time.perf_counter()
-        out = sampling.sample(model, labels, jax.random.PRNGKey(i), decode=case.decode, **OPTIONS)
-        jax.block_until_ready(out)
-        seconds.append(time.perf_counter() - start)
-    per_call = statistics.median(seconds[case.warmup :])
+    wall, cpu = [], []
+    for i in range(1 + case.reps):
+        wall0, cpu0 = _clocks()
+        jax.block_until_ready(sampling.sample(model, labels, jax.random.PRNGKey(i), options))
+        wall1, cpu1 = _clocks()
+        wall.append(wall1 - wall0)
+        cpu.append(cpu1 - cpu0)
+    per_call = statistics.median(wall[1:])
     stats = jax.local_devices()[0].memory_stats() or {}
     return dict(
         dataclasses.asdict(case),
-        seconds_per_call=per_call,
-        images_per_s=case.batch / per_call,
-        compile_s=seconds[0] - per_call,
         depth=model.transformer_config.depth,
+        first_call_s=wall[0],
+        first_call_cpu_s=cpu[0],
+        seconds_per_call=per_call,
+        cpu_seconds_per_call=statistics.median(cpu[1:]),
+        images_per_s=case.batch / per_call,
         peak_bytes_in_use=stats.get("peak_bytes_in_use"),
         device=jax.local_devices()[0].device_kind,
-        **OPTIONS,
-        dtype="bfloat16",
+        jax=jax.__version__,
+        cfg=OPTIONS.cfg,
+        top_k=OPTIONS.top_k,
+        top_p=OPTIONS.top_p,
     )
 
 
 def run_isolated(case: Case) -> dict[str, Any]:
-    """``measure`` in a fresh process: the device's peak counter cannot be reset."""
+    """``measure`` in a fresh process: the first call compiles, the peak counter is the case's."""
     return common.run_case("bench.bench_sampling", dataclasses.asdict(case))
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    r0 = rows[0]
     lines = [
-        f"Sampling, bfloat16, cfg {OPTIONS['cfg']}, top-k {OPTIONS['top_k']}, "
-        f"top-p {OPTIONS['top_p']}, on {rows[0]['device']}"
-        f"{' (smoke: toy model)' if rows[0]['smoke'] else ''}.",
+        f"Sampling on {r0['device']} (jax {r0['jax']}), cfg {r0['cfg']}, top-k {r0['top_k']}, "
+        f"top-p {r0['top_p']}{' (smoke: toy model)' if r0['smoke'] else ''}.",
         "",
-        "| model | batch | decode | img/s | s/call | peak GiB |",
-        "| --- | ---: | --- | ---: | ---: | ---: |",
+        "| model | batch | dtype | decode | img/s | s/call | CPU s/call | first call s (CPU s) | peak GiB |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         peak = "n/a" if r["peak_bytes_in_use"] is None else f"{r['peak_bytes_in_use'] / common.GiB:.2f}"
         lines.append(
-            f"| {r['attention'].upper()}-d{r['depth']} | {r['batch']} | "
-            f"{'yes' if r['decode'] else 'no'} | {r['images_per_s']:.1f} | "
-            f"{r['seconds_per_call']:.3f} | {peak} |"
+            f"| {families.get(r['family']).title}-d{r['depth']} | {r['batch']} | {r['dtype']} | "
+            f"{'yes' if r['decode'] else 'no'} | {r['images_per_s']:.1f} | {r['seconds_per_call']:.3f} | "
+            f"{r['cpu_seconds_per_call']:.2f} | {r['first_call_s']:.1f} ({r['first_call_cpu_s']:.1f}) | "
+            f"{peak} |"
         )
     return "\n".join(lines) + "\n"
 
 
 PROG = "python -m bench.bench_sampling"
 FLAGS = flags.FlagValues()
-common.define_flags(FLAGS, smoke="toy model and batches (CPU)", case=True)
+common.define_flags(FLAGS, smoke="toy model, batch 2, one call after the first (CPU)", case=True)
+flags.DEFINE_list("families", ["mvar", "var"], f"of {', '.join(families.NAMES)}", flag_values=FLAGS)
 cli.define_int_list(
     "batch_sizes", None, "default 32,64; --smoke: 2", FLAGS, what="batch sizes", example="32,64"
 )
-flags.DEFINE_integer("warmup", 1, "untimed calls first (compilation)", lower_bound=0, flag_values=FLAGS)
-flags.DEFINE_integer("reps", 5, "timed calls per case (--smoke: 1)", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_enum("decode", "both", ["both", "yes", "no"], "with the VQVAE decode", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "transformer compute", flag_values=FLAGS)
+flags.DEFINE_integer("reps", 5, "timed calls after the first (--smoke: 1)", lower_bound=1, flag_values=FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,15 +156,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.case:
         print(json.dumps(measure(Case(**json.loads(args.case)))))
         return
+    unknown = sorted(set(args.families) - set(families.NAMES))
+    if unknown:
+        cli.usage_error(PROG, f"--families: unknown {unknown}; expected some of {', '.join(families.NAMES)}")
     batches = args.batch_sizes or ((2,) if args.smoke else (32, 64))
+    decodes = {"both": (True, False), "yes": (True,), "no": (False,)}[args.decode]
     reps = 1 if args.smoke else args.reps
     rows = []
-    for pattern in attention.PATTERNS:
+    for family in args.families:
         for batch in batches:
-            for decode in (True, False):
-                rows.append(run_isolated(Case(pattern, batch, decode, args.smoke, args.warmup, reps)))
+            for decode in decodes:
+                rows.append(run_isolated(Case(family, batch, decode, args.dtype, reps, args.smoke)))
                 print(
-                    f"{pattern} batch {batch} decode {decode}: {rows[-1]['images_per_s']:.1f} img/s",
+                    f"{family} batch {batch} decode {decode}: {rows[-1]['images_per_s']:.1f} img/s, "
+                    f"first call {rows[-1]['first_call_s']:.1f} s",
                     flush=True,
                 )
     common.write_results(args.out, rows, markdown(rows))

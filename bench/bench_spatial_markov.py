@@ -6,7 +6,7 @@
 Methods, all on ``(B, H, W, heads, head_dim)`` bfloat16 inputs:
 
 * ``pallas``: ``kernels.spatial_markov`` (Triton; interpreted on the CPU);
-* ``reference``: the pure-jnp window gather of ``mvar_jax.models.attention``;
+* ``reference``: the pure-jnp window gather beside the kernel (``kernels.neighborhood``);
 * ``dense_xla``: full attention over the map with the neighbourhood as a
   boolean mask (einsum, mask, float32 softmax, einsum);
 * ``dense_sdpa``: ``jax.nn.dot_product_attention`` with that mask, cuDNN when
@@ -45,9 +45,9 @@ from absl import flags
 
 from bench import common
 from bench.common import GiB
+from kernels.neighborhood import neighborhood_attention_reference, neighborhood_window_starts
 from kernels.spatial_markov import Tiling, spatial_markov_attention
 from mvar_jax import cli
-from mvar_jax.models.attention import neighborhood_attention_reference, neighborhood_window_starts
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,10 +43,11 @@ from bench import common as bench_common
 from bench.common import GiB
 from configs import common
 from mvar_jax import cli, parallel
-from mvar_jax.models import attention
-from mvar_jax.models.transformer import Transformer, TransformerConfig, official_drop_path_rate
-from mvar_jax.training import optimizer, schedule, state as state_lib, step as step_lib
-from mvar_jax.training.schedule import Segment
+from mvar_jax.models import families
+from mvar_jax.models.config import NEIGHBORHOOD_IMPLS, InitScales, TransformerConfig
+from mvar_jax.models.segments import Segment
+from mvar_jax.models.transformer import Transformer
+from mvar_jax.training import optimizer, state as state_lib, step as step_lib
 from mvar_jax.training.synthetic import SyntheticTokenSource
 
 DEFAULT_IMPLS = ("pallas", "masked", "reference")
@@ -55,20 +56,12 @@ SMOKE_IMPLS = ("reference", "pallas_interpret")
 DENSE = "dense"  # The attention impl column of segments without spatial-Markov attention.
 
 
-def model_config(attention: str, smoke: bool) -> TransformerConfig:
+def model_config(family: str, smoke: bool) -> TransformerConfig:
     """d16 at 256 px with the released tokenizer's vocabulary, or the toy
     (``bench.common.toy_configs``) for --smoke."""
     if smoke:
-        return bench_common.toy_configs(attention)[1]
-    return TransformerConfig(
-        vocab_size=4096,
-        cvae=32,
-        num_classes=1000,
-        depth=16,
-        attention=attention,
-        drop_path_rate=official_drop_path_rate(16),
-        dtype="bfloat16",
-    )
+        return bench_common.toy_configs(family)[1]
+    return TransformerConfig(family=family, depth=16, drop_path_rate=None, dtype="bfloat16")
 
 
 def _xla_bytes(compiled) -> float | None:
@@ -85,7 +78,7 @@ def _xla_bytes(compiled) -> float | None:
 
 def uses_neighborhood(config: TransformerConfig, segment: Segment) -> bool:
     """Whether the segment's attention is spatial-Markov (MVAR, scales >= refine_step)."""
-    return config.attention == "mvar" and segment.last_scale > config.refine_step
+    return families.of(config).spatial_markov and segment.last_scale > config.refine_step
 
 
 def bench_model(
@@ -100,10 +93,14 @@ def bench_model(
     """One row per segment of the model's schedule, per impl where neighbourhoods are used."""
     mesh = parallel.make_mesh(jax.local_devices())
     tx, lr = optimizer.make_optimizer(
-        recipe.optim, global_batch_size=batch, total_steps=10_000, warmup_steps=100
+        optimizer.OptimizerConfig(**recipe.optim),
+        global_batch_size=batch,
+        total_steps=10_000,
+        decay_mask=optimizer.official_decay_mask,
     )
     rng = jax.random.PRNGKey(0)
-    state = state_lib.create_train_state(state_lib.init_params(config, recipe.init, rng), tx, rng)
+    params = state_lib.init_params(config, InitScales(**recipe.init), rng)
+    state = state_lib.create_train_state(params, tx, rng)
     shardings = parallel.state_shardings(state, mesh, fsdp=False)
     state = jax.device_put(state, shardings)
     tokens = SyntheticTokenSource(
@@ -115,9 +112,7 @@ def bench_model(
         .astype(np.float32)
     )
     inputs = parallel.host_batch_to_global(tokens, mesh)
-    cycle = schedule.make_schedule(
-        config.attention, config.num_scales, refine_step=config.refine_step, ratio_k=recipe.ratio_k
-    )
+    cycle = families.of(config).schedule(config, recipe.ratio_k)
     rows = []
     for index, segment in enumerate(cycle.segments):
         segment_impls = impls if uses_neighborhood(config, segment) else (DENSE,)
@@ -132,7 +127,7 @@ def bench_model(
             begin, end = config.token_range(*segment)
             rows.append(
                 {
-                    "model": f"{config.attention.upper()}-d{config.depth}",
+                    "model": f"{families.of(config).title}-d{config.depth}",
                     "segment": segment.name(config.patch_nums),
                     "attention_impl": impl,
                     "tokens": end - begin,
@@ -243,10 +238,10 @@ def parse_impls(names: list[str] | None, smoke: bool) -> tuple[str, ...]:
     if names is None:
         return SMOKE_IMPLS if smoke else DEFAULT_IMPLS
     impls = tuple(name.strip() for name in names if name.strip())
-    unknown = [name for name in impls if name not in attention.NEIGHBORHOOD_IMPLS]
+    unknown = [name for name in impls if name not in NEIGHBORHOOD_IMPLS]
     if not impls or unknown or len(set(impls)) != len(impls):
         raise ValueError(
-            f"--neighborhood_impls must list distinct names from {attention.NEIGHBORHOOD_IMPLS}, "
+            f"--neighborhood_impls must list distinct names from {NEIGHBORHOOD_IMPLS}, "
             f"got {','.join(names)!r}"
         )
     return impls
@@ -255,6 +250,7 @@ def parse_impls(names: list[str] | None, smoke: bool) -> tuple[str, ...]:
 PROG = "python -m bench.bench_train_step"
 FLAGS = flags.FlagValues()
 bench_common.define_flags(FLAGS, smoke="toy model, 2 steps (CPU check)")
+flags.DEFINE_list("families", ["mvar", "var"], f"some of {', '.join(families.NAMES)}", flag_values=FLAGS)
 flags.DEFINE_integer("batch_per_device", 32, "images per device", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("warmup", 3, "untimed steps first", lower_bound=0, flag_values=FLAGS)
 flags.DEFINE_integer("reps", 20, "timed steps per row", lower_bound=1, flag_values=FLAGS)
@@ -280,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe.init.adaln_gamma = 1e-3  # the README's --alng=1e-3
     batch = args.batch_per_device * jax.local_device_count()
     rows, ratios = [], []
-    for name in attention.PATTERNS:
+    for name in args.families:
         config = model_config(name, args.smoke)
         model_rows = bench_model(config, recipe, impls=impls, batch=batch, warmup=args.warmup, reps=args.reps)
         rows += model_rows + ([cycle_row(model_rows, impls[0])] if len(model_rows) > 1 else [])

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 from absl import flags
 
-from mvar_jax.models.transformer import TransformerConfig
+from mvar_jax.models.config import TransformerConfig
 from mvar_jax.models.vqvae import VQVAEConfig
 
 GiB = 2**30
@@ -90,16 +90,16 @@ def run_case(module: str, case: dict[str, Any]) -> dict[str, Any]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def toy_configs(attention: str, dtype: str = "bfloat16") -> tuple[VQVAEConfig, TransformerConfig]:
+def toy_configs(family: str, dtype: str = "bfloat16") -> tuple[VQVAEConfig, TransformerConfig]:
     """The smoke runs' model: ``configs/tiny_cpu.py:fixture`` (the test suite's toy generator)
-    with ``attention`` and ``dtype``, over the parity fixtures' tokenizer architecture
+    of ``family`` at ``dtype``, over the parity fixtures' tokenizer architecture
     (tests/fixtures/official/README.md: vocab 64, Cvae 8, ch 32, the released layout
     otherwise; the weights are the bench's)."""
     from configs import tiny_cpu  # ml_collections: only the smoke runs need it
     from mvar_jax.training import generator
 
     toy = tiny_cpu.get_config("fixture")
-    toy.model.name = attention
+    toy.model.family = family
     toy.model.dtype = dtype
     vqvae_config = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, patch_nums=tuple(toy.model.patch_nums))
     return vqvae_config, generator.transformer_config(toy, vqvae_config)

@@ -3,21 +3,67 @@
 ``trainer_config()`` holds the trainer's own settings (steps, batch, logging,
 checkpoints, data, parallelism), which every task's config starts from.
 ``get_config()`` adds the generator (VAR / MVAR / M-VAR) with the official recipe's fixed
-values. Sources are the official MVAR code (CVL-UESTC/MVAR): ``utils/arg_util.py``
-(flag defaults), ``utils/lr_control.py`` (schedule, no-decay set), ``train.py``
-(optimizer), ``trainer.py`` (loss, 8:1:1 schedule) and ``models/__init__.py``
-(architecture per depth). VAR (FoundationVision/VAR) shares all of them. Each
-experiment file overrides what its README command line sets.
+values; ``tokenizer_config()`` the VQVAE. A section that a dataclass reads
+(``model``, ``init``, ``optim``, ``sampling``) is made from that dataclass
+(``from_dataclass``): its fields and defaults are written once, in the
+dataclass, and the task builds the dataclass from the section. Sources are the
+official MVAR code (CVL-UESTC/MVAR): ``utils/arg_util.py`` (flag defaults),
+``utils/lr_control.py`` (schedule, no-decay set), ``train.py`` (optimizer),
+``trainer.py`` (loss, 8:1:1 schedule) and ``models/__init__.py`` (architecture per
+depth). VAR (FoundationVision/VAR) shares all of them. Each experiment file
+overrides what its README command line sets.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
 from mvar_jax.data.config import default_config as data_default_config
+from mvar_jax.models.config import InitScales, TransformerConfig
+from mvar_jax.models.vqvae import VQVAEConfig
+from mvar_jax.sampling.options import SamplingOptions
+from mvar_jax.training.optimizer import OptimizerConfig
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # ILSVRC-2012 train split.
+
+
+# TransformerConfig fields a run does not choose: the tokenizer and the data decide them.
+FROM_TOKENIZER_AND_DATA = ("vocab_size", "cvae", "num_classes")
+
+
+def from_dataclass(cls: type, exclude: tuple[str, ...] = (), **values: Any) -> ml_collections.ConfigDict:
+    """A config section holding ``cls``'s fields with its defaults, ``values`` overriding them.
+
+    A None default (or value) becomes a typed placeholder, so the command line can
+    still set it (``--config.model.embed_dim=512``). The task builds the dataclass
+    back with ``cls(**section)``.
+    """
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}")
+    hints = typing.get_type_hints(cls)
+    section = ml_collections.ConfigDict()
+    for field in dataclasses.fields(cls):
+        if field.name in exclude:
+            continue
+        value = values.get(field.name, field.default)
+        if value is None:
+            value = config_dict.placeholder(_base_type(hints[field.name]))
+        section[field.name] = value
+    return section
+
+
+def _base_type(hint: Any) -> type:
+    """``int`` of ``int | None``, ``tuple`` of ``tuple[int, ...]``: what a placeholder holds."""
+    if isinstance(hint, types.UnionType):
+        hint = next(t for t in typing.get_args(hint) if t is not type(None))
+    return typing.get_origin(hint) or hint
 
 
 def trainer_config() -> ml_collections.ConfigDict:
@@ -56,33 +102,22 @@ def get_config() -> ml_collections.ConfigDict:
     c.task = "generator"  # the VAR/MVAR transformer on a frozen VQVAE
     c.seed = 0  # arg_util.py --seed (None there: nondeterministic); fixed here
 
-    m = c.model = ml_collections.ConfigDict()
-    # 'mvar' (scale/spatial-Markov), 'var' (block-causal baseline) or 'mamba' (M-VAR:
-    # attention within each scale, Mamba2 across the pyramid).
-    m.name = "mvar"
-    m.depth = 16  # --depth
-    # None derives the size from depth, as models/__init__.py does:
-    m.embed_dim = config_dict.placeholder(int)  # width = depth * 64
-    m.num_heads = config_dict.placeholder(int)  # heads = depth
-    m.drop_path_rate = config_dict.placeholder(float)  # dpr = 0.1 * depth / 24
-    m.mlp_ratio = 4.0  # MVAR(mlp_ratio=4.0) default
-    m.norm_eps = 1e-6  # models/__init__.py: norm_eps=1e-6
-    m.shared_aln = False  # --saln False
-    m.attn_l2_norm = True  # --anorm True
-    m.patch_nums = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # --pn 1_2_3_4_5_6_8_10_13_16 (256 px)
-    m.kernel_size = 7  # --kernel_size 7 (spatial-Markov neighbourhood)
-    m.refine_step = 8  # --refine_step 8 (scales 13 and 16 use spatial-Markov attention)
-    m.cond_drop_rate = 0.1  # models/__init__.py: cond_drop_rate=0.1 (class dropout for CFG)
-    # README trains with --fp16=1 (float16 autocast + GradScaler); bfloat16 compute
-    # needs no loss scaling. Params, optimizer state and loss stay float32.
-    m.dtype = "bfloat16"
-    m.neighborhood_impl = "auto"  # Pallas kernel on GPU, the lean "masked" XLA path elsewhere
-
-    init = c.init = ml_collections.ConfigDict()
-    init.adaln = 0.5  # --aln: ada_lin weight multiplier
-    init.adaln_gamma = 1e-5  # --alng: multiplier of ada_lin's gate (gamma) columns
-    init.head = 0.02  # --hd: head weight multiplier
-    init.std = -1.0  # --ini -1: automatic, sqrt(1 / (3 * embed_dim)); the only one supported
+    # TransformerConfig's defaults are the official MVAR-d16's (models/__init__.py and
+    # utils/arg_util.py: mlp_ratio 4, norm_eps 1e-6, --saln False, --anorm True,
+    # --kernel_size 7, --refine_step 8, cond_drop_rate 0.1); a run sets what differs.
+    c.model = from_dataclass(
+        TransformerConfig,
+        exclude=FROM_TOKENIZER_AND_DATA,
+        family="mvar",  # models.families: 'mvar', 'var' (the baseline) or 'm_var' (M-VAR)
+        depth=16,  # --depth; width 64 * depth and depth heads when embed_dim / num_heads are None
+        patch_nums=None,  # the tokenizer's pyramid (the release .pth: --pn 1_2_3_4_5_6_8_10_13_16)
+        drop_path_rate=None,  # dpr = 0.1 * depth / 24 (models/__init__.py)
+        # README trains with --fp16=1 (float16 autocast + GradScaler); bfloat16 compute
+        # needs no loss scaling. Params, optimizer state and loss stay float32.
+        dtype="bfloat16",
+    )
+    # --aln 0.5, --alng 1e-5, --hd 0.02, --ini -1 (the official defaults; InitScales').
+    c.init = from_dataclass(InitScales)
 
     # The official tokenizer (the VAR release's vae_ch160v4096z32.pth, or a model
     # directory holding it), loaded at every start; it is frozen during training.
@@ -103,23 +138,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.ratio_k = 8  # --ratio_k 8: steps on scales [0, refine_step) per step on each larger scale
     c.label_smoothing = 0.0  # --ls 0.0
 
-    o = c.optim = ml_collections.ConfigDict()
-    o.base_lr = 1e-4  # --tblr; peak lr tlr = tblr * batch_size / 256
-    o.b1, o.b2 = 0.9, 0.95  # train.py: AdamW betas=(0.9, 0.95)
-    o.eps = 1e-8  # torch.optim.AdamW default eps
-    o.weight_decay = 0.05  # --twd
-    o.weight_decay_end = 0.05  # --twde 0 -> twde = twd (cosine from twd to twde)
-    o.grad_clip = 2.0  # --tclip (global-norm clipping; <= 0 disables)
-    o.schedule = "lin0"  # --sche lin0: hold 5% after warm-up, then linear decay
-    o.warmup_fraction = 1 / 50  # --wp 0 -> wp = ep / 50 epochs
-    o.warmup_start = 0.005  # --wp0: lr ratio at the start of warm-up
-    o.final_lr_ratio = 0.01  # --wpe: lr ratio at the end of training
+    # OptimizerConfig's defaults are the official recipe: --tblr 1e-4 per 256 images,
+    # AdamW betas (0.9, 0.95) and eps 1e-8 (train.py), --twd 0.05 with --twde 0 (constant),
+    # --tclip 2, --sche lin0, --wp 0 (ep / 50), --wp0 0.005, --wpe 0.01.
+    c.optim = from_dataclass(OptimizerConfig)
 
     c.sample_every = 10_000  # steps between sample grids (0: never)
     c.sample_classes = (980, 980, 437, 437, 22, 22, 562, 562)  # VAR demo_sample.ipynb
-    c.sample_cfg = 2.7  # README: suggested d16 sampling cfg=2.7, top_p=0.99, top_k=1200
-    c.sample_top_k = 1200
-    c.sample_top_p = 0.99
+    c.sampling = from_dataclass(SamplingOptions)  # the papers' FID setting: cfg 1.5, top-k 900, top-p 0.96
     return c
 
 
@@ -144,19 +170,12 @@ def use_builtin_shapes(c: ml_collections.ConfigDict, image_size: int = 64) -> No
     c.num_train_examples = 5000  # builtin_shapes train split
 
 
-def adam_config(lr: float, b1: float, b2: float) -> ml_collections.ConfigDict:
-    """An optimizer block of the tokenizer (``mvar_jax.training.tokenizer.make_optimizer``)."""
-    o = ml_collections.ConfigDict()
-    o.lr = lr  # peak learning rate (absolute, not scaled by the batch)
-    o.b1, o.b2 = b1, b2
-    o.eps = 1e-8
-    o.weight_decay = 0.0  # on arrays of >= 2 dims (kernels, the codebook)
-    o.grad_clip = 0.0  # global-norm clipping; <= 0 disables
-    o.schedule = "cos"  # 'cos' | 'lin' | 'lin0' after the warm-up (mvar_jax.training.optimizer)
-    o.warmup_steps = 0
-    o.warmup_start = 0.0  # lr ratio at the start of warm-up
-    o.final_lr_ratio = 1.0  # lr ratio at the last step (1: constant after warm-up)
-    return o
+def tokenizer_optim(base_lr: float, b1: float, b2: float, **values: Any) -> ml_collections.ConfigDict:
+    """A tokenizer's ``optim`` section: an absolute learning rate (no batch scaling), no
+    weight decay, clipping, warm-up or decay unless ``values`` set them."""
+    fields = dict(lr_batch=0, weight_decay=0.0, grad_clip=0.0, schedule="cos", warmup_fraction=0.0)
+    fields.update(warmup_start=0.0, final_lr_ratio=1.0)
+    return from_dataclass(OptimizerConfig, base_lr=base_lr, b1=b1, b2=b2, **{**fields, **values})
 
 
 def tokenizer_config() -> ml_collections.ConfigDict:
@@ -168,27 +187,14 @@ def tokenizer_config() -> ml_collections.ConfigDict:
     c = trainer_config()
     c.task = "tokenizer"
 
-    m = c.model = ml_collections.ConfigDict()  # mvar_jax.models.vqvae.VQVAEConfig
-    m.vocab_size = 4096
-    m.z_channels = 32  # Cvae
-    m.ch = 160
-    m.ch_mult = (1, 1, 2, 2, 4)  # downsampling 2 ** (len - 1)
-    m.num_res_blocks = 2
-    m.using_sa = True
-    m.using_mid_sa = True
-    m.quant_conv_ks = 3
-    m.quant_resi = 0.5
-    m.share_quant_resi = 4
-    m.using_znorm = False
-    m.beta = 0.25  # commitment weight inside the VQ loss
-    m.patch_nums = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # last = image_size / downsampling
+    c.model = from_dataclass(VQVAEConfig)
 
     loss = c.loss = ml_collections.ConfigDict()
     loss.l1 = 0.0
     loss.l2 = 1.0
     loss.vq = 1.0  # weight of the VQ loss (beta is in model)
     loss.lpips = 0.0  # > 0 needs the two weight files below
-    loss.lpips_vgg = ""  # torchvision's vgg16 state dict (.pth), see mvar_jax/models/lpips.py
+    loss.lpips_vgg = ""  # torchvision's vgg16 state dict (.pth), see mvar_jax/weights/lpips.py
     loss.lpips_lin = ""  # the lpips package's weights/v0.1/vgg.pth
 
     gan = c.gan = ml_collections.ConfigDict()
@@ -198,9 +204,9 @@ def tokenizer_config() -> ml_collections.ConfigDict:
     gan.loss = "hinge"  # or 'vanilla'
     gan.ndf = 64
     gan.n_layers = 3
-    gan.optim = adam_config(lr=1e-4, b1=0.5, b2=0.9)
+    gan.optim = tokenizer_optim(base_lr=1e-4, b1=0.5, b2=0.9)
 
-    c.optim = adam_config(lr=1e-4, b1=0.5, b2=0.9)
+    c.optim = tokenizer_optim(base_lr=1e-4, b1=0.5, b2=0.9)
 
     cb = c.codebook = ml_collections.ConfigDict()
     cb.window = 100  # steps of the usage window (usage/<pn>x<pn>, perplexity)

@@ -16,7 +16,7 @@ in every step with VAR's 1 / L token weights (no segment cycle, no progressive
 training: --pg 0). models/__init__.py sizes the model from --depth as VAR does
 (width 64 * depth, depth heads, drop path 0.1 * depth / 24, cond_drop_rate 0.1,
 norm_eps 1e-6); models/basic_mvar.py adds Mamba2(d_state=64, d_conv=4, expand=2)
-per block (TransformerConfig.mamba). The official train.sh is a one-GPU d12
+per block (models.m_var.mamba_config). The official train.sh is a one-GPU d12
 smoke run (--depth=12 --bs=16 --ep=200 --fp16=1 --alng=1e-3 --wpe=0.1).
 """
 
@@ -34,7 +34,7 @@ DEPTHS = tuple(_EPOCHS)
 def get_config(depth: str | None = None) -> ml_collections.ConfigDict:
     """The M-VAR recipe at ``depth`` ('d16', 'd20' or 'd24')."""
     c = common.get_config()
-    c.model.name = "mamba"  # M-VAR: attention within each scale, Mamba2 across the pyramid
+    c.model.family = "m_var"  # M-VAR: attention within each scale, Mamba2 across the pyramid
     # --depth (embed 64 * depth, depth heads, drop path 0.1 * depth / 24: common.py);
     # d16: embed 1024, drop path 0.0667; d20: 1280, 0.0833; d24: 1536, 0.1.
     c.model.depth = common.check_depth("m_var", depth, DEPTHS)
@@ -57,5 +57,5 @@ def get_config(depth: str | None = None) -> ml_collections.ConfigDict:
     # utils/data.py (VAR's): Lanczos-resize the shorter side to 1.125 * 256, random crop.
     c.data.crop = "resize_random_crop"
     # README, Inference: "For FID evaluation, we set cfg=1.5, top_p=0.96, top_k=900".
-    c.sample_cfg, c.sample_top_k, c.sample_top_p = 1.5, 900, 0.96
+    # (SamplingOptions' defaults, which c.sampling holds.)
     return c

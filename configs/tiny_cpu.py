@@ -20,7 +20,8 @@ Everything else is shared, and configs/tiny_cpu_var.py (VAR) derives from this f
 
 from configs import common
 
-# Per tokenizer: its checkpoint, image size and token pyramid, the MVAR attention
+# Per tokenizer: its checkpoint, image size and token pyramid (None: the one the tokenizer
+# directory records; an official-layout .pth records none), the MVAR attention
 # fitted to that pyramid (refine_step: the first scale with spatial-Markov attention; the
 # kernel must fit the smallest such map), and the run's size.
 TOKENIZERS = {
@@ -32,7 +33,7 @@ TOKENIZERS = {
         vqvae_checkpoint="demo_out/tokenizer/model",
         token_cache_dir="demo_out/tokens",
         image_size=32,
-        patch_nums=(1, 2, 3, 4, 6, 8),
+        patch_nums=None,  # the tokenizer directory records its pyramid: 1, 2, 3, 4, 6, 8
         refine_step=4,
         kernel_size=3,
         ratio_k=2,
@@ -96,7 +97,6 @@ def get_config(tokenizer: str = "demo"):
     c.keep_checkpoints = 2
     c.sample_every = t["sample_every"]
     c.sample_classes = tuple(range(10))
-    c.sample_cfg = 1.5
-    c.sample_top_k = 0  # the model's own distribution, as mvar_jax.eval.quality measures it
-    c.sample_top_p = 0.0
+    c.sampling.top_k = 0  # the model's own distribution, as mvar_jax.eval.quality measures it
+    c.sampling.top_p = 0.0
     return c

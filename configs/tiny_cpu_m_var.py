@@ -17,5 +17,5 @@ from configs import tiny_cpu
 
 def get_config(tokenizer: str = "demo"):
     c = tiny_cpu.get_config(tokenizer)
-    c.model.name = "mamba"
+    c.model.family = "m_var"
     return c

@@ -13,5 +13,5 @@ from configs import tiny_cpu
 
 def get_config(tokenizer: str = "demo"):
     c = tiny_cpu.get_config(tokenizer)
-    c.model.name = "var"
+    c.model.family = "var"
     return c

@@ -12,7 +12,7 @@ from configs import common
 
 def get_config():
     c = common.get_config()
-    c.model.name = "var"  # block-causal attention over all scales, one segment per step
+    c.model.family = "var"  # block-causal attention over all scales, one segment per step
     c.model.depth = 16  # --depth=16
     c.batch_size = 768  # --bs=768
     c.num_epochs = 200  # --ep=200

@@ -25,13 +25,16 @@ from configs import common
 
 def _vaex_adam(lr: float, weight_decay: float):
     """vaex's AdamW settings, shared by its VAE and discriminator optimizers."""
-    o = common.adam_config(lr=lr, b1=0.5, b2=0.9)  # vaex --*_opt_beta 0.5_0.9 (= VQGAN's Adam)
-    o.weight_decay = weight_decay
-    o.grad_clip = 10.0  # vaex --grad_clip 10
-    o.schedule = "cos"  # vaex --sche cos
-    o.warmup_start = 0.005  # vaex --wp0 0.005
-    o.final_lr_ratio = 0.3  # vaex --sche_end 0.3
-    return o
+    return common.tokenizer_optim(
+        base_lr=lr,
+        b1=0.5,  # vaex --*_opt_beta 0.5_0.9 (= VQGAN's Adam)
+        b2=0.9,
+        weight_decay=weight_decay,
+        grad_clip=10.0,  # vaex --grad_clip 10
+        schedule="cos",  # vaex --sche cos
+        warmup_start=0.005,  # vaex --wp0 0.005
+        final_lr_ratio=0.3,  # vaex --sche_end 0.3
+    )
 
 
 def get_config():
@@ -86,7 +89,7 @@ def get_config():
     # Our choice: no warm-up for the discriminator, which starts late anyway.
 
     c.optim = _vaex_adam(lr=3e-4, weight_decay=0.005)  # vaex --vae_lr 3e-4 --vae_wd 0.005
-    c.optim.warmup_steps = round(0.01 * steps)  # vaex: warmup_ep = 0.01 * ep when unset
+    c.optim.warmup_fraction = 0.01  # vaex: warmup_ep = 0.01 * ep when unset
 
     c.codebook.window = 1000  # our choice: about 0.8M images a window
     c.codebook.dead_after = 0  # our choice: off, as in VAR / vaex (no restart there)

@@ -41,12 +41,9 @@ def get_config():
     c.loss.l2 = 1.0
     c.loss.vq = 1.0
 
-    o = c.optim
-    o.lr = 2e-3
-    o.b1, o.b2 = 0.9, 0.99
-    o.warmup_steps = 20
-    o.schedule = "cos"
-    o.final_lr_ratio = 0.1
+    c.optim = common.tokenizer_optim(
+        base_lr=2e-3, b1=0.9, b2=0.99, warmup_fraction=0.02, schedule="cos", final_lr_ratio=0.1
+    )
 
     c.codebook.window = 50
     c.codebook.dead_after = 10  # as the demo's measured tokenizer (docs/benchmarks.md)

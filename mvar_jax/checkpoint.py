@@ -32,8 +32,10 @@ from jax.experimental import multihost_utils
 
 from mvar_jax import faults
 from mvar_jax.errors import CheckpointError, check_keys
+from mvar_jax.models import families
+from mvar_jax.models.config import TransformerConfig
 from mvar_jax.models.quantizer import num_phis
-from mvar_jax.models.transformer import TransformerConfig, param_shapes
+from mvar_jax.models.transformer import blocks_are_stacked, param_shapes, stack_blocks, unstack_blocks
 from mvar_jax.models.vqvae import VQVAEConfig, abstract_variables
 from mvar_jax.weights import vqvae as vqvae_weights
 
@@ -161,7 +163,12 @@ def save_model(
     transformer_params: Any,
     overwrite: bool = False,
 ) -> None:
-    """Writes a generator model directory (all hosts must call it; process 0 writes the JSON)."""
+    """Writes a generator model directory (all hosts must call it; process 0 writes the JSON).
+
+    The transformer's blocks are written one per subtree, stacked or not in memory.
+    """
+    if blocks_are_stacked(transformer_params):
+        transformer_params = unstack_blocks(transformer_params)
     _save(
         directory,
         {_VQVAE_CONFIG: vqvae_config, _TRANSFORMER_CONFIG: transformer_config},
@@ -208,7 +215,10 @@ def _existing(directory: str | os.PathLike, kind: str, needed: tuple[str, ...]) 
 
 def _read_config(directory: pathlib.Path, name: str, cls: type) -> Any:
     try:
-        return cls.from_dict(json.loads((directory / name).read_text()))
+        config = cls.from_dict(json.loads((directory / name).read_text()))
+        if cls is TransformerConfig:
+            families.of(config)  # the family's own checks
+        return config
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"invalid config JSON in {directory}: {name}: {e}") from e
 
@@ -262,11 +272,16 @@ def _restore(directory: pathlib.Path, expected: dict[str, Any]) -> dict[str, Any
 
 
 def load_model(directory: str | os.PathLike) -> ModelBundle:
-    """Reads a generator model directory written by ``save_model``; params come back as jax arrays.
+    """Reads a generator model directory written by ``save_model``, ready to sample.
 
-    Raises CheckpointError for a missing, incomplete or unreadable directory, or a
-    tokenizer directory, and StateDictMismatchError (a CheckpointError) when its
-    configs do not describe its params.
+    Params come back as jax arrays on one device, the transformer's blocks
+    stacked on a leading depth axis (``transformer.stack_blocks``): the layout in
+    which ``sampling.sample`` runs the blocks as one scan per scale, compiling
+    fast and holding one block's temporaries at a time (``unstack_blocks`` gives
+    the per-block tree the trainer uses). Raises CheckpointError for a missing,
+    incomplete or unreadable directory, or a tokenizer directory, and
+    StateDictMismatchError (a CheckpointError) when its configs do not describe
+    its params.
     """
     directory = _existing(directory, "model", (_VQVAE_CONFIG, PARAMS_DIR))
     if not (directory / _TRANSFORMER_CONFIG).exists():
@@ -284,7 +299,19 @@ def load_model(directory: str | os.PathLike) -> ModelBundle:
     if mismatch:
         raise CheckpointError(f"{directory}: {mismatch}")
     params = _restore(directory, _expected_params(vqvae_config, transformer_config))
-    return ModelBundle(vqvae_config, params["vqvae"], transformer_config, params["transformer"])
+    transformer_params = stack_blocks(params.pop("transformer"), transformer_config.depth)
+    return ModelBundle(vqvae_config, params["vqvae"], transformer_config, transformer_params)
+
+
+def abstract_model(vqvae_config: VQVAEConfig, transformer_config: TransformerConfig) -> ModelBundle:
+    """What ``load_model`` returns for these configs, as ``jax.ShapeDtypeStruct`` params
+    (nothing allocated): for lowering the programs a loaded model runs."""
+    return ModelBundle(
+        vqvae_config,
+        abstract_variables(vqvae_config),
+        transformer_config,
+        param_shapes(transformer_config, stacked=True),
+    )
 
 
 def read_vqvae_config(directory: str | os.PathLike) -> VQVAEConfig:

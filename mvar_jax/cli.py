@@ -1,11 +1,10 @@
-"""What the command-line entry points share: absl flag parsing, old spellings, the sampling flags.
+"""What the command-line entry points share: absl flag parsing and the sampling flags.
 
 Every entry point uses absl flags, spelled with underscores (``--num_per_class``). A command
 that tests call in-process (``main(argv)``) keeps its flags in a ``flags.FlagValues`` of its
 own, so that several can be imported at once, and parses them with ``parse_flags``: each call
 starts from the defaults, ``--help`` prints the command's docstring and flags, and bad input
-exits with status 2 and ``<prog>: error: <what>`` on stderr, as argparse did. The dashed
-spellings of earlier versions (``--num-per-class``) still work and warn with the new one.
+exits with status 2 and ``<prog>: error: <what>`` on stderr, as argparse did.
 """
 
 from __future__ import annotations
@@ -13,9 +12,8 @@ from __future__ import annotations
 import sys
 import textwrap
 import types
-import warnings
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from absl import flags
 
@@ -66,33 +64,6 @@ def usage_error(prog: str, message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def renamed_spellings(argv: Sequence[str], flag_values: flags.FlagValues) -> list[str]:
-    """``argv`` in this version's spelling, each rewrite warning with the new one: the old
-    dashed names of defined flags (``--num-per-class`` -> ``--num_per_class``) and int lists
-    given as separate words (``--maps 13 16`` -> ``--maps=13,16``)."""
-    out, argv = [], list(argv)
-    while argv:
-        arg = argv.pop(0)
-        name, eq, value = arg[2:].partition("=")
-        new = name.replace("-", "_")
-        if not arg.startswith("--") or new not in flag_values:
-            out.append(arg)
-            continue
-        if new != name:
-            warnings.warn(f"--{name} is now --{new}", FutureWarning, stacklevel=3)
-        if not eq and isinstance(flag_values[new].parser, IntListParser):
-            words = []
-            while argv and argv[0].lstrip("-").isdigit() and not argv[0].startswith("--"):
-                words.append(argv.pop(0))
-            if len(words) > 1:
-                warnings.warn(
-                    f"--{new} {' '.join(words)} is now --{new}={','.join(words)}", FutureWarning, stacklevel=3
-                )
-            eq, value = ("=", ",".join(words)) if words else ("", "")
-        out.append(f"--{new}{eq}{value}")
-    return out
-
-
 def parse_flags(
     flag_values: flags.FlagValues, argv: Sequence[str] | None, *, prog: str, doc: str | None
 ) -> types.SimpleNamespace:
@@ -114,7 +85,7 @@ def parse_flags(
         raise SystemExit(0)
     flag_values.unparse_flags()
     try:
-        rest = flag_values([prog, *renamed_spellings(argv, flag_values)])
+        rest = flag_values([prog, *argv])
     except flags.Error as e:
         usage_error(prog, str(e))
     if len(rest) > 1:
@@ -127,14 +98,10 @@ def given(flag_values: flags.FlagValues, names: Sequence[str]) -> list[str]:
     return [f"--{n}" for n in names if flag_values[n].present]
 
 
-def define_sampling_flags(
-    flag_values: flags.FlagValues, *, batch_size: int, top_k: int, top_p: float
-) -> None:
-    """``--labels --batch_size --cfg --top_k --top_p --seed``: how samples are asked for.
-
-    The defaults that differ between entry points are arguments (sample.py keeps the
-    official ImageNet filters; evaluation samples unfiltered).
-    """
+def define_sampling_flags(flag_values: flags.FlagValues, *, batch_size: int, **defaults: float) -> None:
+    """``--labels --batch_size --seed`` and a flag per ``SamplingOptions`` field that a user
+    sets (``--cfg --top_k --top_p``), with its defaults unless ``defaults`` names others."""
+    options = sampling.SamplingOptions(**defaults)
     define_int_list(
         "labels",
         None,
@@ -146,15 +113,20 @@ def define_sampling_flags(
     flags.DEFINE_integer(
         "batch_size", batch_size, "images per compiled call", lower_bound=1, flag_values=flag_values
     )
-    flags.DEFINE_float("cfg", 1.5, "guidance scale", flag_values=flag_values)
-    flags.DEFINE_integer("top_k", top_k, "0 disables", flag_values=flag_values)
-    flags.DEFINE_float("top_p", top_p, "0 disables", flag_values=flag_values)
+    flags.DEFINE_float("cfg", options.cfg, "classifier-free guidance scale (>= 0)", flag_values=flag_values)
+    flags.DEFINE_integer(
+        "top_k", options.top_k, "keep the k most likely tokens; 0: off", flag_values=flag_values
+    )
+    flags.DEFINE_float("top_p", options.top_p, "nucleus mass to keep; 0: off", flag_values=flag_values)
     flags.DEFINE_integer("seed", 0, "batch b draws from fold_in(PRNGKey(seed), b)", flag_values=flag_values)
 
 
-def check_sampling_flags(flag_values: flags.FlagValues, prog: str) -> None:
-    """A ``usage_error`` naming the flag when ``define_sampling_flags``' values are invalid."""
+def sampling_options(flag_values: flags.FlagValues, prog: str, **fields: Any) -> sampling.SamplingOptions:
+    """The ``SamplingOptions`` of ``define_sampling_flags``' values (and ``fields``); a
+    ``usage_error`` naming the flag when one is invalid."""
     try:
-        sampling.check_filters(flag_values.top_k, flag_values.top_p, names=("--top_k", "--top_p"))
+        return sampling.SamplingOptions(
+            cfg=flag_values.cfg, top_k=flag_values.top_k, top_p=flag_values.top_p, **fields
+        )
     except ValueError as e:
-        usage_error(prog, str(e))
+        usage_error(prog, f"--{e}")

@@ -2,7 +2,7 @@
 
     python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --mvar mvar-d16.pth --out ckpt/mvar-d16
     python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --var var_d16.pth --out ckpt/var-d16
-    python -m mvar_jax.convert ... --var var_d16.pth --as_mvar   # MVAR fine-tuning start
+    python -m mvar_jax.convert ... --mvar var_d16.pth   # VAR weights as MVAR: the fine-tuning start
     python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --m_var d16.pth --out ckpt/m-var-d16
     python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --out ckpt/vae   # tokenizer alone
     python -m mvar_jax.convert --to_official_vae vae.pth --model ckpt/vae   # and back
@@ -11,12 +11,11 @@ A generator model directory (``checkpoint.save_model``) holds both networks'
 params and configs, so nothing else is needed to sample from it; a tokenizer
 directory (``checkpoint.save_tokenizer``) holds the VQVAE alone.
 ``--to_official_vae`` writes the VQVAE of either as an official state dict that
-the PyTorch ``VQVAE`` loads with ``strict=True``. The attention pattern
-comes from the flag, not the file: the official MVAR fine-tuning loads VAR's
-state dict whole, so its checkpoints may carry VAR's training mask. M-VAR
-(``--m_var``, model attention ``'mamba'``) is a different network, not an
-attention pattern: its file must hold the Mamba2 layers. Flags are absl's (see
-``mvar_jax.cli``); the dashed spellings of earlier versions (``--to-official-vae``) still work.
+the PyTorch ``VQVAE`` loads with ``strict=True``. The model family comes from
+the flag (one per family, ``models.families``), not the file: the official MVAR
+fine-tuning loads VAR's state dict whole, so its checkpoints may carry VAR's
+training mask. M-VAR (``--m_var``) is a different network: its file must hold
+the Mamba2 layers.
 """
 
 from __future__ import annotations
@@ -30,39 +29,29 @@ from absl import flags
 
 from mvar_jax import checkpoint, cli
 from mvar_jax.errors import CheckpointError
-from mvar_jax.models.transformer import MODEL_NAMES
+from mvar_jax.models import families
 from mvar_jax.models.vqvae import VQVAEConfig
 from mvar_jax.weights import transformer as transformer_weights, vqvae as vqvae_weights
 
 PROG = "python -m mvar_jax.convert"
+_TRANSFORMER_FLAGS = tuple(f"--{name}" for name in families.NAMES)
 FLAGS = flags.FlagValues()  # this command's own, so that tests can import several commands
-_PATHS = ("vae", "mvar", "var", "m_var", "out", "to_official_vae", "model")
+_PATHS = ("vae", *families.NAMES, "out", "to_official_vae", "model")
 
 flags.DEFINE_string(
     "vae",
     None,
-    "official VQVAE state dict (vae_ch160v4096z32.pth); without "
-    "--mvar/--var/--m_var, --out becomes a tokenizer directory",
+    "official VQVAE state dict (vae_ch160v4096z32.pth); without a transformer "
+    f"({'/'.join('--' + name for name in families.NAMES)}), --out becomes a tokenizer directory",
     flag_values=FLAGS,
 )
-flags.DEFINE_string(
-    "mvar", None, "official MVAR checkpoint (mvar-d16.pth, mvar-finetune-d16.pth, ...)", flag_values=FLAGS
-)
-flags.DEFINE_string(
-    "var", None, "official VAR checkpoint (var_d16.pth, ...): sampled with a KV cache", flag_values=FLAGS
-)
-flags.DEFINE_string(
-    "m_var",
-    None,
-    "official M-VAR checkpoint (OliverRensu/MVAR: d16.pth, ...): attention within scales, Mamba2 across them",
-    flag_values=FLAGS,
-)
-flags.DEFINE_bool(
-    "as_mvar",
-    False,
-    "with --var: load the VAR weights into an MVAR model (the starting point of MVAR fine-tuning)",
-    flag_values=FLAGS,
-)
+for _family in families.FAMILIES.values():
+    flags.DEFINE_string(
+        _family.name,
+        None,
+        f"official {_family.title} checkpoint (.pth, plain or a release trainer state): {_family.summary}",
+        flag_values=FLAGS,
+    )
 flags.DEFINE_string("out", None, "model directory to write", flag_values=FLAGS)
 flags.DEFINE_string(
     "to_official_vae",
@@ -112,15 +101,10 @@ def convert(args: types.SimpleNamespace) -> str:
         )
         if value is not None
     }
-    if args.m_var is not None:
-        attention, weights = "mamba", args.m_var
-    elif args.var is not None:
-        attention, weights = ("mvar" if args.as_mvar else "var"), args.var
-    else:
-        attention, weights = "mvar", args.mvar
+    family, weights = _transformer_flag(args)
     vqvae_config, vqvae_params = vqvae_weights.load_official_vqvae(args.vae, **patch_nums)
     transformer_config, transformer_params = transformer_weights.load_transformer(
-        weights, attention=attention, **patch_nums, **overrides
+        weights, family=family, **patch_nums, **overrides
     )
     checkpoint.check_configs(vqvae_config, transformer_config)
     checkpoint.save_model(
@@ -133,10 +117,18 @@ def convert(args: types.SimpleNamespace) -> str:
     )
     t = transformer_config
     return (
-        f"wrote {args.out}: {MODEL_NAMES[t.attention]} depth {t.depth}, width {t.embed_dim}, "
+        f"wrote {args.out}: {families.get(t.family).title} depth {t.depth}, width {t.embed_dim}, "
         f"{t.num_heads} heads, {t.num_classes} classes, vocab {t.vocab_size}, "
         f"{vqvae_config.image_size}px"
     )
+
+
+def _transformer_flag(args: types.SimpleNamespace) -> tuple[str, pathlib.Path] | tuple[None, None]:
+    """The family whose flag names a transformer file, and the file."""
+    for name in families.NAMES:
+        if getattr(args, name) is not None:
+            return name, getattr(args, name)
+    return None, None
 
 
 def _describe(v: VQVAEConfig) -> str:
@@ -176,11 +168,8 @@ def _check_args(args: types.SimpleNamespace) -> None:
             FLAGS,
             (
                 "vae",
-                "mvar",
-                "var",
-                "m_var",
+                *families.NAMES,
                 "out",
-                "as_mvar",
                 "num_heads",
                 "kernel_size",
                 "refine_step",
@@ -198,22 +187,20 @@ def _check_args(args: types.SimpleNamespace) -> None:
         return
     if args.model is not None:
         error("--model names the directory that --to_official_vae exports")
-    weights = cli.given(FLAGS, ("mvar", "var", "m_var"))
+    weights = cli.given(FLAGS, families.NAMES)
     if len(weights) > 1:
         error(f"{' and '.join(weights)}: convert one transformer at a time")
     if args.vae is None or args.out is None:
         error("the following arguments are required: --vae, --out (or --to_official_vae with --model)")
-    if args.as_mvar and args.var is None:
-        error("--as_mvar converts VAR weights; it needs --var")
     if not weights:
         extra = cli.given(FLAGS, ("num_heads", "kernel_size", "refine_step"))
         if extra:
-            error(f"{', '.join(extra)} configure a transformer; they need --mvar or --var (or --m_var)")
-    if args.m_var is not None and (args.kernel_size is not None or args.refine_step is not None):
-        error(
-            "--kernel_size and --refine_step set MVAR's spatial-Markov attention; M-VAR "
-            "attends within whole scales"
-        )
+            need = ", ".join(_TRANSFORMER_FLAGS)
+            error(f"{', '.join(extra)} configure a transformer; they need one of {need}")
+    family, _ = _transformer_flag(args)
+    mvar_only = cli.given(FLAGS, ("kernel_size", "refine_step"))
+    if family not in (None, "mvar") and mvar_only:
+        error(f"{', '.join(mvar_only)} set MVAR's spatial-Markov attention; --{family} has none")
     if args.out.exists() and not args.out.is_dir():
         error(f"--out {args.out} exists and is not a directory")
     if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
@@ -229,8 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.to_official_vae is not None:
         run = export_official_vae
     else:
-        transformer = (args.mvar, args.var, args.m_var)
-        run = convert if any(f is not None for f in transformer) else convert_tokenizer
+        run = convert if _transformer_flag(args)[0] is not None else convert_tokenizer
     try:
         print(run(args))
     except (CheckpointError, ValueError, OSError) as e:

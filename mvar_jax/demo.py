@@ -35,16 +35,15 @@ from collections.abc import Callable, Sequence
 import ml_collections
 from absl import flags
 
-from mvar_jax import checkpoint, cli
+from mvar_jax import cli
 from mvar_jax.data import records, token_cache
 from mvar_jax.eval import quality
 from mvar_jax.models.vqvae import VQVAE
-from mvar_jax.training import trainer, workdir
+from mvar_jax.training import generator, trainer, workdir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent  # configs/ and sample.py live here
 GRID_PER_CLASS = 2
-REPORT_SAMPLES_PER_CLASS = 50  # the validation split's count per class
-REPORT_CFG = 1.5
+REPORT_NUM_PER_CLASS = 50  # the validation split's count per class
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +120,7 @@ def _write_token_cache(config: ml_collections.ConfigDict) -> None:
     meta = cache_dir / "train" / "meta.json"
     if meta.exists() and not _newer(meta, pathlib.Path(config.vqvae_checkpoint) / workdir.EXPORTED_STEP):
         shutil.rmtree(cache_dir)  # made by a tokenizer since retrained
-    vqvae_config, params = checkpoint.load_vqvae_checkpoint(
-        config.vqvae_checkpoint, tuple(config.model.patch_nums)
-    )
+    vqvae_config, params = generator.load_tokenizer(config.vqvae_checkpoint, config.model.patch_nums)
     encode = token_cache.sharded_encoder(token_cache.vqvae_tokenize(VQVAE(vqvae_config)), params)
     print(f"encoding the train split with {config.vqvae_checkpoint} ...", flush=True)
     token_cache.write_token_cache(config.data, encode, cache_dir, "train", batch_size=100, chunk_size=1000)
@@ -147,11 +144,11 @@ def _sample_grid(model: pathlib.Path, num_classes: int, path: pathlib.Path) -> N
             "--num_per_class",
             str(GRID_PER_CLASS),
             "--cfg",
-            str(REPORT_CFG),
+            str(quality.UNFILTERED.cfg),
             "--top_k",
-            "0",
+            str(quality.UNFILTERED.top_k),
             "--top_p",
-            "0",
+            str(quality.UNFILTERED.top_p),
             "--seed",
             "0",
             "--out",
@@ -173,8 +170,7 @@ def _report(
         model,
         classifier_cache=classifier_cache,
         data_cfg=data_cfg,
-        samples_per_class=REPORT_SAMPLES_PER_CLASS,
-        cfg=REPORT_CFG,
+        num_per_class=REPORT_NUM_PER_CLASS,
     )
     md = quality.write_report(report, path)
     print(quality.report_markdown(report), flush=True)

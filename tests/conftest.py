@@ -38,6 +38,36 @@ MINI_VQVAE = dict(
 )
 
 
+def tiny_vqvae(**fields):
+    """The parity fixtures' tokenizer architecture (vocab 64, Cvae 8, ch 32; README in
+    tests/fixtures/official), at ``configs/tiny_cpu.py:fixture``'s pyramid unless ``fields`` say."""
+    from configs import tiny_cpu
+    from mvar_jax.models.vqvae import VQVAEConfig
+
+    fixture = tiny_cpu.get_config("fixture")
+    return VQVAEConfig(
+        **{"vocab_size": 64, "z_channels": 8, "ch": 32, "patch_nums": fixture.model.patch_nums, **fields}
+    )
+
+
+def tiny_transformer(**fields):
+    """``configs/tiny_cpu.py:fixture``'s generator (the tests' and benches' toy model: depth 2,
+    width 64, 4 heads, scales 1-4, refine step 3, kernel 3) over ``tiny_vqvae``, with
+    ``fields`` changed: for what needs no parity."""
+    import dataclasses
+
+    from configs import tiny_cpu
+    from mvar_jax.training import generator
+
+    base = generator.transformer_config(tiny_cpu.get_config("fixture"), tiny_vqvae())
+    return dataclasses.replace(base, **fields)
+
+
+def mini_transformer(**fields):
+    """``tiny_transformer`` over ``MINI_VQVAE``'s tokens (16 codes of 4 channels)."""
+    return tiny_transformer(vocab_size=MINI_VQVAE["vocab_size"], cvae=MINI_VQVAE["z_channels"], **fields)
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
 

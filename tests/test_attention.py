@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
+from kernels import neighborhood
 from mvar_jax.models import attention
 
 PATCH_NUMS = (1, 2, 3, 4, 5)
@@ -56,7 +57,7 @@ def _neighborhood_loop(q, k, v, ks, scale):
 def test_neighborhood_reference_matches_window_loop(H, W, ks):
     rng = np.random.default_rng(H * 100 + W + ks)
     q, k, v = (_rand(rng, 2, H, W, 2, 8) for _ in range(3))
-    out = attention.neighborhood_attention_reference(q, k, v, ks, scale=0.7)
+    out = neighborhood.neighborhood_attention_reference(q, k, v, ks, scale=0.7)
     assert out.shape == q.shape
     assert rel_err(out, _neighborhood_loop(q, k, v, ks, 0.7)) < 1e-6
 
@@ -65,7 +66,7 @@ def test_neighborhood_full_window_is_dense_attention():
     # A window as large as the map sees every token: plain attention.
     rng = np.random.default_rng(0)
     q, k, v = (_rand(rng, 1, 5, 5, 2, 4) for _ in range(3))
-    out = attention.neighborhood_attention_reference(q, k, v, 5)
+    out = neighborhood.neighborhood_attention_reference(q, k, v, 5)
     flat = [t.reshape(1, 25, 2, 4) for t in (q, k, v)]
     dense = attention.dense_attention(*flat, scale=0.5)
     assert rel_err(out.reshape(1, 25, 2, 4), dense) < 1e-6
@@ -74,7 +75,7 @@ def test_neighborhood_full_window_is_dense_attention():
 def test_neighborhood_dispatch():
     rng = np.random.default_rng(1)
     q, k, v = (_rand(rng, 1, 6, 7, 2, 4) for _ in range(3))
-    ref = attention.neighborhood_attention_reference(q, k, v, 3, 0.5)
+    ref = neighborhood.neighborhood_attention_reference(q, k, v, 3, 0.5)
     np.testing.assert_array_equal(attention.neighborhood_attention(q, k, v, 3, 0.5, impl="reference"), ref)
     with pytest.raises(ValueError, match="impl"):
         attention.neighborhood_attention(q, k, v, 3, 0.5, impl="natten")
@@ -96,7 +97,7 @@ def test_neighborhood_masked_matches_window_loop():
 @pytest.mark.parametrize("size,ks", [(13, 7), (16, 7), (24, 7), (18, 5), (64, 7), (17, 3)])
 def test_axis_tiling_covers_every_window_exactly(size, ks):
     tiling = attention.axis_tiling(size, ks)
-    starts = attention.neighborhood_window_starts(size, ks)
+    starts = neighborhood.neighborhood_window_starts(size, ks)
     assert size % tiling.tile == 0 and tiling.allowed.shape[1:] == (tiling.tile, tiling.span)
     whole = size <= attention.MASKED_WHOLE_AXIS or size == 17  # 17 has no tile of 4 to 8
     assert tiling.tile == size if whole else tiling.tile in attention.MASKED_TILES
@@ -115,13 +116,13 @@ def test_neighborhood_masked_gradients_and_bfloat16_match_reference():
         return jax.vjp(lambda *qkv: fn(*qkv, 5, 0.7), q, k, v)[1](do)
 
     for got, want in zip(
-        grads(attention.neighborhood_attention_masked), grads(attention.neighborhood_attention_reference)
+        grads(attention.neighborhood_attention_masked), grads(neighborhood.neighborhood_attention_reference)
     ):
         assert rel_err(got, want) < 1e-5
     bf16 = [t.astype(jnp.bfloat16) for t in (q, k, v)]
     out = attention.neighborhood_attention_masked(*bf16, 5, 0.7)
     assert out.dtype == jnp.bfloat16
-    assert rel_err(out, attention.neighborhood_attention_reference(*bf16, 5, 0.7)) < 1e-2
+    assert rel_err(out, neighborhood.neighborhood_attention_reference(*bf16, 5, 0.7)) < 1e-2
 
 
 def test_auto_picks_the_masked_path_off_gpu():
@@ -176,16 +177,15 @@ def test_block_causal_with_cached_prefix_equals_full_sequence_rows():
 
 
 @pytest.mark.parametrize("first,last", [(0, 5), (0, 3), (3, 5), (4, 5), (1, 2)])
-def test_pyramid_attention_mvar_is_per_scale(first, last):
+def test_markov_attention_is_per_scale(first, last):
     """Scales below refine_step: full attention within the scale; later: 3x3 windows."""
     rng = np.random.default_rng(first * 10 + last)
     ids = attention.scale_ids(PATCH_NUMS, first, last)
     q, k, v = (_rand(rng, 2, ids.size, 2, 4) for _ in range(3))
-    out = attention.pyramid_attention(
+    out = attention.markov_attention(
         q,
         k,
         v,
-        pattern="mvar",
         patch_nums=PATCH_NUMS,
         first_scale=first,
         last_scale=last,
@@ -210,10 +210,8 @@ def test_pyramid_attention_mvar_is_per_scale(first, last):
 
 def test_pyramid_attention_errors():
     q = jnp.zeros((1, 14, 2, 4))
-    kwargs = dict(patch_nums=PATCH_NUMS, first_scale=0, last_scale=3, scale=1.0, refine_step=3, kernel_size=3)
-    with pytest.raises(ValueError, match="pattern"):
-        attention.pyramid_attention(q, q, q, pattern="full", **kwargs)
-    with pytest.raises(ValueError, match="tokens"):
-        attention.pyramid_attention(q[:, :10], q, q, pattern="var", **kwargs)
+    span = dict(patch_nums=PATCH_NUMS, first_scale=0, last_scale=3, scale=1.0)
+    with pytest.raises(ValueError, match="q has 10 tokens but scales"):
+        attention.causal_attention(q[:, :10], q, q, **span)
     with pytest.raises(ValueError, match="share a shape"):
-        attention.pyramid_attention(q, q[:, :5], q[:, :5], pattern="mvar", **kwargs)
+        attention.markov_attention(q, q[:, :5], q[:, :5], refine_step=3, kernel_size=3, **span)

@@ -20,7 +20,8 @@ from conftest import MINI_VQVAE
 
 from mvar_jax import checkpoint
 from mvar_jax.errors import CheckpointError, StateDictMismatchError
-from mvar_jax.models.transformer import TransformerConfig, init_params
+from mvar_jax.models.config import TransformerConfig
+from mvar_jax.models.transformer import init_params, stack_blocks
 from mvar_jax.models.vqvae import VQVAEConfig, abstract_variables
 from mvar_jax.weights.transformer import load_transformer
 from mvar_jax.weights.vqvae import load_official_vqvae
@@ -47,7 +48,8 @@ import sys
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mvar_jax import checkpoint
-from mvar_jax.models.transformer import TransformerConfig, init_params
+from mvar_jax.models.config import TransformerConfig
+from mvar_jax.models.transformer import init_params
 from mvar_jax.models.vqvae import VQVAEConfig, abstract_variables
 
 assert jax.device_count() == 2, jax.devices()
@@ -71,7 +73,7 @@ _TRANSFORMER = dict(
     embed_dim=16,
     num_heads=2,
     patch_nums=(1, 2),
-    attention="var",
+    family="var",
     refine_step=1,
 )
 
@@ -95,7 +97,7 @@ def test_model_saved_on_two_devices_loads_on_one(tmp_path):
         lambda s: np.arange(s.size, dtype=np.float32).reshape(s.shape),
         abstract_variables(VQVAEConfig(**_VQVAE)),
     )
-    want_transformer = init_params(TransformerConfig(**_TRANSFORMER), jax.random.PRNGKey(0))
+    want_transformer = stack_blocks(init_params(TransformerConfig(**_TRANSFORMER), jax.random.PRNGKey(0)), 1)
     for got, want in ((bundle.vqvae_params, want_vqvae), (bundle.transformer_params, want_transformer)):
         assert jax.tree.structure(got) == jax.tree.structure(want)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -111,14 +113,26 @@ def saved(tiny_model, tmp_path_factory):
 
 
 def test_round_trip_keeps_configs_and_every_param(tiny_model, saved):
+    """The model comes back ready to sample: its blocks stacked (as ``abstract_model`` says)."""
     bundle = checkpoint.load_model(saved)
     assert bundle.vqvae_config == tiny_model["vqvae_config"]
     assert bundle.transformer_config == tiny_model["transformer_config"]
-    for name in ("vqvae_params", "transformer_params"):
-        got, want = getattr(bundle, name), tiny_model[name]
+    depth = bundle.transformer_config.depth
+    stacked = stack_blocks(tiny_model["transformer_params"], depth)
+    abstract = checkpoint.abstract_model(bundle.vqvae_config, bundle.transformer_config)
+    assert jax.tree.map(np.shape, abstract.transformer_params) == jax.tree.map(np.shape, stacked)
+    for name, want in (("vqvae_params", tiny_model["vqvae_params"]), ("transformer_params", stacked)):
+        got = getattr(bundle, name)
         assert jax.tree.structure(got) == jax.tree.structure(want)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_loaded_model_saves_back_with_one_subtree_per_block(saved, tmp_path):
+    bundle = checkpoint.load_model(saved)
+    checkpoint.save_model(tmp_path / "again", **bundle._asdict())
+    again = checkpoint.load_model(tmp_path / "again")
+    jax.tree.map(np.testing.assert_array_equal, again.transformer_params, bundle.transformer_params)
 
 
 def test_save_refuses_to_overwrite_unless_asked(tiny_model, saved):

@@ -1,4 +1,4 @@
-"""``mvar_jax.cli``: absl parsing for in-process commands, old spellings, the sampling flags."""
+"""``mvar_jax.cli``: absl parsing for in-process commands, the sampling flags."""
 
 from __future__ import annotations
 
@@ -38,22 +38,12 @@ def test_every_parse_starts_from_the_defaults():
     assert cli.given(values, ("labels", "overwrite")) == []
 
 
-def test_old_spellings_are_read_as_the_new_ones_with_a_warning():
-    values = _flags()
-    with pytest.warns(FutureWarning) as warned:
-        args = cli.parse_flags(
-            values,
-            ["--out", "a", "--batch-size", "2", "--patch-nums", "1", "2", "3", "--top-p=0.5"],
-            prog="prog",
-            doc=None,
-        )
-    assert (args.batch_size, args.patch_nums, args.top_p) == (2, (1, 2, 3), 0.5)
-    assert [str(w.message) for w in warned] == [
-        "--batch-size is now --batch_size",
-        "--patch-nums is now --patch_nums",
-        "--patch_nums 1 2 3 is now --patch_nums=1,2,3",
-        "--top-p is now --top_p",
-    ]
+def test_dashed_spellings_are_unknown_flags(capsys):
+    """One spelling per flag: underscores."""
+    assert (
+        "unknown command line flag 'batch-size'"
+        in _error(capsys, _flags(), ["--out=a", "--batch-size=2"]).lower()
+    )
 
 
 def test_bad_input_is_a_usage_error(capsys):
@@ -66,8 +56,15 @@ def test_bad_input_is_a_usage_error(capsys):
     assert "--batch_size=0" in _error(capsys, values, ["--out=a", "--batch_size=0"])
     cli.parse_flags(values, ["--out=a", "--top_p=2"], prog="prog", doc=None)
     with pytest.raises(SystemExit):
-        cli.check_sampling_flags(values, "prog")
-    assert "--top_p" in capsys.readouterr().err
+        cli.sampling_options(values, "prog")
+    assert "prog: error: --top_p=2.0 must be in [0, 1] (0: off)" in capsys.readouterr().err
+    cli.parse_flags(values, ["--out=a", "--cfg=-1"], prog="prog", doc=None)
+    with pytest.raises(SystemExit):
+        cli.sampling_options(values, "prog")
+    assert "--cfg=-1.0 must be a finite number >= 0" in capsys.readouterr().err
+    cli.parse_flags(values, ["--out=a", "--cfg=2", "--top_k=3"], prog="prog", doc=None)
+    options = cli.sampling_options(values, "prog", decode=False)
+    assert (options.cfg, options.top_k, options.top_p, options.decode) == (2.0, 3, 0.0, False)
 
 
 def test_help_prints_the_doc_and_every_flag(capsys):

@@ -31,7 +31,7 @@ def _error_of(capsys, argv: list[str]) -> str:
 def test_converted_directory_is_self_contained(tiny_checkpoints, fixture_dir):
     for name in ("mvar", "var"):
         config = json.loads((tiny_checkpoints[name] / "transformer_config.json").read_text())
-        assert (config["attention"], config["num_heads"], config["depth"]) == (name, 4, 2)
+        assert (config["family"], config["num_heads"], config["depth"]) == (name, 4, 2)
         assert (config["kernel_size"], config["refine_step"]) == (7, 8)
     model = checkpoint.load_model(tiny_checkpoints["mvar"])
     assert model.vqvae_config.vocab_size == model.transformer_config.vocab_size == 64
@@ -50,10 +50,10 @@ def test_converted_directory_is_self_contained(tiny_checkpoints, fixture_dir):
 def test_var_weights_as_mvar_and_overwrite(tiny_checkpoints, fixture_dir, tmp_path, capsys):
     out = tmp_path / "as_mvar"
     shutil.copytree(tiny_checkpoints["mvar"], out)  # a model to replace
-    convert_tiny(fixture_dir, "--var", "tiny_var.pth", out, "--as_mvar", "--kernel_size", "5", "--overwrite")
+    convert_tiny(fixture_dir, "--mvar", "tiny_var.pth", out, "--kernel_size", "5", "--overwrite")
     as_mvar = checkpoint.load_model(out)
     var = checkpoint.load_model(tiny_checkpoints["var"])
-    assert as_mvar.transformer_config.attention == "mvar"
+    assert as_mvar.transformer_config.family == "mvar"
     assert as_mvar.transformer_config.kernel_size == 5
     np.testing.assert_array_equal(
         as_mvar.transformer_params["params"]["pos_embed"], var.transformer_params["params"]["pos_embed"]
@@ -69,15 +69,15 @@ def test_var_weights_as_mvar_and_overwrite(tiny_checkpoints, fixture_dir, tmp_pa
 
 def test_m_var_converts_with_its_own_flag(m_var_checkpoints, capsys, fixture_dir, tmp_path):
     config = json.loads((m_var_checkpoints["l21"] / "transformer_config.json").read_text())
-    assert (config["attention"], config["attn_l2_norm"], config["num_heads"]) == ("mamba", True, 4)
+    assert (config["family"], config["attn_l2_norm"], config["num_heads"]) == ("m_var", True, 4)
     vae, out = str(fixture_dir / "tiny_vae.pth"), str(tmp_path / "out")
     m_var = str(M_VAR_FIXTURES / "tiny_mvar_m_l21.pth")
     err = _error_of(capsys, ["--vae", vae, "--mvar", m_var, "--out", out])
-    assert "an M-VAR checkpoint" in err and "--m_var" in err
+    assert "these are M-VAR weights" in err and "--m_var" in err
     err = _error_of(capsys, ["--vae", vae, "--m_var", str(fixture_dir / "tiny_mvar.pth"), "--out", out])
-    assert "not an M-VAR checkpoint" in err
+    assert "these are not M-VAR weights" in err
     err = _error_of(capsys, ["--vae", vae, "--m_var", m_var, "--out", out, "--kernel_size", "5"])
-    assert "M-VAR attends within whole scales" in err
+    assert "--kernel_size set MVAR's spatial-Markov attention; --m_var has none" in err
 
 
 def test_errors_are_clear(capsys, fixture_dir, tmp_path):
@@ -92,10 +92,6 @@ def test_errors_are_clear(capsys, fixture_dir, tmp_path):
         capsys, ["--vae", vae, "--mvar", str(fixture_dir / "tiny_mvar.pth"), "--out", out, "--num_heads", "8"]
     )
     assert "num_heads=8" in err
-    err = _error_of(
-        capsys, ["--vae", vae, "--mvar", str(fixture_dir / "tiny_mvar.pth"), "--out", out, "--as_mvar"]
-    )
-    assert "--as_mvar" in err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "something").write_text("x")
     err = _error_of(
@@ -172,23 +168,11 @@ def test_tokenizer_modes_report_bad_input(capsys, tiny_checkpoints, fixture_dir,
     assert "--to_official_vae" in _error_of(capsys, ["--model", model, "--out", out])
     assert "required: --vae, --out" in _error_of(capsys, ["--vae", vae])
     err = _error_of(capsys, ["--vae", vae, "--out", str(tmp_path / "tok"), "--num_heads", "4"])
-    assert "--num_heads configure a transformer; they need --mvar or --var" in err
+    assert "--num_heads configure a transformer; they need one of --mvar, --var, --m_var" in err
     err = _error_of(capsys, ["--vae", str(fixture_dir / "tiny_mvar.pth"), "--out", str(tmp_path / "tok")])
     assert "VQVAE state dict" in err and "missing keys" in err
     assert (tmp_path / "vae.pth").read_bytes() == b"x"
     assert not (tmp_path / "tok").exists()
-
-
-def test_old_dashed_spellings_still_work(capsys, fixture_dir, tmp_path):
-    out = tmp_path / "vae.pth"
-    with pytest.warns(FutureWarning, match="--to-official-vae is now --to_official_vae"):
-        err = _error_of(capsys, ["--to-official-vae", str(out), "--num_heads=4"])
-    assert "--to_official_vae writes the VQVAE of --model; --num_heads do not apply" in err
-    with pytest.warns(FutureWarning, match="--as-mvar is now --as_mvar"):
-        err = _error_of(
-            capsys, ["--vae", str(fixture_dir / "tiny_vae.pth"), "--out", str(tmp_path / "o"), "--as-mvar"]
-        )
-    assert "--as_mvar converts VAR weights; it needs --var" in err
 
 
 def test_flag_errors_are_usage_errors(capsys, tmp_path):

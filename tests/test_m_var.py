@@ -10,17 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import M_VAR_VARIANTS, rel_err
+from conftest import M_VAR_VARIANTS, rel_err, tiny_transformer
 
 from mvar_jax import checkpoint, sampling
-from mvar_jax.models import m_var
+from mvar_jax.models import families, m_var
+from mvar_jax.models.config import TransformerConfig
 from mvar_jax.models.mamba2 import Mamba2
 from mvar_jax.models.transformer import (
     Transformer,
-    TransformerConfig,
-    init_kv_cache,
+    blocks_are_stacked,
     init_params,
     param_shapes,
+    stack_cache,
 )
 from mvar_jax.models.vqvae import VQVAE, VQVAEConfig
 
@@ -32,22 +33,24 @@ def models(m_var_checkpoints) -> dict[str, checkpoint.ModelBundle]:
     return {variant: checkpoint.load_model(path) for variant, path in m_var_checkpoints.items()}
 
 
-@functools.cache
-def _teacher_forcing(config: TransformerConfig):
-    return jax.jit(functools.partial(Transformer(config).apply, first_scale=0, last_scale=config.num_scales))
+@functools.partial(jax.jit, static_argnames="config")
+def _teacher_forcing(config: TransformerConfig, params, label_B, x_BLCv):
+    """Teacher forcing, with the blocks as the params hold them (stacked: scanned)."""
+    model = Transformer(config, scan_blocks=blocks_are_stacked(params))
+    return model.apply(params, label_B, x_BLCv, first_scale=0, last_scale=config.num_scales)
 
 
 @pytest.mark.parametrize("variant", M_VAR_VARIANTS)
 def test_teacher_forcing_matches_official(models, m_var_io, variant):
     model, io = models[variant], m_var_io[variant]
     config = model.transformer_config
-    assert (config.attention, config.attn_l2_norm, config.depth, config.num_heads) == (
-        "mamba",
+    assert (config.family, config.attn_l2_norm, config.depth, config.num_heads) == (
+        "m_var",
         variant == "l21",
         2,
         4,
     )
-    logits = _teacher_forcing(config)(model.transformer_params, io["label"], io["x_BLCv_wo_first_l"])
+    logits = _teacher_forcing(config, model.transformer_params, io["label"], io["x_BLCv_wo_first_l"])
     err = rel_err(logits, io["tf_logits"])
     assert err < 1e-5, err  # measured 3.4e-7
 
@@ -63,10 +66,12 @@ def _var_input(config: VQVAEConfig, vqvae_params, ids_BL):
 def _inference_logits(config: TransformerConfig, params, label_B, x_BLCv, *, rerun: bool):
     """Pre-guidance logits ``(2B, L, V)``, rows [cond; uncond], of the per-scale inference
     API fed the tokens behind ``x_BLCv`` (the sampler's loop with the tokens fixed)."""
-    model = Transformer(config)
+    stacked = blocks_are_stacked(params)
+    model = Transformer(config, scan_blocks=stacked)
     label_2B = jnp.concatenate([label_B, jnp.full_like(label_B, config.num_classes)])
     x_BlC, cond_BD = model.apply(params, label_2B, method=Transformer.start_input)
-    cache = (m_var.init_rerun_cache if rerun else init_kv_cache)(config, label_2B.shape[0])
+    cache = (m_var.init_rerun_cache if rerun else m_var.init_mamba_states)(config, label_2B.shape[0])
+    cache = stack_cache(cache) if stacked else cache
     out = []
     for si in range(config.num_scales):
         if si:
@@ -111,17 +116,7 @@ def _slow_decay_model(**overrides):
     """A random M-VAR whose Mamba decays slowly (A = -0.01): every scale's logits depend
     on all earlier ones, unlike the fixture's freshly initialised layers. Returns the
     arguments of ``_inference_logits``; ``overrides``: config fields."""
-    config = TransformerConfig(
-        vocab_size=16,
-        cvae=4,
-        num_classes=5,
-        depth=1,
-        embed_dim=64,
-        num_heads=2,
-        patch_nums=(1, 2, 3, 4, 5),
-        attention="mamba",
-        **overrides,
-    )
+    config = tiny_transformer(family="m_var", depth=1, patch_nums=(1, 2, 3, 4, 5), **overrides)
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map_with_path(
         lambda path, leaf: (
@@ -174,14 +169,16 @@ def test_greedy_sampling_matches_official(models, m_var_io):
     # The sampler's loop is shared by both variants, and l21's greedy tokens follow
     # from its logits above: one variant end to end keeps this to one compilation.
     io = m_var_io["l20"]
-    out = sampling.sample(models["l20"], io["label"], jax.random.PRNGKey(0), cfg=CFG, top_k=1)
+    out = sampling.sample(
+        models["l20"], io["label"], jax.random.PRNGKey(0), sampling.SamplingOptions(cfg=CFG, top_k=1)
+    )
     np.testing.assert_array_equal(out.tokens, io["greedy_BL"])
     np.testing.assert_allclose(
         out.images, io["greedy_img"].transpose(0, 2, 3, 1), atol=1e-4, rtol=0
     )  # measured 9.4e-6
 
 
-def _mamba_calls(model: checkpoint.ModelBundle, mamba_rerun: bool):
+def _mamba_calls(model: checkpoint.ModelBundle, rerun: bool):
     """Traces generate (no compile): (tokens in, SSM state shape, scan chunk) of every
     Mamba2 call."""
     calls = []
@@ -199,9 +196,8 @@ def _mamba_calls(model: checkpoint.ModelBundle, mamba_rerun: bool):
                 sampling.generate,
                 model.vqvae_config,
                 model.transformer_config,
-                top_k=1,
-                decode=False,
-                mamba_rerun=mamba_rerun,
+                options=sampling.SamplingOptions(top_k=1, decode=False),
+                init_state=m_var.init_rerun_cache if rerun else None,
             ),
             model.vqvae_params,
             model.transformer_params,
@@ -216,17 +212,17 @@ def test_sampler_runs_each_scale_once_on_a_fixed_size_state(models):
     model = models["l21"]
     config = model.transformer_config
     sizes = [pn * pn for pn in config.patch_nums]
-    state_shape = (6, config.mamba.nheads, config.mamba.headdim, config.mamba.d_state)
+    mamba = m_var.mamba_config(config)
+    state_shape = (6, mamba.nheads, mamba.headdim, mamba.d_state)
     # Ours: each block's Mamba sees this scale's tokens and the state from the last one,
-    # in inference's chunks.
+    # in inference's chunks (the loaded blocks are stacked: one traced call per scale,
+    # which the scan runs for every block).
     assert config.mamba_inference_chunk_size == 16
-    assert _mamba_calls(model, mamba_rerun=False) == [
-        (n, state_shape, 16) for n in sizes for _ in range(config.depth)
-    ]
+    assert _mamba_calls(model, rerun=False) == [(n, state_shape, 16) for n in sizes]
     # The official algorithm: all tokens so far, from scratch, at every scale, in
     # mamba_ssm's chunks.
-    assert _mamba_calls(model, mamba_rerun=True) == [
-        (sum(sizes[: si + 1]), None, 256) for si in range(config.num_scales) for _ in range(config.depth)
+    assert _mamba_calls(model, rerun=True) == [
+        (sum(sizes[: si + 1]), None, 256) for si in range(config.num_scales)
     ]
 
 
@@ -237,31 +233,24 @@ def _random_params(abstract, seed: int, std: float):
 
 def test_m_var_settings_and_errors():
     config = TransformerConfig(
-        depth=2, embed_dim=64, num_heads=4, patch_nums=(1, 2, 3), attention="mamba"
+        depth=2, embed_dim=64, num_heads=4, patch_nums=(1, 2, 3), family="m_var"
     )  # refine_step 8 > 3 scales: unused
-    assert (
-        config.mamba.d_state,
-        config.mamba.d_conv,
-        config.mamba.expand,
-        config.mamba.headdim,
-        config.mamba.nheads,
-    ) == (64, 4, 2, 64, 2)
+    mamba = m_var.mamba_config(config)
+    assert (mamba.d_state, mamba.d_conv, mamba.expand, mamba.headdim, mamba.nheads) == (64, 4, 2, 64, 2)
     assert sampling.guidance_schedule(1.0, config) is not None  # Guides at cfg 1, as VAR.
-    with pytest.raises(ValueError, match="M-VAR .* has no shared AdaLN"):
-        TransformerConfig(depth=2, embed_dim=64, shared_aln=True, attention="mamba")
+    with pytest.raises(ValueError, match="M-VAR has no shared AdaLN"):
+        families.of(TransformerConfig(depth=2, embed_dim=64, shared_aln=True, family="m_var"))
     with pytest.raises(ValueError, match="mamba_inference_chunk_size must be a positive int, got 0"):
-        TransformerConfig(depth=2, embed_dim=64, attention="mamba", mamba_inference_chunk_size=0)
+        TransformerConfig(depth=2, embed_dim=64, family="m_var", mamba_inference_chunk_size=0)
     with pytest.raises(ValueError, match="Mamba2 layer: .* not a multiple of headdim 64"):
-        TransformerConfig(depth=2, embed_dim=48, num_heads=4, attention="mamba")
+        families.of(TransformerConfig(depth=2, embed_dim=48, num_heads=4, family="m_var"))
     params = _random_params(param_shapes(config), 0, 0.1)
     model = Transformer(config)
     with pytest.raises(ValueError, match="must start at scale 0"):
         model.apply(params, jnp.zeros(1, jnp.int32), jnp.zeros((1, 4, 8)), first_scale=1, last_scale=2)
     x, cond = model.apply(params, jnp.zeros(1, jnp.int32), method=Transformer.start_input)
-    with pytest.raises(ValueError, match="M-VAR its Mamba states"):
+    with pytest.raises(ValueError, match="M-VAR inference needs the state of Family.init_state"):
         model.apply(params, x, cond, 0, None, method=Transformer.scale_logits)
-    with pytest.raises(ValueError, match="the Mamba re-run is M-VAR's"):
-        m_var.init_rerun_cache(TransformerConfig(depth=2), 1)
 
 
 def test_init_params_follow_the_official_recipe():
@@ -269,7 +258,7 @@ def test_init_params_follow_the_official_recipe():
     # (in_proj, out_proj: no 1/sqrt(2 depth)), Conv1d normal(0.02) with zero bias; ada_lin's
     # first 2C of 9C columns (gamma1, gamma2) times alng; A in [1, 16], dt in [1e-3, 0.1],
     # D and the norm weight ones.
-    config = TransformerConfig(depth=1, embed_dim=64, num_heads=2, patch_nums=(1, 2), attention="mamba")
+    config = TransformerConfig(depth=1, embed_dim=64, num_heads=2, patch_nums=(1, 2), family="m_var")
     params = init_params(config, jax.random.PRNGKey(0))["params"]["blocks_0"]
     std, C = (1 / (3 * 64)) ** 0.5, 64
     mamba = jax.tree.map(np.asarray, params["mamba"])

@@ -111,7 +111,7 @@ def trained(workdir) -> str:
         vqvae_config=model.vqvae_config,
         vqvae_params=model.vqvae_params,
         transformer_params=model.transformer_params,
-        transformer_config=dataclasses.replace(model.transformer_config, attention="var"),
+        transformer_config=dataclasses.replace(model.transformer_config, family="var"),
     )
     return output
 
@@ -195,7 +195,7 @@ def test_convert_notebook(workdir):
     output = execute("convert", workdir)
     out = workdir / "notebook_out"
     model = checkpoint.load_model(out / "tiny_mvar")
-    assert (model.transformer_config.attention, model.transformer_config.num_heads) == ("mvar", 4)
+    assert (model.transformer_config.family, model.transformer_config.num_heads) == ("mvar", 4)
     side = model.vqvae_config.image_size
     assert image_size(out / "roundtrip.png") == (2 * side, side)
     assert " 1x1  [[" in output and "16x16" in output and "PSNR" in output

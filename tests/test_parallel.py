@@ -62,9 +62,11 @@ def _worker() -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     from configs import tiny_cpu
     from mvar_jax import parallel
+    from mvar_jax.models import families
+    from mvar_jax.models.config import InitScales
     from mvar_jax.models.transformer import Transformer
     from mvar_jax.models.vqvae import VQVAEConfig
-    from mvar_jax.training import generator, optimizer, schedule, state as state_lib, step as step_lib
+    from mvar_jax.training import generator, optimizer, state as state_lib, step as step_lib
     from mvar_jax.training.synthetic import SyntheticTokenSource
 
     toy = tiny_cpu.get_config("fixture")  # the toy model, on the fixture tokenizer's vocabulary
@@ -74,14 +76,19 @@ def _worker() -> None:
         toy, VQVAEConfig(vocab_size=64, z_channels=8, patch_nums=toy.model.patch_nums)
     )
     model = Transformer(config)
-    tx, lr = optimizer.make_optimizer(toy.optim, global_batch_size=8, total_steps=10, warmup_steps=1)
+    tx, lr = optimizer.make_optimizer(
+        optimizer.OptimizerConfig(**{**toy.optim, "warmup_fraction": 0.1}),
+        global_batch_size=8,
+        total_steps=10,
+        decay_mask=optimizer.official_decay_mask,
+    )
     rng = jax.random.PRNGKey(0)
-    params = state_lib.init_params(config, toy.init, rng)
+    params = state_lib.init_params(config, InitScales(**toy.init), rng)
     source = SyntheticTokenSource(batch_size=8, seq_len=config.seq_len, vocab_size=64, num_classes=10)
     batches = [source.batch(i) for i in range(2)]
     for b in batches:
         b["x_BLCv"] = np.random.default_rng(0).normal(size=(8, config.seq_len - 1, 8)).astype(np.float32)
-    segments = schedule.make_schedule("mvar", 4, refine_step=3, ratio_k=1).segments
+    segments = families.of(config).schedule(config, 1).segments
 
     def run(devices, fsdp):
         mesh = parallel.make_mesh(devices)

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import scipy.linalg
 import tensorflow_datasets as tfds
+from conftest import tiny_transformer
 
 from mvar_jax import checkpoint, data
 from mvar_jax.data import builtin_shapes
 from mvar_jax.errors import CheckpointError
 from mvar_jax.eval import classifier as classifier_lib, frechet, quality
-from mvar_jax.models.transformer import TransformerConfig, init_params
+from mvar_jax.models.transformer import init_params
 from mvar_jax.models.vqvae import VQVAE
 from mvar_jax.weights.vqvae import load_official_vqvae
 
@@ -193,16 +194,8 @@ def test_tokenizer_psnr_against_the_full_pyramid_reconstruction(tiny_tokenizer, 
 def model_64px(tiny_tokenizer, tmp_path_factory):
     """A random-weight 10-class MVAR over the tiny tokenizer at 64 px, saved as a model dir."""
     vqvae_config, vqvae_params = tiny_tokenizer
-    config = TransformerConfig(
-        vocab_size=vqvae_config.vocab_size,
-        cvae=vqvae_config.z_channels,
-        num_classes=10,
-        depth=1,
-        embed_dim=32,
-        num_heads=2,
-        patch_nums=(1, 2, 3, 4),
-        kernel_size=3,
-        refine_step=3,
+    config = tiny_transformer(
+        vocab_size=vqvae_config.vocab_size, cvae=vqvae_config.z_channels, depth=1, embed_dim=32, num_heads=2
     )
     path = tmp_path_factory.mktemp("models") / "mvar64"
     checkpoint.save_model(
@@ -282,18 +275,18 @@ def test_cli_reports_bad_input_as_usage_errors(tiny_checkpoints, tmp_path, capsy
             ]
         )
     assert "expected comma-separated class ids such as 3,1, got '0,x'" in capsys.readouterr().err
-    with pytest.raises(SystemExit), pytest.warns(FutureWarning, match="--samples_per_class"):
+    with pytest.raises(SystemExit):
         quality.main(
             [
                 "--checkpoint",
                 str(tiny_checkpoints["var"]),
                 "--out",
                 str(tmp_path / "r.json"),
-                "--samples-per-class",
+                "--num_per_class",
                 "0",
             ]
-        )  # the old spelling
-    assert "--samples_per_class=0" in capsys.readouterr().err
+        )
+    assert "--num_per_class=0" in capsys.readouterr().err
 
 
 def test_cli_end_to_end(model_64px, classifier, data_cfg, classifier_cache, tmp_path, capsys):
@@ -311,7 +304,7 @@ def test_cli_end_to_end(model_64px, classifier, data_cfg, classifier_cache, tmp_
                 data_cfg.data_dir,
                 "--labels",
                 "0,3,7",
-                "--samples_per_class",
+                "--num_per_class",
                 "4",
                 "--batch_size",
                 "5",
@@ -328,7 +321,7 @@ def test_cli_end_to_end(model_64px, classifier, data_cfg, classifier_cache, tmp_
         "cfg": 2.0,
         "top_k": 0,
         "top_p": 0.0,
-        "samples_per_class": 4,
+        "num_per_class": 4,
         "seed": 1,
         "batch_size": 5,
         "labels": [0, 3, 7],

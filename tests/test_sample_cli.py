@@ -1,7 +1,7 @@
 """``sample.py`` end to end on the CLI-converted tiny fixture.
 
-Greedy runs with two images per call share one compilation (of the prepared,
-block-stacked model that sample.py samples from).
+Greedy runs with two images per call share one compilation (of the block-stacked
+model that ``checkpoint.load_model`` returns and sample.py samples from).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import sample
 from mvar_jax import checkpoint, sampling
 from mvar_jax.images import CAPTION_PX
 from mvar_jax.models.transformer import blocks_are_stacked
+from mvar_jax.sampling import sampler
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GREEDY = ["--cfg", "1.5", "--top_k", "1", "--top_p", "0", "--seed", "0"]
@@ -139,12 +140,12 @@ def test_memory_options_are_checked_and_reach_the_sampler(tiny_checkpoints, caps
     )
     calls = []
 
-    def fake_sample(model, labels, key, **options):  # Records the call, skips the work.
+    def fake_sample(model, labels, key, options):  # Records the call, skips the work.
         calls.append((model, options))
         n, L = len(labels), model.transformer_config.seq_len
         return sampling.Samples(np.zeros((n, L), np.int32), None, np.zeros((n, 2, 2, 3)))
 
-    monkeypatch.setattr(sampling, "sample", fake_sample)
+    monkeypatch.setattr(sampler, "sample", fake_sample)
     sample.main(
         [
             "--checkpoint",
@@ -160,8 +161,8 @@ def test_memory_options_are_checked_and_reach_the_sampler(tiny_checkpoints, caps
         ]
     )
     ((model, options),) = calls
-    assert (options["decode_batch_size"], options["chunk_tokens"]) == (1, 64)
-    assert blocks_are_stacked(model.transformer_params)  # sampling.prepare ran
+    assert (options.decode_batch_size, options.chunk_tokens) == (1, 64)
+    assert blocks_are_stacked(model.transformer_params)  # as load_model returns it
 
 
 def test_command_line_exit_status(tiny_checkpoints, tmp_path):
@@ -194,25 +195,3 @@ def test_precision_and_attention_overrides_reach_the_model(tiny_checkpoints):
     assert (config.dtype, config.neighborhood_impl) == ("bfloat16", "reference")
     args = sample.parse(["--checkpoint", str(tiny_checkpoints["mvar"]), "--out", "x.png"])
     assert sample.load(args).transformer_config.neighborhood_impl == "auto"
-
-
-def test_old_dashed_spellings_still_work(tiny_checkpoints):
-    with pytest.warns(FutureWarning) as warned:
-        args = sample.parse(
-            [
-                "--checkpoint",
-                str(tiny_checkpoints["mvar"]),
-                "--fid-npz",
-                "f.npz",
-                "--neighborhood-impl",
-                "reference",
-                "--num-per-class",
-                "3",
-            ]
-        )
-    assert [str(w.message) for w in warned] == [
-        "--fid-npz is now --fid_npz",
-        "--neighborhood-impl is now --neighborhood_impl",
-        "--num-per-class is now --num_per_class",
-    ]
-    assert (args.neighborhood_impl, args.num_per_class, str(args.fid_npz)) == ("reference", 3, "f.npz")

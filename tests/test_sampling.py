@@ -10,17 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MINI_VQVAE, rel_err
+from conftest import MINI_VQVAE, mini_transformer, rel_err
 
 from mvar_jax import checkpoint, sampling
-from mvar_jax.models.transformer import (
-    SelfAttention,
-    Transformer,
-    TransformerConfig,
-    blocks_are_stacked,
-    param_shapes,
-)
+from mvar_jax.models.config import TransformerConfig
+from mvar_jax.models.layers import SelfAttention
+from mvar_jax.models.transformer import Transformer, blocks_are_stacked, param_shapes, stack_blocks
 from mvar_jax.models.vqvae import VQVAEConfig, abstract_variables
+from mvar_jax.sampling import SamplingOptions
 
 
 def _official_filter_numpy(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
@@ -103,13 +100,20 @@ def test_filters_keep_the_largest_and_drop_something():
     np.testing.assert_array_equal(np.argmax(np.where(kept_p, logits, -np.inf), -1), np.argmax(logits, -1))
 
 
-def test_filter_settings_are_checked_under_the_callers_names():
-    sampling.check_filters(0, 0.0)
-    sampling.check_filters(900, 1.0)
-    with pytest.raises(ValueError, match=r"^top_k=-1 must be >= 0"):
-        sampling.check_filters(-1, 0.5)
-    with pytest.raises(ValueError, match=r"^--top-p=1.5 must be in \[0, 1\]"):
-        sampling.check_filters(0, 1.5, names=("--top-k", "--top-p"))
+def test_options_are_checked_under_their_field_names():
+    assert SamplingOptions() == SamplingOptions(cfg=4.0)  # cfg is an input, not a compilation's shape
+    assert (SamplingOptions().top_k, SamplingOptions().top_p) == (900, 0.96)
+    SamplingOptions(cfg=0.0, top_k=0, top_p=1.0)
+    for fields, message in [
+        (dict(top_k=-1), r"^top_k=-1 must be an int >= 0"),
+        (dict(top_p=1.5), r"^top_p=1.5 must be in \[0, 1\]"),
+        (dict(cfg=-1.0), r"^cfg=-1.0 must be a finite number >= 0"),
+        (dict(cfg=float("nan")), r"^cfg=nan"),
+        (dict(chunk_tokens=0), r"^chunk_tokens=0 must be an int >= 1"),
+        (dict(decode_batch_size=0), r"^decode_batch_size=0 must be an int >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SamplingOptions(**fields)
 
 
 # ----------------------------------------------------------------------------
@@ -123,7 +127,7 @@ def test_guidance_schedule_ramps_and_mvar_skips_cfg_one():
     )
     assert sampling.guidance_schedule(1.0, mvar) is None
     # The official VAR sampler always guides, so cfg=1 still ramps t = si / 9.
-    var = dataclasses.replace(mvar, attention="var")
+    var = dataclasses.replace(mvar, family="var")
     np.testing.assert_allclose(sampling.guidance_schedule(1.0, var)[:, 1], np.arange(10) / 9, rtol=1e-7)
 
 
@@ -149,9 +153,7 @@ def test_greedy_sampling_matches_official(tiny_models, tiny_io, name, cfg, fhat_
         tiny_models[name],
         tiny_io["label"],
         jax.random.PRNGKey(0),
-        cfg=cfg,
-        top_k=1,
-        decode=img_ref is not None,
+        SamplingOptions(cfg=cfg, top_k=1, top_p=0.0, decode=img_ref is not None),
     )
     assert out.tokens.shape == (2, 680) and out.tokens.dtype == jnp.int32
     if fhat_ref is not None:  # Equal f_hat means the same token chosen at every position.
@@ -178,7 +180,10 @@ def _record_transformer_inputs(model, label_B):
     with nn.intercept_methods(record):
         jax.eval_shape(
             functools.partial(
-                sampling.generate, model.vqvae_config, model.transformer_config, top_k=1, decode=False
+                sampling.generate,
+                model.vqvae_config,
+                model.transformer_config,
+                options=SamplingOptions(top_k=1, decode=False),
             ),
             model.vqvae_params,
             model.transformer_params,
@@ -198,9 +203,10 @@ def test_mvar_runs_one_scale_at_a_time_without_cache(tiny_models):
     for (_, _, shape, cache), pn in zip(steps, config.patch_nums):
         assert shape == (6, pn * pn, config.embed_dim)  # Conditional + unconditional halves.
         assert cache is None
-    # Every block's attention sees exactly the current scale's tokens, nothing earlier.
+    # Every block's attention (traced once per scale: the loaded blocks are stacked and
+    # scanned) sees exactly the current scale's tokens, nothing earlier.
     attn_lengths = [c[1][1] for c in calls if c[0] == "attention"]
-    assert attn_lengths == [pn * pn for pn in config.patch_nums for _ in range(config.depth)]
+    assert attn_lengths == [pn * pn for pn in config.patch_nums]
     assert ("teacher_forcing",) not in calls
 
 
@@ -209,9 +215,10 @@ def test_var_contrast_uses_a_full_length_cache(tiny_models):
     config = model.transformer_config
     steps = [c for c in _record_transformer_inputs(model, jnp.array([1])) if c[0] == "scale_logits"]
     assert len(steps) == config.num_scales
-    for _, _, _, cache in steps:
-        assert len(cache) == config.depth
-        assert cache[0][0].shape == (2, config.seq_len, config.num_heads, config.head_dim)
+    for _, _, _, cache in steps:  # (k, v), every block's stacked
+        assert [c.shape for c in cache] == [
+            (config.depth, 2, config.seq_len, config.num_heads, config.head_dim)
+        ] * 2
 
 
 def _random_params(abstract, seed: int, std: float):
@@ -225,16 +232,8 @@ def _random_params(abstract, seed: int, std: float):
 def mini_model() -> checkpoint.ModelBundle:
     patch_nums = (1, 2, 4)
     vqvae_config = VQVAEConfig(**{**MINI_VQVAE, "ch_mult": (1, 2)}, patch_nums=patch_nums)
-    transformer_config = TransformerConfig(
-        vocab_size=16,
-        cvae=4,
-        num_classes=5,
-        depth=1,
-        embed_dim=32,
-        num_heads=2,
-        patch_nums=patch_nums,
-        kernel_size=3,
-        refine_step=2,
+    transformer_config = mini_transformer(
+        num_classes=5, depth=1, embed_dim=32, num_heads=2, patch_nums=patch_nums, refine_step=2
     )
     return checkpoint.ModelBundle(
         vqvae_config,
@@ -245,12 +244,12 @@ def mini_model() -> checkpoint.ModelBundle:
 
 
 # Shared by the tests below, so that they share one compilation.
-_LABELS, _OPTIONS = [0, 4, 2, 2], dict(cfg=2.0, top_k=3, top_p=0.9)
+_LABELS, _OPTIONS = [0, 4, 2, 2], SamplingOptions(cfg=2.0, top_k=3, top_p=0.9)
 
 
 def test_same_seed_same_images_other_seed_differs(mini_model):
     def draw(seed):
-        return sampling.sample(mini_model, _LABELS, jax.random.PRNGKey(seed), **_OPTIONS)
+        return sampling.sample(mini_model, _LABELS, jax.random.PRNGKey(seed), _OPTIONS)
 
     first, again, other = draw(0), draw(0), draw(1)
     np.testing.assert_array_equal(first.images, again.images)
@@ -263,42 +262,43 @@ def test_same_seed_same_images_other_seed_differs(mini_model):
 
 def test_more_smooth_and_bfloat16(mini_model):
     key = jax.random.PRNGKey(0)
-    hard = sampling.sample(mini_model, _LABELS, key, **_OPTIONS)
-    smooth = sampling.sample(mini_model, _LABELS, key, **_OPTIONS, more_smooth=True)
+    hard = sampling.sample(mini_model, _LABELS, key, _OPTIONS)
+    smooth = sampling.sample(mini_model, _LABELS, key, dataclasses.replace(_OPTIONS, more_smooth=True))
     # Scale 0 draws the same ids; later scales see f_hat built from a soft codebook mix.
     first_l = mini_model.transformer_config.first_l
     np.testing.assert_array_equal(hard.tokens[:, :first_l], smooth.tokens[:, :first_l])
     assert not np.allclose(hard.f_hat, smooth.f_hat, atol=1e-3)
     assert np.all(np.isfinite(smooth.images))
     # The soft mix is taken over the filtered logits: with top_k=1 it is one-hot.
-    greedy = dict(_OPTIONS, top_k=1)
+    greedy = dataclasses.replace(_OPTIONS, top_k=1, decode=False)
     np.testing.assert_allclose(
-        sampling.sample(mini_model, _LABELS, key, **greedy, more_smooth=True, decode=False).f_hat,
-        sampling.sample(mini_model, _LABELS, key, **greedy, decode=False).f_hat,
+        sampling.sample(mini_model, _LABELS, key, dataclasses.replace(greedy, more_smooth=True)).f_hat,
+        sampling.sample(mini_model, _LABELS, key, greedy).f_hat,
         atol=1e-6,
     )
 
     bf16 = mini_model._replace(
         transformer_config=dataclasses.replace(mini_model.transformer_config, dtype="bfloat16")
     )
-    out = sampling.sample(bf16, _LABELS, key, **_OPTIONS, decode=False)
+    out = sampling.sample(bf16, _LABELS, key, dataclasses.replace(_OPTIONS, decode=False))
     assert out.images is None and out.tokens.dtype == jnp.int32
     assert out.tokens.shape == (4, mini_model.transformer_config.seq_len)
     assert out.f_hat.dtype == jnp.float32
 
 
-def test_prepared_chunked_and_micro_batched_sampling_draw_the_same(mini_model):
-    """Stacked blocks, one image per chunk and 2-image decode batches change no token."""
+def test_stacked_chunked_and_micro_batched_sampling_draw_the_same(mini_model):
+    """Stacked blocks, one image per chunk and 3-image decode batches change no token."""
     key = jax.random.PRNGKey(3)
-    whole = sampling.sample(mini_model, _LABELS, key, **_OPTIONS)
-    prepared = sampling.prepare(mini_model)
-    assert blocks_are_stacked(prepared.transformer_params)
-    assert sampling.prepare(prepared) is prepared
-    chunked = sampling.sample(prepared, _LABELS, key, **_OPTIONS, chunk_tokens=1, decode_batch_size=3)
+    whole = sampling.sample(mini_model, _LABELS, key, _OPTIONS)
+    stacked = mini_model._replace(
+        transformer_params=stack_blocks(mini_model.transformer_params, mini_model.transformer_config.depth)
+    )
+    assert blocks_are_stacked(stacked.transformer_params)
+    chunked = sampling.sample(
+        stacked, _LABELS, key, dataclasses.replace(_OPTIONS, chunk_tokens=1, decode_batch_size=3)
+    )
     np.testing.assert_array_equal(chunked.tokens, whole.tokens)
     np.testing.assert_allclose(chunked.images, whole.images, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
-        sampling.sample(prepared, _LABELS, key, chunk_tokens=0)
 
 
 def test_bad_labels_and_mismatched_configs_raise(mini_model):

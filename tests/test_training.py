@@ -29,13 +29,14 @@ import sample
 from configs import tiny_cpu, tiny_cpu_m_var
 from mvar_jax import checkpoint
 from mvar_jax.eval import classifier as classifier_lib, quality
+from mvar_jax.models import families
+from mvar_jax.models.config import InitScales
 from mvar_jax.models.transformer import Transformer
 from mvar_jax.models.vqvae import VQVAE
 from mvar_jax.training import (
     checkpointing,
     generator,
     metrics_writer,
-    schedule,
     state as state_lib,
     step as step_lib,
     trainer,
@@ -144,7 +145,7 @@ def test_tiny_config_learns_a_fixed_batch(tmp_path):
     def mean_ce(params):
         """Mean per-token cross-entropy over the whole pyramid, segment by segment."""
         total = 0.0
-        for seg in schedule.mvar_segments(4, model_config.refine_step):
+        for seg in families.of(model_config).schedule(model_config, 1).segments:
             begin, end = model_config.token_range(*seg)
             logits = model.apply(
                 {"params": params},
@@ -156,7 +157,8 @@ def test_tiny_config_learns_a_fixed_batch(tmp_path):
             total += step_lib.cross_entropy(logits, batch["tokens"][:, begin:end]).sum()
         return total / batch["tokens"].size
 
-    start = float(mean_ce(state_lib.init_params(model_config, config.init, jax.random.PRNGKey(config.seed))))
+    scales = InitScales(**config.init)
+    start = float(mean_ce(state_lib.init_params(model_config, scales, jax.random.PRNGKey(config.seed))))
     assert start == pytest.approx(math.log(64), rel=0.01)  # near-uniform logits at init
     assert float(mean_ce(state.params)) < 0.5 * start
     # The run leaves a loadable model, a checkpoint, TensorBoard events and a sample grid.
@@ -364,19 +366,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        ({"model.name": "vqgan"}, "model.name='vqgan' is unknown"),
+        ({"model.family": "vqgan"}, "unknown model family 'vqgan'"),
         ({"model.refine_step": 9}, "refine_step must be in"),
         ({"model.kernel_size": 5}, "kernel_size 5 exceeds"),
         ({"vqvae_checkpoint": "/nonexistent/vae.pth"}, "vqvae_checkpoint: not found"),
         ({"finetune_from": "/nonexistent/var_d16.pth"}, "finetune_from: not found"),
-        ({"optim.schedule": "step"}, "optim.schedule='step'"),
+        ({"optim.schedule": "step"}, "config.optim: schedule='step'"),
         ({"num_train_steps": -1, "num_epochs": 0}, "nothing to train"),
         ({"data.image_size": 128}, "image_size=128 does not fit"),
-        ({"init.std": 0.02}, "init.std"),
+        ({"init.std": 0.02}, "config.init: InitScales: std=0.02"),
         ({"sample_classes": (3, 10)}, r"sample_classes \[10\] outside \[0, config.data.num_classes=10"),
         ({"sample_classes": ()}, "sample_classes is empty"),
-        ({"sample_top_k": -1}, "sample_top_k=-1"),
-        ({"sample_top_p": 1.5}, r"sample_top_p=1.5 must be in \[0, 1\]"),
+        ({"sampling.top_k": -1}, "config.sampling: top_k=-1"),
+        ({"sampling.top_p": 1.5}, r"config.sampling: top_p=1.5 must be in \[0, 1\]"),
+        ({"sampling.cfg": -1.0}, r"config.sampling: cfg=-1.0 must be"),
     ],
 )
 def test_invalid_configs_fail_before_training(tmp_path, overrides, match):
@@ -520,7 +523,7 @@ def test_m_var_trains_every_scale_in_each_step_through_train_py(m_var_run, built
         assert loss == pytest.approx(np.dot(ce, [1, 4, 9, 16]) / 30, rel=1e-5)
     # The export is an M-VAR model that the quality measure's checks accept.
     model, labels = quality.load_generator(m_var_run / "model", _m_var_data_config(builtin_shapes_dir))
-    assert model.transformer_config.attention == "mamba" and labels == list(range(10))
+    assert model.transformer_config.family == "m_var" and labels == list(range(10))
 
 
 @pytest.mark.slow  # ~30 s of compiling; the sampler is tested on M-VAR in test_sample_cli
@@ -540,11 +543,11 @@ def test_m_var_model_samples_and_evaluates(m_var_run, builtin_shapes_dir, tmp_pa
         classifier_cache=tmp_path,
         data_cfg=data_cfg,
         labels=[0, 3],
-        samples_per_class=1,
+        num_per_class=1,
         batch_size=2,
         progress=False,
     )
-    assert report["model"]["attention"] == "mamba"
+    assert report["model"]["family"] == "m_var"
     assert np.isfinite(report["frechet_distance"]["generated"])
     assert quality.report_markdown(report).startswith("M-VAR depth 1, 64 px")
     # sample.py with evaluate_model's batch and options: the same compiled sampler.

@@ -13,14 +13,18 @@ import numpy as np
 import pytest
 
 from mvar_jax import checkpoint
+from mvar_jax.models import families, m_var
+from mvar_jax.models.segments import Segment, SegmentSchedule
 from mvar_jax.models.vqvae import VQVAEConfig
-from mvar_jax.training import generator, optimizer, schedule, trainer
+from mvar_jax.sampling import SamplingOptions
+from mvar_jax.training import generator, trainer
+from mvar_jax.training.optimizer import OptimizerConfig
 from mvar_jax.weights.transformer import load_transformer
 from mvar_jax.weights.vqvae import load_official_vqvae
 
 REPO = pathlib.Path(__file__).parent.parent
 
-# config[:arg]: (attention, depth, embed, global batch, epochs, finetune file, fsdp) from the
+# config[:arg]: (family, depth, embed, global batch, epochs, finetune file, fsdp) from the
 # READMEs.
 OFFICIAL = {
     "mvar_d16": ("mvar", 16, 1024, 448, 300, "", False),
@@ -39,11 +43,11 @@ def _config(name: str):
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_official_configs(name):
-    attention, depth, embed, batch, epochs, finetune, fsdp = OFFICIAL[name]
+    family, depth, embed, batch, epochs, finetune, fsdp = OFFICIAL[name]
     config = _config(name)
     model = generator.transformer_config(config, VQVAEConfig())  # the released tokenizer
-    assert (model.attention, model.depth, model.embed_dim, model.num_heads) == (
-        attention,
+    assert (model.family, model.depth, model.embed_dim, model.num_heads) == (
+        family,
         depth,
         embed,
         depth,
@@ -55,23 +59,8 @@ def test_official_configs(name):
     assert config.finetune_from.endswith(finetune) and bool(config.finetune_from) == bool(finetune)
     assert config.parallel.fsdp == fsdp
     assert config.init.adaln_gamma == 1e-3 and config.optim.final_lr_ratio == 0.1
-    assert optimizer.peak_learning_rate(config.optim, batch) == pytest.approx(1e-4 * batch / 256)
+    assert OptimizerConfig(**config.optim).peak_learning_rate(batch) == pytest.approx(1e-4 * batch / 256)
     assert trainer.total_steps(config) == epochs * -(-1_281_167 // batch)
-
-
-# Old file name: the config[:depth] it became (configs of one recipe at several depths).
-RENAMED = {
-    **{f"mvar_{depth}_ft": f"mvar_ft:{depth}" for depth in ("d16", "d20", "d24")},
-    **{f"m_var_{depth}": f"m_var:{depth}" for depth in ("d16", "d20", "d24")},
-}
-
-
-@pytest.mark.parametrize("old_name", sorted(RENAMED))
-def test_old_config_names_still_work(old_name):
-    new_name = RENAMED[old_name]
-    with pytest.warns(FutureWarning, match=f"configs/{new_name.replace(':', '.py:')}"):
-        old = importlib.reload(importlib.import_module(f"configs.{old_name}"))
-    assert old.get_config().to_dict() == _config(new_name).to_dict()
 
 
 @pytest.mark.parametrize("file", ["mvar_ft", "m_var"])
@@ -109,23 +98,23 @@ def test_official_m_var_configs(name, fixture_dir):
     checked.vqvae_checkpoint = str(fixture_dir / "tiny_vae.pth")  # the released one is not here
     generator.check_config(checked)
     model = generator.transformer_config(config, VQVAEConfig())  # the released tokenizer
-    assert (model.attention, model.depth, model.embed_dim, model.num_heads) == (
-        "mamba",
+    assert (model.family, model.depth, model.embed_dim, model.num_heads) == (
+        "m_var",
         depth,
         64 * depth,
         depth,
     )
     assert (model.attn_l2_norm, model.shared_aln, model.dtype) == (l2_norm, False, "bfloat16")
     assert model.drop_path_rate == pytest.approx(0.1 * depth / 24)
-    assert (model.mamba.d_state, model.mamba.d_conv, model.mamba.expand) == (64, 4, 2)
+    mamba = m_var.mamba_config(model)
+    assert (mamba.d_state, mamba.d_conv, mamba.expand) == (64, 4, 2)
     assert (config.batch_size, config.num_epochs, config.optim.base_lr) == (batch, epochs, tblr)
     assert (config.init.adaln_gamma, config.optim.final_lr_ratio) == (alng, wpe)
     assert (config.data.crop, config.data.hflip, config.label_smoothing) == ("resize_random_crop", False, 0.0)
-    assert (config.sample_cfg, config.sample_top_k, config.sample_top_p) == (1.5, 900, 0.96)
+    sampling = SamplingOptions(**config.sampling)  # the README's FID setting
+    assert (sampling.cfg, sampling.top_k, sampling.top_p) == (1.5, 900, 0.96)
     assert trainer.total_steps(config) == epochs * -(-1_281_167 // batch)
-    assert schedule.make_schedule("mamba", model.num_scales, ratio_k=config.ratio_k) == (
-        schedule.SegmentSchedule((schedule.Segment(0, 10),), (0,))
-    )
+    assert families.of(model).schedule(model, config.ratio_k) == SegmentSchedule((Segment(0, 10),), (0,))
 
 
 def test_tiny_cpu_fixture_config_fits_the_fixture_tokenizer(fixture_dir):
@@ -152,7 +141,7 @@ def test_tiny_cpu_config_fits_the_demo_tokenizer():
 
 
 @pytest.mark.parametrize("tokenizer", ["demo", "fixture"])
-@pytest.mark.parametrize("twin,family", [("tiny_cpu_var", "var"), ("tiny_cpu_m_var", "mamba")])
+@pytest.mark.parametrize("twin,family", [("tiny_cpu_var", "var"), ("tiny_cpu_m_var", "m_var")])
 def test_tiny_cpu_twins_differ_from_tiny_cpu_in_the_model_family_only(
     twin, family, tokenizer, fixture_dir, monkeypatch
 ):
@@ -163,15 +152,15 @@ def test_tiny_cpu_twins_differ_from_tiny_cpu_in_the_model_family_only(
     assert trainer.total_steps(other) == trainer.total_steps(mvar)
     differ = {k for k, v in other.to_dict().items() if v != mvar.to_dict()[k]}
     assert differ == {"model"}
-    assert {k for k, v in other.model.items() if v != mvar.model[k]} == {"name"}
+    assert {k for k, v in other.model.items() if v != mvar.model[k]} == {"family"}
     if tokenizer == "fixture":  # the demo's tokenizer is made by `make demo`
         monkeypatch.chdir(REPO)  # vqvae_checkpoint is repo-relative
         trainer.check_config(other)
         generator.check_config(other)
         vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth", patch_nums=other.model.patch_nums)
         mvar_model, other_model = (generator.transformer_config(c, vqvae_config) for c in (mvar, other))
-        assert (mvar_model.attention, other_model.attention) == ("mvar", family)
-        assert dataclasses.replace(other_model, attention="mvar") == mvar_model
+        assert (mvar_model.family, other_model.family) == ("mvar", family)
+        assert dataclasses.replace(other_model, family="mvar") == mvar_model
 
 
 def test_train_py_applies_overrides_and_reports_bad_values(tmp_path):
@@ -183,7 +172,7 @@ def test_train_py_applies_overrides_and_reports_bad_values(tmp_path):
             "configs/tiny_cpu.py",
             "--workdir",
             str(tmp_path),
-            "--config.model.name=vqgan",
+            "--config.model.family=vqgan",
         ],
         cwd=REPO,
         capture_output=True,
@@ -191,12 +180,12 @@ def test_train_py_applies_overrides_and_reports_bad_values(tmp_path):
         timeout=300,
     )
     assert out.returncode != 0
-    assert "config.model.name='vqgan' is unknown" in out.stderr
+    assert "config.model.family: unknown model family 'vqgan'; expected one of mvar, var, m_var" in out.stderr
 
 
 def test_finetune_and_tokenizer_from_official_files_or_a_model_dir(fixture_dir, tmp_path):
-    var_config, var_params = load_transformer(fixture_dir / "tiny_var.pth", attention="var")
-    mvar_config = var_config.__class__(**{**var_config.to_dict(), "attention": "mvar"})
+    var_config, var_params = load_transformer(fixture_dir / "tiny_var.pth", family="var")
+    mvar_config = dataclasses.replace(var_config, family="mvar")
     params = generator.finetune_params(fixture_dir / "tiny_var.pth", mvar_config)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(var_params["params"])):
         np.testing.assert_array_equal(a, b)
@@ -217,6 +206,6 @@ def test_finetune_and_tokenizer_from_official_files_or_a_model_dir(fixture_dir, 
     assert tokenizer_config == dataclasses.replace(vqvae_config, patch_nums=(1, 2, 3, 4))
     for a, b in zip(jax.tree.leaves(tokenizer_params), jax.tree.leaves(vqvae_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    deeper = var_config.__class__(**{**mvar_config.to_dict(), "depth": 3})
+    deeper = dataclasses.replace(mvar_config, depth=3)
     with pytest.raises(ValueError, match="does not fit the model: depth: checkpoint 2 vs config 3"):
         generator.finetune_params(fixture_dir / "tiny_var.pth", deeper)

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_transformer
 
-from mvar_jax.models import transformer
-from mvar_jax.training import optimizer, schedule, state as state_lib, step as step_lib
-from mvar_jax.training.schedule import Segment
+from mvar_jax.models import families, transformer
+from mvar_jax.models.config import PATCH_NUMS_256, InitScales, TransformerConfig
+from mvar_jax.models.segments import Segment
+from mvar_jax.training import optimizer, state as state_lib, step as step_lib
+from mvar_jax.training.optimizer import OptimizerConfig
 from mvar_jax.weights import transformer as transformer_weights
 
-PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+
+def _schedule(family: str, refine_step: int = 8, ratio_k: int = 8):
+    """The family's training schedule at the official 10 scales."""
+    config = TransformerConfig(family=family, refine_step=refine_step)
+    return families.get(family).schedule(config, ratio_k)
 
 
 # ----------------------------------------------------------------------------
@@ -24,7 +31,7 @@ PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 
 def test_mvar_cycle_is_8_1_1_at_the_official_setting(fixture_dir):
-    cycle = schedule.make_schedule("mvar", 10, refine_step=8, ratio_k=8)
+    cycle = _schedule("mvar")
     assert cycle.segments == (Segment(0, 8), Segment(8, 9), Segment(9, 10))
     visited = [cycle.segment_at(step) for step in range(25)]
     one_cycle = [Segment(0, 8)] * 8 + [Segment(8, 9), Segment(9, 10)]
@@ -32,7 +39,7 @@ def test_mvar_cycle_is_8_1_1_at_the_official_setting(fixture_dir):
     # Token ranges agree with the segments the official model was run on.
     meta = json.loads((fixture_dir / "tiny_meta.json").read_text())
     ranges = [(s["L_bg"], s["L_ed"]) for s in meta["mvar_segments"]]
-    model = transformer.TransformerConfig(patch_nums=PATCH_NUMS_256)
+    model = TransformerConfig(patch_nums=PATCH_NUMS_256)
     assert [model.token_range(*seg) for seg in cycle.segments] == ranges
     assert [seg.name(PATCH_NUMS_256) for seg in cycle.segments] == ["1-10", "13", "16"]
 
@@ -49,31 +56,28 @@ def _official_prog_ed(g_it: int, ratio_k: int, refine_step: int, num_scales: int
 def test_schedule_matches_the_official_rule(ratio_k, refine_step):
     """Settings where ratio_k is 1 or covers the large scales (every official one); below
     that the official modulo revisits some large scales and skips others."""
-    cycle = schedule.make_schedule("mvar", 10, refine_step=refine_step, ratio_k=ratio_k)
+    cycle = _schedule("mvar", refine_step, ratio_k)
     for g_it in range(60):
         prog_ed = _official_prog_ed(g_it, ratio_k, refine_step, 10)
         official = Segment(0, refine_step) if prog_ed == refine_step - 1 else Segment(prog_ed, prog_ed + 1)
         assert cycle.segment_at(g_it) == official, g_it
 
 
-def test_var_trains_every_scale_each_step():
-    cycle = schedule.make_schedule("var", 10, ratio_k=8)
+@pytest.mark.parametrize("family", ["var", "m_var"])
+def test_var_and_m_var_train_every_scale_each_step(family):
+    cycle = _schedule(family, refine_step=11)  # MVAR's refine step means nothing to them
     assert {cycle.segment_at(s) for s in range(12)} == {Segment(0, 10)}
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [
-        (dict(model_name="mvar", refine_step=11), "refine_step must be in"),
-        (dict(model_name="mvar", refine_step=1), "refine_step must be in"),
-        (dict(model_name="mvar", ratio_k=0), "ratio_k"),
-        (dict(model_name="vqgan"), "unknown model name"),
-    ],
+    [(dict(refine_step=11), "refine_step must be in"), (dict(refine_step=1), "refine_step must be in")],
 )
 def test_schedule_rejects_bad_settings(kwargs, match):
-    kwargs = {"refine_step": 8, "ratio_k": 8, **kwargs}
     with pytest.raises(ValueError, match=match):
-        schedule.make_schedule(kwargs.pop("model_name"), 10, **kwargs)
+        _schedule("mvar", **kwargs)
+    with pytest.raises(ValueError, match="ratio_k must be >= 1"):
+        _schedule("mvar", ratio_k=0)
 
 
 # ----------------------------------------------------------------------------
@@ -103,8 +107,8 @@ def test_cos_schedule_and_peak_scaling():
     )
     assert float(lr(0)) == pytest.approx(1.0)
     assert float(lr(50)) == pytest.approx(0.5, abs=1e-6)
-    optim = ml_collections.ConfigDict({"base_lr": 1e-4})
-    assert optimizer.peak_learning_rate(optim, 448) == pytest.approx(1.75e-4)
+    assert OptimizerConfig(base_lr=1e-4).peak_learning_rate(448) == pytest.approx(1.75e-4)
+    assert OptimizerConfig(base_lr=1e-4, lr_batch=0).peak_learning_rate(448) == 1e-4
     with pytest.raises(ValueError, match="unknown learning-rate schedule"):
         optimizer.learning_rate_schedule(peak=1.0, total_steps=10, warmup_steps=0, kind="step")
 
@@ -117,23 +121,21 @@ def test_weight_decay_schedule():
     assert float(wd(100)) == pytest.approx(0.08)
 
 
-def _tiny_config(**kw) -> transformer.TransformerConfig:
-    return transformer.TransformerConfig(
+def _tiny_config(**kw) -> TransformerConfig:
+    return tiny_transformer(
         vocab_size=16,
         cvae=4,
         num_classes=3,
-        depth=2,
         embed_dim=16,
         num_heads=2,
         patch_nums=(1, 2, 3),
         refine_step=2,
-        kernel_size=1,
         **kw,
     )
 
 
 def _init(config, **scales):
-    return state_lib.init_params(config, ml_collections.ConfigDict(scales), jax.random.PRNGKey(0))
+    return state_lib.init_params(config, InitScales(**scales), jax.random.PRNGKey(0))
 
 
 @pytest.mark.parametrize("shared_aln", [False, True])
@@ -176,14 +178,16 @@ def test_init_multipliers_scale_exactly_the_official_weights(shared_aln):
 
 def test_init_multipliers_must_be_finite_and_non_negative():
     with pytest.raises(ValueError, match="InitScales: head must be"):
-        transformer.InitScales(head=-0.02)
+        InitScales(head=-0.02)
     with pytest.raises(ValueError, match="InitScales: adaln_gamma must be"):
-        transformer.InitScales(adaln_gamma=float("nan"))
+        InitScales(adaln_gamma=float("nan"))
+    with pytest.raises(ValueError, match="InitScales: std=0.02: only the official automatic init"):
+        InitScales(std=0.02)
 
 
 def test_no_decay_set_is_the_official_one():
     params = transformer.param_shapes(_tiny_config())["params"]
-    flat = jax.tree_util.tree_flatten_with_path(optimizer.decay_mask(params))[0]
+    flat = jax.tree_util.tree_flatten_with_path(optimizer.official_decay_mask(params))[0]
     no_decay = {
         transformer_weights.official_key(tuple(k.key for k in path)) for path, decayed in flat if not decayed
     }
@@ -207,20 +211,7 @@ def test_no_decay_set_is_the_official_one():
 
 def test_adamw_matches_torch_with_the_no_decay_groups():
     """One step of the optax chain equals torch AdamW with filter_params' groups and clipping."""
-    optim = ml_collections.ConfigDict(
-        dict(
-            base_lr=1e-2,
-            b1=0.9,
-            b2=0.95,
-            eps=1e-8,
-            weight_decay=0.05,
-            weight_decay_end=0.05,
-            grad_clip=0.5,
-            schedule="lin0",
-            warmup_start=0.005,
-            final_lr_ratio=0.01,
-        )
-    )
+    optim = OptimizerConfig(base_lr=1e-2, weight_decay=0.05, grad_clip=0.5, warmup_fraction=0.0)
     rng = np.random.default_rng(0)
     params = {
         "head": {
@@ -229,7 +220,9 @@ def test_adamw_matches_torch_with_the_no_decay_groups():
         }
     }
     grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
-    tx, lr = optimizer.make_optimizer(optim, global_batch_size=256, total_steps=100, warmup_steps=0)
+    tx, lr = optimizer.make_optimizer(
+        optim, global_batch_size=256, total_steps=100, decay_mask=optimizer.official_decay_mask
+    )
     updates, _ = tx.update(grads, tx.init(params), params)
     new = jax.tree.map(lambda p, u: np.asarray(p + u), params, updates)
 
@@ -279,23 +272,17 @@ def test_segment_loss_weights_tokens_by_one_over_L():
         "x_BLCv": jnp.asarray(rng.normal(size=(2, config.seq_len - 1, 4)), jnp.float32),
     }
     tx, lr = optimizer.make_optimizer(
-        ml_collections.ConfigDict(
-            dict(
-                base_lr=1e-3,
-                b1=0.9,
-                b2=0.95,
-                eps=1e-8,
-                weight_decay=0.0,
-                weight_decay_end=0.0,
-                grad_clip=0.0,
-                schedule="lin0",
-                warmup_start=1.0,
-                final_lr_ratio=1.0,
-            )
+        OptimizerConfig(
+            base_lr=1e-3,
+            weight_decay=0.0,
+            grad_clip=0.0,
+            warmup_fraction=0.0,
+            warmup_start=1.0,
+            final_lr_ratio=1.0,
         ),
         global_batch_size=256,
         total_steps=10,
-        warmup_steps=0,
+        decay_mask=optimizer.official_decay_mask,
     )
     state = state_lib.create_train_state(params, tx, jax.random.PRNGKey(1))
     segment = Segment(2, 3)  # the 3x3 scale alone: tokens [5, 14)
@@ -317,11 +304,9 @@ def test_segment_loss_weights_tokens_by_one_over_L():
 
 def test_no_decay_set_of_m_var_is_the_official_one():
     """filter_params on M-VAR's Mamba2 layer: its 1-D tensors and biases are not decayed."""
-    config = transformer.TransformerConfig(
-        depth=1, embed_dim=64, num_heads=2, patch_nums=(1, 2), attention="mamba"
-    )
+    config = TransformerConfig(depth=1, embed_dim=64, num_heads=2, patch_nums=(1, 2), family="m_var")
     params = transformer.param_shapes(config)["params"]
-    flat = jax.tree_util.tree_flatten_with_path(optimizer.decay_mask(params))[0]
+    flat = jax.tree_util.tree_flatten_with_path(optimizer.official_decay_mask(params))[0]
     decayed = {transformer_weights.official_key(tuple(k.key for k in path)): d for path, d in flat}
     assert {k.removeprefix("blocks.0.mamba."): d for k, d in decayed.items() if ".mamba." in k} == {
         "in_proj.weight": True,
@@ -334,3 +319,17 @@ def test_no_decay_set_of_m_var_is_the_official_one():
         "norm.weight": False,
     }
     assert decayed["blocks.0.ada_lin.1.weight"]  # the 9-way AdaLN, as VAR's 6-way one
+
+
+def test_optimizer_settings_are_checked():
+    for fields, message in [
+        (dict(name="lamb"), "name='lamb'; expected one of"),
+        (dict(base_lr=0.0), "base_lr=0.0 must be positive"),
+        (dict(lr_batch=-1), "lr_batch=-1"),
+        (dict(schedule="step"), "schedule='step'"),
+        (dict(warmup_fraction=1.0), r"warmup_fraction=1.0 must be in \[0, 1\)"),
+        (dict(final_lr_ratio=-0.1), "final_lr_ratio=-0.1 must be >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            OptimizerConfig(**fields)
+    assert dataclasses.replace(OptimizerConfig(), base_lr=2e-4).peak_learning_rate(256) == 2e-4

@@ -12,18 +12,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import rel_err, tiny_transformer
 
+from mvar_jax.models import families
+from mvar_jax.models.config import TransformerConfig
+from mvar_jax.models.mvar import check_refine_step
 from mvar_jax.models.transformer import (
     Transformer,
-    TransformerConfig,
     blocks_are_stacked,
-    check_refine_step,
-    init_kv_cache,
     init_params,
     param_shapes,
     stack_blocks,
     stack_cache,
+    unstack_blocks,
 )
 from mvar_jax.weights import transformer as transformer_weights
 
@@ -63,7 +64,7 @@ def test_mvar_teacher_forcing_matches_official(fixture_dir, tiny_io, checkpoint)
     config, params = transformer_weights.load_transformer(
         fixture_dir / checkpoint, neighborhood_impl="reference"
     )
-    assert (config.attention, config.depth, config.embed_dim, config.num_heads) == ("mvar", 2, 64, 4)
+    assert (config.family, config.depth, config.embed_dim, config.num_heads) == ("mvar", 2, 64, 4)
     forward = _forward(config)
     for name, (first, last) in SEGMENTS.items():
         x = _inputs_for(config, tiny_io["x_BLCv_wo_first_l"], first, last)
@@ -98,18 +99,7 @@ def test_var_teacher_forcing_matches_official(tiny_var, tiny_io):
 # ----------------------------------------------------------------------------
 # Attention structure on a small random model.
 
-SMALL = TransformerConfig(
-    vocab_size=16,
-    cvae=4,
-    num_classes=5,
-    depth=2,
-    embed_dim=32,
-    num_heads=2,
-    patch_nums=(1, 2, 3, 4, 5),
-    refine_step=3,
-    kernel_size=3,
-    neighborhood_impl="reference",
-)
+SMALL = tiny_transformer(patch_nums=(1, 2, 3, 4, 5), neighborhood_impl="reference")
 
 
 def _random_params(config, seed=0):
@@ -127,8 +117,8 @@ def _random_params(config, seed=0):
 
 
 @functools.cache
-def _small_forward(attention):
-    config = dataclasses.replace(SMALL, attention=attention)
+def _small_forward(family):
+    config = dataclasses.replace(SMALL, family=family)
     forward = _forward(config)
     return (
         config,
@@ -144,7 +134,7 @@ def _per_scale_logits(config, params, label_B, x_BLCv_wo_first_l):
     step = jax.jit(functools.partial(model.apply, method=Transformer.scale_logits), static_argnames="si")
     embed = jax.jit(functools.partial(model.apply, method=Transformer.scale_input), static_argnames="si")
     x, cond = model.apply(params, label_B, method=Transformer.start_input)
-    cache = init_kv_cache(config, label_B.shape[0])
+    cache = families.of(config).init_state(config, label_B.shape[0])
     cache = stack_cache(cache) if stacked else cache
     out = []
     for si in range(config.num_scales):
@@ -155,26 +145,29 @@ def _per_scale_logits(config, params, label_B, x_BLCv_wo_first_l):
     return jnp.concatenate(out, axis=1)
 
 
-@pytest.mark.parametrize("attention", ["mvar", "var"])
-def test_per_scale_inference_reproduces_teacher_forcing(attention):
+@pytest.mark.parametrize("family", ["mvar", "var"])
+def test_per_scale_inference_reproduces_teacher_forcing(family):
     """MVAR: each scale alone; VAR: the KV cache stands in for the earlier scales.
     (Teacher forcing itself is pinned to the official logits above.)"""
-    config, params, forward = _small_forward(attention)
+    config, params, forward = _small_forward(family)
     x = np.random.default_rng(0).standard_normal((2, config.seq_len - 1, config.cvae)).astype(np.float32)
     label = jnp.array([2, 0])
-    assert (init_kv_cache(config, 2) is None) == (attention == "mvar")
+    assert (families.of(config).init_state(config, 2) is None) == (family == "mvar")
     err = rel_err(_per_scale_logits(config, params, label, x), forward(params, label, x))
     assert err < 1e-6, err
 
 
-@pytest.mark.parametrize("attention", ["mvar", "var", "mamba"])
-def test_stacked_blocks_scan_to_the_same_logits(attention):
+@pytest.mark.parametrize("family", families.NAMES)
+def test_stacked_blocks_scan_to_the_same_logits(family):
     """stack_blocks + scan_blocks (the sampler's form) against the per-block model:
     teacher forcing and per-scale inference (VAR's cache carried and written in
     place, M-VAR's Mamba states scanned through)."""
-    config, params, forward = _small_forward(attention)
+    config, params, forward = _small_forward(family)
     stacked = stack_blocks(params, config.depth)
     assert blocks_are_stacked(stacked) and not blocks_are_stacked(params)
+    assert jax.tree.map(np.array_equal, unstack_blocks(stacked), params) == jax.tree.map(
+        lambda _: True, params
+    )
     assert jax.tree.leaves(stacked["params"]["blocks"])[0].shape[0] == config.depth
     x = np.random.default_rng(1).standard_normal((2, config.seq_len - 1, config.cvae)).astype(np.float32)
     label = jnp.array([4, 1])
@@ -184,9 +177,9 @@ def test_stacked_blocks_scan_to_the_same_logits(attention):
     )
     assert rel_err(scanned, want) < 1e-6
     assert rel_err(_per_scale_logits(config, stacked, label, x), want) < 1e-6
-    if attention == "var":
-        cache = stack_cache(init_kv_cache(config, 2))
-        assert [c.shape for c in cache] == [(config.depth, 2, config.seq_len, 2, 16)] * 2
+    if family == "var":
+        cache = stack_cache(families.of(config).init_state(config, 2))
+        assert [c.shape for c in cache] == [(config.depth, 2, config.seq_len, 4, 16)] * 2
 
 
 def test_stacked_blocks_are_for_inference_and_need_every_block():
@@ -212,11 +205,9 @@ def test_stacked_blocks_are_for_inference_and_need_every_block():
 
 
 @hypothesis.settings(max_examples=8, deadline=None, database=None)
-@hypothesis.given(
-    attention=st.sampled_from(["mvar", "var", "mamba"]), scale=st.integers(1, 4), seed=st.integers(0, 2**16)
-)
-def test_perturbing_one_scale_reaches_only_the_scales_that_attend_to_it(attention, scale, seed):
-    config, params, forward = _small_forward(attention)
+@hypothesis.given(family=st.sampled_from(families.NAMES), scale=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_perturbing_one_scale_reaches_only_the_scales_that_attend_to_it(family, scale, seed):
+    config, params, forward = _small_forward(family)
     rng = np.random.default_rng(seed)
     label = jnp.array([1, 3])
     x = rng.standard_normal((2, config.seq_len - 1, config.cvae)).astype(np.float32)
@@ -226,7 +217,7 @@ def test_perturbing_one_scale_reaches_only_the_scales_that_attend_to_it(attentio
     change = np.abs(np.asarray(forward(params, label, x_new) - forward(params, label, x)))
     for si in range(config.num_scales):
         b, e = config.token_range(si, si + 1)
-        reached = si == scale if attention == "mvar" else si >= scale
+        reached = si == scale if family == "mvar" else si >= scale
         per_token = change[:, b:e].max(axis=-1)
         if reached:
             assert per_token.max() > 1e-2, (si, per_token.max())
@@ -314,17 +305,30 @@ def test_config_defaults_roundtrip_and_validation():
     assert TransformerConfig(depth=2, embed_dim=64, num_heads=4).head_dim == 16
     bad = [
         dict(depth=2, embed_dim=64, num_heads=5),
-        dict(attention="full"),
+        dict(family="full model"),
         dict(kernel_size=4),
-        dict(kernel_size=15),
         dict(refine_step=0),
         dict(dtype="fp8"),
         dict(neighborhood_impl="natten"),
+        dict(neighborhood_tiling=(64, 64)),
         dict(cond_drop_rate=1.0),
     ]
     for kwargs in bad:
         with pytest.raises(ValueError, match="TransformerConfig"):
             TransformerConfig(**kwargs)
+    # What only a family checks, when a model is built from the config.
+    for kwargs, message in [
+        (dict(kernel_size=15), r"TransformerConfig \(MVAR\): kernel_size 15 exceeds"),
+        (dict(refine_step=11), r"refine_step must be in \[1, 10\]"),
+        (dict(family="m_var", shared_aln=True), r"\(M-VAR\): M-VAR has no shared AdaLN"),
+        (dict(family="gpt"), "unknown model family 'gpt'; expected one of mvar, var, m_var"),
+    ]:
+        config = TransformerConfig(**kwargs)
+        with pytest.raises(ValueError, match=message):
+            families.of(config)
+        with pytest.raises(ValueError, match=message):
+            param_shapes(config)
+    assert families.of(TransformerConfig(family="var", refine_step=11)).name == "var"  # MVAR's field
     with pytest.raises(ValueError, match="unknown fields"):
         TransformerConfig.from_dict({"depth": 16, "heads": 16})
     with pytest.raises(ValueError, match=r"patch_nums must hold >= 2 positive scales"):
@@ -346,16 +350,21 @@ def test_invalid_ranges_and_inputs_raise():
     model = Transformer(config)
     label = jnp.zeros((2,), jnp.int32)
     with pytest.raises(ValueError, match="must start at scale 0"):
-        model.apply(params, label, jnp.zeros((2, 9, 4)), first_scale=2, last_scale=3)
-    with pytest.raises(ValueError, match=r"must have shape \(2, 4, 4\)"):
-        model.apply(params, label, jnp.zeros((2, 5, 4)), first_scale=0, last_scale=2)
+        model.apply(params, label, jnp.zeros((2, 9, 8)), first_scale=2, last_scale=3)
+    with pytest.raises(ValueError, match=r"must have shape \(2, 4, 8\)"):
+        model.apply(params, label, jnp.zeros((2, 5, 8)), first_scale=0, last_scale=2)
     with pytest.raises(ValueError, match="last_scale"):
-        model.apply(params, label, jnp.zeros((2, 4, 4)), first_scale=0, last_scale=9)
+        model.apply(params, label, jnp.zeros((2, 4, 8)), first_scale=0, last_scale=9)
     x = jnp.zeros((2, 1, config.embed_dim))
     cond = jnp.zeros((2, config.embed_dim))
-    with pytest.raises(ValueError, match="needs a KV cache"):
+    with pytest.raises(ValueError, match="VAR inference needs the state of Family.init_state"):
         model.apply(params, x, cond, 0, None, method=Transformer.scale_logits)
     with pytest.raises(ValueError, match="x_BlC for scale 1"):
-        model.apply(params, x, cond, 1, init_kv_cache(config, 2), method=Transformer.scale_logits)
+        model.apply(
+            params, x, cond, 1, families.of(config).init_state(config, 2), method=Transformer.scale_logits
+        )
     with pytest.raises(ValueError, match="scale 0 comes from start_input"):
-        model.apply(params, jnp.zeros((2, 1, 4)), 0, method=Transformer.scale_input)
+        model.apply(params, jnp.zeros((2, 1, 8)), 0, method=Transformer.scale_input)
+    mvar, mvar_params, _ = _small_forward("mvar")
+    with pytest.raises(ValueError, match="MVAR inference carries no state"):
+        Transformer(mvar).apply(mvar_params, x, cond, 0, ((x, x),) * 2, method=Transformer.scale_logits)

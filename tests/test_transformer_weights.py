@@ -10,7 +10,8 @@ import pytest
 from conftest import M_VAR_FIXTURES, M_VAR_VARIANTS
 
 from mvar_jax.errors import CheckpointError, StateDictMismatchError
-from mvar_jax.models.transformer import TransformerConfig, param_shapes
+from mvar_jax.models.config import TransformerConfig
+from mvar_jax.models.transformer import param_shapes
 from mvar_jax.weights import transformer as tw
 from mvar_jax.weights.state_dict import load_state_dict
 
@@ -55,13 +56,13 @@ def test_nested_var_trainer_checkpoint_loads_the_same_weights(fixture_dir, tmp_p
 def test_architecture_is_read_off_the_tensors(fixture_dir, mvar_sd):
     config = tw.config_from_state_dict(mvar_sd)
     assert config == TransformerConfig(
-        vocab_size=64, cvae=8, num_classes=10, depth=2, embed_dim=64, num_heads=4, attention="mvar"
+        vocab_size=64, cvae=8, num_classes=10, depth=2, embed_dim=64, num_heads=4, family="mvar"
     )
     var_sd = load_state_dict(fixture_dir / "tiny_var.pth")
-    assert tw.config_from_state_dict(var_sd).attention == "var"
+    assert tw.config_from_state_dict(var_sd).family == "var"
     # Official MVAR fine-tuning starts from VAR weights: same tensors, other attention.
-    as_mvar = tw.config_from_state_dict(var_sd, attention="mvar", kernel_size=5, refine_step=9)
-    assert (as_mvar.attention, as_mvar.kernel_size, as_mvar.refine_step) == ("mvar", 5, 9)
+    as_mvar = tw.config_from_state_dict(var_sd, family="mvar", kernel_size=5, refine_step=9)
+    assert (as_mvar.family, as_mvar.kernel_size, as_mvar.refine_step) == ("mvar", 5, 9)
     jax.tree.map(
         np.testing.assert_array_equal,
         tw.params_from_state_dict(var_sd, as_mvar),
@@ -93,8 +94,8 @@ def test_every_official_checkpoint_maps_onto_the_full_size_model(fixture_dir):
     assert len(checkpoints) == 7
     for name, shapes in checkpoints.items():
         state_dict = _shape_only(shapes)
-        pattern = "mvar" if name.startswith("mvar") else "var"
-        config = tw.config_from_state_dict(state_dict, attention=pattern)
+        family = "mvar" if name.startswith("mvar") else "var"
+        config = tw.config_from_state_dict(state_dict, family=family)
         depth = int(name.split("d")[-1][:2])
         assert (config.depth, config.embed_dim, config.num_heads) == (depth, 64 * depth, depth)
         assert (config.vocab_size, config.cvae, config.num_classes) == (4096, 32, 1000)
@@ -116,13 +117,13 @@ def test_shared_adaln_and_plain_attention_layouts_roundtrip():
         mlp_ratio=2.0,
         shared_aln=True,
         attn_l2_norm=False,
-        attention="var",
+        family="var",
     )
     shapes = tw.official_shapes(config)
     assert shapes["shared_ada_lin.1.weight"] == (6 * 48, 48)
     assert shapes["blocks.2.ada_gss"] == (1, 1, 6, 48)
     assert not any("scale_mul" in k or "blocks.0.ada_lin" in k for k in shapes)
-    assert tw.config_from_state_dict(_shape_only(shapes), attention="var", num_heads=6) == config
+    assert tw.config_from_state_dict(_shape_only(shapes), family="var", num_heads=6) == config
 
 
 def test_missing_unexpected_and_misshaped_keys_are_named(mvar_sd):
@@ -150,9 +151,9 @@ def test_buffers_are_optional(mvar_sd):
     without = {k: v for k, v in mvar_sd.items() if k not in tw.buffer_keys(config.depth)}
     assert len(without) == len(mvar_sd) - 4
     tw.params_from_state_dict(without, config)
-    with pytest.raises(CheckpointError, match="pass attention="):
+    with pytest.raises(CheckpointError, match="cannot tell MVAR from VAR: .* pass family='mvar' or 'var'"):
         tw.config_from_state_dict(without)
-    assert tw.config_from_state_dict(without, attention="mvar") == config
+    assert tw.config_from_state_dict(without, family="mvar") == config
 
 
 def test_bad_requests_raise(mvar_sd):
@@ -165,7 +166,7 @@ def test_bad_requests_raise(mvar_sd):
     with pytest.raises(StateDictMismatchError, match="head.weight"):
         tw.config_from_state_dict({k: v for k, v in mvar_sd.items() if k != "head.weight"})
     zero_mask = dict(mvar_sd, attn_bias_for_masking=np.zeros((1, 1, 680, 680), np.float32))
-    with pytest.raises(CheckpointError, match="neither VAR's"):
+    with pytest.raises(CheckpointError, match="none of the known training masks"):
         tw.config_from_state_dict(zero_mask)
 
 
@@ -183,11 +184,11 @@ def m_var_sd():
 def test_m_var_architecture_and_values(m_var_sd):
     l21 = tw.config_from_state_dict(m_var_sd["l21"])
     assert l21 == TransformerConfig(
-        vocab_size=64, cvae=8, num_classes=10, depth=2, embed_dim=64, num_heads=4, attention="mamba"
+        vocab_size=64, cvae=8, num_classes=10, depth=2, embed_dim=64, num_heads=4, family="m_var"
     )
     # Without L2 attention nothing in the file gives the heads (as for MVAR/VAR).
     l20 = tw.config_from_state_dict(m_var_sd["l20"], num_heads=4)
-    assert (l20.attention, l20.attn_l2_norm, l20.num_heads) == ("mamba", False, 4)
+    assert (l20.family, l20.attn_l2_norm, l20.num_heads) == ("m_var", False, 4)
     sd = m_var_sd["l21"]
     mamba = tw.params_from_state_dict(sd, l21)["params"]["blocks_1"]["mamba"]
     np.testing.assert_array_equal(mamba["in_proj"]["kernel"], sd["blocks.1.mamba.in_proj.weight"].T)
@@ -202,7 +203,7 @@ def test_m_var_architecture_and_values(m_var_sd):
 def test_m_var_full_size_layout_follows_the_official_constructor():
     # models/basic_mvar.py: Mamba2(d_model=C, d_state=64, d_conv=4, expand=2), headdim 64;
     # ada_lin Linear(C, 9C). At d16: d_inner 2048, 32 heads, conv over x, B, C.
-    shapes = tw.official_shapes(TransformerConfig(depth=16, attention="mamba", attn_l2_norm=False))
+    shapes = tw.official_shapes(TransformerConfig(depth=16, family="m_var", attn_l2_norm=False))
     assert shapes["blocks.15.mamba.in_proj.weight"] == (2 * 2048 + 2 * 64 + 32, 1024)
     assert shapes["blocks.15.mamba.conv1d.weight"] == (2048 + 2 * 64, 1, 4)
     assert shapes["blocks.15.mamba.conv1d.bias"] == (2048 + 2 * 64,)
@@ -222,7 +223,7 @@ def test_m_var_files_are_checked_strictly(m_var_sd, fixture_dir):
         tw.params_from_state_dict(broken, config)
     assert e.value.missing == ["blocks.1.mamba.dt_bias"]
     assert "wrong shape for blocks.0.mamba.in_proj.weight: got (450, 64), expected (386, 64)" in str(e.value)
-    with pytest.raises(CheckpointError, match="an M-VAR checkpoint"):
-        tw.config_from_state_dict(sd, attention="mvar")
-    with pytest.raises(CheckpointError, match="not an M-VAR checkpoint"):
-        tw.config_from_state_dict(load_state_dict(fixture_dir / "tiny_var.pth"), attention="mamba")
+    with pytest.raises(CheckpointError, match="holds blocks.0.mamba.in_proj.weight: these are M-VAR weights"):
+        tw.config_from_state_dict(sd, family="mvar")
+    with pytest.raises(CheckpointError, match="these are not M-VAR weights"):
+        tw.config_from_state_dict(load_state_dict(fixture_dir / "tiny_var.pth"), family="m_var")

@@ -38,7 +38,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import flags
-from tqdm import tqdm
 
 from mvar_jax import checkpoint, cli, data, sampling
 from mvar_jax.atomic_write import atomic_write
@@ -58,7 +57,7 @@ from mvar_jax.eval.classifier import (
 )
 from mvar_jax.eval.frechet import frechet_distance
 from mvar_jax.images import from_uint8
-from mvar_jax.models.transformer import MODEL_NAMES
+from mvar_jax.models import families
 from mvar_jax.models.vqvae import VQVAE, VQVAEConfig
 
 
@@ -148,38 +147,8 @@ def load_generator(
     return model, check_generator(model, data_cfg, labels)
 
 
-def generate_images(
-    model: checkpoint.ModelBundle,
-    labels_N: np.ndarray,
-    *,
-    cfg: float,
-    top_k: int,
-    top_p: float,
-    seed: int,
-    batch_size: int,
-    progress: bool = True,
-) -> np.ndarray:
-    """Samples ``(N, H, W, 3)`` float32 in [0, 1], one per label.
-
-    Batch b draws from ``fold_in(PRNGKey(seed), b)``, as ``sample.py`` does, so
-    the same seed and batch size give sample.py's images.
-    """
-    key = jax.random.PRNGKey(seed)
-    batch_size = min(batch_size, len(labels_N))
-    starts = range(0, len(labels_N), batch_size)
-    images = []
-    for b, start in enumerate(tqdm(starts, desc="sampling", unit="batch", disable=not progress)):
-        labels_B = labels_N[start : start + batch_size]
-        out = sampling.sample(
-            model,
-            np.pad(labels_B, (0, batch_size - len(labels_B)), mode="edge"),
-            jax.random.fold_in(key, b),
-            cfg=cfg,
-            top_k=top_k,
-            top_p=top_p,
-        )
-        images.append(np.asarray(out.images)[: len(labels_B)])
-    return np.concatenate(images)
+# The model's own distribution: no top-k or top-p filtering.
+UNFILTERED = sampling.SamplingOptions(top_k=0, top_p=0.0)
 
 
 def class_names(data_cfg: ml_collections.ConfigDict) -> list[str]:
@@ -195,15 +164,17 @@ def evaluate_generator(
     data_cfg: ml_collections.ConfigDict,
     *,
     labels: Sequence[int] | None = None,
-    samples_per_class: int = 50,
-    cfg: float = 1.5,
-    top_k: int = 0,
-    top_p: float = 0.0,
+    num_per_class: int = 50,
+    options: sampling.SamplingOptions = UNFILTERED,
     seed: int = 0,
     batch_size: int = 50,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Samples ``samples_per_class`` images of each label and measures them; the report dict.
+    """Samples ``num_per_class`` images of each label and measures them; the report dict.
+
+    ``options``: how to sample; by default the model's own distribution
+    (``UNFILTERED``: cfg 1.5, no top-k or top-p), which is what the class
+    accuracy and the Fréchet distance should judge.
 
     Everything is measured on the classes in ``labels``: the Fréchet distances
     compare with their validation images; the floors use as many training
@@ -220,23 +191,17 @@ def evaluate_generator(
             f"the classifier judges {classifier.num_classes} classes at {classifier.image_size} "
             f"px, the data config has {data_cfg.num_classes} at {data_cfg.image_size} px"
         )
-    if samples_per_class < 1 or samples_per_class * len(labels) < 2:
+    if num_per_class < 1 or num_per_class * len(labels) < 2:
         raise ValueError(
-            f"samples_per_class={samples_per_class} with {len(labels)} labels: "
+            f"num_per_class={num_per_class} with {len(labels)} labels: "
             "the Fréchet distance needs at least 2 samples"
         )
-    labels_N = np.repeat(np.asarray(labels, np.int32), samples_per_class)
+    labels_N = np.repeat(np.asarray(labels, np.int32), num_per_class)
     start = time.perf_counter()
-    generated = generate_images(
-        model,
-        labels_N,
-        cfg=cfg,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
+    batches = sampling.sample_batches(
+        model, labels_N, seed, options, batch_size=batch_size, progress=progress
     )
+    generated = np.concatenate([images for images, _ in batches])
     sampling_seconds = time.perf_counter() - start
 
     if progress:
@@ -245,7 +210,7 @@ def evaluate_generator(
     keep = np.isin(val_labels, labels)
     val, val_labels = from_uint8(val_u8[keep]), val_labels[keep]
     val_recon = reconstruct(model.vqvae_config, model.vqvae_params, val)
-    train = from_uint8(train_images(data_cfg, labels, samples_per_class, seed=0)[0])
+    train = from_uint8(train_images(data_cfg, labels, num_per_class, seed=0)[0])
     features = {
         name: classifier_outputs(classifier, images)[1]
         for name, images in (
@@ -264,16 +229,16 @@ def evaluate_generator(
     names = class_names(data_cfg)
     return {
         "model": {
-            "attention": model.transformer_config.attention,
+            "family": model.transformer_config.family,
             "depth": model.transformer_config.depth,
             "image_size": model.vqvae_config.image_size,
             "num_classes": model.transformer_config.num_classes,
         },
         "settings": {
-            "cfg": cfg,
-            "top_k": top_k,
-            "top_p": top_p,
-            "samples_per_class": samples_per_class,
+            "cfg": options.cfg,
+            "top_k": options.top_k,
+            "top_p": options.top_p,
+            "num_per_class": num_per_class,
             "seed": seed,
             "batch_size": batch_size,
             "labels": labels,
@@ -328,8 +293,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         ("classifier held-out accuracy", _percent(report["classifier"]["val_accuracy"])),
     ]
     lines = [
-        f"{MODEL_NAMES[m['attention']]} depth {m['depth']}, {m['image_size']} px: "
-        f"{fd['num_samples']} samples ({s['samples_per_class']} per class), cfg {s['cfg']}, "
+        f"{families.get(m['family']).title} depth {m['depth']}, {m['image_size']} px: "
+        f"{fd['num_samples']} samples ({s['num_per_class']} per class), cfg {s['cfg']}, "
         f"top-k {s['top_k']}, top-p {s['top_p']}, seed {s['seed']}; Fréchet distances on the "
         f"classifier's {fd['feature_dim']} features against {fd['num_reference']} validation "
         "images.",
@@ -363,10 +328,10 @@ def evaluate_model(
     data_cfg: ml_collections.ConfigDict | None = None,
     labels: Sequence[int] | None = None,
     progress: bool = True,
-    **sampling: Any,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Loads and checks a generator model directory, then ``evaluate_generator`` (which
-    takes ``sampling``: samples_per_class, cfg, top_k, top_p, seed, batch_size).
+    takes ``settings``: num_per_class, options, seed, batch_size).
 
     The model is checked against the data before the classifier is trained or
     loaded, so a wrong model fails fast. ``data_cfg`` defaults to
@@ -375,7 +340,7 @@ def evaluate_model(
     data_cfg = data.default_config() if data_cfg is None else data_cfg
     model, labels = load_generator(model_dir, data_cfg, labels)
     classifier = load_or_train_classifier(classifier_cache, data_cfg, progress=progress)
-    report = evaluate_generator(model, classifier, data_cfg, labels=labels, progress=progress, **sampling)
+    report = evaluate_generator(model, classifier, data_cfg, labels=labels, progress=progress, **settings)
     report["model"]["directory"] = str(pathlib.Path(model_dir).absolute())
     return report
 
@@ -413,9 +378,10 @@ flags.DEFINE_string(
 flags.DEFINE_integer(
     "image_size", None, "dataset resolution (default: the model's)", lower_bound=1, flag_values=FLAGS
 )
-cli.define_sampling_flags(FLAGS, batch_size=50, top_k=0, top_p=0.0)
+# Unfiltered by default, unlike sample.py: the report judges the model's own distribution.
+cli.define_sampling_flags(FLAGS, batch_size=50, top_k=UNFILTERED.top_k, top_p=UNFILTERED.top_p)
 flags.DEFINE_integer(
-    "samples_per_class",
+    "num_per_class",
     50,
     "samples per label (the validation split's count)",
     lower_bound=1,
@@ -428,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = pathlib.Path(FLAGS.out)
     if out.suffix != ".json":
         cli.usage_error(PROG, f"--out must end in .json, got {out}")
-    cli.check_sampling_flags(FLAGS, PROG)
+    options = cli.sampling_options(FLAGS, PROG)
     data_cfg = data.default_config()
     try:  # The model is checked before anything slow runs.
         image_size = FLAGS.image_size or checkpoint.read_vqvae_config(FLAGS.checkpoint).image_size
@@ -438,10 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             classifier_cache=FLAGS.classifier_cache or default_cache_dir(),
             data_cfg=data_cfg,
             labels=FLAGS.labels,
-            samples_per_class=FLAGS.samples_per_class,
-            cfg=FLAGS.cfg,
-            top_k=FLAGS.top_k,
-            top_p=FLAGS.top_p,
+            num_per_class=FLAGS.num_per_class,
+            options=options,
             seed=FLAGS.seed,
             batch_size=FLAGS.batch_size,
         )

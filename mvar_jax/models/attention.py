@@ -1,17 +1,17 @@
-"""Attention patterns of VAR and MVAR over the token pyramid.
+"""Attention over the token pyramid: the patterns the families are made of.
 
-Three patterns over the token pyramid (scales of side ``patch_nums``):
+Over scales of side ``patch_nums``, row-major within each scale:
 
-* ``var``: block-causal, scale l attends to every scale <= l;
-* ``mvar`` scale-Markov: block-diagonal, scale l attends only within itself;
-* ``mvar`` spatial-Markov (scales with index >= refine_step): each token attends
-  to a k x k neighbourhood of its own scale with NATTEN's ``na2d`` border rule.
+* ``causal_attention``: block-causal, scale l attends to every scale <= l (VAR);
+* ``markov_attention``: scale l attends only within itself (block-diagonal,
+  scale-Markov) and, from ``refine_step`` on, only to a k x k neighbourhood of its
+  own map with NATTEN's ``na2d`` border rule (spatial-Markov; MVAR). With
+  ``refine_step = len(patch_nums)`` every scale is attended whole (M-VAR).
 
-Token sequences are ``(B, l, heads, head_dim)``, row-major within each scale;
-2-D maps use NATTEN's layout ``(B, H, W, heads, head_dim)``. The transformer calls
-one dispatch, ``pyramid_attention``; the neighbourhood part goes through
-``neighborhood_attention``, which picks the pure-jnp reference or the Pallas
-kernel in ``kernels/spatial_markov.py``.
+Token sequences are ``(B, l, heads, head_dim)``; 2-D maps NATTEN's layout
+``(B, H, W, heads, head_dim)``. The neighbourhood part goes through
+``neighborhood_attention``: the memory-lean masked XLA path here, or the Pallas
+kernel and its gather reference in ``kernels/``.
 """
 
 from __future__ import annotations
@@ -23,59 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.neighborhood import window_start
-
-
-def neighborhood_window_starts(size: int, kernel_size: int) -> np.ndarray:
-    """First row (or column) of each query's window, shape ``(size,)``.
-
-    NATTEN (dilation 1, non-causal) keeps every window inside the map: the window
-    of query i starts at ``clamp(i - k // 2, 0, size - k)``, so border queries see
-    a shifted window rather than a padded one, and every query sees k*k keys.
-    A static numpy array: the windows depend on shapes only. The rule itself is
-    ``kernels.neighborhood.window_start``, which the Pallas kernel uses too.
-    """
-    if kernel_size % 2 != 1 or not 1 <= kernel_size <= size:
-        raise ValueError(
-            f"kernel_size must be odd and in [1, {size}] for a map of size {size}, got {kernel_size}"
-        )
-    return window_start(np.arange(size), size, kernel_size)
-
-
-def neighborhood_attention_reference(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    kernel_size: int,
-    scale: float | None = None,
-) -> jax.Array:
-    """Spatial-Markov attention by gathering each query's k x k window.
-
-    Args:
-      q, k, v: ``(B, H, W, heads, head_dim)``.
-      kernel_size: odd window side, at most ``min(H, W)``.
-      scale: logit multiplier; ``head_dim ** -0.5`` when None.
-
-    Returns:
-      ``(B, H, W, heads, head_dim)`` in q's dtype; logits and softmax in float32.
-    """
-    B, H, W, heads, head_dim = q.shape
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share a shape, got {q.shape}, {k.shape}, {v.shape}")
-    if scale is None:
-        scale = head_dim**-0.5
-    ks = kernel_size
-    rows = neighborhood_window_starts(H, ks)[:, None] + jnp.arange(ks)[None, :]  # (H, ks)
-    cols = neighborhood_window_starts(W, ks)[:, None] + jnp.arange(ks)[None, :]  # (W, ks)
-    # Windowed keys/values: (B, H, ks, W, ks, heads, head_dim).
-    k_win = k[:, rows][:, :, :, cols]
-    v_win = v[:, rows][:, :, :, cols]
-    logits = jnp.einsum("bhwnd,bhawcnd->bhwnac", q.astype(jnp.float32), k_win.astype(jnp.float32)) * scale
-    logits = logits.reshape(B, H, W, heads, ks * ks)
-    probs = jax.nn.softmax(logits, axis=-1).reshape(B, H, W, heads, ks, ks)
-    out = jnp.einsum("bhwnac,bhawcnd->bhwnd", probs, v_win.astype(jnp.float32))
-    return out.astype(q.dtype)
-
+from kernels.neighborhood import neighborhood_attention_reference, neighborhood_window_starts
+from kernels.spatial_markov import Tiling, spatial_markov_attention
+from mvar_jax.models.config import NEIGHBORHOOD_IMPLS
 
 # The masked formulation attends each axis whole up to this size (dense attention
 # under the static window mask: 16x16 costs 256 logits a query instead of 49, but
@@ -169,12 +119,6 @@ def neighborhood_attention_masked(
     return out.reshape(q.shape).astype(q.dtype)
 
 
-NEIGHBORHOOD_IMPLS = ("auto", "masked", "reference", "pallas", "pallas_interpret")
-# The two models by their attention: ``TransformerConfig.attention``, a training
-# config's ``model.name``.
-PATTERNS = ("mvar", "var")
-
-
 def scale_ids(patch_nums: Sequence[int], first_scale: int, last_scale: int) -> np.ndarray:
     """Scale index of every token of scales ``[first_scale, last_scale)``, shape ``(l,)``.
 
@@ -243,14 +187,21 @@ def block_causal_attention(
 
 
 def neighborhood_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, kernel_size: int, scale: float | None = None, impl: str = "auto"
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kernel_size: int,
+    scale: float | None = None,
+    impl: str = "auto",
+    tiling: Tiling | None = None,
 ) -> jax.Array:
     """MVAR spatial-Markov attention on ``(B, H, W, heads, head_dim)`` maps.
 
     ``impl``: 'masked' (pure XLA, memory-lean: ``neighborhood_attention_masked``),
-    'reference' (the gather of every window: the test oracle), 'pallas' (the
-    fused kernel), 'pallas_interpret' (the kernel run by the Pallas interpreter,
-    for CPU tests) or 'auto' (the kernel on GPU, 'masked' elsewhere).
+    'reference' (the gather of every window: the test oracle beside the kernel),
+    'pallas' (the fused kernel, launched with ``tiling``), 'pallas_interpret' (the
+    kernel run by the Pallas interpreter, for CPU tests) or 'auto' (the kernel on
+    GPU, 'masked' elsewhere).
     """
     if impl not in NEIGHBORHOOD_IMPLS:
         raise ValueError(f"neighborhood impl must be one of {NEIGHBORHOOD_IMPLS}, got {impl!r}")
@@ -260,18 +211,34 @@ def neighborhood_attention(
         return neighborhood_attention_masked(q, k, v, kernel_size, scale)
     if impl == "reference":
         return neighborhood_attention_reference(q, k, v, kernel_size, scale)
-    # Imported lazily: the kernel needs Pallas/Triton, the reference does not.
-    from kernels.spatial_markov import spatial_markov_attention
+    return spatial_markov_attention(
+        q, k, v, kernel_size, scale, interpret=impl == "pallas_interpret", tiling=tiling
+    )
 
-    return spatial_markov_attention(q, k, v, kernel_size, scale, interpret=impl == "pallas_interpret")
 
-
-def pyramid_attention(
+def causal_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     *,
-    pattern: str,
+    patch_nums: Sequence[int],
+    first_scale: int,
+    last_scale: int,
+    scale: float,
+) -> jax.Array:
+    """VAR's attention over a pyramid: the queries are the tokens of scales
+    ``[first_scale, last_scale)``, the keys and values those of scales ``[0, last_scale)``
+    (teacher forcing starts at 0; cached inference passes one scale of queries and
+    the cache's prefix)."""
+    q_ids = _query_ids(q, patch_nums, first_scale, last_scale)
+    return block_causal_attention(q, k, v, q_ids, scale_ids(patch_nums, 0, last_scale), scale)
+
+
+def markov_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
     patch_nums: Sequence[int],
     first_scale: int,
     last_scale: int,
@@ -279,34 +246,20 @@ def pyramid_attention(
     refine_step: int,
     kernel_size: int,
     impl: str = "auto",
+    tiling: Tiling | None = None,
 ) -> jax.Array:
-    """The one attention dispatch of the transformer, over a token pyramid.
+    """Scale-Markov attention over the tokens of scales ``[first_scale, last_scale)``.
 
-    Queries are the ``(B, l, heads, head_dim)`` tokens of scales
-    ``[first_scale, last_scale)``, row-major within each scale.
-
-    * ``pattern='var'``: block-causal; k and v hold the tokens of scales
-      ``[0, last_scale)`` (teacher forcing passes first_scale 0; cached inference
-      passes one scale of queries and the whole cache prefix as keys).
-    * ``pattern='mvar'``: k and v hold the same tokens as q. Scales below
-      ``refine_step`` attend within themselves (block-diagonal), every scale
-      from ``refine_step`` on attends a ``kernel_size``-square neighbourhood of
-      its own map.
+    q, k and v hold the same tokens ``(B, l, heads, head_dim)``, row-major within
+    each scale. Scales below ``refine_step`` attend within themselves
+    (block-diagonal); every scale from ``refine_step`` on attends a
+    ``kernel_size``-square neighbourhood of its own map (spatial-Markov).
+    ``refine_step = len(patch_nums)`` leaves every scale whole.
     """
-    if pattern not in PATTERNS:
-        raise ValueError(f"attention pattern must be one of {PATTERNS}, got {pattern!r}")
-    q_ids = scale_ids(patch_nums, first_scale, last_scale)
-    if q.shape[1] != q_ids.size:
-        raise ValueError(
-            f"q has {q.shape[1]} tokens but scales [{first_scale}, {last_scale}) of "
-            f"{tuple(patch_nums)} have {q_ids.size}"
-        )
-    if pattern == "var":
-        return block_causal_attention(q, k, v, q_ids, scale_ids(patch_nums, 0, last_scale), scale)
-
+    q_ids = _query_ids(q, patch_nums, first_scale, last_scale)
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
-            f"MVAR attention keeps every token within its own scale: q, k, v must share "
+            f"scale-Markov attention keeps every token within its own scale: q, k, v must share "
             f"a shape, got {q.shape}, {k.shape}, {v.shape}"
         )
     outputs = []
@@ -320,7 +273,18 @@ def pyramid_attention(
         pn = patch_nums[si]
         end = begin + pn * pn
         maps = [t[:, begin:end].reshape(t.shape[0], pn, pn, *t.shape[2:]) for t in (q, k, v)]
-        out = neighborhood_attention(*maps, kernel_size, scale, impl)
+        out = neighborhood_attention(*maps, kernel_size, scale, impl, tiling)
         outputs.append(out.reshape(out.shape[0], pn * pn, *out.shape[3:]))
         begin = end
     return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
+
+
+def _query_ids(q: jax.Array, patch_nums: Sequence[int], first_scale: int, last_scale: int) -> np.ndarray:
+    """The queries' scale ids, checked against q's token count."""
+    q_ids = scale_ids(patch_nums, first_scale, last_scale)
+    if q.shape[1] != q_ids.size:
+        raise ValueError(
+            f"q has {q.shape[1]} tokens but scales [{first_scale}, {last_scale}) of "
+            f"{tuple(patch_nums)} have {q_ids.size}"
+        )
+    return q_ids

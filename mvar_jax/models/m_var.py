@@ -1,7 +1,7 @@
 """M-VAR (Ren et al., arXiv 2411.10433): VAR's AdaLN transformer with Mamba2 between scales.
 
-``Transformer(TransformerConfig(attention='mamba', ...))`` builds it from the
-blocks below; embeddings, head, attention and FFN are ``transformer.py``'s. Each
+``Transformer(TransformerConfig(family='m_var', ...))`` builds it from the
+block below; embeddings, head, attention and FFN are the shared ones. Each
 block has three residual branches, modulated and gated by the class (9-way AdaLN)::
 
     x += attn(LN(x) (1 + scale1) + shift1) * gamma1    bidirectional, within each scale
@@ -13,8 +13,8 @@ scale); the Mamba2 layer is the only path from one scale to the next.
 
 Inference is linear in the pyramid: each block's Mamba state (conv history, SSM
 state) is carried from scale to scale, so scale si processes only its own
-``pn * pn`` tokens (``Transformer.scale_logits`` with the cache of
-``transformer.init_kv_cache``). The official sampler instead re-runs every
+``pn * pn`` tokens (``Transformer.scale_logits`` with the states of
+``init_mamba_states``). The official sampler instead re-runs every
 block's Mamba from scratch over all earlier scales at each scale; a cache from
 ``init_rerun_cache`` selects that algorithm, the reference for the tests and the
 cost benchmark (``bench/bench_m_var_cost.py``).
@@ -22,23 +22,41 @@ cost benchmark (``bench/bench_m_var_cost.py``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvar_jax.models import mamba2
-from mvar_jax.models.transformer import (
+from mvar_jax.models import attention, mamba2
+from mvar_jax.models.config import TransformerConfig
+from mvar_jax.models.family import Family
+from mvar_jax.models.layers import (
     FFN,
     AdaLNSelfAttn,
     SelfAttention,
-    TransformerConfig,
     ada_lin_init,
     init_std,
     layer_norm,
     modulate,
 )
+from mvar_jax.models.segments import SegmentSchedule, whole_pyramid
+
+
+def mamba_config(config: TransformerConfig, *, inference: bool = False) -> mamba2.Mamba2Config:
+    """A block's Mamba2 layer: the official settings at this width. ``inference``: as
+    inference runs it on a carried state, scanned in chunks of
+    ``config.mamba_inference_chunk_size`` (the same result, fewer FLOPs per token)."""
+    layer = mamba2.Mamba2Config(d_model=config.embed_dim)
+    if inference:
+        layer = dataclasses.replace(layer, chunk_size=config.mamba_inference_chunk_size)
+    return layer
+
+
+def init_mamba_states(config: TransformerConfig, batch_size: int) -> tuple[mamba2.MambaState, ...]:
+    """Every block's zero Mamba state: what scale 0 starts from."""
+    return tuple(mamba_config(config).zero_state(batch_size) for _ in range(config.depth))
 
 
 class RerunPrefix(NamedTuple):
@@ -50,10 +68,6 @@ class RerunPrefix(NamedTuple):
 
 def init_rerun_cache(config: TransformerConfig, batch_size: int) -> tuple[RerunPrefix, ...]:
     """An empty prefix per block: ``scale_logits`` then re-runs Mamba as the official code."""
-    if config.attention != "mamba":
-        raise ValueError(
-            f"the Mamba re-run is M-VAR's (attention='mamba'), got attention={config.attention!r}"
-        )
     empty = jnp.zeros((batch_size, 0, config.embed_dim), jnp.float32)
     return tuple(RerunPrefix(empty) for _ in range(config.depth))
 
@@ -97,14 +111,14 @@ class AdaLNAttnMamba(AdaLNSelfAttn):
         def normed(x, scale, shift):
             return modulate(layer_norm(x, cfg.norm_eps), scale, shift)
 
-        h, _ = SelfAttention(cfg, name="attn")(
+        h, _ = SelfAttention(cfg, self.attend, name="attn")(
             normed(x_BlC, scale1, shift1), first_scale=first_scale, last_scale=last_scale
         )
         x_BlC = add(x_BlC, h, gamma1)
 
         # Carrying the state: inference's chunking (the same result, fewer FLOPs per token).
-        mamba_config = cfg.mamba_inference if isinstance(cache, mamba2.MambaState) else cfg.mamba
-        mamba = mamba2.Mamba2(mamba_config, dtype=cfg.compute_dtype, proj_std=init_std(cfg), name="mamba")
+        layer = mamba_config(cfg, inference=isinstance(cache, mamba2.MambaState))
+        mamba = mamba2.Mamba2(layer, dtype=cfg.compute_dtype, proj_std=init_std(cfg), name="mamba")
         if isinstance(cache, RerunPrefix):  # From scratch over every token so far.
             prefix_BLC = jnp.concatenate([cache.x_BLC, x_BlC], axis=1)
             h, _ = mamba(normed(prefix_BLC, scale2, shift2))
@@ -116,3 +130,54 @@ class AdaLNAttnMamba(AdaLNSelfAttn):
 
         x_BlC = add(x_BlC, FFN(cfg, name="ffn")(normed(x_BlC, scale3, shift3)), gamma3)
         return x_BlC, cache
+
+
+def attend(q, k, v, config: TransformerConfig, first_scale: int, last_scale: int, scale: float):
+    """Within each scale, whole: scale-Markov attention with no spatial-Markov scales."""
+    return attention.markov_attention(
+        q,
+        k,
+        v,
+        patch_nums=config.patch_nums,
+        first_scale=first_scale,
+        last_scale=last_scale,
+        scale=scale,
+        refine_step=config.num_scales,
+        kernel_size=config.kernel_size,
+    )
+
+
+def keys_per_query(config: TransformerConfig, si: int) -> int:
+    return config.patch_nums[si] ** 2  # its own scale (Mamba2 carries the rest)
+
+
+def schedule(config: TransformerConfig, ratio_k: int) -> SegmentSchedule:
+    del ratio_k  # MVAR's: M-VAR's Mamba layers run causally over the whole pyramid.
+    return whole_pyramid(config.num_scales)
+
+
+def check(config: TransformerConfig) -> None:
+    if config.shared_aln:  # The official block offsets 6 modulations, it needs 9.
+        raise ValueError("M-VAR has no shared AdaLN (shared_aln=False)")
+    try:
+        mamba_config(config)
+    except ValueError as e:
+        raise ValueError(f"M-VAR's Mamba2 layer: {e}") from e
+
+
+FAMILY = Family(
+    name="m_var",
+    title="M-VAR",
+    summary="attention within each scale, Mamba2 across the pyramid (OliverRensu/MVAR)",
+    block=AdaLNAttnMamba,
+    attend=attend,
+    keys_per_query=keys_per_query,
+    spatial_markov=False,
+    init_state=init_mamba_states,
+    state_in_place=False,
+    any_first_scale=False,
+    guides_at_cfg_one=True,
+    schedule=schedule,
+    check=check,
+    weights_marker="blocks.0.mamba.in_proj.weight",
+)

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mvar_jax.models.config import PATCH_NUMS_256
 from mvar_jax.models.quantizer import MultiScaleQuantizer, QuantizerTrainOutput
 
 _GROUPS = 32
@@ -38,7 +39,7 @@ class VQVAEConfig:
     share_quant_resi: int = 4
     using_znorm: bool = False
     beta: float = 0.25  # Commitment weight of the VQ loss in tokenizer training.
-    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    patch_nums: tuple[int, ...] = PATCH_NUMS_256
 
     def __post_init__(self):
         # Lists (e.g. from JSON) become tuples so that the config stays hashable.

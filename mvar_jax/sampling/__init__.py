@@ -1,7 +1,12 @@
-"""Class-conditional generation for every family (``generate``), and the filters it draws tokens with."""
+"""Class-conditional generation for every family.
+
+    model = checkpoint.load_model("ckpt/mvar_d16")
+    samples = sampling.sample(model, [207, 360], jax.random.PRNGKey(0), SamplingOptions(cfg=1.5))
+
+``generate`` is the traceable loop, ``filters`` how logits become tokens.
+"""
 
 from mvar_jax.sampling.filters import (
-    check_filters,
     cumsum_last,
     filter_logits,
     gumbel_softmax,
@@ -9,23 +14,24 @@ from mvar_jax.sampling.filters import (
     top_k_filter,
     top_p_filter,
 )
-from mvar_jax.sampling.generate import (
-    CHUNK_TOKENS,
-    DECODE_BATCH_SIZE,
+from mvar_jax.sampling.options import CHUNK_TOKENS, DECODE_BATCH_SIZE, SamplingOptions, check_filters
+from mvar_jax.sampling.sampler import (
     Samples,
     generate,
     generate_jit,
     guidance_schedule,
     images_per_chunk,
+    lower_sample,
     map_chunks,
-    prepare,
     sample,
+    sample_batches,
 )
 
 __all__ = [
     "CHUNK_TOKENS",
     "DECODE_BATCH_SIZE",
     "Samples",
+    "SamplingOptions",
     "check_filters",
     "cumsum_last",
     "filter_logits",
@@ -34,9 +40,10 @@ __all__ = [
     "guidance_schedule",
     "gumbel_softmax",
     "images_per_chunk",
+    "lower_sample",
     "map_chunks",
-    "prepare",
     "sample",
+    "sample_batches",
     "tokens_from_uniform",
     "top_k_filter",
     "top_p_filter",

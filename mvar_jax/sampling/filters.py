@@ -69,18 +69,6 @@ def top_p_filter(logits_BlV: jax.Array, top_p: float) -> jax.Array:
     return jnp.where(logits_BlV < threshold, -jnp.inf, logits_BlV)
 
 
-def check_filters(top_k: int, top_p: float, *, names: tuple[str, str] = ("top_k", "top_p")) -> None:
-    """Raises ValueError unless ``top_k >= 0`` and ``0 <= top_p <= 1`` (0 disables either).
-
-    ``names``: how the caller's user spells the two settings (flags, config fields).
-    """
-    k_name, p_name = names
-    if top_k < 0:
-        raise ValueError(f"{k_name}={top_k} must be >= 0 (0: off)")
-    if not 0 <= top_p <= 1:
-        raise ValueError(f"{p_name}={top_p} must be in [0, 1] (0: off)")
-
-
 def filter_logits(logits_BlV: jax.Array, top_k: int, top_p: float) -> jax.Array:
     """Top-k, then top-p on what is left (the official order).
 

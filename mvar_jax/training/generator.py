@@ -9,7 +9,6 @@ export is a model directory (VQVAE + transformer) for ``sample.py``.
 
 from __future__ import annotations
 
-import math
 import os
 import pathlib
 from collections.abc import Mapping
@@ -24,11 +23,13 @@ from jax.sharding import Mesh
 
 from mvar_jax import checkpoint, data, parallel, sampling
 from mvar_jax.images import image_grid
-from mvar_jax.models.transformer import ATTENTIONS, Transformer, TransformerConfig, official_drop_path_rate
+from mvar_jax.models import families
+from mvar_jax.models.config import InitScales, TransformerConfig
+from mvar_jax.models.transformer import Transformer, unstack_blocks
 from mvar_jax.models.vqvae import VQVAE, VQVAEConfig, split_scales
-from mvar_jax.training import optimizer, schedule, state as state_lib, step as step_lib
+from mvar_jax.training import optimizer, state as state_lib, step as step_lib
 from mvar_jax.training.metrics_writer import MetricsWriter
-from mvar_jax.training.task import Batch, StepFn
+from mvar_jax.training.task import Batch, StepFn, from_config
 from mvar_jax.training.workdir import Architecture
 from mvar_jax.weights import transformer as transformer_weights
 
@@ -40,31 +41,21 @@ EXECUTION_FIELDS = ("neighborhood_impl", "dtype", "mamba_inference_chunk_size")
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the field, on generator settings that cannot train.
 
-    Architecture checks that need the tokenizer (vocabulary, kernel size vs map
-    size) happen in ``transformer_config``.
+    Architecture checks that need the tokenizer (vocabulary, token pyramid, kernel
+    size vs map size) happen in ``transformer_config``.
     """
-    m = config.model
-    if m.name not in ATTENTIONS:
-        raise ValueError(f"config.model.name={m.name!r} is unknown; expected one of {ATTENTIONS}")
-    schedule.make_schedule(
-        m.name, len(m.patch_nums), refine_step=m.refine_step, ratio_k=config.ratio_k
-    )  # raises on refine_step / ratio_k
+    try:
+        families.get(config.model.family)
+    except ValueError as e:
+        raise ValueError(f"config.model.family: {e}") from e
+    for section, cls in (("init", InitScales), ("optim", optimizer.OptimizerConfig)):
+        from_config(section, cls, config[section])
+    if config.ratio_k < 1:
+        raise ValueError(f"config.ratio_k={config.ratio_k} must be >= 1")
     if config.sample_every < 0:
         raise ValueError(f"config.sample_every={config.sample_every} must be >= 0 (0: never)")
     if config.sample_every:
         _check_sampling(config)
-    if config.init.std != -1:
-        raise ValueError(
-            f"config.init.std={config.init.std}: only the official automatic init "
-            "(-1, std = sqrt(1 / (3 * embed_dim))) is implemented"
-        )
-    o = config.optim
-    if o.base_lr <= 0 or not math.isfinite(o.base_lr):
-        raise ValueError(f"config.optim.base_lr={o.base_lr} must be positive and finite")
-    if o.schedule not in optimizer.SCHEDULES:
-        raise ValueError(f"config.optim.schedule={o.schedule!r}; expected one of {optimizer.SCHEDULES}")
-    if not 0 <= o.warmup_fraction < 1:
-        raise ValueError(f"config.optim.warmup_fraction={o.warmup_fraction} must be in [0, 1)")
     if not 0 <= config.label_smoothing < 1:
         raise ValueError(f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
     if not os.path.exists(config.vqvae_checkpoint):
@@ -85,52 +76,50 @@ def _check_sampling(config: ml_collections.ConfigDict) -> None:
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
         raise ValueError(f"config.sample_classes {bad} outside [0, config.data.num_classes={num_classes})")
-    sampling.check_filters(
-        config.sample_top_k, config.sample_top_p, names=("config.sample_top_k", "config.sample_top_p")
-    )
+    from_config("sampling", sampling.SamplingOptions, config.sampling)
 
 
-def load_tokenizer(path: str | os.PathLike, patch_nums: tuple[int, ...]) -> tuple[VQVAEConfig, Any]:
+def load_tokenizer(path: str | os.PathLike, patch_nums: tuple[int, ...] | None) -> tuple[VQVAEConfig, Any]:
     """The frozen VQVAE: an official ``.pth``, a tokenizer directory or a generator model's VQVAE.
 
-    The token pyramid (``patch_nums``) is the run's; it does not change the weights.
+    ``patch_nums``: the run's token pyramid; None takes the one the tokenizer
+    directory records (an official ``.pth`` records none: the release's 256 px
+    pyramid). It does not change the weights.
     """
-    return checkpoint.load_vqvae_checkpoint(path, patch_nums)
+    return checkpoint.load_vqvae_checkpoint(path, None if patch_nums is None else tuple(patch_nums))
 
 
 def transformer_config(config: ml_collections.ConfigDict, vqvae_config: VQVAEConfig) -> TransformerConfig:
-    """The architecture: the config's model section plus the tokenizer's vocabulary.
+    """``config.model`` as a ``TransformerConfig``, with what the tokenizer and data decide.
 
-    Raises ValueError when the images do not fit the token pyramid, or (from
-    TransformerConfig) on an invalid architecture such as a kernel larger than a map.
+    The vocabulary and latent width come from the tokenizer, the number of
+    classes from the data, the pyramid from the tokenizer unless the config sets
+    one. Raises ValueError when the images do not fit the pyramid, or on an
+    architecture the family cannot run (such as a kernel larger than a map).
     """
-    m = config.model
+    fields = {**config.model, "patch_nums": vqvae_config.patch_nums}
     if config.data.image_size != vqvae_config.image_size:
         raise ValueError(
             f"config.data.image_size={config.data.image_size} does not fit the token pyramid: "
-            f"patch_nums {tuple(m.patch_nums)} at the VQVAE's {vqvae_config.downsample}x "
+            f"patch_nums {vqvae_config.patch_nums} at the VQVAE's {vqvae_config.downsample}x "
             f"downsampling need {vqvae_config.image_size} px images"
         )
-    return TransformerConfig(
-        vocab_size=vqvae_config.vocab_size,
-        cvae=vqvae_config.z_channels,
-        num_classes=config.data.num_classes,
-        depth=m.depth,
-        embed_dim=m.embed_dim,
-        num_heads=m.num_heads,
-        mlp_ratio=m.mlp_ratio,
-        norm_eps=m.norm_eps,
-        shared_aln=m.shared_aln,
-        attn_l2_norm=m.attn_l2_norm,
-        patch_nums=tuple(m.patch_nums),
-        attention=m.name,
-        kernel_size=m.kernel_size,
-        refine_step=m.refine_step,
-        drop_path_rate=(official_drop_path_rate(m.depth) if m.drop_path_rate is None else m.drop_path_rate),
-        cond_drop_rate=m.cond_drop_rate,
-        dtype=m.dtype,
-        neighborhood_impl=m.neighborhood_impl,
+    model = from_config(
+        "model",
+        TransformerConfig,
+        {
+            **fields,
+            "vocab_size": vqvae_config.vocab_size,
+            "cvae": vqvae_config.z_channels,
+            "num_classes": config.data.num_classes,
+        },
     )
+    try:
+        families.of(model)
+        families.get(model.family).schedule(model, config.ratio_k)
+    except ValueError as e:
+        raise ValueError(f"config.model: {e}") from e
+    return model
 
 
 def finetune_params(path: str | os.PathLike, model_config: TransformerConfig) -> Any:
@@ -142,11 +131,11 @@ def finetune_params(path: str | os.PathLike, model_config: TransformerConfig) ->
     """
     if os.path.isdir(path):
         bundle = checkpoint.load_model(path)
-        source_config, params = bundle.transformer_config, bundle.transformer_params
+        source_config, params = bundle.transformer_config, unstack_blocks(bundle.transformer_params)
     else:
         source_config, params = transformer_weights.load_transformer(
             path,
-            attention=model_config.attention,
+            family=model_config.family,
             patch_nums=model_config.patch_nums,
             kernel_size=model_config.kernel_size,
             refine_step=model_config.refine_step,
@@ -195,7 +184,7 @@ class GeneratorTask:
 
     def __init__(self, config: ml_collections.ConfigDict, *, mesh: Mesh, num_steps: int):
         self._config = config
-        vqvae_config, vqvae_params = load_tokenizer(config.vqvae_checkpoint, tuple(config.model.patch_nums))
+        vqvae_config, vqvae_params = load_tokenizer(config.vqvae_checkpoint, config.model.patch_nums)
         self._model = Transformer(transformer_config(config, vqvae_config))
         self.architecture = Architecture(
             "transformer_config.json", self._model.config.to_dict(), EXECUTION_FIELDS
@@ -210,20 +199,17 @@ class GeneratorTask:
             out_shardings=parallel.batch_sharding(mesh),
         )
         self._tx, self._learning_rate = optimizer.make_optimizer(
-            config.optim,
+            optimizer.OptimizerConfig(**config.optim),
             global_batch_size=config.batch_size,
             total_steps=num_steps,
-            warmup_steps=round(config.optim.warmup_fraction * num_steps),
+            decay_mask=optimizer.official_decay_mask,
         )
-        m = self._model.config
-        self._schedule = schedule.make_schedule(
-            m.attention, m.num_scales, refine_step=m.refine_step, ratio_k=config.ratio_k
-        )
+        self._schedule = families.get(self._model.config.family).schedule(self._model.config, config.ratio_k)
         self._rng = jax.random.PRNGKey(config.seed)
 
     def _fresh_state(self) -> state_lib.TrainState:
         """Official init (traced: jit it to place the params)."""
-        params = state_lib.init_params(self._model.config, self._config.init, self._rng)
+        params = state_lib.init_params(self._model.config, InitScales(**self._config.init), self._rng)
         return state_lib.create_train_state(params, self._tx, self._rng)
 
     def abstract_state(self) -> state_lib.TrainState:
@@ -280,9 +266,7 @@ class GeneratorTask:
             self._bundle(state),
             np.asarray(c.sample_classes),
             jax.random.fold_in(jax.random.PRNGKey(c.seed), step),
-            cfg=c.sample_cfg,
-            top_k=c.sample_top_k,
-            top_p=c.sample_top_p,
+            sampling.SamplingOptions(**c.sampling),
         )
         images = multihost_utils.process_allgather(samples.images, tiled=True)
         grid = image_grid(np.asarray(images), columns=min(8, len(c.sample_classes)))

@@ -1,20 +1,23 @@
-"""The official optimisation recipe as an optax chain.
+"""One optimizer schema for every task (``OptimizerConfig``), built into an optax chain.
 
-AdamW (betas 0.9/0.95) with the learning rate scaled by the global batch
+The official generator recipe (utils/lr_control.py, train.py): AdamW (betas
+0.9/0.95) with the learning rate scaled by the global batch
 (``tlr = tblr * batch / 256``), a linear warm-up from ``wp0`` then the ``lin0``
 decay to ``wpe``, gradient clipping at ``tclip`` on the global norm, and weight
 decay on every weight except biases, vectors and the embeddings the official
-``filter_params`` names (utils/lr_control.py, train.py).
+``filter_params`` names. The tokenizer uses the same schema with its own values
+(an unscaled learning rate: ``lr_batch=0``) and decays every kernel and the codebook.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from mvar_jax.weights import transformer as transformer_weights
@@ -41,6 +44,66 @@ NO_DECAY_KEYS = (
 # Fraction of the post-warm-up phase held at the peak rate before the linear decay.
 _LINEAR_HOLD = {"lin": 0.15, "lin0": 0.05}
 SCHEDULES = ("lin0", "lin", "cos")
+OPTIMIZERS = ("adamw",)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """How a task's params learn; a config's ``optim`` section holds these fields.
+
+    The defaults are the official generator recipe's (utils/arg_util.py).
+
+    Attributes:
+      name: the update rule: 'adamw'.
+      base_lr: the learning rate at ``lr_batch`` images per step (the official
+        ``--tblr``); the peak is ``base_lr * global_batch / lr_batch``, or
+        ``base_lr`` itself with ``lr_batch = 0``.
+      lr_batch: see ``base_lr`` (the official 256; 0: no batch scaling).
+      b1, b2, eps: Adam's moments.
+      weight_decay: on the params the task's decay mask selects.
+      weight_decay_end: None: constant; else a half-cosine from ``weight_decay``
+        to this at the last step (the official ``--twde``).
+      grad_clip: global-norm clipping; <= 0 disables.
+      schedule: after the warm-up, 'lin0' / 'lin' (hold the peak for 5% / 15% of
+        the decay phase, then linear) or 'cos' (half-cosine), down to
+        ``final_lr_ratio * peak`` at the last step.
+      warmup_fraction: the share of the run's steps in the linear warm-up.
+      warmup_start: lr ratio at the first warm-up step (the official ``--wp0``).
+      final_lr_ratio: lr ratio at the last step (the official ``--wpe``).
+    """
+
+    name: str = "adamw"
+    base_lr: float = 1e-4
+    lr_batch: int = 256
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    weight_decay_end: float | None = None
+    grad_clip: float = 2.0
+    schedule: str = "lin0"
+    warmup_fraction: float = 1 / 50
+    warmup_start: float = 0.005
+    final_lr_ratio: float = 0.01
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"name={self.name!r}; expected one of {OPTIMIZERS}")
+        if not (math.isfinite(self.base_lr) and self.base_lr > 0):
+            raise ValueError(f"base_lr={self.base_lr} must be positive and finite")
+        if not isinstance(self.lr_batch, int) or self.lr_batch < 0:
+            raise ValueError(f"lr_batch={self.lr_batch!r} must be an int >= 0 (0: no batch scaling)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}; expected one of {SCHEDULES}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        for name in ("weight_decay", "warmup_start", "final_lr_ratio"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+
+    def peak_learning_rate(self, global_batch_size: int) -> float:
+        """``tlr = tblr * global_batch / 256`` (utils/arg_util.py), or ``base_lr`` unscaled."""
+        return self.base_lr * global_batch_size / self.lr_batch if self.lr_batch else self.base_lr
 
 
 def learning_rate_schedule(
@@ -95,10 +158,10 @@ def is_decayed(name: str, ndim: int) -> bool:
     return not no_decay
 
 
-def decay_mask(params: Any) -> Any:
+def official_decay_mask(params: Any) -> Any:
     """Pytree of bools like the transformer ``params``: True where weight decay applies.
 
-    The rule is applied to the official name of each Flax parameter.
+    The official rule (``is_decayed``), applied to the official name of each Flax parameter.
     """
 
     def decayed(path, p):
@@ -108,24 +171,25 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def peak_learning_rate(optim: ml_collections.ConfigDict, global_batch_size: int) -> float:
-    """``tlr = tblr * global_batch / 256`` (utils/arg_util.py)."""
-    return optim.base_lr * global_batch_size / 256
+def matrix_decay_mask(params: Any) -> Any:
+    """Weight decay on every array of >= 2 dims (kernels, a codebook), none on vectors."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
 def make_optimizer(
-    optim: ml_collections.ConfigDict, *, global_batch_size: int, total_steps: int, warmup_steps: int
+    optim: OptimizerConfig, *, global_batch_size: int, total_steps: int, decay_mask: Callable[[Any], Any]
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The AdamW chain and its learning-rate schedule (also logged by the train step)."""
+    """The optimizer chain and its learning-rate schedule (also logged by the train step)."""
     lr = learning_rate_schedule(
-        peak=peak_learning_rate(optim, global_batch_size),
+        peak=optim.peak_learning_rate(global_batch_size),
         total_steps=total_steps,
-        warmup_steps=warmup_steps,
+        warmup_steps=round(optim.warmup_fraction * total_steps),
         kind=optim.schedule,
         warmup_start=optim.warmup_start,
         final_ratio=optim.final_lr_ratio,
     )
-    wd = weight_decay_schedule(start=optim.weight_decay, end=optim.weight_decay_end, total_steps=total_steps)
+    end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
+    wd = weight_decay_schedule(start=optim.weight_decay, end=end, total_steps=total_steps)
     tx = optax.chain(
         optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity(),
         optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),

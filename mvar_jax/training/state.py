@@ -11,10 +11,10 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from mvar_jax.models import transformer
+from mvar_jax.models.config import InitScales, TransformerConfig
 
 
 @flax.struct.dataclass
@@ -29,12 +29,6 @@ def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.A
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
 
-def init_params(
-    config: transformer.TransformerConfig, init: ml_collections.ConfigDict, rng: jax.Array
-) -> Any:
-    """Fresh transformer params (the tree under 'params') with the run's init multipliers.
-
-    ``init`` is the run config's ``init`` block (official ``aln``, ``alng``, ``hd``).
-    """
-    scales = transformer.InitScales(adaln=init.adaln, adaln_gamma=init.adaln_gamma, head=init.head)
+def init_params(config: TransformerConfig, scales: InitScales, rng: jax.Array) -> Any:
+    """Fresh transformer params (the tree under 'params') with the run's init multipliers."""
     return transformer.init_params(config, rng, scales=scales)["params"]

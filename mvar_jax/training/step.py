@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mvar_jax.models.segments import Segment
 from mvar_jax.models.transformer import Transformer
-from mvar_jax.training.schedule import Segment
 from mvar_jax.training.state import TrainState
 from mvar_jax.training.task import Batch, Metrics, StepFn
 

@@ -77,3 +77,12 @@ class Task(Protocol):
 
     def export(self, state: State, model_dir: pathlib.Path) -> None:
         """Writes the trained model directory (collective: every host calls it)."""
+
+
+def from_config(section: str, cls: type, values: Any) -> Any:
+    """``cls(**config.<section>)`` (a section made by ``configs.common.from_dataclass``), its
+    ValueError naming the config field."""
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise ValueError(f"config.{section}: {e}") from e

@@ -40,26 +40,10 @@ from mvar_jax.models import discriminator, lpips
 from mvar_jax.models.vqvae import VQVAE, VQVAEConfig
 from mvar_jax.training import codebook, optimizer
 from mvar_jax.training.metrics_writer import MetricsWriter, announce
-from mvar_jax.training.task import Batch, Metrics, StepFn
+from mvar_jax.training.task import Batch, Metrics, StepFn, from_config
 from mvar_jax.training.workdir import Architecture
 from mvar_jax.weights import lpips as weights_lpips
 
-# config.model fields that make the VQVAEConfig (the rest of config.model is empty).
-MODEL_FIELDS = (
-    "vocab_size",
-    "z_channels",
-    "ch",
-    "ch_mult",
-    "num_res_blocks",
-    "using_sa",
-    "using_mid_sa",
-    "quant_conv_ks",
-    "quant_resi",
-    "share_quant_resi",
-    "using_znorm",
-    "beta",
-    "patch_nums",
-)
 # The codebook's path in the VQVAE params (and so in the Adam moments).
 CODEBOOK_PATH = ("quantize", "embedding", "embedding")
 
@@ -77,10 +61,7 @@ class TokenizerState:
 
 def vqvae_config(config: ml_collections.ConfigDict) -> VQVAEConfig:
     """The architecture from ``config.model``, checked against ``config.data.image_size``."""
-    try:
-        vc = VQVAEConfig(**{f: config.model[f] for f in MODEL_FIELDS})
-    except ValueError as e:
-        raise ValueError(f"config.model: {e}") from e
+    vc = from_config("model", VQVAEConfig, config.model)
     size = config.data.image_size
     if vc.image_size != size:
         raise ValueError(
@@ -94,15 +75,6 @@ def vqvae_config(config: ml_collections.ConfigDict) -> VQVAEConfig:
 def _check_weight(name: str, value: float) -> None:
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"config.{name}={value} must be finite and >= 0")
-
-
-def _check_optim(name: str, o: ml_collections.ConfigDict) -> None:
-    if not (math.isfinite(o.lr) and o.lr > 0):
-        raise ValueError(f"config.{name}.lr={o.lr} must be positive and finite")
-    if o.schedule not in optimizer.SCHEDULES:
-        raise ValueError(f"config.{name}.schedule={o.schedule!r}; expected one of {optimizer.SCHEDULES}")
-    if o.warmup_steps < 0:
-        raise ValueError(f"config.{name}.warmup_steps={o.warmup_steps} must be >= 0")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -128,7 +100,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if size < 16:
             raise ValueError(f"config.loss.lpips needs images of >= 16 px, got {size}")
         weights_lpips.check_lpips_files(loss.lpips_vgg, loss.lpips_lin)
-    _check_optim("optim", config.optim)
+    from_config("optim", optimizer.OptimizerConfig, config.optim)
     gan = config.gan
     _check_weight("gan.weight", gan.weight)
     if gan.weight:
@@ -143,7 +115,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 f"config.gan: a {gan.n_layers}-layer discriminator (ndf {gan.ndf}) "
                 f"does not fit {size} px images"
             )
-        _check_optim("gan.optim", gan.optim)
+        from_config("gan.optim", optimizer.OptimizerConfig, gan.optim)
     cb = config.codebook
     if not isinstance(cb.window, int) or cb.window < 1:
         raise ValueError(f"config.codebook.window={cb.window!r} must be a positive int of steps")
@@ -171,27 +143,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def make_optimizer(
-    o: ml_collections.ConfigDict, total_steps: int
+    o: ml_collections.ConfigDict, config: ml_collections.ConfigDict, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Adam(W) with the trainer's warm-up + decay schedule (absolute peak ``o.lr``).
-
-    Weight decay, if any, applies to kernels and the codebook (arrays of >= 2 dims).
-    """
-    lr = optimizer.learning_rate_schedule(
-        peak=o.lr,
+    """One of the task's optimizers (the VQVAE's or the discriminator's): weight decay, if any,
+    on kernels and the codebook (arrays of >= 2 dims)."""
+    return optimizer.make_optimizer(
+        optimizer.OptimizerConfig(**o),
+        global_batch_size=config.batch_size,
         total_steps=total_steps,
-        warmup_steps=o.warmup_steps,
-        kind=o.schedule,
-        warmup_start=o.warmup_start,
-        final_ratio=o.final_lr_ratio,
+        decay_mask=optimizer.matrix_decay_mask,
     )
-    tx = optax.chain(
-        optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
-        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
-        optax.add_decayed_weights(o.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
-        optax.scale_by_learning_rate(lr),
-    )
-    return tx, lr
 
 
 def reset_code_moments(opt_state: optax.OptState, rows_V: jax.Array) -> optax.OptState:
@@ -260,8 +221,8 @@ class TokenizerTask:
                 "config.gan.weight=0"
             )
         self._disc = discriminator.PatchDiscriminator(ndf=gan.ndf, n_layers=gan.n_layers)
-        self._tx, self._learning_rate = make_optimizer(config.optim, num_steps)
-        self._disc_tx = make_optimizer(gan.optim, num_steps)[0] if self._gan else None
+        self._tx, self._learning_rate = make_optimizer(config.optim, config, num_steps)
+        self._disc_tx = make_optimizer(gan.optim, config, num_steps)[0] if self._gan else None
         self._lpips_params = None
         if config.loss.lpips:
             self._lpips_params = jax.device_put(

@@ -8,7 +8,7 @@ expected official keys are derived from the Flax parameter tree (``eval_shape``)
 so the converter cannot drift from the model.
 
 VAR weights load into an MVAR model unchanged (the official MVAR fine-tuning
-starts from them): pass ``attention='mvar'``.
+starts from them): pass ``family='mvar'``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import numpy as np
 from flax import traverse_util
 
 from mvar_jax.errors import CheckpointError, StateDictMismatchError, check_keys
-from mvar_jax.models import attention, transformer
-from mvar_jax.models.transformer import TransformerConfig
+from mvar_jax.models import families, transformer
+from mvar_jax.models.config import PATCH_NUMS_256, TransformerConfig
+from mvar_jax.models.family import Family
 from mvar_jax.weights.state_dict import load_state_dict
 
 # Flax names that differ from the official ones (other than blocks_<i> -> blocks.<i>).
@@ -43,8 +44,6 @@ _UNIT_AXES = {
     "scale_mul": lambda s: (1, *s, 1, 1),
     "ada_gss": lambda s: (1, 1, *s),
 }
-# Present in M-VAR state dicts only.
-_MAMBA_KEY = "blocks.0.mamba.in_proj.weight"
 # Config fields the converter reads off the tensors; they cannot be overridden.
 _FROM_TENSORS = (
     "vocab_size",
@@ -105,38 +104,57 @@ def official_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
     return {key: shape for key, _, shape in _param_layout(config).values()}
 
 
-def detect_attention(state_dict: Mapping[str, np.ndarray], patch_nums: tuple[int, ...]) -> str:
-    """'mamba' (M-VAR) when the blocks hold Mamba2 layers, else 'var' or 'mvar',
-    read off the ``attn_bias_for_masking`` buffer.
+def detect_family(state_dict: Mapping[str, np.ndarray], patch_nums: tuple[int, ...]) -> str:
+    """The family an official state dict was trained as.
 
-    The weights of VAR and MVAR are laid out alike; only the saved training mask
-    (block-causal for VAR, block-diagonal for MVAR) tells them apart.
+    The family whose marker key it holds (M-VAR's Mamba2 layers), else the one
+    whose training mask it saved as ``attn_bias_for_masking``: VAR's and MVAR's
+    weights are laid out alike, and only that buffer (block-causal or
+    block-diagonal) tells them apart.
     """
-    if _MAMBA_KEY in state_dict:
-        return "mamba"
+    for family in families.FAMILIES.values():
+        if family.weights_marker and family.weights_marker in state_dict:
+            return family.name
+    masked = [f for f in families.FAMILIES.values() if f.weights_marker is None and f.training_mask]
+    names = " or ".join(repr(f.name) for f in masked)
     mask = state_dict.get("attn_bias_for_masking")
     if mask is None:
         raise CheckpointError(
-            "cannot tell VAR from MVAR: the state dict has no "
-            "attn_bias_for_masking buffer; pass attention='var' or 'mvar'"
+            f"cannot tell {' from '.join(f.title for f in masked)}: the state dict has no "
+            f"attn_bias_for_masking buffer; pass family={names}"
         )
-    ids = attention.scale_ids(patch_nums, 0, len(patch_nums))
     allowed = np.isfinite(np.asarray(mask)).reshape(mask.shape[-2:])
-    if allowed.shape == (ids.size, ids.size):
-        if np.array_equal(allowed, ids[:, None] >= ids[None, :]):
-            return "var"
-        if np.array_equal(allowed, ids[:, None] == ids[None, :]):
-            return "mvar"
+    for family in masked:
+        expected = family.training_mask(patch_nums)
+        if expected.shape == allowed.shape and np.array_equal(allowed, expected):
+            return family.name
     raise CheckpointError(
-        "attn_bias_for_masking is neither VAR's block-causal nor MVAR's "
-        "block-diagonal mask; pass attention='var' or 'mvar'"
+        "attn_bias_for_masking is none of the known training masks ("
+        + ", ".join(f"{f.title}'s" for f in masked)
+        + f"); pass family={names}"
     )
+
+
+def _check_marker(state_dict: Mapping[str, np.ndarray], family: Family) -> None:
+    """CheckpointError when the file holds another family's marker, or lacks this one's."""
+    for other in families.FAMILIES.values():
+        marker = other.weights_marker
+        if marker and (marker in state_dict) != (other is family):
+            if other is family:
+                raise CheckpointError(
+                    f"family={family.name!r}, but the state dict has no {marker}: "
+                    f"these are not {family.title} weights"
+                )
+            raise CheckpointError(
+                f"family={family.name!r}, but the state dict holds {marker}: these are {other.title} weights "
+                f"(family={other.name!r}, converter flag --{other.name})"
+            )
 
 
 def config_from_state_dict(
     state_dict: Mapping[str, np.ndarray],
     *,
-    attention: str | None = None,
+    family: str | None = None,
     num_heads: int | None = None,
     patch_nums: tuple[int, ...] | None = None,
     **overrides: Any,
@@ -144,7 +162,9 @@ def config_from_state_dict(
     """The architecture of an official state dict.
 
     Args:
-      attention: 'var' / 'mvar' / 'mamba' (M-VAR); None reads it off the file.
+      family: the model family (``models.families``); None reads it off the file
+        (``detect_family``). VAR weights load into MVAR unchanged (the official
+        MVAR fine-tuning starts from them).
       num_heads: needed only without L2-normalised attention (default: depth);
         otherwise the per-head ``scale_mul_1H11`` gives it.
       patch_nums: default TransformerConfig's, checked against ``pos_1LC``.
@@ -170,25 +190,16 @@ def config_from_state_dict(
             )
         num_heads = heads_in_file
     if patch_nums is None:
-        patch_nums = TransformerConfig.patch_nums
+        patch_nums = PATCH_NUMS_256
     seq_len = state_dict["pos_1LC"].shape[1]
     if sum(pn * pn for pn in patch_nums) != seq_len:
         raise ValueError(
             f"pos_1LC has {seq_len} positions but patch_nums {tuple(patch_nums)} "
             f"give {sum(pn * pn for pn in patch_nums)}; pass patch_nums="
         )
-    if attention is None:
-        attention = detect_attention(state_dict, tuple(patch_nums))
-    elif (attention == "mamba") != (_MAMBA_KEY in state_dict):
-        raise CheckpointError(
-            f"attention={attention!r}, but the state dict "
-            + (
-                "has Mamba2 layers (blocks.<i>.mamba.*): an M-VAR checkpoint, convert it as "
-                "M-VAR (attention='mamba', --m_var)"
-                if _MAMBA_KEY in state_dict
-                else f"has no Mamba2 layers ({_MAMBA_KEY}): not an M-VAR checkpoint"
-            )
-        )
+    if family is None:
+        family = detect_family(state_dict, tuple(patch_nums))
+    _check_marker(state_dict, families.get(family))
 
     return TransformerConfig(
         vocab_size=state_dict["head.weight"].shape[0],
@@ -201,7 +212,7 @@ def config_from_state_dict(
         shared_aln="shared_ada_lin.1.weight" in state_dict,
         attn_l2_norm=attn_l2_norm,
         patch_nums=tuple(patch_nums),
-        attention=attention,
+        family=family,
         **overrides,
     )
 
@@ -228,7 +239,7 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Transfo
 def load_transformer(path: str | os.PathLike, **config_args: Any) -> tuple[TransformerConfig, dict[str, Any]]:
     """Reads an official ``.pth`` (plain or trainer state) into ``(config, params)``.
 
-    ``config_args`` go to ``config_from_state_dict`` (e.g. ``attention='mvar'``
+    ``config_args`` go to ``config_from_state_dict`` (e.g. ``family='mvar'``
     to fine-tune VAR weights as MVAR, ``dtype='bfloat16'``).
     """
     state_dict = load_state_dict(path)

@@ -31,8 +31,9 @@ _VAE = flags.DEFINE_string(
 )
 _PATCH_NUMS = flags.DEFINE_list(
     "patch_nums",
-    "1,2,3,4,5,6,8,10,13,16",
-    "Token map sides per scale (512 px: 1,2,3,4,6,9,13,18,24,32).",
+    None,
+    "Token map sides per scale (default: the pyramid the tokenizer directory records; an "
+    "official .pth records none: 1,2,3,4,5,6,8,10,13,16, the release's).",
 )
 _ROLE = flags.DEFINE_enum("role", "train", ["train", "eval"], "Which split to cache.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per encoder call (per host).")
@@ -47,9 +48,8 @@ def main(argv: Sequence[str]) -> None:
     cfg = _DATA.value
     if not cfg.token_cache_dir:
         raise app.UsageError("--data.token_cache_dir (the output directory) is required")
-    vae_config, variables = checkpoint.load_vqvae_checkpoint(
-        _VAE.value, patch_nums=tuple(int(p) for p in _PATCH_NUMS.value)
-    )
+    patch_nums = None if _PATCH_NUMS.value is None else tuple(int(p) for p in _PATCH_NUMS.value)
+    vae_config, variables = checkpoint.load_vqvae_checkpoint(_VAE.value, patch_nums=patch_nums)
     encode_fn = token_cache.sharded_encoder(token_cache.vqvae_tokenize(VQVAE(vae_config)), variables)
     token_cache.write_token_cache(
         cfg,

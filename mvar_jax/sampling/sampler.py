@@ -1,11 +1,10 @@
-"""Class-conditional generation for MVAR (no KV cache), VAR (KV cache) and M-VAR (Mamba states).
+"""Class-conditional generation, one loop for every family.
 
-MVAR's attention is Markovian in scale, so step ``si`` runs the transformer on the
-``pn * pn`` tokens of scale ``si`` alone: nothing from earlier scales is kept besides
-the VQVAE's accumulated feature map ``f_hat``, which also feeds the next scale's
-input. VAR attends to every earlier scale and keeps their keys/values in the
-transformer's fixed-size cache. M-VAR also runs scale ``si``'s tokens alone, its
-Mamba layers advancing a fixed-size state carried from the previous scale.
+Step ``si`` runs the transformer on the ``pn * pn`` tokens of scale ``si`` alone,
+plus what the family carries between scales (``Family.init_state``): nothing
+for MVAR, whose attention is Markovian in scale (only the VQVAE's accumulated
+feature map ``f_hat`` links the scales, as the next scale's input); VAR's
+fixed-size KV cache of every earlier scale; M-VAR's Mamba states.
 
 Guidance, filtering and the Gumbel "more smooth" mode follow the official
 samplers; randomness comes from one ``jax.random`` key (``generate``).
@@ -13,32 +12,21 @@ samplers; randomness comes from one ``jax.random`` key (``generate``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from mvar_jax.checkpoint import ModelBundle, check_configs
-from mvar_jax.models import m_var
-from mvar_jax.models.transformer import (
-    Transformer,
-    TransformerConfig,
-    blocks_are_stacked,
-    init_kv_cache,
-    stack_blocks,
-    stack_cache,
-)
+from mvar_jax.models import families
+from mvar_jax.models.config import TransformerConfig
+from mvar_jax.models.transformer import Transformer, blocks_are_stacked, stack_cache
 from mvar_jax.models.vqvae import VQVAE, VQVAEConfig
-
-# Images the VQVAE decodes at a time (generate's decode_batch_size).
-from mvar_jax.sampling.filters import check_filters, filter_logits, gumbel_softmax, tokens_from_uniform
-
-DECODE_BATCH_SIZE = 4
-# Tokens per chunk of MVAR's per-scale work (generate's chunk_tokens): 16x16 maps of
-# 16 guided images, matmuls of 8192 rows, still large enough for an accelerator.
-CHUNK_TOKENS = 8192
+from mvar_jax.sampling.filters import filter_logits, gumbel_softmax, tokens_from_uniform
+from mvar_jax.sampling.options import SamplingOptions
 
 
 def guidance_schedule(cfg: float, config: TransformerConfig) -> np.ndarray | None:
@@ -46,11 +34,11 @@ def guidance_schedule(cfg: float, config: TransformerConfig) -> np.ndarray | Non
 
     Row si holds ``(1 + t, t)`` with ``t = cfg * si / (num_scales - 1)``, so that
     ``logits = (1 + t) * cond - t * uncond``. The weights are computed in float64
-    and rounded once, as PyTorch rounds the official Python scalars. MVAR skips
-    guidance (None: no unconditional half) when ``cfg == 1``; VAR and M-VAR
-    always guide, as their official samplers do (cfg 1 still ramps t = si / 9).
+    and rounded once, as PyTorch rounds the official Python scalars. At ``cfg == 1``
+    MVAR's official sampler skips guidance (None: no unconditional half) while
+    VAR's and M-VAR's still guide (t ramps to si / 9): ``Family.guides_at_cfg_one``.
     """
-    if config.attention == "mvar" and cfg == 1.0:
+    if cfg == 1.0 and not families.get(config.family).guides_at_cfg_one:
         return None
     t = cfg * (np.arange(config.num_scales, dtype=np.float64) / (config.num_scales - 1))
     return np.stack([1 + t, t], axis=1).astype(np.float32)
@@ -107,14 +95,8 @@ def generate(
     label_B: jax.Array,
     key: jax.Array,
     guidance_S2: jax.Array | None,
-    *,
-    top_k: int = 0,
-    top_p: float = 0.0,
-    more_smooth: bool = False,
-    decode: bool = True,
-    decode_batch_size: int = DECODE_BATCH_SIZE,
-    chunk_tokens: int = CHUNK_TOKENS,
-    mamba_rerun: bool = False,
+    options: SamplingOptions = SamplingOptions(),
+    init_state: Callable[[TransformerConfig, int], Any] | None = None,
 ) -> Samples:
     """Generates one image per label, coarse to fine; traceable, see ``sample`` for the jit.
 
@@ -123,29 +105,26 @@ def generate(
       key: a ``jax.random`` key: one uniform per token from its first split
         (``tokens_from_uniform``), more_smooth's noise from its second, folded
         in per scale and image.
-      guidance_S2: ``guidance_schedule(cfg, transformer_config)``; None runs the
-        conditional batch alone.
-      top_k, top_p: logit filters (0 disables); ``top_k=1`` is greedy.
-      more_smooth: feed the next scale a Gumbel-softmax mix of codebook entries
-        instead of the sampled entry (the official visualisation mode).
-      decode: decode f_hat to images (off for token-only benchmarks).
-      decode_batch_size: images decoded at a time, one chunk after another, so
-        that the VQVAE decoder's full-resolution activations never set the peak.
-      chunk_tokens: MVAR runs each scale's transformer, head and token draw on
-        chunks of images of at most this many tokens (both guidance rows
-        counted), one chunk after another: its scales keep nothing per image
-        but f_hat, so memory is one chunk's activations. VAR and M-VAR run the
-        whole batch at once, as their caches hold every image anyway.
-      mamba_rerun: M-VAR only: the official algorithm, re-running every Mamba
-        layer over all earlier scales at each scale instead of carrying its state
-        (the same samples at a higher cost; the reference of tests and benchmarks).
+      guidance_S2: ``guidance_schedule(options.cfg, transformer_config)``; None
+        runs the conditional batch alone.
+      options: everything else (``SamplingOptions``; its ``cfg`` is read from
+        ``guidance_S2``). A family with no state between scales runs each scale
+        on chunks of images (``options.chunk_tokens``); VAR and M-VAR run the
+        whole batch at once, as their states hold every image anyway.
+      init_state: the state the blocks start from, ``(config, batch) -> state``
+        (default: the family's ``init_state``). ``m_var.init_rerun_cache`` runs
+        M-VAR's official algorithm, re-running every Mamba layer over all
+        earlier scales at each scale instead of carrying its state: the same
+        samples at a higher cost, the reference of tests and benchmarks.
 
     Each image's rows are side by side in the transformer batch: (conditional,
     unconditional) with guidance. Results do not depend on the chunking.
-    ``transformer_params`` may hold the blocks one by one (as checkpoints do) or
-    stacked (``prepare``): stacked blocks run as one ``lax.scan`` per scale.
+    ``transformer_params`` may hold the blocks one by one (as the trainer does)
+    or stacked (as ``checkpoint.load_model`` returns them): stacked blocks run
+    as one ``lax.scan`` per scale.
     """
-    tcfg = transformer_config
+    tcfg, o = transformer_config, options
+    family = families.of(tcfg)
     stacked = blocks_are_stacked(transformer_params)
     vqvae, model = VQVAE(vqvae_config), Transformer(tcfg, scan_blocks=stacked)
     B, Cvae = label_B.shape[0], tcfg.cvae
@@ -155,11 +134,11 @@ def generate(
         label_B = jnp.stack([label_B, jnp.full_like(label_B, tcfg.num_classes)], axis=1)
     x_RlC, cond_RD = model.apply(transformer_params, label_B.reshape(-1), method=Transformer.start_input)
     x_BrlC, cond_BrD = x_RlC.reshape(B, rows, *x_RlC.shape[1:]), cond_RD.reshape(B, rows, -1)
-    cache = (m_var.init_rerun_cache if mamba_rerun else init_kv_cache)(tcfg, B * rows)  # None for MVAR.
+    cache = (init_state or family.init_state)(tcfg, B * rows)
     if stacked:
         cache = stack_cache(cache)
     codebook_VC = None
-    if more_smooth:
+    if o.more_smooth:
         codebook_VC = vqvae.apply(vqvae_params, jnp.arange(tcfg.vocab_size)[None], method=VQVAE.embed_tokens)[
             0
         ]
@@ -197,9 +176,9 @@ def generate(
                 logits_blV = guidance_S2[si, 0] * logits_brlV[:, 0] - guidance_S2[si, 1] * logits_brlV[:, 1]
             else:
                 logits_blV = logits_brlV[:, 0]
-            logits_blV = filter_logits(logits_blV, top_k, top_p)
+            logits_blV = filter_logits(logits_blV, o.top_k, o.top_p)
             idx_bl = tokens_from_uniform(logits_blV, u_bl)
-            if more_smooth:
+            if o.more_smooth:
                 ratio = si / (tcfg.num_scales - 1)
                 keys = jax.vmap(jax.random.fold_in, (None, 0))(smooth_key, image_b)
                 soft_blV = jax.vmap(gumbel_softmax, (0, 0, None))(
@@ -211,7 +190,7 @@ def generate(
             return idx_bl, h_blCv, cache
 
         if cache is None:
-            chunk = images_per_chunk(B, rows * pn * pn, chunk_tokens)
+            chunk = images_per_chunk(B, rows * pn * pn, o.chunk_tokens)
             idx_Bl, h_BlCv, _ = map_chunks(
                 lambda *xs: scale_step(*xs, None), chunk, x_BrlC, cond_BrD, u_Bl, image_B
             )
@@ -228,99 +207,103 @@ def generate(
         next_BlCv = next_BhwC.reshape(B, -1, Cvae)
 
     images = None
-    if decode:
+    if o.decode:
         img = map_chunks(
             lambda f_hat: vqvae.apply(vqvae_params, f_hat, method=VQVAE.fhat_to_img),
-            images_per_chunk(B, 1, decode_batch_size),
+            images_per_chunk(B, 1, o.decode_batch_size),
             f_hat_BhwC,
         )
         images = (img + 1) * 0.5
     return Samples(jnp.concatenate(tokens, axis=1), f_hat_BhwC, images)
 
 
-# ``generate`` compiled per static setting; benches lower it with abstract inputs.
+# ``generate`` compiled per static setting.
 generate_jit = jax.jit(
-    generate,
-    static_argnames=(
-        "vqvae_config",
-        "transformer_config",
-        "top_k",
-        "top_p",
-        "more_smooth",
-        "decode",
-        "decode_batch_size",
-        "chunk_tokens",
-        "mamba_rerun",
-    ),
+    generate, static_argnames=("vqvae_config", "transformer_config", "options", "init_state")
 )
+
+
+def _check_labels(labels: Sequence[int] | np.ndarray | jax.Array, num_classes: int) -> np.ndarray:
+    label_B = np.asarray(labels)
+    if label_B.ndim != 1 or label_B.size == 0 or not np.issubdtype(label_B.dtype, np.integer):
+        raise ValueError(f"labels must be a non-empty 1-D array of ints, got {label_B!r}")
+    bad = label_B[(label_B < 0) | (label_B >= num_classes)]
+    if bad.size:
+        raise ValueError(
+            f"labels {sorted(set(bad.tolist()))} are outside the model's "
+            f"{num_classes} classes [0, {num_classes - 1}]"
+        )
+    return label_B.astype(np.int32)
+
+
+def _arguments(model: ModelBundle, label_B: Any, key: Any, options: SamplingOptions) -> tuple:
+    tcfg = model.transformer_config
+    check_configs(model.vqvae_config, tcfg)
+    guidance_S2 = guidance_schedule(options.cfg, tcfg)
+    return (model.vqvae_config, tcfg, model.vqvae_params, model.transformer_params, label_B, key, guidance_S2)
 
 
 def sample(
     model: ModelBundle,
     labels: Sequence[int] | np.ndarray | jax.Array,
     key: jax.Array,
-    *,
-    cfg: float = 1.5,
-    top_k: int = 0,
-    top_p: float = 0.0,
-    more_smooth: bool = False,
-    decode: bool = True,
-    decode_batch_size: int = DECODE_BATCH_SIZE,
-    chunk_tokens: int = CHUNK_TOKENS,
+    options: SamplingOptions = SamplingOptions(),
 ) -> Samples:
-    """Checks the labels and that the configs fit together, then runs the compiled ``generate``.
+    """One image per label: checks the labels and the model, then runs the compiled ``generate``.
 
-    The params must have the configs' shapes, as ``checkpoint.load_model`` ensures.
-
-    Compiles once per batch size, set of options and guidance on/off; the value
-    of ``cfg`` is an input, so changing it re-uses the compilation (unless MVAR
-    moves to or from ``cfg == 1``, which drops the unconditional half). The
-    transformer's precision is ``model.transformer_config.dtype``. A model from
-    ``prepare`` compiles several times faster (its blocks are scanned).
+    ``model`` as ``checkpoint.load_model`` returns it (params checked against the
+    configs, blocks stacked: the lean program). Compiles once per batch size,
+    options and guidance on/off; the transformer's precision is
+    ``model.transformer_config.dtype``.
     """
-    tcfg = model.transformer_config
-    check_configs(model.vqvae_config, tcfg)
-    label_B = np.asarray(labels)
-    if label_B.ndim != 1 or label_B.size == 0 or not np.issubdtype(label_B.dtype, np.integer):
-        raise ValueError(f"labels must be a non-empty 1-D array of ints, got {label_B!r}")
-    bad = label_B[(label_B < 0) | (label_B >= tcfg.num_classes)]
-    if bad.size:
-        raise ValueError(
-            f"labels {sorted(set(bad.tolist()))} are outside the model's "
-            f"{tcfg.num_classes} classes [0, {tcfg.num_classes - 1}]"
-        )
-    check_filters(top_k, top_p)
-    if decode_batch_size < 1 or chunk_tokens < 1:
-        raise ValueError(
-            f"decode_batch_size and chunk_tokens must be >= 1, got {decode_batch_size}, {chunk_tokens}"
-        )
-    return generate_jit(
-        model.vqvae_config,
-        tcfg,
-        model.vqvae_params,
-        model.transformer_params,
-        jnp.asarray(label_B, jnp.int32),
-        key,
-        guidance_schedule(cfg, tcfg),
-        top_k=int(top_k),
-        top_p=float(top_p),
-        more_smooth=bool(more_smooth),
-        decode=bool(decode),
-        decode_batch_size=int(decode_batch_size),
-        chunk_tokens=int(chunk_tokens),
-    )
+    label_B = _check_labels(labels, model.transformer_config.num_classes)
+    return generate_jit(*_arguments(model, jnp.asarray(label_B), key, options), options)
 
 
-def prepare(model: ModelBundle) -> ModelBundle:
-    """The bundle as ``sample`` runs it best: the transformer's blocks stacked.
+def lower_sample(model: ModelBundle, batch_size: int, options: SamplingOptions = SamplingOptions()):
+    """The program ``sample`` compiles for ``batch_size`` labels, lowered, not run: the model
+    may hold ``jax.ShapeDtypeStruct`` params (``checkpoint.abstract_model``)."""
+    label_B = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    return generate_jit.lower(*_arguments(model, label_B, key, options), options)
 
-    Stacked blocks run as one ``lax.scan`` per scale: they compile once per
-    scale rather than once per block and scale, and only one block's weight
-    casts and activations are live at a time. The stacked weights are a copy:
-    drop the original bundle to free its memory.
+
+def sample_batches(
+    model: ModelBundle,
+    labels_N: np.ndarray,
+    seed: int,
+    options: SamplingOptions = SamplingOptions(),
+    *,
+    batch_size: int,
+    progress: bool = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``sample`` over many labels: yields images ``(b, H, W, 3)`` float32 in [0, 1] (None
+    without decode) and tokens ``(b, L)`` on the host, batch by batch.
+
+    Batch b draws from ``fold_in(PRNGKey(seed), b)``: the same seed and batch size
+    give the same images. The last batch is padded to the batch size so that one
+    compilation serves all; batch b + 1 is dispatched before batch b is copied to
+    the host, so the device never waits for the copy.
     """
-    if blocks_are_stacked(model.transformer_params):
-        return model
-    return model._replace(
-        transformer_params=stack_blocks(model.transformer_params, model.transformer_config.depth)
-    )
+    batch_size = min(batch_size, len(labels_N))
+    key = jax.random.PRNGKey(seed)
+    starts = range(0, len(labels_N), batch_size)
+    pending = None  # (samples on the device, number of real labels)
+    bar = tqdm(starts, desc="sampling", unit="batch", disable=not progress or len(starts) == 1)
+    for b, start in enumerate(bar):
+        labels_B = labels_N[start : start + batch_size]
+        out = sample(
+            model,
+            np.pad(labels_B, (0, batch_size - len(labels_B)), mode="edge"),
+            jax.random.fold_in(key, b),
+            options,
+        )
+        if pending is not None:
+            yield _to_host(*pending)
+        pending = (out, len(labels_B))
+    yield _to_host(*pending)
+
+
+def _to_host(samples: Samples, n: int) -> tuple[np.ndarray | None, np.ndarray]:
+    images = None if samples.images is None else np.asarray(samples.images)[:n]
+    return images, np.asarray(samples.tokens)[:n]
