@@ -26,9 +26,9 @@ import pytest
 import torch
 from conftest import rel_err
 
+from mvar_jax.errors import CheckpointError
 from mvar_jax.eval import inception
-from mvar_jax.eval.inception_weights import (
-    InceptionWeightsError,
+from mvar_jax.weights.inception import (
     expected_state_dict_shapes,
     load_inception,
     params_from_state_dict,
@@ -155,23 +155,24 @@ def test_layout_and_batch_norm_folding():
 
 
 def test_unfit_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pt_inception"):
+    with pytest.raises(CheckpointError, match="file not found: .*absent.pth"):
         load_inception(tmp_path / "absent.pth")
     sd = _zeros_state_dict()
     del sd["Mixed_6d.branch1x1.bn.running_var"]
     sd["AuxLogits.fc.weight"] = np.zeros((1000, 768), np.float32)
     sd["fc.weight"] = np.zeros((1000, 2048), np.float32)
-    with pytest.raises(InceptionWeightsError) as e:
+    with pytest.raises(CheckpointError) as e:
         params_from_state_dict(sd)
     message = str(e.value)
-    assert "missing: Mixed_6d.branch1x1.bn.running_var" in message
-    assert "unexpected: AuxLogits.fc.weight" in message
-    assert "mis-shaped: fc.weight (1000, 2048) (expected (1008, 2048))" in message
+    assert "pt_inception-2015-12-05 Inception-v3 state dict" in message
+    assert "missing keys (1): Mixed_6d.branch1x1.bn.running_var" in message
+    assert "unexpected keys (1): AuxLogits.fc.weight" in message
+    assert "wrong shape for fc.weight: got (1000, 2048), expected (1008, 2048)" in message
     sd = _zeros_state_dict()
     sd["Conv2d_2a_3x3.conv.weight"][0, 0, 0, 0] = np.nan
-    with pytest.raises(InceptionWeightsError, match="NaN.*Conv2d_2a_3x3.conv.weight"):
+    with pytest.raises(CheckpointError, match="NaN.*Conv2d_2a_3x3.conv.weight"):
         params_from_state_dict(sd)
     not_torch = tmp_path / "classify_image_graph_def.pb"
     not_torch.write_bytes(b"\x0a\x05graph")
-    with pytest.raises(InceptionWeightsError, match="not a PyTorch state dict"):
+    with pytest.raises(CheckpointError, match="cannot read .* as a PyTorch checkpoint"):
         load_inception(not_torch)

@@ -10,69 +10,16 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-import scipy.linalg
 import tensorflow_datasets as tfds
 from conftest import tiny_transformer
 
 from mvar_jax import checkpoint, data
 from mvar_jax.data import builtin_shapes
 from mvar_jax.errors import CheckpointError
-from mvar_jax.eval import classifier as classifier_lib, frechet, quality
+from mvar_jax.eval import classifier as classifier_lib, quality
 from mvar_jax.models.transformer import init_params
 from mvar_jax.models.vqvae import VQVAE
 from mvar_jax.weights.vqvae import load_official_vqvae
-
-
-def _random_covariance(rng: np.random.Generator, dim: int) -> np.ndarray:
-    a = rng.normal(size=(dim, 2 * dim))
-    return a @ a.T / (2 * dim) + 0.1 * np.eye(dim)
-
-
-def test_frechet_distance_closed_forms():
-    # Diagonal covariances: |dmu|^2 + sum (sqrt(a) - sqrt(b))^2.
-    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
-    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 0.25])
-    expected = 1.0 + 4.0 + (1 - 2) ** 2 + (2 - 1) ** 2 + (3 - 0.5) ** 2
-    assert frechet.frechet_distance_from_stats(mu1, np.diag(a), mu2, np.diag(b)) == (
-        pytest.approx(expected, rel=1e-12)
-    )
-    # 2x2 covariances that do not commute: tr sqrt(S1 S2) = sqrt(tr(S1 S2) + 2 sqrt(det(S1 S2))).
-    s1, s2 = np.array([[2.0, 0.7], [0.7, 1.0]]), np.array([[1.0, -0.4], [-0.4, 3.0]])
-    assert not np.allclose(s1 @ s2, s2 @ s1)
-    p = s1 @ s2
-    tr_sqrt = np.sqrt(np.trace(p) + 2 * np.sqrt(np.linalg.det(p)))
-    expected = 0.5**2 + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
-    assert frechet.frechet_distance_from_stats(np.zeros(2), s1, np.array([0.5, 0.0]), s2) == (
-        pytest.approx(expected, rel=1e-12)
-    )
-    # A distribution is at distance 0 from itself.
-    s = _random_covariance(np.random.default_rng(0), 16)
-    assert abs(frechet.frechet_distance_from_stats(mu1[:1].repeat(16), s, mu1[:1].repeat(16), s)) < 1e-9
-
-
-def test_frechet_distance_matches_the_scipy_sqrtm_formula():
-    """The usual FID code's formula (a general matrix square root) on full 32-d covariances."""
-    rng = np.random.default_rng(1)
-    mu1, mu2 = rng.normal(size=32), rng.normal(size=32)
-    s1, s2 = _random_covariance(rng, 32), _random_covariance(rng, 32)
-    covmean = scipy.linalg.sqrtm(s1 @ s2).real
-    reference = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean)
-    assert frechet.frechet_distance_from_stats(mu1, s1, mu2, s2) == pytest.approx(reference, rel=1e-9)
-
-
-def test_frechet_distance_of_samples_estimates_the_gaussians_distance():
-    """Features drawn from two known Gaussians: the estimate converges to the closed form."""
-    rng = np.random.default_rng(2)
-    mu1, mu2 = np.zeros(4), np.array([1.0, 0.0, -0.5, 0.0])
-    s1, s2 = np.diag([1.0, 2.0, 0.5, 1.0]), _random_covariance(rng, 4)
-    x1 = rng.multivariate_normal(mu1, s1, size=200_000)
-    x2 = rng.multivariate_normal(mu2, s2, size=200_000)
-    exact = frechet.frechet_distance_from_stats(mu1, s1, mu2, s2)
-    assert frechet.frechet_distance(x1, x2) == pytest.approx(exact, abs=0.02)
-    mean, cov = frechet.gaussian_stats(x1[:3])
-    np.testing.assert_allclose(cov, np.cov(x1[:3].T))  # unbiased (N - 1), as FID code uses
-    with pytest.raises(ValueError, match="at least 2 feature rows"):
-        frechet.frechet_distance(x1[:1], x2)
 
 
 def test_class_accuracy_bookkeeping():

@@ -32,11 +32,12 @@ from absl import flags
 import mvar_jax
 from mvar_jax import cli
 from mvar_jax.atomic_write import atomic_write
+from mvar_jax.errors import CheckpointError
 from mvar_jax.eval import metrics, precision_recall
 from mvar_jax.eval.batches import ImageBatch, NpzError, read_reference
 from mvar_jax.eval.features import FeatureExtractor
 from mvar_jax.eval.inception import InceptionOutputs
-from mvar_jax.eval.inception_weights import InceptionWeightsError, load_inception
+from mvar_jax.weights.inception import load_inception
 
 PROG = "python -m mvar_jax.eval.fid"
 FLAGS = flags.FlagValues()
@@ -88,7 +89,7 @@ def evaluate(
     shuffle_seed: int | None = 0,
 ) -> dict:
     """The metrics dict that ``main`` writes. Unfit inputs raise ``NpzError``,
-    ``InceptionWeightsError`` or ``FileNotFoundError``: before any feature is computed, but for
+    ``CheckpointError`` or ``FileNotFoundError``: before any feature is computed, but for
     float pixel values, checked batch by batch as they are read."""
     samples = ImageBatch(samples_path)
     ref_images, ref_stats = read_reference(ref_path)
@@ -140,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         shuffle_seed = None if args.shuffle_seed < 0 else args.shuffle_seed
         result = evaluate(args.samples, args.ref, args.inception, args.batch_size, shuffle_seed)
-    except (NpzError, InceptionWeightsError, FileNotFoundError) as e:
+    except (NpzError, CheckpointError, FileNotFoundError) as e:
         cli.usage_error(PROG, str(e))
     with atomic_write(out) as f:
         f.write((json.dumps(result, indent=2) + "\n").encode())

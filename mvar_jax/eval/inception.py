@@ -24,7 +24,7 @@ torchvision's names, of which the evaluator keeps the first 7 channels and flatt
 ``softmax/logits/MatMul`` alone).
 
 Parameters keep the PyTorch module names of pytorch-fid's and torch-fidelity's ports
-(``Mixed_6d/branch1x1``...), so that ``inception_weights`` maps their ``pt_inception-2015-12-05``
+(``Mixed_6d/branch1x1``...), so that ``weights.inception`` maps their ``pt_inception-2015-12-05``
 state dict by name; each batch norm is folded into a per-channel ``scale`` and ``bias``.
 """
 

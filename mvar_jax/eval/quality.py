@@ -43,7 +43,7 @@ from mvar_jax import checkpoint, cli, data, sampling
 from mvar_jax.atomic_write import atomic_write
 from mvar_jax.data import builtin_shapes
 from mvar_jax.errors import CheckpointError
-from mvar_jax.eval import image_metrics
+from mvar_jax.eval import image_metrics, metrics
 from mvar_jax.eval.classifier import (
     FEATURE_BATCH,
     TrainedClassifier,
@@ -55,7 +55,6 @@ from mvar_jax.eval.classifier import (
     train_images,
     validation_images,
 )
-from mvar_jax.eval.frechet import frechet_distance
 from mvar_jax.images import from_uint8
 from mvar_jax.models import families
 from mvar_jax.models.vqvae import VQVAE, VQVAEConfig
@@ -220,8 +219,9 @@ def evaluate_generator(
             ("validation", val),
         )
     }
+    stats = {name: metrics.gaussian_stats(f) for name, f in features.items()}
     fd = {
-        name: frechet_distance(features[name], features["validation"])
+        name: metrics.frechet_distance(stats[name], stats["validation"])
         for name in ("generated", "reconstruction", "train")
     }
 

@@ -19,14 +19,11 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from mvar_jax.errors import CheckpointError, check_keys
 from mvar_jax.eval.inception import BN_EPS, param_shapes
+from mvar_jax.weights.state_dict import load_state_dict
 
 _BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
-_SHOWN = 8  # keys listed per kind of mismatch in an error message
-
-
-class InceptionWeightsError(ValueError):
-    """The file is not the pt_inception state dict: unreadable, or keys or shapes that do not fit."""
 
 
 def expected_state_dict_shapes() -> dict[str, tuple[int, ...]]:
@@ -45,39 +42,16 @@ def expected_state_dict_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_keys(state_dict: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> None:
-    def listed(keys: list[str]) -> str:
-        more = f", ... ({len(keys)} in all)" if len(keys) > _SHOWN else ""
-        return ", ".join(keys[:_SHOWN]) + more
-
-    present = {k for k in state_dict if not k.endswith(".num_batches_tracked")}
-    missing = sorted(set(expected) - present)
-    unexpected = sorted(present - set(expected))
-    misshaped = [
-        f"{k} {tuple(state_dict[k].shape)} (expected {expected[k]})"
-        for k in sorted(present & set(expected))
-        if tuple(state_dict[k].shape) != expected[k]
-    ]
-    problems = [
-        f"{what}: {listed(keys)}"
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-        if keys
-    ]
-    if problems:
-        raise InceptionWeightsError(
-            "not the pt_inception-2015-12-05 Inception-v3 state dict (pytorch-fid / torch-fidelity): "
-            + "; ".join(problems)
-        )
-
-
 def params_from_state_dict(state_dict: dict[str, Any]) -> dict:
     """``{'params': ...}`` for ``InceptionV3`` from the state dict's arrays (numpy or torch, CPU)."""
     expected = expected_state_dict_shapes()
-    _check_keys(state_dict, expected)
+    tracked = tuple(k for k in state_dict if k.endswith(".num_batches_tracked"))
+    what = "the pt_inception-2015-12-05 Inception-v3 state dict (pytorch-fid / torch-fidelity)"
+    check_keys(state_dict, expected, what=what, ignore=tracked)
     sd = {k: np.asarray(v, np.float64) for k, v in state_dict.items() if k in expected}
     bad = sorted(k for k, v in sd.items() if not np.isfinite(v).all())
     if bad:
-        raise InceptionWeightsError(f"the Inception weights hold NaN or infinite values: {', '.join(bad)}")
+        raise CheckpointError(f"the Inception weights hold NaN or infinite values: {', '.join(bad)}")
     flat: dict[tuple[str, ...], np.ndarray] = {}
     for key in expected:
         unit = tuple(key.split(".")[:-2])
@@ -94,24 +68,6 @@ def params_from_state_dict(state_dict: dict[str, Any]) -> dict:
 
 
 def load_inception(path: str | os.PathLike) -> dict:
-    """``{'params': ...}`` from the ``.pth`` file at ``path`` (read with ``weights_only=True``).
-
-    A missing file is a ``FileNotFoundError``; anything but a fitting state dict an
-    ``InceptionWeightsError`` that says what is wrong.
-    """
-    import torch  # only here: computing features never needs it
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"Inception weights file not found: {path} (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)"
-        )
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds (pickle, zip, runtime) for a foreign file
-        raise InceptionWeightsError(f"{path} is not a PyTorch state dict ({type(e).__name__}: {e})") from e
-    if not isinstance(state_dict, dict):
-        raise InceptionWeightsError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
-    arrays = {
-        k: v.float().numpy() if torch.is_tensor(v) else np.asarray(v, object) for k, v in state_dict.items()
-    }
-    return params_from_state_dict(arrays)
+    """``{'params': ...}`` from the ``.pth`` file at ``path`` (``weights_only``); a
+    ``CheckpointError`` that says what is wrong with anything but a fitting state dict."""
+    return params_from_state_dict(load_state_dict(path))
