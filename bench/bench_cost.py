@@ -235,6 +235,7 @@ def sampler_lowered(program: Program, *, loop_free: bool):
         guidance,
         top_k=SAMPLE_OPTIONS["top_k"],
         top_p=SAMPLE_OPTIONS["top_p"],
+        more_smooth=False,  # passed as sampling.sample passes it: the same jit cache entry
         decode=program.kind == "sample+decode",
         decode_batch_size=B if loop_free else sampling.DECODE_BATCH_SIZE,
         chunk_tokens=UNCHUNKED if loop_free else program.chunk_tokens,
