@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo lint test test-all clean
+.PHONY: setup demo lint test test-all gpu-wheels clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,19 @@ test: lint
 
 test-all: lint
 	$(PY) -m pytest -q -n 2 tests --runslow
+
+# The wheels the GPU machine's image lacks, for `bash bench/gpu.sh` there (docs/benchmarks.md):
+# the device call carries .whl. ml_collections (pure Python; configs/common.py, the train-step
+# and cost benches) is all the benchmarks import beyond that image, whose absl-py and PyYAML it
+# needs. Exact versions, one of each (pip refuses two); the platform flags match the machine's
+# x86_64 Python 3.12 (device README).
+GPU_WHEELS := ml-collections==1.1.0
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+gpu-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl $(GPU_WHEELS)
+	du -sh .whl && ls .whl
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -7,6 +7,9 @@ Methods, all on ``(B, H, W, heads, head_dim)`` bfloat16 inputs:
 
 * ``pallas``: ``kernels.spatial_markov`` (Triton; interpreted on the CPU);
 * ``reference``: the pure-jnp window gather beside the kernel (``kernels.neighborhood``);
+* ``masked``: the model's pure-XLA path (``neighborhood_attention_masked``,
+  what ``auto`` picks off GPU): the whole map under the window mask up to
+  16 wide, tiles of rows and columns beyond;
 * ``dense_xla``: full attention over the map with the neighbourhood as a
   boolean mask (einsum, mask, float32 softmax, einsum);
 * ``dense_sdpa``: ``jax.nn.dot_product_attention`` with that mask, cuDNN when
@@ -48,6 +51,7 @@ from bench.common import GiB
 from kernels.neighborhood import neighborhood_attention_reference, neighborhood_window_starts
 from kernels.spatial_markov import Tiling, spatial_markov_attention
 from mvar_jax import cli
+from mvar_jax.models.attention import neighborhood_attention_masked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +193,8 @@ def methods(case: Case, interpret: bool) -> dict[str, tuple[list, int]]:
             [("xla gather", functools.partial(neighborhood_attention_reference, kernel_size=ks))],
             4 * window,
         ),
+        # Tiling only shrinks the masked path's logits below dense attention's.
+        "masked": ([("xla", functools.partial(neighborhood_attention_masked, kernel_size=ks))], 3 * logits),
         "dense_xla": ([("xla", functools.partial(dense_xla, kernel_size=ks))], 3 * logits),
         "dense_sdpa": (sdpa, 3 * logits),
     }
@@ -239,11 +245,16 @@ def time_method(case: Case, impls, arg_sets, copy_bps: float, warmup: int, reps:
         return results
 
 
-def run_case(case: Case, interpret: bool, copy_bps: float, warmup: int, reps: int):
+def run_case(
+    case: Case, interpret: bool, copy_bps: float, warmup: int, reps: int, names: tuple[str, ...] | None = None
+):
+    """Every method's results (those in ``names`` only, in that order, when given)."""
     arg_sets = input_sets(case, 4)
     budget = device_memory() // 2
     results = []
-    for method, (impls, extra_bytes) in methods(case, interpret).items():
+    every = methods(case, interpret)
+    for method in names or every:
+        impls, extra_bytes = every[method]
         if extra_bytes > budget:
             note = f"skipped: needs ~{extra_bytes / GiB:.0f} GiB"
             results += [Result(case, method, mode, note=note) for mode in FLOOR_TENSORS]

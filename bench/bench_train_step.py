@@ -64,6 +64,13 @@ def model_config(family: str, smoke: bool) -> TransformerConfig:
     return TransformerConfig(family=family, depth=16, drop_path_rate=None, dtype="bfloat16")
 
 
+def recipe() -> ml_collections.ConfigDict:
+    """The official training recipe (``configs/common.py``) with the README's ``--alng=1e-3``."""
+    config = common.get_config()
+    config.init.adaln_gamma = 1e-3
+    return config
+
+
 def _xla_bytes(compiled) -> float | None:
     analysis = compiled.memory_analysis()
     if analysis is None:
@@ -272,13 +279,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.batch_per_device, args.warmup, args.reps = 2, 1, 2
 
-    recipe = common.get_config()
-    recipe.init.adaln_gamma = 1e-3  # the README's --alng=1e-3
     batch = args.batch_per_device * jax.local_device_count()
     rows, ratios = [], []
     for name in args.families:
         config = model_config(name, args.smoke)
-        model_rows = bench_model(config, recipe, impls=impls, batch=batch, warmup=args.warmup, reps=args.reps)
+        model_rows = bench_model(
+            config, recipe(), impls=impls, batch=batch, warmup=args.warmup, reps=args.reps
+        )
         rows += model_rows + ([cycle_row(model_rows, impls[0])] if len(model_rows) > 1 else [])
         ratios += reference_ratios(model_rows, config)
 

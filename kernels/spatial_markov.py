@@ -326,9 +326,11 @@ def _write(ref, value, valid, lanes=None):
 
 
 def _dot(a, b, trans_b: bool = False):
-    # HIGHEST keeps float32 inputs in IEEE float32 (no TF32) on the GPU; it is
-    # a no-op for bfloat16 operands, which accumulate in float32 either way.
-    return pl.dot(a, b, trans_b=trans_b, precision=lax.Precision.HIGHEST)
+    # The float32-accumulating 2-D product pl.dot built (jax 0.11, the GPU image's,
+    # no longer has pl.dot). HIGHEST keeps float32 inputs in IEEE float32 (no
+    # TF32) on the GPU; it is a no-op for bfloat16 operands.
+    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
 # --------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def test_kernel_bench_and_tuner(tmp_path):
     bench_spatial_markov.main(["--out", str(tmp_path / "kernel"), "--smoke"])
     results = json.loads((tmp_path / "kernel" / "results.json").read_text())
     timed = {(r["method"], r["mode"]) for r in results["results"] if r["median_ms"]}
-    for method in ("pallas", "reference", "dense_xla", "dense_sdpa"):
+    for method in ("pallas", "reference", "masked", "dense_xla", "dense_sdpa"):
         assert {(method, "fwd"), (method, "fwd+bwd")} <= timed
     checks = results["header"]["checks"]["8"]
     assert all(err < 2e-2 for err in checks.values())  # bf16 kernel vs f32 reference
