@@ -19,8 +19,9 @@ import pytest
 import torch
 from conftest import run_on_eight_devices
 
-from mvar_jax.eval import fid, inception, metrics, precision_recall
+from mvar_jax.eval import fid, metrics, precision_recall
 from mvar_jax.eval.features import FeatureExtractor
+from mvar_jax.models import inception
 from mvar_jax.weights.inception import expected_state_dict_shapes, load_inception
 
 SIZE = 32

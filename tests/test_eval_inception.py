@@ -27,7 +27,7 @@ import torch
 from conftest import rel_err
 
 from mvar_jax.errors import CheckpointError
-from mvar_jax.eval import inception
+from mvar_jax.models import inception
 from mvar_jax.weights.inception import (
     expected_state_dict_shapes,
     load_inception,

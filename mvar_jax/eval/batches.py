@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from mvar_jax.eval.inception import POOL_DIM, SPATIAL_DIM
+from mvar_jax.models.inception import POOL_DIM, SPATIAL_DIM
 
 IMAGES_KEY = "arr_0"
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from mvar_jax import parallel
-from mvar_jax.eval.inception import InceptionOutputs, InceptionV3
+from mvar_jax.models.inception import InceptionOutputs, InceptionV3
 
 
 @functools.cache

@@ -4,7 +4,7 @@
         --inception pt_inception-2015-12-05-6726825d.pth --out metrics.json
 
 The numbers are those of OpenAI's guided-diffusion evaluator (``evaluator.py``, also shipped
-by MVAR): Inception-v3 of the 2015 TensorFlow graph (``mvar_jax.eval.inception``), its
+by MVAR): Inception-v3 of the 2015 TensorFlow graph (``mvar_jax.models.inception``), its
 reference-batch statistics where the reference has them, its Inception Score splits (of a
 shuffled order unless ``--shuffle_seed=-1``: see ``metrics.inception_score``) and its float16
 nearest-neighbour precision and recall. ``--samples``: ``arr_0`` (N, H, W, 3) uint8 or
@@ -36,7 +36,7 @@ from mvar_jax.errors import CheckpointError
 from mvar_jax.eval import metrics, precision_recall
 from mvar_jax.eval.batches import ImageBatch, NpzError, read_reference
 from mvar_jax.eval.features import FeatureExtractor
-from mvar_jax.eval.inception import InceptionOutputs
+from mvar_jax.models.inception import InceptionOutputs
 from mvar_jax.weights.inception import load_inception
 
 PROG = "python -m mvar_jax.eval.fid"

@@ -20,7 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from mvar_jax.errors import CheckpointError, check_keys
-from mvar_jax.eval.inception import BN_EPS, param_shapes
+from mvar_jax.models.inception import BN_EPS, param_shapes
 from mvar_jax.weights.state_dict import load_state_dict
 
 _BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
