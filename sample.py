@@ -32,13 +32,7 @@ from mvar_jax.models.config import NEIGHBORHOOD_IMPLS
 
 PROG = "sample.py"
 FLAGS = flags.FlagValues()  # this command's own, so that tests can import several commands
-flags.DEFINE_string(
-    "checkpoint",
-    None,
-    "model directory written by mvar_jax.convert or training",
-    required=True,
-    flag_values=FLAGS,
-)
+cli.define_checkpoint_flag(FLAGS)
 cli.define_sampling_flags(FLAGS, batch_size=32)
 flags.DEFINE_integer("num_per_class", 1, "images per label", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_bool(

@@ -324,16 +324,21 @@ def markdown(results: list[Result], header: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def define_case_flags(flag_values: flags.FlagValues, *, warmup: int) -> None:
+    """``--heads --head_dim --kernel_size --warmup --reps``: the kernel benches' case and timing."""
+    flags.DEFINE_integer("heads", 16, "attention heads", flag_values=flag_values)
+    flags.DEFINE_integer("head_dim", 64, "head dimension", flag_values=flag_values)
+    flags.DEFINE_integer("kernel_size", 7, "neighbourhood side", flag_values=flag_values)
+    flags.DEFINE_integer("warmup", warmup, "untimed calls first", flag_values=flag_values)
+    flags.DEFINE_integer("reps", 50, "calls per timed round", flag_values=flag_values)
+
+
 PROG = "python -m bench.bench_spatial_markov"
 FLAGS = flags.FlagValues()
 common.define_flags(FLAGS, smoke="tiny shapes, few reps: checks the script runs (CPU)")
 cli.define_int_list("batches", "32,128", "batch sizes", FLAGS, what="ints", example="32,128")
 cli.define_int_list("maps", "13,16,32,64", "square map sides", FLAGS, what="ints", example="13,16")
-flags.DEFINE_integer("heads", 16, "attention heads", flag_values=FLAGS)
-flags.DEFINE_integer("head_dim", 64, "head dimension", flag_values=FLAGS)
-flags.DEFINE_integer("kernel_size", 7, "neighbourhood side", flag_values=FLAGS)
-flags.DEFINE_integer("warmup", 3, "untimed calls first", flag_values=FLAGS)
-flags.DEFINE_integer("reps", 50, "calls per timed round", flag_values=FLAGS)
+define_case_flags(FLAGS, warmup=3)
 flags.DEFINE_float("copy_gib", 2.0, "size of the copy that measures bandwidth", flag_values=FLAGS)
 
 

@@ -32,6 +32,7 @@ from bench.bench_spatial_markov import (
     Case,
     check_kernel,
     copy_bandwidth,
+    define_case_flags,
     input_sets,
     passes,
     time_call,
@@ -129,11 +130,7 @@ cli.define_int_list(
     example="13,16",
 )
 flags.DEFINE_integer("batch", 32, "batch size", flag_values=FLAGS)
-flags.DEFINE_integer("heads", 16, "attention heads", flag_values=FLAGS)
-flags.DEFINE_integer("head_dim", 64, "head dimension", flag_values=FLAGS)
-flags.DEFINE_integer("kernel_size", 7, "neighbourhood side", flag_values=FLAGS)
-flags.DEFINE_integer("warmup", 2, "untimed calls first", flag_values=FLAGS)
-flags.DEFINE_integer("reps", 50, "calls per timed round", flag_values=FLAGS)
+define_case_flags(FLAGS, warmup=2)
 flags.DEFINE_float("budget_s", 240.0, "seconds of candidates per map", flag_values=FLAGS)
 
 

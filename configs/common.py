@@ -28,6 +28,7 @@ from mvar_jax.data.config import default_config as data_default_config
 from mvar_jax.models.config import InitScales, TransformerConfig
 from mvar_jax.models.vqvae import VQVAEConfig
 from mvar_jax.sampling.options import SamplingOptions
+from mvar_jax.training.codebook import CodebookConfig
 from mvar_jax.training.optimizer import OptimizerConfig
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # ILSVRC-2012 train split.
@@ -208,9 +209,7 @@ def tokenizer_config() -> ml_collections.ConfigDict:
 
     c.optim = tokenizer_optim(base_lr=1e-4, b1=0.5, b2=0.9)
 
-    cb = c.codebook = ml_collections.ConfigDict()
-    cb.window = 100  # steps of the usage window (usage/<pn>x<pn>, perplexity)
-    cb.dead_after = 0  # re-seed codes no scale chose for this many steps (0: never)
+    c.codebook = from_dataclass(CodebookConfig)  # usage window 100 steps, no dead-code restart
 
     c.eval_every = 1000  # steps between evaluations (0: never)
     c.eval_images = 500  # validation images per evaluation

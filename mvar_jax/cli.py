@@ -98,6 +98,17 @@ def given(flag_values: flags.FlagValues, names: Sequence[str]) -> list[str]:
     return [f"--{n}" for n in names if flag_values[n].present]
 
 
+def define_checkpoint_flag(flag_values: flags.FlagValues) -> None:
+    """``--checkpoint DIR`` (required): the generator model a command samples from."""
+    flags.DEFINE_string(
+        "checkpoint",
+        None,
+        "generator model directory (written by python -m mvar_jax.convert or train.py)",
+        required=True,
+        flag_values=flag_values,
+    )
+
+
 def define_sampling_flags(flag_values: flags.FlagValues, *, batch_size: int, **defaults: float) -> None:
     """``--labels --batch_size --seed`` and a flag per ``SamplingOptions`` field that a user
     sets (``--cfg --top_k --top_p``), with its defaults unless ``defaults`` names others."""

@@ -54,10 +54,7 @@ for _family in families.FAMILIES.values():
     )
 flags.DEFINE_string("out", None, "model directory to write", flag_values=FLAGS)
 flags.DEFINE_string(
-    "to_official_vae",
-    None,
-    "OUT.pth: write the VQVAE of --model as an official VQVAE state dict",
-    flag_values=FLAGS,
+    "to_official_vae", None, "OUT.pth: the VQVAE of --model as an official state dict", flag_values=FLAGS
 )
 flags.DEFINE_string(
     "model", None, "with --to_official_vae: a tokenizer or generator model directory", flag_values=FLAGS
@@ -70,15 +67,12 @@ flags.DEFINE_bool(
     "--to_official_vae file",
     flag_values=FLAGS,
 )
-flags.DEFINE_integer(
-    "num_heads", None, "attention heads (default: depth, or read off the checkpoint)", flag_values=FLAGS
-)
-flags.DEFINE_integer(
-    "kernel_size", None, "MVAR spatial-Markov neighbourhood side (default 7)", flag_values=FLAGS
-)
-flags.DEFINE_integer(
-    "refine_step", None, "first scale with spatial-Markov attention (default 8)", flag_values=FLAGS
-)
+for _name, _help in (
+    ("num_heads", "attention heads (default: depth, or read off the checkpoint)"),
+    ("kernel_size", "MVAR's spatial-Markov neighbourhood side (default 7)"),
+    ("refine_step", "MVAR's first scale with spatial-Markov attention (default 8)"),
+):
+    flags.DEFINE_integer(_name, None, _help, flag_values=FLAGS)
 cli.define_int_list(
     "patch_nums",
     None,

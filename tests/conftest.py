@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -66,6 +67,48 @@ def tiny_transformer(**fields):
 def mini_transformer(**fields):
     """``tiny_transformer`` over ``MINI_VQVAE``'s tokens (16 codes of 4 channels)."""
     return tiny_transformer(vocab_size=MINI_VQVAE["vocab_size"], cvae=MINI_VQVAE["z_channels"], **fields)
+
+
+def trace_generate(model, record, label_B, init_state=None) -> None:
+    """Traces ``sampling.generate`` (greedy, cfg 1.5, no decode; nothing compiled) with ``record``
+    intercepting every Flax method call (``nn.intercept_methods``)."""
+    import flax.linen as nn
+
+    from mvar_jax import sampling
+
+    options = sampling.SamplingOptions(top_k=1, decode=False)
+    with nn.intercept_methods(record):
+        jax.eval_shape(
+            lambda vqvae_params, transformer_params: sampling.generate(
+                model.vqvae_config,
+                model.transformer_config,
+                vqvae_params,
+                transformer_params,
+                label_B,
+                jax.random.PRNGKey(0),
+                sampling.guidance_schedule(options.cfg, model.transformer_config),
+                options,
+                init_state,
+            ),
+            model.vqvae_params,
+            model.transformer_params,
+        )
+
+
+@contextlib.contextmanager
+def modules_replaced(modules: dict):
+    """``sys.modules`` holds ``modules`` (name -> module) inside the block, what it held after:
+    for a test-only package whose imports fight the pinned torch (a torchvision stand-in)."""
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
 
 
 def pytest_addoption(parser):

@@ -212,6 +212,6 @@ def test_pyramid_attention_errors():
     q = jnp.zeros((1, 14, 2, 4))
     span = dict(patch_nums=PATCH_NUMS, first_scale=0, last_scale=3, scale=1.0)
     with pytest.raises(ValueError, match="q has 10 tokens but scales"):
-        attention.causal_attention(q[:, :10], q, q, **span)
+        attention.markov_attention(q[:, :10], q, q, refine_step=3, kernel_size=3, **span)
     with pytest.raises(ValueError, match="share a shape"):
         attention.markov_attention(q, q[:, :5], q[:, :5], refine_step=3, kernel_size=3, **span)

@@ -16,7 +16,6 @@ tests/test_lpips.py does for lpips); the Inception extractor never calls torchvi
 from __future__ import annotations
 
 import importlib
-import sys
 import types
 from unittest import mock
 
@@ -24,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err
+from conftest import modules_replaced, rel_err
 
 from mvar_jax.errors import CheckpointError
 from mvar_jax.models import inception
@@ -52,19 +51,10 @@ def _torchvision_stand_in() -> dict[str, types.ModuleType]:
 
 @pytest.fixture(scope="module")
 def fidelity_extractor_cls():
-    stand_in = _torchvision_stand_in()
-    saved = {name: sys.modules.get(name) for name in stand_in}
-    sys.modules.update(stand_in)
-    try:
+    with modules_replaced(_torchvision_stand_in()):
         yield importlib.import_module(
             "torch_fidelity.feature_extractor_inceptionv3"
         ).FeatureExtractorInceptionV3
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
 
 
 def _random_state_dict(layout: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import importlib
 import os
 import re
-import sys
 import types
 
 import jax
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err
+from conftest import modules_replaced, rel_err
 
 from mvar_jax.errors import CheckpointError, StateDictMismatchError
 from mvar_jax.models.lpips import LPIPS, VGG16_BLOCKS, conv_names, torchvision_index, unit_normalize
@@ -63,16 +62,8 @@ def _torchvision_stand_in() -> types.ModuleType:
 def lpips_pkg():
     """The ``lpips`` package, imported against the torchvision stand-in."""
     stand_in = _torchvision_stand_in()
-    saved = {name: sys.modules.get(name) for name in ("torchvision", "torchvision.models")}
-    sys.modules.update({"torchvision": stand_in, "torchvision.models": stand_in.models})
-    try:
+    with modules_replaced({"torchvision": stand_in, "torchvision.models": stand_in.models}):
         yield importlib.import_module("lpips")
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
 
 
 @pytest.fixture(scope="module")

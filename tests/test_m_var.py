@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import M_VAR_VARIANTS, rel_err, tiny_transformer
+from conftest import M_VAR_VARIANTS, rel_err, tiny_transformer, trace_generate
 
 from mvar_jax import checkpoint, sampling
 from mvar_jax.models import families, m_var
@@ -190,21 +189,7 @@ def _mamba_calls(model: checkpoint.ModelBundle, rerun: bool):
             calls.append((args[0].shape[1], ssm_shape, context.module.config.chunk_size))
         return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(record):
-        jax.eval_shape(
-            functools.partial(
-                sampling.generate,
-                model.vqvae_config,
-                model.transformer_config,
-                options=sampling.SamplingOptions(top_k=1, decode=False),
-                init_state=m_var.init_rerun_cache if rerun else None,
-            ),
-            model.vqvae_params,
-            model.transformer_params,
-            jnp.array([1, 2, 3]),
-            jax.random.PRNGKey(0),
-            sampling.guidance_schedule(CFG, model.transformer_config),
-        )
+    trace_generate(model, record, jnp.array([1, 2, 3]), m_var.init_rerun_cache if rerun else None)
     return calls
 
 

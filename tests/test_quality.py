@@ -207,33 +207,16 @@ def test_cli_reports_bad_input_as_usage_errors(tiny_checkpoints, tmp_path, capsy
         )
     assert exit_info.value.code == 2
     assert "drawn at up to 128 px; image_size=256 is larger" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        quality.main(["--checkpoint", str(tiny_checkpoints["var"]), "--out", str(tmp_path / "r.txt")])
-    assert "--out must end in .json" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        quality.main(
-            [
-                "--checkpoint",
-                str(tiny_checkpoints["var"]),
-                "--out",
-                str(tmp_path / "r.json"),
-                "--labels",
-                "0,x",
-            ]
-        )
-    assert "expected comma-separated class ids such as 3,1, got '0,x'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        quality.main(
-            [
-                "--checkpoint",
-                str(tiny_checkpoints["var"]),
-                "--out",
-                str(tmp_path / "r.json"),
-                "--num_per_class",
-                "0",
-            ]
-        )
-    assert "--num_per_class=0" in capsys.readouterr().err
+    checkpoint_dir = str(tiny_checkpoints["var"])
+    for flags_, message in [
+        (["--out", str(tmp_path / "r.txt")], "--out must end in .json"),
+        (["--out", str(tmp_path / "r.json"), "--labels", "0,x"], "such as 3,1, got '0,x'"),
+        (["--out", str(tmp_path / "r.json"), "--num_per_class", "0"], "--num_per_class=0"),
+        (["--out", str(tmp_path / "r.json"), "--cfg", "-2"], "--cfg=-2.0 must be"),
+    ]:
+        with pytest.raises(SystemExit):
+            quality.main(["--checkpoint", checkpoint_dir, *flags_])
+        assert message in capsys.readouterr().err
 
 
 def test_cli_end_to_end(model_64px, classifier, data_cfg, classifier_cache, tmp_path, capsys):

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MINI_VQVAE, mini_transformer, rel_err
+from conftest import MINI_VQVAE, mini_transformer, rel_err, trace_generate
 
 from mvar_jax import checkpoint, sampling
 from mvar_jax.models.config import TransformerConfig
@@ -177,20 +175,7 @@ def _record_transformer_inputs(model, label_B):
             calls.append(("teacher_forcing",))
         return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(record):
-        jax.eval_shape(
-            functools.partial(
-                sampling.generate,
-                model.vqvae_config,
-                model.transformer_config,
-                options=SamplingOptions(top_k=1, decode=False),
-            ),
-            model.vqvae_params,
-            model.transformer_params,
-            label_B,
-            jax.random.PRNGKey(0),
-            sampling.guidance_schedule(1.5, model.transformer_config),
-        )
+    trace_generate(model, record, label_B)
     return calls
 
 

@@ -121,17 +121,11 @@ def test_weight_decay_schedule():
     assert float(wd(100)) == pytest.approx(0.08)
 
 
-def _tiny_config(**kw) -> TransformerConfig:
-    return tiny_transformer(
-        vocab_size=16,
-        cvae=4,
-        num_classes=3,
-        embed_dim=16,
-        num_heads=2,
-        patch_nums=(1, 2, 3),
-        refine_step=2,
-        **kw,
-    )
+_TINY = dict(vocab_size=16, cvae=4, num_classes=3, embed_dim=16, num_heads=2, patch_nums=(1, 2, 3))
+
+
+def _tiny_config(**fields) -> TransformerConfig:
+    return tiny_transformer(**{**_TINY, "refine_step": 2, **fields})
 
 
 def _init(config, **scales):

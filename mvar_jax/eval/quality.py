@@ -352,13 +352,7 @@ def default_cache_dir() -> pathlib.Path:
 
 PROG = "python -m mvar_jax.eval.quality"
 FLAGS = flags.FlagValues()  # this command's own, so that tests can import several commands
-flags.DEFINE_string(
-    "checkpoint",
-    None,
-    "generator model directory (train.py export or mvar_jax.convert)",
-    required=True,
-    flag_values=FLAGS,
-)
+cli.define_checkpoint_flag(FLAGS)
 flags.DEFINE_string(
     "out",
     None,

@@ -2,7 +2,7 @@
 
 Over scales of side ``patch_nums``, row-major within each scale:
 
-* ``causal_attention``: block-causal, scale l attends to every scale <= l (VAR);
+* ``block_causal_attention``: scale l attends to every scale <= l (VAR);
 * ``markov_attention``: scale l attends only within itself (block-diagonal,
   scale-Markov) and, from ``refine_step`` on, only to a k x k neighbourhood of its
   own map with NATTEN's ``na2d`` border rule (spatial-Markov; MVAR). With
@@ -214,24 +214,6 @@ def neighborhood_attention(
     return spatial_markov_attention(
         q, k, v, kernel_size, scale, interpret=impl == "pallas_interpret", tiling=tiling
     )
-
-
-def causal_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    patch_nums: Sequence[int],
-    first_scale: int,
-    last_scale: int,
-    scale: float,
-) -> jax.Array:
-    """VAR's attention over a pyramid: the queries are the tokens of scales
-    ``[first_scale, last_scale)``, the keys and values those of scales ``[0, last_scale)``
-    (teacher forcing starts at 0; cached inference passes one scale of queries and
-    the cache's prefix)."""
-    q_ids = _query_ids(q, patch_nums, first_scale, last_scale)
-    return block_causal_attention(q, k, v, q_ids, scale_ids(patch_nums, 0, last_scale), scale)
 
 
 def markov_attention(

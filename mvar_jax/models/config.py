@@ -33,6 +33,19 @@ def official_drop_path_rate(depth: int) -> float:
     return 0.1 * depth / 24
 
 
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as stored beside its params: JSON-friendly (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def from_dict(cls: type, d: Mapping[str, Any]) -> Any:
+    """The inverse of ``to_dict``; ValueError naming unknown fields (missing ones take defaults)."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    return cls(**d)
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """Architecture of a VAR / MVAR / M-VAR transformer.
@@ -154,15 +167,11 @@ class TransformerConfig:
         return sum(sizes[:first_scale]), sum(sizes[:last_scale])
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TransformerConfig:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"TransformerConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
+        return from_dict(cls, d)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,13 +23,14 @@ cost benchmark (``bench/bench_m_var_cost.py``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvar_jax.models import attention, mamba2
+from mvar_jax.models import mamba2, mvar
 from mvar_jax.models.config import TransformerConfig
 from mvar_jax.models.family import Family
 from mvar_jax.models.layers import (
@@ -132,19 +133,8 @@ class AdaLNAttnMamba(AdaLNSelfAttn):
         return x_BlC, cache
 
 
-def attend(q, k, v, config: TransformerConfig, first_scale: int, last_scale: int, scale: float):
-    """Within each scale, whole: scale-Markov attention with no spatial-Markov scales."""
-    return attention.markov_attention(
-        q,
-        k,
-        v,
-        patch_nums=config.patch_nums,
-        first_scale=first_scale,
-        last_scale=last_scale,
-        scale=scale,
-        refine_step=config.num_scales,
-        kernel_size=config.kernel_size,
-    )
+# Within each scale, whole: MVAR's scale-Markov attention without spatial-Markov scales.
+attend = functools.partial(mvar.attend, spatial=False)
 
 
 def keys_per_query(config: TransformerConfig, si: int) -> int:

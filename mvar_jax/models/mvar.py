@@ -47,7 +47,19 @@ def check(config: TransformerConfig) -> None:
         )
 
 
-def attend(q, k, v, config: TransformerConfig, first_scale: int, last_scale: int, scale: float):
+def attend(
+    q,
+    k,
+    v,
+    config: TransformerConfig,
+    first_scale: int,
+    last_scale: int,
+    scale: float,
+    *,
+    spatial: bool = True,
+):
+    """Scale-Markov attention, spatial-Markov from ``refine_step`` on; ``spatial=False``:
+    every scale attended whole (M-VAR's attention)."""
     return attention.markov_attention(
         q,
         k,
@@ -56,7 +68,7 @@ def attend(q, k, v, config: TransformerConfig, first_scale: int, last_scale: int
         first_scale=first_scale,
         last_scale=last_scale,
         scale=scale,
-        refine_step=config.refine_step,
+        refine_step=config.refine_step if spatial else config.num_scales,
         kernel_size=config.kernel_size,
         impl=config.neighborhood_impl,
         tiling=None if config.neighborhood_tiling is None else _tiling(*config.neighborhood_tiling),

@@ -37,9 +37,11 @@ def init_kv_cache(config: TransformerConfig, batch_size: int) -> KVCache:
 
 
 def attend(q, k, v, config: TransformerConfig, first_scale: int, last_scale: int, scale: float):
-    return attention.causal_attention(
-        q, k, v, patch_nums=config.patch_nums, first_scale=first_scale, last_scale=last_scale, scale=scale
-    )
+    """Queries of scales ``[first_scale, last_scale)``; keys and values of scales ``[0, last_scale)``
+    (teacher forcing starts at 0; cached inference has one scale of queries and the cache's prefix)."""
+    q_ids = attention.scale_ids(config.patch_nums, first_scale, last_scale)
+    k_ids = attention.scale_ids(config.patch_nums, 0, last_scale)
+    return attention.block_causal_attention(q, k, v, q_ids, k_ids, scale)
 
 
 def block_causal_mask(patch_nums: Sequence[int]) -> np.ndarray:

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvar_jax.models.config import PATCH_NUMS_256
+from mvar_jax.models.config import PATCH_NUMS_256, from_dict, to_dict
 from mvar_jax.models.quantizer import MultiScaleQuantizer, QuantizerTrainOutput
 
 _GROUPS = 32
@@ -91,17 +91,11 @@ class VQVAEConfig:
         return sum(pn * pn for pn in self.patch_nums)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples as lists)."""
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VQVAEConfig:
-        """Inverse of ``to_dict``; missing fields take their defaults."""
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown VQVAEConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return from_dict(cls, d)
 
 
 def _group_norm(name: str | None = None) -> nn.GroupNorm:

@@ -41,6 +41,7 @@ the same vectors.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -55,6 +56,24 @@ IDLE_CAP = 2**30
 # one scale of one step, as the official loop counts them).
 _EMA_WARMUP_RECORDS = 100
 _EMA_MARGIN_FRACTION = 0.08
+
+
+@dataclasses.dataclass(frozen=True)
+class CodebookConfig:
+    """How the tokenizer task watches and heals its codebook (a config's ``codebook`` section).
+
+    window: steps of the usage window (``usage/<pn>x<pn>``, perplexity).
+    dead_after: re-seed codes no scale chose for this many steps (0: never).
+    """
+
+    window: int = 100
+    dead_after: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window={self.window!r} must be a positive int of steps")
+        if not isinstance(self.dead_after, int) or self.dead_after < 0:
+            raise ValueError(f"dead_after={self.dead_after!r} must be an int >= 0 (0: no dead-code restart)")
 
 
 @flax.struct.dataclass

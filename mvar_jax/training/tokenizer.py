@@ -116,13 +116,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 f"does not fit {size} px images"
             )
         from_config("gan.optim", optimizer.OptimizerConfig, gan.optim)
-    cb = config.codebook
-    if not isinstance(cb.window, int) or cb.window < 1:
-        raise ValueError(f"config.codebook.window={cb.window!r} must be a positive int of steps")
-    if not isinstance(cb.dead_after, int) or cb.dead_after < 0:
-        raise ValueError(
-            f"config.codebook.dead_after={cb.dead_after!r} must be an int >= 0 (0: no dead-code restart)"
-        )
+    from_config("codebook", codebook.CodebookConfig, config.codebook)
     if config.eval_every < 0:
         raise ValueError(f"config.eval_every={config.eval_every} must be >= 0 (0: never)")
     if config.eval_every:

@@ -41,6 +41,18 @@ _OFFICIAL_CLASS_FIXED = {
     "using_mid_sa": True,
 }
 
+# VQVAEConfig fields the official class takes as constructor arguments of the same name
+# (and ``patch_nums`` as ``v_patch_nums``).
+_OFFICIAL_CLASS_ARGS = (
+    "vocab_size",
+    "z_channels",
+    "ch",
+    "beta",
+    "using_znorm",
+    "quant_conv_ks",
+    "quant_resi",
+    "share_quant_resi",
+)
 _DEFAULT = VQVAEConfig()
 # Flax names the items of a module list ``<list>_<i>``; the official ModuleLists use ``<list>.<i>``.
 _LIST_ITEM = re.compile(r"^(down|up|block|attn)_(\d+)$")
@@ -274,17 +286,8 @@ def official_class_args(config: VQVAEConfig) -> dict[str, Any]:
     ]
     if differ:
         raise ValueError("the official VQVAE class cannot build this tokenizer: " + ", ".join(differ))
-    return dict(
-        vocab_size=config.vocab_size,
-        z_channels=config.z_channels,
-        ch=config.ch,
-        beta=config.beta,
-        using_znorm=config.using_znorm,
-        quant_conv_ks=config.quant_conv_ks,
-        quant_resi=config.quant_resi,
-        share_quant_resi=config.share_quant_resi,
-        v_patch_nums=config.patch_nums,
-    )
+    args = {name: getattr(config, name) for name in _OFFICIAL_CLASS_ARGS}
+    return {**args, "v_patch_nums": config.patch_nums}
 
 
 def save_official_vqvae(
