@@ -7,11 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo lint test test-all gpu-wheels clean
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -39,9 +40,9 @@ test-all: lint
 # The wheels the GPU machine's image lacks, for `bash bench/gpu.sh` there (docs/benchmarks.md):
 # the device call carries .whl. ml_collections (pure Python; configs/common.py, the train-step
 # and cost benches) is all the benchmarks import beyond that image, whose absl-py and PyYAML it
-# needs. Exact versions, one of each (pip refuses two); the platform flags match the machine's
-# x86_64 Python 3.12 (device README).
-GPU_WHEELS := ml-collections==1.1.0
+# needs; setuptools builds the editable install of mvar_jax there, offline. Exact versions, one
+# of each (pip refuses two); the platform flags match the machine's x86_64 Python 3.12.
+GPU_WHEELS := ml-collections==1.1.0 setuptools==80.9.0
 GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
 gpu-wheels:
 	rm -rf .whl

@@ -242,7 +242,7 @@ def sampler_lowered(program: Program, *, loop_free: bool):
 
 def train_step_lowered(program: Program):
     """One train step of the program's segment, jitted as the trainer does (state donated)."""
-    from configs import common  # ml_collections: imported only for the train steps
+    from mvar_jax.configs import common  # ml_collections: imported only for the train steps
 
     _, config = configs(program)
     recipe = common.get_config()

@@ -63,7 +63,7 @@ def overrides(demo_out: pathlib.Path, data_dir: str | None) -> dict[str, str]:
 
 
 def load_config(family: str, demo_out: pathlib.Path, data_dir: str | None):
-    config = importlib.import_module(f"configs.{FAMILIES[family]}").get_config()
+    config = importlib.import_module(f"mvar_jax.configs.{FAMILIES[family]}").get_config()
     for key, value in overrides(demo_out, data_dir).items():
         *parents, leaf = key.split(".")
         target = config

@@ -26,8 +26,8 @@ from collections import defaultdict
 from absl import flags
 
 from bench import common
-from kernels import cubin
-from kernels.spatial_markov import default_tiling
+from mvar_jax.kernels import cubin
+from mvar_jax.kernels.spatial_markov import default_tiling
 from mvar_jax import cli
 
 CAPABILITIES = (80, 90)

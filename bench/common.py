@@ -95,7 +95,7 @@ def toy_configs(family: str, dtype: str = "bfloat16") -> tuple[VQVAEConfig, Tran
     of ``family`` at ``dtype``, over the parity fixtures' tokenizer architecture
     (tests/fixtures/official/README.md: vocab 64, Cvae 8, ch 32, the released layout
     otherwise; the weights are the bench's)."""
-    from configs import tiny_cpu  # ml_collections: only the smoke runs need it
+    from mvar_jax.configs import tiny_cpu  # ml_collections: only the smoke runs need it
     from mvar_jax.training import generator
 
     toy = tiny_cpu.get_config("fixture")

@@ -17,5 +17,9 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
         echo "gpu.sh: installing $WHEELS/*.whl failed; going on without them" >&2
     fi
 fi
+# The package itself, editable (mvar_jax.kernels and mvar_jax.configs are the repository's top-level
+# kernels/ and configs/), built offline with the carried setuptools.
+"$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+    || echo "gpu.sh: the editable install of mvar_jax failed; its imports will fail" >&2
 export PYTHONUNBUFFERED=1
 exec "$PYTHON" -m bench.gpu_verdict --out "${OUT:-out/gpu_verdict}" "$@"

@@ -55,7 +55,7 @@ from mvar_jax import cli
 def _default_tiling(side: int, dtype: str) -> Any:
     """The kernel's tiling for a square map; imported here, in the check stage's process, so that
     a Pallas/Triton import error is that stage's recorded error, not the driver's crash."""
-    from kernels.spatial_markov import default_tiling
+    from mvar_jax.kernels.spatial_markov import default_tiling
 
     return default_tiling(side, side, dtype)
 

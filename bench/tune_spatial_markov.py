@@ -38,7 +38,12 @@ from bench.bench_spatial_markov import (
     time_call,
 )
 from bench.common import GiB
-from kernels.spatial_markov import CANDIDATE_MAPS, Tiling, candidate_tilings, spatial_markov_attention
+from mvar_jax.kernels.spatial_markov import (
+    CANDIDATE_MAPS,
+    Tiling,
+    candidate_tilings,
+    spatial_markov_attention,
+)
 from mvar_jax import cli
 
 

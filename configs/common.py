@@ -17,6 +17,7 @@ overrides what its README command line sets.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import types
 import typing
 from typing import Any
@@ -32,6 +33,9 @@ from mvar_jax.training.codebook import CodebookConfig
 from mvar_jax.training.optimizer import OptimizerConfig
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # ILSVRC-2012 train split.
+# The repository: the tiny configs' tokenizers and the demo's outputs are paths in it, so that a
+# command run from any directory finds them.
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 # TransformerConfig fields a run does not choose: the tokenizer and the data decide them.

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from mvar_jax.configs import common
 
 # --ep of each depth's README command.
 _EPOCHS = {"d16": 200, "d20": 250, "d24": 350}

@@ -7,7 +7,7 @@
       --config.data.data_dir=/path/to/tfds
 """
 
-from configs import common
+from mvar_jax.configs import common
 
 
 def get_config():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from mvar_jax.configs import common
 
 # --bs of each depth's README command (global batch).
 _BATCH_SIZE = {"d16": 448, "d20": 192, "d24": 448}

@@ -18,7 +18,7 @@ cycle, recipe, checkpoints, export) at toy size. Two tokenizers:
 Everything else is shared, and configs/tiny_cpu_var.py (VAR) derives from this file.
 """
 
-from configs import common
+from mvar_jax.configs import common
 
 # Per tokenizer: its checkpoint, image size and token pyramid (None: the one the tokenizer
 # directory records; an official-layout .pth records none), the MVAR attention
@@ -30,8 +30,8 @@ TOKENIZERS = {
     # Cycle [1-4, 1-4, 6x6, 8x8] (ratio_k 2): the official 8:1:1 has eight small scales
     # in the first segment, here it has four, so each large scale gets a quarter of the steps.
     "demo": dict(
-        vqvae_checkpoint="demo_out/tokenizer/model",
-        token_cache_dir="demo_out/tokens",
+        vqvae_checkpoint=str(common.REPO / "demo_out/tokenizer/model"),
+        token_cache_dir=str(common.REPO / "demo_out/tokens"),
         image_size=32,
         patch_nums=None,  # the tokenizer directory records its pyramid: 1, 2, 3, 4, 6, 8
         refine_step=4,
@@ -47,7 +47,7 @@ TOKENIZERS = {
     ),  # mvar_jax.demo draws the grid from the export
     # The smoke-size run the tests and notebooks train: 2 epochs of 157 steps, 0.17M params.
     "fixture": dict(
-        vqvae_checkpoint="tests/fixtures/official/tiny_vae.pth",
+        vqvae_checkpoint=str(common.REPO / "tests/fixtures/official/tiny_vae.pth"),
         token_cache_dir=None,
         image_size=64,
         patch_nums=(1, 2, 3, 4),
@@ -68,7 +68,7 @@ def get_config(tokenizer: str = "demo"):
         raise ValueError(f"configs/tiny_cpu.py:{tokenizer}: expected one of {tuple(TOKENIZERS)}")
     t = TOKENIZERS[tokenizer]
     c = common.get_config()
-    c.vqvae_checkpoint = t["vqvae_checkpoint"]  # repo-relative: run from the repository root
+    c.vqvae_checkpoint = t["vqvae_checkpoint"]
 
     m = c.model
     m.depth = t["depth"]

@@ -12,7 +12,7 @@ from tiny_cpu, so MVAR, VAR and M-VAR cannot drift apart; the Mamba2 layer needs
 ``2 * embed_dim`` to be a multiple of its 64-wide heads.
 """
 
-from configs import tiny_cpu
+from mvar_jax.configs import tiny_cpu
 
 
 def get_config(tokenizer: str = "demo"):

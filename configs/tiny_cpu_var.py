@@ -8,7 +8,7 @@ sampled with a KV cache: the baseline MVAR is compared with at the same budget.
 Everything but the attention pattern comes from tiny_cpu, so the two cannot drift.
 """
 
-from configs import tiny_cpu
+from mvar_jax.configs import tiny_cpu
 
 
 def get_config(tokenizer: str = "demo"):

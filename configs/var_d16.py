@@ -7,7 +7,7 @@ VAR shares MVAR's recipe (utils/arg_util.py, lr_control.py and train.py are the
 same); it trains every scale in each step with the block-causal mask.
 """
 
-from configs import common
+from mvar_jax.configs import common
 
 
 def get_config():

@@ -20,7 +20,7 @@ entropy loss, and the lower clamp (0.015) of its adaptive weight.
 
 import math
 
-from configs import common
+from mvar_jax.configs import common
 
 
 def _vaex_adam(lr: float, weight_decay: float):

@@ -16,7 +16,7 @@ reconstructions recognised (stars and crosses came out as blobs). The export
 ``--config.vqvae_checkpoint``.
 """
 
-from configs import common
+from mvar_jax.configs import common
 
 
 def get_config():

@@ -37,7 +37,7 @@ from jax._src.lib import version as jaxlib_version
 from jax._src.lib.mlir import ir
 from jax._src.lib.triton import dialect as tt_dialect
 
-from kernels.spatial_markov import (
+from mvar_jax.kernels.spatial_markov import (
     CANDIDATE_MAPS,
     Tiling,
     candidate_tilings,

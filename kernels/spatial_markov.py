@@ -48,7 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.neighborhood import first_query, last_query, window_start
+from mvar_jax.kernels.neighborhood import first_query, last_query, window_start
 
 # Finite stand-in for -inf: keeps the running maximum finite, so the online
 # softmax never computes inf - inf.

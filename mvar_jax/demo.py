@@ -96,7 +96,7 @@ def _config(module: str, data_dir: str | None) -> ml_collections.ConfigDict:
     """``configs/<module>.py``'s config (its default variant) reading the data from ``data_dir``."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    config = importlib.import_module(f"configs.{module}").get_config()
+    config = importlib.import_module(f"mvar_jax.configs.{module}").get_config()
     config.data.data_dir = data_dir
     return config
 

@@ -42,7 +42,7 @@ MINI_VQVAE = dict(
 def tiny_vqvae(**fields):
     """The parity fixtures' tokenizer architecture (vocab 64, Cvae 8, ch 32; README in
     tests/fixtures/official), at ``configs/tiny_cpu.py:fixture``'s pyramid unless ``fields`` say."""
-    from configs import tiny_cpu
+    from mvar_jax.configs import tiny_cpu
     from mvar_jax.models.vqvae import VQVAEConfig
 
     fixture = tiny_cpu.get_config("fixture")
@@ -57,7 +57,7 @@ def tiny_transformer(**fields):
     ``fields`` changed: for what needs no parity."""
     import dataclasses
 
-    from configs import tiny_cpu
+    from mvar_jax.configs import tiny_cpu
     from mvar_jax.training import generator
 
     base = generator.transformer_config(tiny_cpu.get_config("fixture"), tiny_vqvae())

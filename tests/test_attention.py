@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from kernels import neighborhood
+from mvar_jax.kernels import neighborhood
 from mvar_jax.models import attention
 
 PATCH_NUMS = (1, 2, 3, 4, 5)
@@ -134,7 +134,7 @@ def test_auto_picks_the_masked_path_off_gpu():
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("kernels.spatial_markov") is None,
+    importlib.util.find_spec("mvar_jax.kernels.spatial_markov") is None,
     reason="kernels/spatial_markov.py not written yet",
 )
 def test_neighborhood_dispatch_reaches_pallas_kernel_in_interpret_mode():

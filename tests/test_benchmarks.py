@@ -124,7 +124,7 @@ def test_bench_needs_out_unless_it_runs_one_case(capsys):
 
 
 def test_smoke_model_is_the_tiny_cpu_fixture_config():
-    from configs import tiny_cpu
+    from mvar_jax.configs import tiny_cpu
 
     vqvae_config, config = common.toy_configs("var", "float32")
     toy = tiny_cpu.get_config("fixture").model

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.neighborhood import first_query, last_query, window_start
+from mvar_jax.kernels.neighborhood import first_query, last_query, window_start
 
 CASES = [(size, ks) for size in range(1, 12) for ks in range(1, size + 1, 2)]
 

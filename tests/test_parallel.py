@@ -60,7 +60,7 @@ def _worker() -> None:
     import numpy as np
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    from configs import tiny_cpu
+    from mvar_jax.configs import tiny_cpu
     from mvar_jax import parallel
     from mvar_jax.models import families
     from mvar_jax.models.config import InitScales

@@ -18,8 +18,8 @@ if jaxlib_version > (0, 10, 2):  # kernels.cubin.LOWERS_TO_TRITON_IR, without im
         "this jaxlib compiles Pallas kernels while lowering (a GPU machine's jax)", allow_module_level=True
     )
 
-from kernels import cubin  # noqa: E402
-from kernels.spatial_markov import CANDIDATE_MAPS, Tiling, candidate_tilings, default_tiling  # noqa: E402
+from mvar_jax.kernels import cubin  # noqa: E402
+from mvar_jax.kernels.spatial_markov import CANDIDATE_MAPS, Tiling, candidate_tilings, default_tiling  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import pytest
 from conftest import rel_err
 from hypothesis import given, settings, strategies as st
 
-from kernels.neighborhood import neighborhood_attention_reference
-from kernels.spatial_markov import Tiling, spatial_markov_attention
+from mvar_jax.kernels.neighborhood import neighborhood_attention_reference
+from mvar_jax.kernels.spatial_markov import Tiling, spatial_markov_attention
 from mvar_jax.models.transformer import Transformer
 from mvar_jax.weights import transformer as transformer_weights
 

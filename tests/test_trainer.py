@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+from mvar_jax.configs import common
 from mvar_jax import checkpoint
 from mvar_jax.training import trainer, workdir
 from mvar_jax.training.synthetic import SyntheticTokenSource

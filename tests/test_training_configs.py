@@ -38,7 +38,7 @@ OFFICIAL = {
 def _config(name: str):
     """``configs/<file>.py[:arg]``'s config, as ``train.py --config`` reads it."""
     file, *arg = name.split(":")
-    return importlib.import_module(f"configs.{file}").get_config(*arg)
+    return importlib.import_module(f"mvar_jax.configs.{file}").get_config(*arg)
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
@@ -118,19 +118,19 @@ def test_official_m_var_configs(name, fixture_dir):
 
 
 def test_tiny_cpu_fixture_config_fits_the_fixture_tokenizer(fixture_dir):
-    config = importlib.import_module("configs.tiny_cpu").get_config("fixture")
+    config = importlib.import_module("mvar_jax.configs.tiny_cpu").get_config("fixture")
     vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth", patch_nums=config.model.patch_nums)
     model = generator.transformer_config(config, vqvae_config)
     assert (model.vocab_size, model.cvae, model.seq_len) == (64, 8, 30)
-    assert config.vqvae_checkpoint == "tests/fixtures/official/tiny_vae.pth"
+    assert config.vqvae_checkpoint == str(REPO / "tests/fixtures/official/tiny_vae.pth")  # from any directory
     assert config.data.token_cache_dir is None
 
 
 def test_tiny_cpu_config_fits_the_demo_tokenizer():
     """The default tiny_cpu trains on the tokens of the tokenizer configs/vqvae_tiny_cpu.py makes."""
-    tiny_cpu = importlib.import_module("configs.tiny_cpu")
+    tiny_cpu = importlib.import_module("mvar_jax.configs.tiny_cpu")
     config = tiny_cpu.get_config()
-    tokenizer = importlib.import_module("configs.vqvae_tiny_cpu").get_config()
+    tokenizer = importlib.import_module("mvar_jax.configs.vqvae_tiny_cpu").get_config()
     vqvae_config = importlib.import_module("mvar_jax.training.tokenizer").vqvae_config(tokenizer)
     model = generator.transformer_config(config, vqvae_config)  # raises if the maps do not fit
     assert (model.vocab_size, model.cvae) == (tokenizer.model.vocab_size, tokenizer.model.z_channels)
@@ -146,15 +146,14 @@ def test_tiny_cpu_twins_differ_from_tiny_cpu_in_the_model_family_only(
     twin, family, tokenizer, fixture_dir, monkeypatch
 ):
     """The MVAR / VAR / M-VAR comparison at one budget: only the model family differs."""
-    mvar = importlib.import_module("configs.tiny_cpu").get_config(tokenizer)
-    other = importlib.import_module(f"configs.{twin}").get_config(tokenizer)
+    mvar = importlib.import_module("mvar_jax.configs.tiny_cpu").get_config(tokenizer)
+    other = importlib.import_module(f"mvar_jax.configs.{twin}").get_config(tokenizer)
     assert trainer.task_class(other) is trainer.task_class(mvar)
     assert trainer.total_steps(other) == trainer.total_steps(mvar)
     differ = {k for k, v in other.to_dict().items() if v != mvar.to_dict()[k]}
     assert differ == {"model"}
     assert {k for k, v in other.model.items() if v != mvar.model[k]} == {"family"}
     if tokenizer == "fixture":  # the demo's tokenizer is made by `make demo`
-        monkeypatch.chdir(REPO)  # vqvae_checkpoint is repo-relative
         trainer.check_config(other)
         generator.check_config(other)
         vqvae_config, _ = load_official_vqvae(fixture_dir / "tiny_vae.pth", patch_nums=other.model.patch_nums)

@@ -75,7 +75,7 @@ def test_mvar_teacher_forcing_matches_official(fixture_dir, tiny_io, checkpoint)
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("kernels.spatial_markov") is None,
+    importlib.util.find_spec("mvar_jax.kernels.spatial_markov") is None,
     reason="kernels/spatial_markov.py not written yet",
 )
 def test_mvar_spatial_markov_through_pallas_kernel_matches_official(tiny_mvar, tiny_io):

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.neighborhood import neighborhood_attention_reference, neighborhood_window_starts
-from kernels.spatial_markov import Tiling, spatial_markov_attention
+from mvar_jax.kernels.neighborhood import neighborhood_attention_reference, neighborhood_window_starts
+from mvar_jax.kernels.spatial_markov import Tiling, spatial_markov_attention
 from mvar_jax.models.config import NEIGHBORHOOD_IMPLS
 
 # The masked formulation attends each axis whole up to this size (dense attention

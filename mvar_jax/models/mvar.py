@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kernels.spatial_markov import Tiling
+from mvar_jax.kernels.spatial_markov import Tiling
 from mvar_jax.models import attention
 from mvar_jax.models.config import TransformerConfig
 from mvar_jax.models.family import Family, no_state
