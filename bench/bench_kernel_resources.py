@@ -26,9 +26,9 @@ from collections import defaultdict
 from absl import flags
 
 from bench import common
+from mvar_jax import cli
 from mvar_jax.kernels import cubin
 from mvar_jax.kernels.spatial_markov import default_tiling
-from mvar_jax import cli
 
 CAPABILITIES = (80, 90)
 KERNELS = ("fwd", "dq", "dkv")

@@ -48,9 +48,9 @@ from absl import flags
 
 from bench import common
 from bench.common import GiB
+from mvar_jax import cli
 from mvar_jax.kernels.neighborhood import neighborhood_attention_reference, neighborhood_window_starts
 from mvar_jax.kernels.spatial_markov import Tiling, spatial_markov_attention
-from mvar_jax import cli
 from mvar_jax.models.attention import neighborhood_attention_masked
 
 

@@ -41,8 +41,8 @@ from absl import flags
 
 from bench import common as bench_common
 from bench.common import GiB
-from mvar_jax.configs import common
 from mvar_jax import cli, parallel
+from mvar_jax.configs import common
 from mvar_jax.models import families
 from mvar_jax.models.config import NEIGHBORHOOD_IMPLS, InitScales, TransformerConfig
 from mvar_jax.models.segments import Segment

@@ -38,13 +38,13 @@ from bench.bench_spatial_markov import (
     time_call,
 )
 from bench.common import GiB
+from mvar_jax import cli
 from mvar_jax.kernels.spatial_markov import (
     CANDIDATE_MAPS,
     Tiling,
     candidate_tilings,
     spatial_markov_attention,
 )
-from mvar_jax import cli
 
 
 def tune_map(

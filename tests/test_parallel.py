@@ -60,8 +60,8 @@ def _worker() -> None:
     import numpy as np
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    from mvar_jax.configs import tiny_cpu
     from mvar_jax import parallel
+    from mvar_jax.configs import tiny_cpu
     from mvar_jax.models import families
     from mvar_jax.models.config import InitScales
     from mvar_jax.models.transformer import Transformer

@@ -18,8 +18,8 @@ import pytest
 from conftest import event_scalars, set_fields
 from test_training import _assert_trees_equal
 
-from mvar_jax.configs import tiny_cpu, vqvae_imagenet256, vqvae_tiny_cpu
 from mvar_jax import checkpoint, parallel
+from mvar_jax.configs import tiny_cpu, vqvae_imagenet256, vqvae_tiny_cpu
 from mvar_jax.data import builtin_shapes
 from mvar_jax.errors import CheckpointError
 from mvar_jax.models.vqvae import VQVAEConfig

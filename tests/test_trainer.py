@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mvar_jax.configs import common
 from mvar_jax import checkpoint
+from mvar_jax.configs import common
 from mvar_jax.training import trainer, workdir
 from mvar_jax.training.synthetic import SyntheticTokenSource
 

@@ -26,8 +26,8 @@ import pytest
 from conftest import event_scalars, set_fields
 
 import sample
-from mvar_jax.configs import tiny_cpu, tiny_cpu_m_var
 from mvar_jax import checkpoint
+from mvar_jax.configs import tiny_cpu, tiny_cpu_m_var
 from mvar_jax.eval import classifier as classifier_lib, quality
 from mvar_jax.models import families
 from mvar_jax.models.config import InitScales
