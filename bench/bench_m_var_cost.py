@@ -34,7 +34,7 @@ classifier-free guidance (128 rows through the transformer), top-k 900, top-p
   measurement behind ``mamba_inference_chunk_size``.
 
 Both samplers run without the VQVAE decode; the decoder's FLOPs (the same for
-both) are on a row of their own. Target (issue 15): ours is lower than the
+both) are on a row of their own. Target: ours is lower than the
 official by at least the re-run's share. Writes ``results.md`` and
 ``results.json`` to ``--out``.
 """

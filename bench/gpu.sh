@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU verdict in one device call (issue 22; bench/gpu_verdict.py says what it measures).
+# The GPU verdict in one device call (bench/gpu_verdict.py says what it measures).
 # Here: `make gpu-wheels`; then the device call: command `bash bench/gpu.sh`, carry [".whl"].
 # Installs the carried wheels (what the GPU image lacks) outside the image's environment, then
 # runs the driver with its results in $OUT. Arguments go to the driver (--smoke, --deadline_s,

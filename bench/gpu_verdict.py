@@ -1,4 +1,4 @@
-"""The GPU verdict in one device call (issue 22): is the kernel right on a GPU, and how fast and
+"""The GPU verdict in one device call: is the kernel right on a GPU, and how fast and
 how lean are the kernel, the samplers and the train steps there, all within one short loan.
 
     bash bench/gpu.sh                                      # on the GPU machine; results in $OUT

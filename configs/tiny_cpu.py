@@ -39,13 +39,12 @@ TOKENIZERS = {
         ratio_k=2,
         depth=4,
         embed_dim=128,
-        # Class accuracy of the samples on dataset 3.0.0: 97.8% (docs/benchmarks.md, "The
-        # demo"); on 2.0.0 (any rotation) it stopped near 70% whatever the steps, lr or width.
+        # What these reach on the built-in shapes: docs/benchmarks.md, "The demo".
         num_train_steps=1800,
         base_lr=0.06,
         sample_every=0,
     ),  # mvar_jax.demo draws the grid from the export
-    # The smoke-size run the tests and notebooks train: 2 epochs of 157 steps, 0.17M params.
+    # The smoke-size run the tests and notebooks train: 2 epochs of 157 steps.
     "fixture": dict(
         vqvae_checkpoint=str(common.REPO / "tests/fixtures/official/tiny_vae.pth"),
         token_cache_dir=None,

@@ -6,12 +6,11 @@ Not an official setting (every value is our choice, sized for a CPU): 32 px
 images, 4x downsampling to 8x8 latents, six scales, a 512-code book, the
 official training losses (L2 + VQ) and the dead-code restart.
 
-Chosen for the demo by what the generator needs, not by PSNR alone (measured in
-docs/benchmarks.md, "The demo"): the demo's classifier recognises 99.8% of its
-validation reconstructions (25.1 dB, dataset 3.0.0). At 64 px with 8x downsampling (the same
-8x8 token maps) the first level at full resolution made each step ~3x dearer,
-and in the CPU budget (400 steps) the tokenizer reached 20.8 dB with 78% of its
-reconstructions recognised (stars and crosses came out as blobs). The export
+Chosen for the demo by what the generator needs, not by PSNR alone: how many of
+its reconstructions the demo's classifier recognises (docs/benchmarks.md, "The
+demo"). 64 px images with 8x downsampling give the same 8x8 token maps, but the
+first level at full resolution makes each step several times dearer, and within
+a CPU budget their reconstructions lose the shapes' corners. The export
 (WORKDIR/model) is a tokenizer directory that configs/tiny_cpu.py can use as
 ``--config.vqvae_checkpoint``.
 """
@@ -36,7 +35,7 @@ def get_config():
     common.use_builtin_shapes(c, image_size=32)
 
     c.batch_size = 16
-    c.num_train_steps = 1000  # ~306 CPU-s in the demo; val PSNR 22.8 dB at 500, 25.1 dB at 1000
+    c.num_train_steps = 1000  # the demo's tokenizer: docs/benchmarks.md, "The demo"
 
     c.loss.l2 = 1.0
     c.loss.vq = 1.0
@@ -46,7 +45,7 @@ def get_config():
     )
 
     c.codebook.window = 50
-    c.codebook.dead_after = 10  # as the demo's measured tokenizer (docs/benchmarks.md)
+    c.codebook.dead_after = 10
 
     c.log_every = 20
     c.checkpoint_every = 500
