@@ -1,9 +1,9 @@
 """Class-conditional sampling from a model directory (``mvar_jax.convert`` or training).
 
-    python sample.py --checkpoint ckpt/mvar-d16 --labels 3,1 --cfg 1.5 --top_k 900 \\
+    python sample.py --checkpoint ckpt/mvar_d16 --labels 3,1 --cfg 1.5 --top_k 900 \\
         --top_p 0.96 --seed 0 --out samples.png
-    python sample.py --checkpoint ckpt/mvar-d16 --num_per_class 50 --batch_size 64 \\
-        --fid_npz mvar-d16-50k.npz        # every class, for the standard FID evaluators
+    python sample.py --checkpoint ckpt/mvar_d16 --num_per_class 50 --batch_size 64 \\
+        --fid_npz mvar_d16_50k.npz        # every class, for the standard FID evaluators
 
 ``--out`` ending ``.npz`` stores ``images`` (N, H, W, 3) float32 in [0, 1], ``tokens``
 (N, L) int32 and ``labels``; ending ``.png`` it is a grid with each image's class
@@ -85,6 +85,8 @@ def parse(argv: Sequence[str] | None) -> types.SimpleNamespace:
         cli.usage_error(PROG, "nothing to write: pass --out FILE.npz|FILE.png and/or --fid_npz FILE")
     if args.out is not None and args.out.suffix not in (".npz", ".png"):
         cli.usage_error(PROG, f"--out must end in .npz or .png, got {args.out}")
+    if args.fid_npz is not None and args.fid_npz.suffix != ".npz":
+        cli.usage_error(PROG, f"--fid_npz must end in .npz (an npz archive of arr_0), got {args.fid_npz}")
     args.options = cli.sampling_options(
         FLAGS,
         PROG,
@@ -96,7 +98,7 @@ def parse(argv: Sequence[str] | None) -> types.SimpleNamespace:
 
 
 def load(args: types.SimpleNamespace) -> checkpoint.ModelBundle:
-    """The model, checked against its configs, at the requested precision (per-block params)."""
+    """The model, checked against its configs, at the requested precision."""
     try:
         model = checkpoint.load_model(args.checkpoint)  # Checks configs against weights.
     except (CheckpointError, ValueError, OSError) as e:
@@ -133,6 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         cli.usage_error(PROG, f"--labels {bad} outside the model's classes 0..{num_classes - 1}")
     labels_N = np.repeat(np.asarray(labels, np.int32), args.num_per_class)
+    vocab = model.transformer_config.vocab_size
+    if args.options.top_k >= vocab:
+        print(
+            f"{PROG}: note: --top_k {args.options.top_k} keeps the whole vocabulary of {vocab}",
+            file=sys.stderr,
+        )
 
     images, fid_images, tokens = [], [], []
     batches = sampling.sample_batches(model, labels_N, args.seed, args.options, batch_size=args.batch_size)

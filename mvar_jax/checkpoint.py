@@ -223,20 +223,35 @@ def _read_config(directory: pathlib.Path, name: str, cls: type) -> Any:
         raise CheckpointError(f"invalid config JSON in {directory}: {name}: {e}") from e
 
 
-def _stored_tree(params_dir: pathlib.Path) -> Any:
-    """The saved tree of array metadata (leaves have ``.shape``), or None if Orbax hides it.
+def _damaged(params_dir: pathlib.Path, error: Exception | None = None) -> CheckpointError:
+    """A model directory whose params cannot be read: one line, what to do."""
+    what = "its params cannot be read"
+    if error is not None:  # the first clause of Orbax's / TensorStore's message, not its spec
+        detail = str(error).split(" [tensorstore_spec")[0].split(" See full TensorStore")[0]
+        what += f" ({type(error).__name__}: {detail.splitlines()[0][:160] if detail else ''})"
+    return CheckpointError(
+        f"damaged model directory {params_dir.parent}: {what}; write it again (python -m "
+        "mvar_jax.convert ... --overwrite, or the training run's export)"
+    )
 
-    Orbax 0.12 exposes it; other versions may not, and then the restore still
-    catches a mismatch, if less readably.
+
+def _stored_tree(params_dir: pathlib.Path) -> Any:
+    """The saved tree of array metadata (leaves have ``.shape``).
+
+    Read before any array, so that a mismatch names the parameters and a damaged
+    directory is reported before TensorStore starts reading it.
     """
+    if not (params_dir / "manifest.ocdbt").is_file():  # TensorStore's index of the arrays
+        raise _damaged(params_dir)
     with ocp.PyTreeCheckpointer() as checkpointer:
         try:
             metadata = checkpointer.metadata(params_dir)
         except Exception as e:  # Orbax raises several types for unreadable metadata.
-            raise CheckpointError(
-                f"cannot read the params metadata in {params_dir}: {type(e).__name__}: {e}"
-            ) from e
-    return getattr(getattr(metadata, "item_metadata", None), "tree", None)
+            raise _damaged(params_dir, e) from e
+    tree = getattr(getattr(metadata, "item_metadata", None), "tree", None)
+    if tree is None:  # Orbax logs why and returns nothing
+        raise _damaged(params_dir)
+    return tree
 
 
 def _restore(directory: pathlib.Path, expected: dict[str, Any]) -> dict[str, Any]:
@@ -248,27 +263,30 @@ def _restore(directory: pathlib.Path, expected: dict[str, Any]) -> dict[str, Any
     """
     params_dir = directory / PARAMS_DIR
     stored = _stored_tree(params_dir)
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        if stored is not None:
-            if not isinstance(stored, dict) or not set(expected) <= set(stored):
-                held = sorted(stored) if isinstance(stored, dict) else type(stored).__name__
-                raise CheckpointError(f"{params_dir} holds {held}, expected {sorted(expected)}")
-            _check_params(stored, expected, str(directory))
-        # An explicit single-device target: without one Orbax rebuilds the saved
-        # sharding, which fails on a machine with a different device count.
-        on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device), expected)
-        try:
-            return checkpointer.restore(
-                params_dir,
-                args=ocp.args.PyTreeRestore(
-                    item=target,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                    partial_restore=True,
-                ),
-            )
-        except Exception as e:  # Orbax raises several types for unreadable arrays.
-            raise CheckpointError(f"cannot restore params from {params_dir}: {type(e).__name__}: {e}") from e
+    if not isinstance(stored, dict) or not set(expected) <= set(stored):
+        held = sorted(stored) if isinstance(stored, dict) else type(stored).__name__
+        raise CheckpointError(f"{params_dir} holds {held}, expected {sorted(expected)}")
+    _check_params(stored, expected, str(directory))
+    # An explicit single-device target: without one Orbax rebuilds the saved
+    # sharding, which fails on a machine with a different device count.
+    on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device), expected)
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        restored = checkpointer.restore(
+            params_dir,
+            args=ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            ),
+        )
+    except Exception as e:  # Orbax raises several types for unreadable arrays.
+        # Left open: closing it under reads still in flight makes TensorStore's callbacks
+        # print a traceback each into the closed event loop.
+        raise _damaged(params_dir, e) from e
+    checkpointer.close()
+    return restored
 
 
 def load_model(directory: str | os.PathLike) -> ModelBundle:

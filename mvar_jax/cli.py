@@ -64,13 +64,32 @@ def usage_error(prog: str, message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def _config_flag_error(error: Exception, argv: Sequence[str]) -> str:
+    """A config-file flag's failure (ml_collections' ``config_flags``) in a line or two.
+
+    A misspelt field in an override (``--config.modle.depth=2``) surfaces as a KeyError or
+    AttributeError whose message suggests the field; a config file that cannot be loaded
+    or whose ``get_config`` raises, as an error wrapping a traceback: its last line says it.
+    """
+    message = str(error.args[0] if isinstance(error, KeyError) and error.args else error).strip()
+    if isinstance(error, (KeyError, AttributeError)):
+        field, _, hint = message.partition("\n")
+        override = next((a for a in argv if a.startswith("--config.") and field.strip("'") in a), None)
+        return f"{override or 'a --config override'}: no config field {field}{'; ' + hint if hint else ''}"
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if isinstance(error, OSError) and "No such file" in lines[-1]:
+        return f"--config: file not found: {lines[-1].rpartition(': ')[2]}"
+    return f"{lines[0]} {lines[-1]}" if len(lines) > 2 else " ".join(lines)
+
+
 def parse_flags(
     flag_values: flags.FlagValues, argv: Sequence[str] | None, *, prog: str, doc: str | None
 ) -> types.SimpleNamespace:
     """Parses ``argv`` (``sys.argv[1:]`` when None) into ``flag_values``, every flag starting
     from its default, and returns the values by name. ``--help`` prints ``doc`` and the
-    flags, then exits 0; an unknown flag, a bad value, a missing required flag or a
-    positional argument is a ``usage_error``."""
+    flags, then exits 0; an unknown flag, a bad value, a missing required flag, a
+    positional argument or a config file that does not load (``config_flags``) is a
+    ``usage_error``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
         print(f"{(doc or '').strip()}\n\nflags:")
@@ -86,11 +105,18 @@ def parse_flags(
     flag_values.unparse_flags()
     try:
         rest = flag_values([prog, *argv])
+        values = flag_values.flag_values_dict()
+        for value in values.values():  # a config file that failed to load raises when touched
+            getattr(value, "to_dict", None)
+    except flags.IllegalFlagValueError as e:
+        usage_error(prog, _config_flag_error(e, argv))
     except flags.Error as e:
         usage_error(prog, str(e))
+    except (KeyError, AttributeError, OSError) as e:  # config_flags' own, see _config_flag_error
+        usage_error(prog, _config_flag_error(e, argv))
     if len(rest) > 1:
         usage_error(prog, f"unexpected arguments: {' '.join(rest[1:])}")
-    return types.SimpleNamespace(**flag_values.flag_values_dict())
+    return types.SimpleNamespace(**values)
 
 
 def given(flag_values: flags.FlagValues, names: Sequence[str]) -> list[str]:
@@ -109,10 +135,14 @@ def define_checkpoint_flag(flag_values: flags.FlagValues) -> None:
     )
 
 
-def define_sampling_flags(flag_values: flags.FlagValues, *, batch_size: int, **defaults: float) -> None:
+def define_sampling_flags(
+    flag_values: flags.FlagValues, *, batch_size: int, why: str = "", **defaults: float
+) -> None:
     """``--labels --batch_size --seed`` and a flag per ``SamplingOptions`` field that a user
-    sets (``--cfg --top_k --top_p``), with its defaults unless ``defaults`` names others."""
+    sets (``--cfg --top_k --top_p``), with its defaults unless ``defaults`` names others (and
+    ``why``, said in their help)."""
     options = sampling.SamplingOptions(**defaults)
+    note = f"; {why}" if why else ""
     define_int_list(
         "labels",
         None,
@@ -126,9 +156,9 @@ def define_sampling_flags(flag_values: flags.FlagValues, *, batch_size: int, **d
     )
     flags.DEFINE_float("cfg", options.cfg, "classifier-free guidance scale (>= 0)", flag_values=flag_values)
     flags.DEFINE_integer(
-        "top_k", options.top_k, "keep the k most likely tokens; 0: off", flag_values=flag_values
+        "top_k", options.top_k, f"keep the k most likely tokens; 0: off{note}", flag_values=flag_values
     )
-    flags.DEFINE_float("top_p", options.top_p, "nucleus mass to keep; 0: off", flag_values=flag_values)
+    flags.DEFINE_float("top_p", options.top_p, f"nucleus mass to keep; 0: off{note}", flag_values=flag_values)
     flags.DEFINE_integer("seed", 0, "batch b draws from fold_in(PRNGKey(seed), b)", flag_values=flag_values)
 
 

@@ -1,9 +1,9 @@
 """Official PyTorch checkpoints <-> the model directories the sampler and trainer read.
 
-    python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --mvar mvar-d16.pth --out ckpt/mvar-d16
-    python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --var var_d16.pth --out ckpt/var-d16
+    python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --mvar mvar-d16.pth --out ckpt/mvar_d16
+    python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --var var_d16.pth --out ckpt/var_d16
     python -m mvar_jax.convert ... --mvar var_d16.pth   # VAR weights as MVAR: the fine-tuning start
-    python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --m_var d16.pth --out ckpt/m-var-d16
+    python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --m_var d16.pth --out ckpt/m_var_d16
     python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --out ckpt/vae   # tokenizer alone
     python -m mvar_jax.convert --to_official_vae vae.pth --model ckpt/vae   # and back
 
@@ -20,18 +20,23 @@ the Mamba2 layers.
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+import numpy as np
 from absl import flags
 
 from mvar_jax import checkpoint, cli
 from mvar_jax.errors import CheckpointError
 from mvar_jax.models import families
+from mvar_jax.models.config import PATCH_NUMS_256
 from mvar_jax.models.vqvae import VQVAEConfig
 from mvar_jax.weights import transformer as transformer_weights, vqvae as vqvae_weights
+from mvar_jax.weights.contents import contents
+from mvar_jax.weights.state_dict import load_official
 
 PROG = "python -m mvar_jax.convert"
 _TRANSFORMER_FLAGS = tuple(f"--{name}" for name in families.NAMES)
@@ -96,10 +101,14 @@ def convert(args: types.SimpleNamespace) -> str:
         if value is not None
     }
     family, weights = _transformer_flag(args)
-    vqvae_config, vqvae_params = vqvae_weights.load_official_vqvae(args.vae, **patch_nums)
-    transformer_config, transformer_params = transformer_weights.load_transformer(
-        weights, family=family, **patch_nums, **overrides
-    )
+    with _naming(f"--vae {args.vae}"):
+        vqvae_config, vqvae_params = vqvae_weights.vqvae_from_state_dict(_read_vqvae(args), **patch_nums)
+    with _naming(f"--{family} {weights}"):
+        state_dict = _read_transformer(args, family, weights)
+        transformer_config = transformer_weights.config_from_state_dict(
+            state_dict, family=family, **patch_nums, **overrides
+        )
+        transformer_params = transformer_weights.params_from_state_dict(state_dict, transformer_config)
     checkpoint.check_configs(vqvae_config, transformer_config)
     checkpoint.save_model(
         args.out,
@@ -125,6 +134,51 @@ def _transformer_flag(args: types.SimpleNamespace) -> tuple[str, pathlib.Path] |
     return None, None
 
 
+@contextlib.contextmanager
+def _naming(source: str) -> Iterator[None]:
+    """A CheckpointError about a file, prefixed with the flag that named it (unless it says so)."""
+    try:
+        yield
+    except CheckpointError as e:
+        if str(e).startswith("--"):
+            raise
+        raise CheckpointError(f"{source}: {e}") from e
+
+
+def _read_vqvae(args: types.SimpleNamespace) -> dict[str, np.ndarray]:
+    """``--vae``'s state dict, refused with a hint when it holds a transformer."""
+    state_dict, _ = load_official(args.vae)
+    found = contents(state_dict)
+    if found.kind == "transformer":
+        flag = f"--{found.family}" if found.family else _TRANSFORMER_FLAGS[0]
+        given = [f for f in _TRANSFORMER_FLAGS if getattr(args, f.lstrip("-"))]
+        hint = (
+            f"did you swap --vae and {given[0]}?" if given else f"pass it as {flag}, with its VQVAE as --vae"
+        )
+        raise CheckpointError(f"--vae {args.vae} holds {found.describe()}, not a VQVAE: {hint}")
+    return state_dict
+
+
+def _read_transformer(args: types.SimpleNamespace, family: str, path: pathlib.Path) -> dict[str, np.ndarray]:
+    """``--<family>``'s state dict: refused with a hint when it holds a VQVAE; converted with a
+    warning that says what changes when it holds another family's weights of the same layout."""
+    state_dict, wrappers = load_official(path)
+    found = contents(state_dict, wrappers, args.patch_nums or PATCH_NUMS_256)
+    if found.kind == "vqvae":
+        raise CheckpointError(
+            f"--{family} {path} holds a VQVAE, not transformer weights: did you swap --vae and --{family}?"
+        )
+    if found.family and found.family != family and not families.get(found.family).weights_marker:
+        held, asked = families.get(found.family), families.get(family)
+        print(
+            f"{PROG}: warning: --{family} {path} holds {held.title} weights (trained with {held.summary}); "
+            f"converted as {asked.title}, they attend as {asked.title} does ({asked.summary}). "
+            f"To keep them {held.title}, convert with --{held.name}.",
+            file=sys.stderr,
+        )
+    return state_dict
+
+
 def _describe(v: VQVAEConfig) -> str:
     return f"vocab {v.vocab_size}, Cvae {v.z_channels}, ch {v.ch}, {v.image_size}px"
 
@@ -132,7 +186,8 @@ def _describe(v: VQVAEConfig) -> str:
 def convert_tokenizer(args: types.SimpleNamespace) -> str:
     """Reads the official VQVAE file alone, writes ``args.out`` as a tokenizer directory."""
     patch_nums = {} if args.patch_nums is None else {"patch_nums": args.patch_nums}
-    config, params = vqvae_weights.load_official_vqvae(args.vae, **patch_nums)
+    with _naming(f"--vae {args.vae}"):
+        config, params = vqvae_weights.vqvae_from_state_dict(_read_vqvae(args), **patch_nums)
     checkpoint.save_tokenizer(args.out, vqvae_config=config, vqvae_params=params, overwrite=args.overwrite)
     return f"wrote {args.out}: tokenizer (VQVAE alone), {_describe(config)}"
 

@@ -7,8 +7,22 @@ from collections.abc import Mapping
 import numpy as np
 
 
+class ConfigError(ValueError):
+    """A setting that cannot run, found before anything runs: the message names the field and
+    says what to do. Commands report it in a line (exit status 2), not as a traceback."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+# Keys named per kind of mismatch in a message (the exception keeps them all).
+SHOWN_KEYS = 12
+
+
+def _listed(keys: list[str]) -> str:
+    more = f", ... ({len(keys) - SHOWN_KEYS} more)" if len(keys) > SHOWN_KEYS else ""
+    return ", ".join(keys[:SHOWN_KEYS]) + more
 
 
 class StateDictMismatchError(CheckpointError):
@@ -20,11 +34,13 @@ class StateDictMismatchError(CheckpointError):
         self.mis_shaped = sorted(mis_shaped)
         lines = [f"{what} does not match the model:"]
         if self.missing:
-            lines.append(f"  missing keys ({len(self.missing)}): " + ", ".join(self.missing))
+            lines.append(f"  missing keys ({len(self.missing)}): " + _listed(self.missing))
         if self.unexpected:
-            lines.append(f"  unexpected keys ({len(self.unexpected)}): " + ", ".join(self.unexpected))
-        for key, got, want in self.mis_shaped:
+            lines.append(f"  unexpected keys ({len(self.unexpected)}): " + _listed(self.unexpected))
+        for key, got, want in self.mis_shaped[:SHOWN_KEYS]:
             lines.append(f"  wrong shape for {key}: got {tuple(got)}, expected {tuple(want)}")
+        if len(self.mis_shaped) > SHOWN_KEYS:
+            lines.append(f"  ... {len(self.mis_shaped) - SHOWN_KEYS} more of the wrong shape")
         super().__init__("\n".join(lines))
 
 

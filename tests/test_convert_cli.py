@@ -51,6 +51,8 @@ def test_var_weights_as_mvar_and_overwrite(tiny_checkpoints, fixture_dir, tmp_pa
     out = tmp_path / "as_mvar"
     shutil.copytree(tiny_checkpoints["mvar"], out)  # a model to replace
     convert_tiny(fixture_dir, "--mvar", "tiny_var.pth", out, "--kernel_size", "5", "--overwrite")
+    warning = capsys.readouterr().err  # allowed, but said: the weights change what they attend to
+    assert "tiny_var.pth holds VAR weights" in warning and "To keep them VAR, convert with --var" in warning
     as_mvar = checkpoint.load_model(out)
     var = checkpoint.load_model(tiny_checkpoints["var"])
     assert as_mvar.transformer_config.family == "mvar"
@@ -85,9 +87,20 @@ def test_errors_are_clear(capsys, fixture_dir, tmp_path):
     out = str(tmp_path / "out")
     err = _error_of(capsys, ["--vae", vae, "--mvar", str(tmp_path / "nope.pth"), "--out", out])
     assert "not found" in err and "nope.pth" in err
-    # A VQVAE file where the transformer should be: the mismatch names missing keys.
+    # Files given to the wrong flag are named as what they hold.
+    mvar = str(fixture_dir / "tiny_mvar.pth")
     err = _error_of(capsys, ["--vae", vae, "--mvar", vae, "--out", out])
-    assert "transformer state dict" in err and "missing keys" in err
+    assert f"--mvar {vae} holds a VQVAE, not transformer weights: did you swap --vae and --mvar?" in err
+    err = _error_of(capsys, ["--vae", mvar, "--mvar", vae, "--out", out])
+    assert f"--vae {mvar} holds MVAR transformer weights, not a VQVAE: did you swap" in err
+    # A file that is neither: both the keys it lacks and the ones it should not have.
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"foo.weight": torch.zeros(2)}, foreign)
+    err = _error_of(capsys, ["--vae", vae, "--mvar", str(foreign), "--out", out])
+    assert f"--mvar {foreign}: transformer state dict does not match" in err
+    assert "missing keys (5): blocks.0.ffn.fc1.weight" in err and "unexpected keys (1): foo.weight" in err
+    err = _error_of(capsys, ["--vae", str(foreign), "--mvar", mvar, "--out", out])
+    assert "VQVAE state dict does not match" in err and "missing keys (2): encoder.conv_in.weight" in err
     err = _error_of(
         capsys, ["--vae", vae, "--mvar", str(fixture_dir / "tiny_mvar.pth"), "--out", out, "--num_heads", "8"]
     )
@@ -170,7 +183,7 @@ def test_tokenizer_modes_report_bad_input(capsys, tiny_checkpoints, fixture_dir,
     err = _error_of(capsys, ["--vae", vae, "--out", str(tmp_path / "tok"), "--num_heads", "4"])
     assert "--num_heads configure a transformer; they need one of --mvar, --var, --m_var" in err
     err = _error_of(capsys, ["--vae", str(fixture_dir / "tiny_mvar.pth"), "--out", str(tmp_path / "tok")])
-    assert "VQVAE state dict" in err and "missing keys" in err
+    assert "holds MVAR transformer weights, not a VQVAE: pass it as --mvar, with its VQVAE as --vae" in err
     assert (tmp_path / "vae.pth").read_bytes() == b"x"
     assert not (tmp_path / "tok").exists()
 

@@ -34,13 +34,16 @@ NAMES = ("convert", "sampling", "train_small")
 TIMEOUT_S = 600
 
 
-def code_cells(path: pathlib.Path, params: dict[str, Any] | None = None) -> list[str]:
-    """The code cells' sources, IPython-only lines replaced by ``pass`` at their indentation.
+def code_cells(
+    path: pathlib.Path, params: dict[str, Any] | None = None, magics: dict[str, str] | None = None
+) -> list[str]:
+    """The code cells' sources, IPython-only lines replaced by ``pass`` at their indentation
+    (or by ``magics[prefix]`` for a line starting with that prefix, to stand in for it).
 
     ``params`` replaces the values of ``NAME = ...  # @param`` lines (Python
     literals); naming a field that the notebook does not have is an error.
     """
-    params = dict(params or {})
+    params, magics = dict(params or {}), dict(magics or {})
     cells = []
     for cell in json.loads(path.read_text())["cells"]:
         if cell["cell_type"] != "code":
@@ -49,7 +52,8 @@ def code_cells(path: pathlib.Path, params: dict[str, Any] | None = None) -> list
         for line in "".join(cell["source"]).splitlines():
             body = line.lstrip()
             if body[:1] in ("%", "!"):
-                line = line[: len(line) - len(body)] + "pass"
+                stand_in = next((v for k, v in magics.items() if body.startswith(k)), "pass")
+                line = line[: len(line) - len(body)] + stand_in
             field = re.match(r"(\w+) = .*# @param", line)
             if field and field[1] in params:
                 line = f"{field[1]} = {params.pop(field[1])!r}  # @param"
@@ -132,13 +136,26 @@ def test_notebook_is_clean_nbformat4(name):
     assert any("# @param" in "".join(cell["source"]) for cell in code[1:])
 
 
-def run_install_cell(name: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
-    """The notebook's install cell in a bare interpreter (no site-packages: mvar_jax is absent),
-    then ``import mvar_jax`` in the same process, as the next cell does."""
-    cell = code_cells(NOTEBOOKS / f"{name}.ipynb")[0]
+def run_install_cell(name: str, cwd: pathlib.Path, venv: pathlib.Path) -> subprocess.CompletedProcess:
+    """The notebook's install cell in a bare virtual environment (mvar_jax is absent), then
+    ``import mvar_jax`` in the same process, as the next cell does.
+
+    The editable ``%pip install`` stands in as what it leaves behind: a ``.pth`` file in
+    site-packages naming the clone, which a running kernel only reads if the cell tells it to.
+    """
+    editable = "pathlib.Path(sysconfig.get_paths()['purelib'], 'clone.pth').write_text(str(CLONE))"
+    cell = code_cells(NOTEBOOKS / f"{name}.ipynb", magics={"%pip install -q -r": editable})[0]
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    for pth in venv.glob("lib/python*/site-packages/clone.pth"):
+        pth.unlink()
     script = "import sys\nexec(sys.argv[1])\nimport mvar_jax\nprint('imported', mvar_jax.__file__)"
     return subprocess.run(
-        [sys.executable, "-I", "-S", "-c", script, cell], cwd=cwd, capture_output=True, text=True, timeout=60
+        [str(venv / "bin" / "python"), "-I", "-c", script, cell],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -154,16 +171,16 @@ def fake_clone(root: pathlib.Path) -> pathlib.Path:
 def test_install_cell_finds_the_clone_it_runs_in(name, tmp_path):
     clone = fake_clone(tmp_path / "checkout")
     for cwd in (clone / "notebooks", clone):  # Jupyter starts in notebooks/, a shell at the root
-        proc = run_install_cell(name, cwd)
+        proc = run_install_cell(name, cwd, tmp_path / "venv")
         assert proc.returncode == 0, proc.stderr
         assert f"installing the clone at {clone}" in proc.stdout  # the %pip line's target
         assert f"imported {clone / 'mvar_jax' / '__init__.py'}" in proc.stdout
     fresh = fake_clone(tmp_path / "content" / "mvar_jax")  # `git clone URL` in Colab's /content
-    proc = run_install_cell(name, fresh.parent)
+    proc = run_install_cell(name, fresh.parent, tmp_path / "venv")
     assert f"installing the clone at {fresh}" in proc.stdout, proc.stderr
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    proc = run_install_cell(name, elsewhere)
+    proc = run_install_cell(name, elsewhere, tmp_path / "venv")
     assert proc.returncode != 0
     assert "not inside a clone of it" in proc.stderr and "pip install" in proc.stderr
 
@@ -228,8 +245,8 @@ def test_sampling_notebook(trained, workdir):
     assert image_size(out / "mvar_vs_var.png")[0] == 2 * 64
     last_level_diff = float(output.split("max |diff| ")[1].split()[0])
     assert last_level_diff < 1e-4
-    assert re.search(r"^MVAR depth 2: .* ms per batch", output, re.M)
-    assert re.search(r"^VAR  depth 2: .* ms per batch", output, re.M)
+    assert re.search(r"^MVAR  depth 2: .* ms per batch", output, re.M)
+    assert re.search(r"^VAR   depth 2: .* ms per batch", output, re.M)
 
 
 if __name__ == "__main__":

@@ -267,7 +267,7 @@ def test_cli_end_to_end(model_64px, classifier, data_cfg, classifier_cache, tmp_
     )
     assert fd["ratio_to_reconstruction_floor"] == pytest.approx(fd["generated"] / fd["reconstruction_floor"])
     assert report["classifier"]["val_accuracy"] == classifier.val_accuracy
-    assert report["model"]["attention"] == "mvar" and report["model"]["image_size"] == 64
+    assert report["model"]["family"] == "mvar" and report["model"]["image_size"] == 64
     md = out.with_suffix(".md").read_text()
     assert "| mean class accuracy |" in md and "| red_circle | red_star | blue_triangle |" in md
     assert "floor: tokenizer reconstructions vs validation" in md

@@ -31,7 +31,7 @@ from mvar_jax.configs import tiny_cpu, tiny_cpu_m_var
 from mvar_jax.eval import classifier as classifier_lib, quality
 from mvar_jax.models import families
 from mvar_jax.models.config import InitScales
-from mvar_jax.models.transformer import Transformer
+from mvar_jax.models.transformer import Transformer, unstack_blocks
 from mvar_jax.models.vqvae import VQVAE
 from mvar_jax.training import (
     checkpointing,
@@ -163,7 +163,7 @@ def test_tiny_config_learns_a_fixed_batch(tmp_path):
     assert float(mean_ce(state.params)) < 0.5 * start
     # The run leaves a loadable model, a checkpoint, TensorBoard events and a sample grid.
     bundle = checkpoint.load_model(tmp_path / "model")
-    _assert_trees_equal(bundle.transformer_params["params"], state.params)
+    _assert_trees_equal(unstack_blocks(bundle.transformer_params)["params"], state.params)
     assert checkpointing.Checkpointer(tmp_path / "checkpoints", max_to_keep=1).all_steps() == [30]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     grid = np.asarray(PIL.Image.open(tmp_path / "samples" / "step_00000030.png"))
@@ -414,7 +414,7 @@ def test_resume_may_change_execution_fields_only(tmp_path):
 
 def test_export_follows_extended_runs_and_repairs_an_incomplete_one(tmp_path):
     def exported():
-        return checkpoint.load_model(tmp_path / "model").transformer_params["params"]
+        return unstack_blocks(checkpoint.load_model(tmp_path / "model").transformer_params)["params"]
 
     short = trainer.train_and_evaluate(_config(num_train_steps=3), tmp_path, source=_source())
     _assert_trees_equal(exported(), short.params)

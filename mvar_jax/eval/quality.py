@@ -372,8 +372,13 @@ flags.DEFINE_string(
 flags.DEFINE_integer(
     "image_size", None, "dataset resolution (default: the model's)", lower_bound=1, flag_values=FLAGS
 )
-# Unfiltered by default, unlike sample.py: the report judges the model's own distribution.
-cli.define_sampling_flags(FLAGS, batch_size=50, top_k=UNFILTERED.top_k, top_p=UNFILTERED.top_p)
+cli.define_sampling_flags(
+    FLAGS,
+    batch_size=50,
+    why="0 here, not sample.py's FID setting: the report judges the model's own distribution",
+    top_k=UNFILTERED.top_k,
+    top_p=UNFILTERED.top_p,
+)
 flags.DEFINE_integer(
     "num_per_class",
     50,

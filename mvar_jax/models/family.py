@@ -57,6 +57,8 @@ class Family:
       schedule: ``(config, ratio_k) -> SegmentSchedule``: what each training step teaches.
       check: raises ValueError on a config this family cannot run.
       weights_marker: an official state-dict key only this family's files hold, or None.
+      release_key: the key under which the official trainer's release files (trainer states)
+        hold this family's weights, or None.
       training_mask: ``patch_nums -> (L, L) bool``: the attention mask the official
         trainer saves as ``attn_bias_for_masking`` (True: may attend), or None.
     """
@@ -75,6 +77,7 @@ class Family:
     schedule: Callable[[TransformerConfig, int], SegmentSchedule]
     check: Callable[[TransformerConfig], None]
     weights_marker: str | None = None
+    release_key: str | None = None
     training_mask: Callable[[Sequence[int]], np.ndarray] | None = None
 
     @property

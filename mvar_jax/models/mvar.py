@@ -121,5 +121,6 @@ FAMILY = Family(
     guides_at_cfg_one=False,
     schedule=schedule,
     check=check,
+    release_key="mvar_wo_ddp",
     training_mask=block_diagonal_mask,
 )

@@ -77,5 +77,6 @@ FAMILY = Family(
     guides_at_cfg_one=True,
     schedule=schedule,
     check=check,
+    release_key="var_wo_ddp",
     training_mask=block_causal_mask,
 )

@@ -60,12 +60,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
     if not os.path.exists(config.vqvae_checkpoint):
         raise ValueError(
-            f"config.vqvae_checkpoint: not found: {config.vqvae_checkpoint!r} "
-            "(download vae_ch160v4096z32.pth from the VAR release, or train a "
-            "tokenizer: `make demo` trains the one configs/tiny_cpu.py reads)"
+            f"config.vqvae_checkpoint: not found: {config.vqvae_checkpoint} ({_tokenizer_advice(config)})"
         )
     if config.finetune_from and not os.path.exists(config.finetune_from):
         raise ValueError(f"config.finetune_from: not found: {config.finetune_from!r}")
+
+
+def _tokenizer_advice(config: ml_collections.ConfigDict) -> str:
+    """What to do about a missing ``vqvae_checkpoint``, for the kind of file it names."""
+    if str(config.vqvae_checkpoint).endswith(".pth"):
+        return (
+            "download the release's vae_ch160v4096z32.pth from huggingface.co/FoundationVision/var, "
+            "or point config.vqvae_checkpoint at a tokenizer directory"
+        )
+    return (
+        "a tokenizer or model directory: `make demo` trains the demo's into demo_out/tokenizer/model; "
+        "`python train.py --config configs/vqvae_tiny_cpu.py --workdir DIR` trains one into DIR/model"
+    )
 
 
 def _check_sampling(config: ml_collections.ConfigDict) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 
 from mvar_jax import data, faults, parallel
 from mvar_jax.data import config as data_config
+from mvar_jax.errors import CheckpointError, ConfigError
 from mvar_jax.training import checkpointing, generator, tokenizer, workdir as workdir_lib
 from mvar_jax.training.metrics_writer import MetricsWriter, announce
 from mvar_jax.training.task import State, Task
@@ -103,6 +104,19 @@ def _check_finite(
             )
 
 
+@contextlib.contextmanager
+def _config_errors() -> Iterator[None]:
+    """The set-up's ValueErrors (a field out of range, settings that do not fit together) as
+    ``ConfigError``: a user's mistake, which the command reports in a line, as it does a
+    ``CheckpointError`` (a file that cannot be read or does not fit)."""
+    try:
+        yield
+    except (ConfigError, CheckpointError):
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
 def _with_shardings(abstract_state: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
@@ -121,12 +135,15 @@ def train_and_evaluate(
     Returns:
       The final train state (its model also exported to ``workdir/model``).
     Raises:
+      ConfigError: a setting that cannot train, or files that do not fit it (before
+        anything is written).
       workdir.WorkdirInUse: another run holds ``workdir``.
       workdir.DiskFull: a write found no space (the newest checkpoint stays whole).
     """
-    make_task = task_class(config)
-    check_config(config)
-    make_task.check_config(config)
+    with _config_errors():
+        make_task = task_class(config)
+        check_config(config)
+        make_task.check_config(config)
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()
@@ -146,9 +163,10 @@ def train_and_evaluate(
             )
         if hasattr(source, "close"):
             cleanup.callback(source.close)
-        num_steps = _num_steps(config, source)
-        task: Task = make_task(config, mesh=mesh, num_steps=num_steps)
-        workdir_lib.check_architecture(workdir, task.architecture)
+        with _config_errors():
+            num_steps = _num_steps(config, source)
+            task: Task = make_task(config, mesh=mesh, num_steps=num_steps)
+            workdir_lib.check_architecture(workdir, task.architecture)
 
         # Restore the newest checkpoint (train state and data position), or start afresh.
         abstract_state = task.abstract_state()

@@ -26,6 +26,12 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Accepts a plain state dict or an official trainer checkpoint (weights under
     ``trainer/var_wo_ddp`` and friends; optimizer state and config are ignored).
     """
+    return load_official(path)[0]
+
+
+def load_official(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+    """``load_state_dict``, and the trainer-state keys the weights sat under (``()`` for a
+    plain state dict; ``('mvar_wo_ddp',)`` for an MVAR release file): what the file says it is."""
     import torch  # Conversion-only dependency.
 
     path = os.fspath(path)
@@ -38,14 +44,21 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             f"cannot read {path} as a PyTorch checkpoint (truncated or not a "
             f"weights-only .pth file?): {type(e).__name__}: {e}"
         ) from e
-    return state_dict_to_numpy(obj, source=path)
+    return state_dict_to_numpy(obj, source=path), _wrappers(obj) if isinstance(obj, Mapping) else ()
+
+
+def _wrappers(obj: Mapping) -> tuple[str, ...]:
+    """The keys of the (possibly nested) trainer-state wrappers around the weights."""
+    for key in _WRAPPER_KEYS:
+        if isinstance(obj.get(key), Mapping):
+            return (key, *_wrappers(obj[key]))
+    return ()
 
 
 def _unwrap(obj: Mapping) -> Mapping:
     """The weights inside (possibly nested) trainer-state wrappers, else ``obj`` itself."""
-    for key in _WRAPPER_KEYS:
-        if isinstance(obj.get(key), Mapping):
-            return _unwrap(obj[key])
+    for key in _wrappers(obj):
+        obj = obj[key]
     return obj
 
 

@@ -176,8 +176,9 @@ def config_from_state_dict(
         raise ValueError(f"{fixed} are read from the checkpoint and cannot be overridden")
     needed = ("word_embed.weight", "class_emb.weight", "head.weight", "pos_1LC", "blocks.0.ffn.fc1.weight")
     absent = [k for k in needed if k not in state_dict]
-    if absent:
-        raise StateDictMismatchError("transformer state dict", missing=absent)
+    if absent:  # none of a transformer's keys: every key of the file is unexpected
+        foreign = sorted(state_dict) if len(absent) == len(needed) else ()
+        raise StateDictMismatchError("transformer state dict", missing=absent, unexpected=foreign)
 
     embed_dim, cvae = state_dict["word_embed.weight"].shape
     depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))

@@ -151,6 +151,10 @@ def config_from_state_dict(
     ``patch_nums``, ``quant_resi`` and ``using_znorm`` leave no trace in the
     weights and are arguments (defaults: the released tokenizer's).
     """
+    if not any(key in sd for key in ("quantize.embedding.weight", "encoder.conv_in.weight")):
+        raise StateDictMismatchError(
+            "VQVAE state dict", missing=["quantize.embedding.weight", "encoder.conv_in.weight"], unexpected=sd
+        )
     vocab_size, z_channels = _shape_of(sd, "quantize.embedding.weight", 2)
     ch = _shape_of(sd, "encoder.conv_in.weight", 4)[0]
     num_levels = _count(sd, "encoder.down.%d.block.0.conv1.weight")

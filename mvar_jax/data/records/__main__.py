@@ -11,37 +11,49 @@ keeps several hosts from generating it at once into a shared directory.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 
+from mvar_jax import cli
 from mvar_jax.data import records
 
-_NAME = flags.DEFINE_string("name", "builtin_shapes", "'builtin_shapes', 'imagenet2012' or 'tfds:<name>'.")
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)."
+PROG = "python -m mvar_jax.data.records"
+FLAGS = flags.FlagValues()  # this command's own, as every command's (mvar_jax.cli)
+flags.DEFINE_string(
+    "name", "builtin_shapes", "'builtin_shapes', 'imagenet2012' or 'tfds:<name>'", flag_values=FLAGS
 )
-_MANUAL_DIR = flags.DEFINE_string(
+flags.DEFINE_string(
+    "data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)", flag_values=FLAGS
+)
+flags.DEFINE_string(
     "manual_dir",
     None,
-    "Where manually downloaded archives are (default: <data_dir>/downloads/manual).",
+    "where manually downloaded archives are (default: <data_dir>/downloads/manual)",
+    flag_values=FLAGS,
 )
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "builtin_shapes only: the resolution to cover.")
+flags.DEFINE_integer(
+    "image_size", 64, "builtin_shapes only: the resolution to cover", lower_bound=1, flag_values=FLAGS
+)
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _NAME.value == "folder":
-        raise app.UsageError("an image folder needs no preparation")
-    builder = records.prepare(
-        _NAME.value.removeprefix("tfds:"),
-        _DATA_DIR.value,
-        image_size=_IMAGE_SIZE.value,
-        manual_dir=_MANUAL_DIR.value,
-    )
+def main(argv: Sequence[str] | None = None) -> int:
+    args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
+    if args.name == "folder":
+        cli.usage_error(PROG, "an image folder needs no preparation: point data.data_dir at it")
+    try:
+        builder = records.prepare(
+            args.name.removeprefix("tfds:"),
+            args.data_dir,
+            image_size=args.image_size,
+            manual_dir=args.manual_dir,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        cli.usage_error(PROG, str(e))
     print(f"prepared {builder.info.full_name} in {builder.data_dir}")
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

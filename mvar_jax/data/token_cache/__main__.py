@@ -13,55 +13,65 @@ writes its share of the chunks.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from mvar_jax import checkpoint
+from mvar_jax import checkpoint, cli
 from mvar_jax.data import config as config_lib, token_cache
+from mvar_jax.errors import CheckpointError
 from mvar_jax.models.vqvae import VQVAE
 
-_DATA = config_flags.DEFINE_config_dict(
-    "data", config_lib.default_config(), "Data config; data.token_cache_dir is the output."
+PROG = "python -m mvar_jax.data.token_cache"
+FLAGS = flags.FlagValues()  # this command's own, as every command's (mvar_jax.cli)
+config_flags.DEFINE_config_dict(
+    "data", config_lib.default_config(), "data config; data.token_cache_dir is the output", flag_values=FLAGS
 )
-_VAE = flags.DEFINE_string(
-    "vae", None, "Official VQ-VAE state dict (.pth), or a tokenizer / model directory.", required=True
+flags.DEFINE_string(
+    "vae", None, "official VQVAE state dict (.pth), or a tokenizer / model directory", flag_values=FLAGS
 )
-_PATCH_NUMS = flags.DEFINE_list(
+cli.define_int_list(
     "patch_nums",
     None,
-    "Token map sides per scale (default: the pyramid the tokenizer directory records; an "
-    "official .pth records none: 1,2,3,4,5,6,8,10,13,16, the release's).",
+    "token map sides per scale (default: the pyramid the tokenizer directory records; an official "
+    ".pth records none: the release's)",
+    FLAGS,
+    what="ints",
+    example="1,2,3,4,5,6,8,10,13,16",
 )
-_ROLE = flags.DEFINE_enum("role", "train", ["train", "eval"], "Which split to cache.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per encoder call (per host).")
-_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 4096, "Examples per cache file.")
-_PROCESS_INDEX = flags.DEFINE_integer("process_index", None, "This host (default: jax.process_index()).")
-_PROCESS_COUNT = flags.DEFINE_integer("process_count", None, "Hosts (default: jax.process_count()).")
+flags.DEFINE_enum("role", "train", ["train", "eval"], "which split to cache", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 64, "images per encoder call (per host)", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("chunk_size", 4096, "examples per cache file", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("process_index", None, "this host (default: jax.process_index())", flag_values=FLAGS)
+flags.DEFINE_integer("process_count", None, "hosts (default: jax.process_count())", flag_values=FLAGS)
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cfg = _DATA.value
-    if not cfg.token_cache_dir:
-        raise app.UsageError("--data.token_cache_dir (the output directory) is required")
-    patch_nums = None if _PATCH_NUMS.value is None else tuple(int(p) for p in _PATCH_NUMS.value)
-    vae_config, variables = checkpoint.load_vqvae_checkpoint(_VAE.value, patch_nums=patch_nums)
+def main(argv: Sequence[str] | None = None) -> int:
+    args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
+    cfg = args.data
+    if args.vae is None or not cfg.token_cache_dir:
+        cli.usage_error(PROG, "--vae and --data.token_cache_dir (the output directory) are required")
+    try:
+        config_lib.check_config(cfg)
+        vae_config, variables = checkpoint.load_vqvae_checkpoint(args.vae, patch_nums=args.patch_nums)
+    except (CheckpointError, ValueError) as e:
+        cli.usage_error(PROG, f"--vae {args.vae}: {e}")
     encode_fn = token_cache.sharded_encoder(token_cache.vqvae_tokenize(VQVAE(vae_config)), variables)
     token_cache.write_token_cache(
         cfg,
         encode_fn,
         cfg.token_cache_dir,
-        _ROLE.value,
-        batch_size=_BATCH_SIZE.value,
-        chunk_size=_CHUNK_SIZE.value,
-        process_index=jax.process_index() if _PROCESS_INDEX.value is None else _PROCESS_INDEX.value,
-        process_count=jax.process_count() if _PROCESS_COUNT.value is None else _PROCESS_COUNT.value,
+        args.role,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        process_index=jax.process_index() if args.process_index is None else args.process_index,
+        process_count=jax.process_count() if args.process_count is None else args.process_count,
     )
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())
