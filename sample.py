@@ -102,7 +102,8 @@ def load(args: types.SimpleNamespace) -> checkpoint.ModelBundle:
     try:
         model = checkpoint.load_model(args.checkpoint)  # Checks configs against weights.
     except (CheckpointError, ValueError, OSError) as e:
-        cli.usage_error(PROG, f"--checkpoint {args.checkpoint}: {e}")
+        named = str(args.checkpoint) in str(e)  # most errors start with the directory already
+        cli.usage_error(PROG, str(e) if named else f"--checkpoint {args.checkpoint}: {e}")
     overrides = {
         name: value
         for name, value in (("dtype", args.dtype), ("neighborhood_impl", args.neighborhood_impl))

@@ -1,7 +1,7 @@
 """The real programs' cost from XLA's own analyses, compiled on the CPU: no GPU, no weights.
 
     python -m bench.bench_cost --out bench_out/cost        # d16/d20/d24 x batch 32/64, all programs
-    python -m bench.bench_cost --out bench_out/cost --models mvar --depths 16 --batches 64 \\
+    python -m bench.bench_cost --out bench_out/cost --families mvar --depths 16 --batches 64 \\
         --programs sample                                   # one program
     python -m bench.bench_cost --out /tmp/cost_smoke --smoke  # toy model, seconds (CI)
 

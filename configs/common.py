@@ -74,7 +74,7 @@ def _base_type(hint: Any) -> type:
 def trainer_config() -> ml_collections.ConfigDict:
     """What the trainer reads, for every task; the task's config sets ``task`` and the rest."""
     c = ml_collections.ConfigDict()
-    c.task = ""  # which model trains: 'generator' (VAR/MVAR) or 'tokenizer' (the VQVAE);
+    c.task = ""  # which model trains: 'generator' (MVAR, VAR, M-VAR) or 'tokenizer' (the VQVAE);
     # see mvar_jax.training.trainer.TASKS
     c.seed = 0
     c.data = data_default_config()
@@ -104,7 +104,7 @@ def trainer_config() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
     """The generator's defaults: the official VAR / MVAR recipe on ImageNet 256 px."""
     c = trainer_config()
-    c.task = "generator"  # the VAR/MVAR transformer on a frozen VQVAE
+    c.task = "generator"  # an MVAR / VAR / M-VAR transformer on a frozen VQVAE
     c.seed = 0  # arg_util.py --seed (None there: nondeterministic); fixed here
 
     # TransformerConfig's defaults are the official MVAR-d16's (models/__init__.py and
@@ -150,7 +150,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.sample_every = 10_000  # steps between sample grids (0: never)
     c.sample_classes = (980, 980, 437, 437, 22, 22, 562, 562)  # VAR demo_sample.ipynb
-    c.sampling = from_dataclass(SamplingOptions)  # the papers' FID setting: cfg 1.5, top-k 900, top-p 0.96
+    # The sample grid: MVAR's README suggests cfg 2.7, top-p 0.99, top-k 1200 for d16 (the
+    # papers' FID setting, SamplingOptions' defaults, is cfg 1.5, top-k 900, top-p 0.96).
+    c.sampling = from_dataclass(SamplingOptions, cfg=2.7, top_k=1200, top_p=0.99)
     return c
 
 

@@ -103,6 +103,9 @@ def parse_flags(
             )
         raise SystemExit(0)
     flag_values.unparse_flags()
+    # config_flags finds the overrides to define (--config.a.b=...) in sys.argv, not in the
+    # arguments it is given: it must hold them while they parse, for a main(argv) call too.
+    saved_argv, sys.argv = sys.argv, [prog, *argv]
     try:
         rest = flag_values([prog, *argv])
         values = flag_values.flag_values_dict()
@@ -114,6 +117,8 @@ def parse_flags(
         usage_error(prog, str(e))
     except (KeyError, AttributeError, OSError) as e:  # config_flags' own, see _config_flag_error
         usage_error(prog, _config_flag_error(e, argv))
+    finally:
+        sys.argv = saved_argv
     if len(rest) > 1:
         usage_error(prog, f"unexpected arguments: {' '.join(rest[1:])}")
     return types.SimpleNamespace(**values)

@@ -469,7 +469,8 @@ def test_m_var_resumes_exactly(tmp_path):
 @pytest.fixture(scope="module")
 def m_var_run(builtin_shapes_dir, tmp_path_factory) -> pathlib.Path:
     """The work directory of a 2-step ``train.py`` run of tiny_cpu_m_var on the built-in data,
-    with a sample grid after step 2."""
+    with a sample grid after step 2; run from a scratch directory with the package found only
+    as installed, as a user who left the repository runs it (the config's paths resolve)."""
     workdir = tmp_path_factory.mktemp("m_var") / "run"
     overrides = _m_var_overrides(
         **{
@@ -480,11 +481,10 @@ def m_var_run(builtin_shapes_dir, tmp_path_factory) -> pathlib.Path:
         }
     )
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
         "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": str(REPO),
-        "XLA_FLAGS": "--xla_backend_optimization_level=0",
-    }  # compiles faster
+        "XLA_FLAGS": "--xla_backend_optimization_level=0",  # compiles faster
+    }
     out = subprocess.run(
         [
             sys.executable,
@@ -496,6 +496,7 @@ def m_var_run(builtin_shapes_dir, tmp_path_factory) -> pathlib.Path:
             *(f"--config.{k}={v}" for k, v in overrides.items()),
         ],
         env=env,
+        cwd=workdir.parent,
         capture_output=True,
         text=True,
         timeout=600,

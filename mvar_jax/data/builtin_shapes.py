@@ -5,7 +5,7 @@ anything. A label is a (colour, shape) pair, so a conditional model has to get
 both the hue family and the outline right, while position, size, shading and a
 textured gradient background vary freely within a class and the object tilts by
 up to 15 degrees. Two choices come from measuring the demo's tiny generator
-(docs/benchmarks.md, "The demo"):
+(docs/benchmarks.md, "The demo"; earlier versions in CHANGELOG.md):
 - The object spans 0.6-0.9 of the image (its circumradius 0.30-0.45 of the
   side), so a multi-scale tokenizer's coarse maps (4x4, 6x6) already show its
   outline, as an ImageNet object does over VAR's 16x16 maps at 256 px. With the

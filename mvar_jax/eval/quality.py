@@ -18,8 +18,7 @@ cached as an ``.npz`` whose name holds both, so a stale cache is never reused.
 
 writes ``report.json`` and ``report.md`` (a short table). From Python:
 ``evaluate_model(model_dir, classifier_cache=DIR)`` returns the same dict. Flags are absl's
-(see ``mvar_jax.cli``); the dashed spellings of earlier versions (``--samples-per-class``)
-still work.
+(see ``mvar_jax.cli``).
 """
 
 from __future__ import annotations

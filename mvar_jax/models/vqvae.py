@@ -2,7 +2,7 @@
 
 Encoder and decoder follow the VQGAN / latent-diffusion f16 design that the
 official checkpoint ``vae_ch160v4096z32.pth`` uses; module and parameter names
-mirror the official ones so that ``vqvae_weights`` maps them mechanically.
+mirror the official ones so that ``weights.vqvae`` maps them mechanically.
 
 Use the methods through ``apply``, e.g.
 ``model.apply(variables, img_BHW3, method=VQVAE.img_to_idx)``.
