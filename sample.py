@@ -3,14 +3,21 @@
     python sample.py --checkpoint ckpt/mvar_d16 --labels 3,1 --cfg 1.5 --top_k 900 \\
         --top_p 0.96 --seed 0 --out samples.png
     python sample.py --checkpoint ckpt/mvar_d16 --num_per_class 50 --batch_size 64 \\
-        --fid_npz mvar_d16_50k.npz        # every class, for the standard FID evaluators
+        --fid_npz mvar_d16_50k.npz        # the papers' 50,000: every class, 50 each, in order
+
+Every device of every host draws (``--distributed`` joins a multi-host job): each runs
+``--batch_size`` images at a time, and batch b of the labels draws from ``fold_in(PRNGKey(seed),
+b)`` on whichever device it lands, so the same seed and batch size give the same tokens on any
+number of devices.
 
 ``--out`` ending ``.npz`` stores ``images`` (N, H, W, 3) float32 in [0, 1], ``tokens``
 (N, L) int32 and ``labels``; ending ``.png`` it is a grid with each image's class
-written under it. ``--fid_npz`` stores uint8 ``arr_0`` (N, H, W, 3). Batch b draws
-from ``fold_in(PRNGKey(seed), b)``: the same seed and batch size give the same images.
-A file appears only when whole: a run killed while writing ``FILE`` leaves
-``FILE.incomplete-<pid>``.
+written under it. ``--fid_npz`` stores ADM's layout, uint8 ``arr_0`` (N, H, W, 3) and the
+labels as ``arr_1``; ``--image_folder`` one ``<i>.png`` per image. These two are a sample
+set (``mvar_jax.eval.sample_set``): finished batches are kept in ``--parts`` until the set
+is written, so a killed run, started again with the same flags, resumes where it stopped
+and writes the same bytes. A file appears only when whole: a run killed while writing
+``FILE`` leaves ``FILE.incomplete-<pid>``.
 """
 
 from __future__ import annotations
@@ -21,13 +28,15 @@ import sys
 import types
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 from absl import flags
 
-from mvar_jax import checkpoint, cli, sampling
+from mvar_jax import checkpoint, cli, parallel, sampling
 from mvar_jax.atomic_write import atomic_write
 from mvar_jax.errors import CheckpointError
-from mvar_jax.images import labelled_grid, to_uint8
+from mvar_jax.eval import sample_set
+from mvar_jax.images import labelled_grid
 from mvar_jax.models.config import NEIGHBORHOOD_IMPLS
 
 PROG = "sample.py"
@@ -72,21 +81,58 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_string("out", None, "FILE.npz or FILE.png", flag_values=FLAGS)
 flags.DEFINE_string(
-    "fid_npz", None, "also write uint8 arr_0 (N, H, W, 3) for FID evaluators", flag_values=FLAGS
+    "fid_npz",
+    None,
+    "FILE.npz in ADM's layout for FID evaluators: uint8 arr_0 (N, H, W, 3), labels arr_1",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string("image_folder", None, "a folder of <i>.png, one per image", flag_values=FLAGS)
+flags.DEFINE_string(
+    "parts",
+    None,
+    "where a sample set keeps its finished batches until it is written, and resumes from "
+    "(default: <--fid_npz or --image_folder>.parts)",
+    flag_values=FLAGS,
+)
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "join a multi-host job (jax.distributed.initialize; the address, process count and id "
+    "are auto-detected on SLURM, Open MPI and Cloud TPU, or given below)",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string(
+    "coordinator_address", None, "with --distributed: host:port of process 0", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+    "num_processes", -1, "with --distributed: the process count (-1: detect)", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+    "process_id", -1, "with --distributed: this process's id (-1: detect)", flag_values=FLAGS
 )
 
 
 def parse(argv: Sequence[str] | None) -> types.SimpleNamespace:
     """The flags, checked; ``out`` and ``fid_npz`` as paths."""
     args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
-    args.out = None if args.out is None else pathlib.Path(args.out)
-    args.fid_npz = None if args.fid_npz is None else pathlib.Path(args.fid_npz)
-    if args.out is None and args.fid_npz is None:
-        cli.usage_error(PROG, "nothing to write: pass --out FILE.npz|FILE.png and/or --fid_npz FILE")
+    for name in ("out", "fid_npz", "image_folder", "parts"):
+        setattr(args, name, None if getattr(args, name) is None else pathlib.Path(getattr(args, name)))
+    args.set_outputs = [p for p in (args.fid_npz, args.image_folder) if p is not None]
+    if args.out is None and not args.set_outputs:
+        cli.usage_error(
+            PROG, "nothing to write: pass --out FILE.npz|FILE.png, --fid_npz FILE and/or --image_folder DIR"
+        )
     if args.out is not None and args.out.suffix not in (".npz", ".png"):
         cli.usage_error(PROG, f"--out must end in .npz or .png, got {args.out}")
     if args.fid_npz is not None and args.fid_npz.suffix != ".npz":
         cli.usage_error(PROG, f"--fid_npz must end in .npz (an npz archive of arr_0), got {args.fid_npz}")
+    if args.parts is not None and not args.set_outputs:
+        cli.usage_error(PROG, "--parts keeps a sample set's batches: it needs --fid_npz or --image_folder")
+    if args.parts is None and args.set_outputs:
+        args.parts = args.set_outputs[0].with_name(args.set_outputs[0].name + ".parts")
+    named = cli.given(FLAGS, ("coordinator_address", "num_processes", "process_id"))
+    if named and not args.distributed:
+        cli.usage_error(PROG, f"{', '.join(named)} configure --distributed, which is off")
     args.options = cli.sampling_options(
         FLAGS,
         PROG,
@@ -129,6 +175,19 @@ def write_out(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    if args.distributed:  # before any JAX computation
+        parallel.initialize_distributed(
+            types.SimpleNamespace(
+                enabled=True,
+                coordinator_address=args.coordinator_address,
+                num_processes=args.num_processes,
+                process_id=args.process_id,
+            )
+        )
+        if args.out is not None and jax.process_count() > 1:
+            cli.usage_error(
+                PROG, "--out gathers every image on one host: with several, write --fid_npz or --image_folder"
+            )
     model = load(args)
     num_classes = model.transformer_config.num_classes
     labels = list(range(num_classes)) if args.labels is None else args.labels
@@ -143,22 +202,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
 
-    images, fid_images, tokens = [], [], []
-    batches = sampling.sample_batches(model, labels_N, args.seed, args.options, batch_size=args.batch_size)
-    for images_b, tokens_b in batches:
-        tokens.append(tokens_b)
-        if args.out is not None:  # Float copies only when asked: 50k images take 39 GB.
-            images.append(images_b)
-        if args.fid_npz is not None:
-            fid_images.append(to_uint8(images_b))
+    batch_size = min(args.batch_size, len(labels_N))  # the same on any number of devices
+    parts, done = None, frozenset()
+    if args.set_outputs:
+        spec = sample_set.spec(model, labels_N, args.seed, args.options, batch_size)
+        try:
+            parts = sample_set.Parts(args.parts, spec)
+        except ValueError as e:
+            cli.usage_error(PROG, f"--parts {e}")
+        done = parts.done()
+        if done and args.out is not None:
+            cli.usage_error(
+                PROG,
+                f"--out needs every image, and {args.parts} holds {len(done)} finished batches: "
+                "resume without --out",
+            )
+        if done:
+            print(f"resuming: {len(done)} of {parts.num_sub_batches} batches are in {args.parts}")
+    kept = []  # Float copies only for --out: 50k images take 39 GB.
+    batches = sample_set.sub_batches(
+        model,
+        labels_N,
+        args.seed,
+        args.options,
+        batch_size=batch_size,
+        skip=done,
+        float_images=args.out is not None,
+    )
+    for sub in batches:
+        if parts is not None:
+            parts.write(sub)
+        if args.out is not None:
+            kept.append(sub)
+    if parts is not None:
+        parts.finish(npz=args.fid_npz, image_folder=args.image_folder)
     if args.out is not None:
-        write_out(args.out, np.concatenate(images), np.concatenate(tokens), labels_N)
-    if args.fid_npz is not None:
-        fid_images = np.concatenate(fid_images)
-        args.fid_npz.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(args.fid_npz) as f:
-            np.savez(f, arr_0=fid_images)
-        print(f"wrote arr_0 {fid_images.shape} uint8 to {args.fid_npz}")
+        images, tokens = (np.concatenate([getattr(s, k) for s in kept]) for k in ("images", "tokens"))
+        write_out(args.out, images, tokens, labels_N)
     return 0
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ml_collections
 
 from mvar_jax.configs import common
+from mvar_jax.sampling.options import SamplingOptions
 
 # --ep of each depth's README command.
 _EPOCHS = {"d16": 200, "d20": 250, "d24": 350}
@@ -56,6 +57,7 @@ def get_config(depth: str | None = None) -> ml_collections.ConfigDict:
         c.optim.final_lr_ratio = 0.1  # --wpe=0.1
     # utils/data.py (VAR's): Lanczos-resize the shorter side to 1.125 * 256, random crop.
     c.data.crop = "resize_random_crop"
-    # README, Inference: "For FID evaluation, we set cfg=1.5, top_p=0.96, top_k=900".
-    # (SamplingOptions' defaults, which c.sampling holds.)
+    # README, Inference: "For FID evaluation, we set cfg=1.5, top_p=0.96, top_k=900"
+    # (SamplingOptions' defaults).
+    c.sampling = common.from_dataclass(SamplingOptions)
     return c

@@ -8,6 +8,7 @@ that the device count divides. ``jax.jit`` inserts the collectives.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,8 +20,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
-    """Joins a multi-host job when ``cfg.enabled``; must run before any other JAX call.
+def initialize_distributed(cfg: ml_collections.ConfigDict | types.SimpleNamespace) -> None:
+    """Joins a multi-host job when ``cfg.enabled`` (``config.parallel.distributed``'s fields);
+    must run before any other JAX call.
 
     Empty address / negative counts are left to ``jax.distributed.initialize``'s
     auto-detection (SLURM, Cloud TPU, ...).

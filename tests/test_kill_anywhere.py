@@ -338,20 +338,25 @@ def test_token_cache_killed_mid_chunk_resumes_to_the_same_files(images, cache, t
 
 # sample.py with made-up images instead of a model (the writing is what is tested), and
 # a file size limit: the kernel kills the process (SIGXFSZ, which Python ignores unless
-# told) in the middle of the write that crosses it.
+# told) in the middle of the write that crosses it. A sample set's parts (16 images each,
+# 0.2 MiB) fit under it; the set they make does not.
 _SAMPLER = """
 import resource, signal, sys, types
 import numpy as np
 import sample
 
 def load(args):
-    return types.SimpleNamespace(transformer_config=types.SimpleNamespace(num_classes=4))
+    return types.SimpleNamespace(transformer_config=types.SimpleNamespace(num_classes=4, vocab_size=64))
 
-def sample_batches(model, labels_N, seed, options, *, batch_size, progress=True):
+def sub_batches(model, labels_N, seed, options, *, batch_size, skip, float_images):
     rng = np.random.default_rng(0)
-    yield rng.random((len(labels_N), 64, 64, 3), np.float32), np.zeros((len(labels_N), 30), np.int32)
+    for j in range(0, len(labels_N) // 16):
+        images = rng.random((16, 64, 64, 3), np.float32)
+        labels, tokens = labels_N[16 * j : 16 * j + 16], np.zeros((16, 30), np.int32)
+        yield sample.sample_set.SubBatch(j, labels, tokens, (images * 255).astype(np.uint8), images)
 
-sample.load, sample.sampling.sample_batches = load, sample_batches
+sample.load, sample.sample_set.sub_batches = load, sub_batches
+sample.sample_set.spec = lambda *args: {"num_images": 64, "batch_size": 16}
 signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024,) * 2)
 sys.exit(sample.main(sys.argv[1:]))
@@ -380,5 +385,5 @@ def test_sampler_killed_while_writing_leaves_no_file_that_looks_complete(output,
     assert proc.returncode == -signal.SIGXFSZ, proc.stderr[-3000:]
     result = output.split("=")[1]
     assert not (tmp_path / result).exists()
-    leftovers = [p.name for p in tmp_path.iterdir()]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != f"{result}.parts"]  # the set's, whole
     assert leftovers and all(name.startswith(f"{result}.incomplete") for name in leftovers)

@@ -16,10 +16,10 @@ from conftest import usage_error_of
 from PIL import Image
 
 import sample
-from mvar_jax import checkpoint, sampling
+from mvar_jax import checkpoint
+from mvar_jax.eval import sample_set
 from mvar_jax.images import CAPTION_PX
 from mvar_jax.models.transformer import blocks_are_stacked
-from mvar_jax.sampling import sampler
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GREEDY = ["--cfg", "1.5", "--top_k", "1", "--top_p", "0", "--seed", "0"]
@@ -61,8 +61,9 @@ def test_npz_and_fid_layout(tiny_checkpoints, tiny_io, tmp_path):
     ref = tiny_io["mvar_greedy_img"].transpose(0, 2, 3, 1)
     np.testing.assert_allclose(images, np.repeat(ref, 2, axis=0), atol=1e-4, rtol=0)
     with np.load(fid) as f:
-        assert list(f.files) == ["arr_0"]
+        assert list(f.files) == ["arr_0", "arr_1"]  # ADM's sample batches: images, labels
         arr = f["arr_0"]
+        np.testing.assert_array_equal(f["arr_1"], np.repeat(labels, 2))
     assert arr.dtype == np.uint8 and arr.shape == (4, 256, 256, 3)
     np.testing.assert_array_equal(arr, np.clip(images * 255, 0, 255).astype(np.uint8))
 
@@ -140,12 +141,13 @@ def test_memory_options_are_checked_and_reach_the_sampler(tiny_checkpoints, caps
     )
     calls = []
 
-    def fake_sample(model, labels, key, options):  # Records the call, skips the work.
+    def fake_sub_batches(model, labels_N, seed, options, **kwargs):  # Records the call, skips the work.
         calls.append((model, options))
-        n, L = len(labels), model.transformer_config.seq_len
-        return sampling.Samples(np.zeros((n, L), np.int32), None, np.zeros((n, 2, 2, 3)))
+        n, L = len(labels_N), model.transformer_config.seq_len
+        images = np.zeros((n, 2, 2, 3), np.float32)
+        yield sample_set.SubBatch(0, labels_N, np.zeros((n, L), np.int32), images.astype(np.uint8), images)
 
-    monkeypatch.setattr(sampler, "sample", fake_sample)
+    monkeypatch.setattr(sample_set, "sub_batches", fake_sub_batches)
     sample.main(
         [
             "--checkpoint",

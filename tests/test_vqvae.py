@@ -322,7 +322,7 @@ def test_config_rejects_bad_values(kwargs, message):
 
 
 def test_config_from_dict_rejects_unknown_fields():
-    with pytest.raises(ValueError, match="unknown VQVAEConfig fields: \\['depth'\\]"):
+    with pytest.raises(ValueError, match=r"VQVAEConfig: unknown fields \['depth'\]"):
         VQVAEConfig.from_dict({"depth": 16})
 
 
