@@ -2,6 +2,8 @@
 
     python sample.py --checkpoint ckpt/mvar_d16 --labels 3,1 --cfg 1.5 --top_k 900 \\
         --top_p 0.96 --seed 0 --out samples.png
+    python sample.py --checkpoint ckpt/var_d16 --edit_image dog.png --edit_box 0.2,0.3,0.7,0.9 \\
+        --labels 207 --cfg 2 --out edited.png      # class-conditional editing (zero-shot)
     python sample.py --checkpoint ckpt/mvar_d16 --num_per_class 50 --batch_size 64 \\
         --fid_npz mvar_d16_50k.npz        # the papers' 50,000: every class, 50 each, in order
 
@@ -18,6 +20,12 @@ set (``mvar_jax.eval.sample_set``): finished batches are kept in ``--parts`` unt
 is written, so a killed run, started again with the same flags, resumes where it stopped
 and writes the same bytes. A file appears only when whole: a run killed while writing
 ``FILE`` leaves ``FILE.incomplete-<pid>``.
+
+``--edit_image`` edits given images instead of drawing new ones (``sampling.editing``, every
+family): ``--edit_mode inpaint`` generates inside ``--edit_box`` (fractions of the image) and
+keeps the rest, ``outpaint`` keeps only the box; ``--edit_mask`` (white = generate) replaces the
+box. With ``--labels`` the generated part is drawn for those classes (one label for every
+image, or one per image), with ``--unconditional`` for none.
 """
 
 from __future__ import annotations
@@ -30,10 +38,12 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+import PIL.Image
 from absl import flags
 
 from mvar_jax import checkpoint, cli, parallel, sampling
 from mvar_jax.atomic_write import atomic_write
+from mvar_jax.data import preprocess
 from mvar_jax.errors import CheckpointError
 from mvar_jax.eval import sample_set
 from mvar_jax.images import labelled_grid
@@ -94,6 +104,33 @@ flags.DEFINE_string(
     "(default: <--fid_npz or --image_folder>.parts)",
     flag_values=FLAGS,
 )
+flags.DEFINE_string(
+    "edit_image",
+    None,
+    "edit this image zero-shot instead of drawing new ones: a PNG/JPEG (resized and centre-cropped "
+    "to the model's resolution) or an .npz of images (B, H, W, 3) float in [0, 1]",
+    flag_values=FLAGS,
+)
+flags.DEFINE_list(
+    "edit_box", None, "y0,x0,y1,x1: the edited box, as fractions of the image", flag_values=FLAGS
+)
+flags.DEFINE_enum(
+    "edit_mode",
+    "inpaint",
+    ["inpaint", "outpaint"],
+    "inpaint: generate the box, keep the rest; outpaint: keep the box alone",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string(
+    "edit_mask",
+    None,
+    "instead of --edit_box: a PNG, white = generate, black = keep, at the image's resolution "
+    "or the last scale's token grid",
+    flag_values=FLAGS,
+)
+flags.DEFINE_bool(
+    "unconditional", False, "draw with the null class (no label) instead of --labels", flag_values=FLAGS
+)
 flags.DEFINE_bool(
     "distributed",
     False,
@@ -115,7 +152,7 @@ flags.DEFINE_integer(
 def parse(argv: Sequence[str] | None) -> types.SimpleNamespace:
     """The flags, checked; ``out`` and ``fid_npz`` as paths."""
     args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
-    for name in ("out", "fid_npz", "image_folder", "parts"):
+    for name in ("out", "fid_npz", "image_folder", "parts", "edit_image", "edit_mask"):
         setattr(args, name, None if getattr(args, name) is None else pathlib.Path(getattr(args, name)))
     args.set_outputs = [p for p in (args.fid_npz, args.image_folder) if p is not None]
     if args.out is None and not args.set_outputs:
@@ -133,6 +170,9 @@ def parse(argv: Sequence[str] | None) -> types.SimpleNamespace:
     named = cli.given(FLAGS, ("coordinator_address", "num_processes", "process_id"))
     if named and not args.distributed:
         cli.usage_error(PROG, f"{', '.join(named)} configure --distributed, which is off")
+    if args.unconditional and args.labels is not None:
+        cli.usage_error(PROG, "--unconditional draws no class: drop --labels")
+    _check_edit_flags(args)
     args.options = cli.sampling_options(
         FLAGS,
         PROG,
@@ -141,6 +181,90 @@ def parse(argv: Sequence[str] | None) -> types.SimpleNamespace:
         chunk_tokens=args.chunk_tokens,
     )
     return args
+
+
+def _check_edit_flags(args: types.SimpleNamespace) -> None:
+    edit_flags = cli.given(FLAGS, ("edit_box", "edit_mode", "edit_mask"))
+    if args.edit_image is None:
+        if edit_flags:
+            cli.usage_error(PROG, f"{', '.join(edit_flags)} need --edit_image, the image to edit")
+        return
+    if (args.edit_box is None) == (args.edit_mask is None):
+        cli.usage_error(PROG, "--edit_image needs one of --edit_box y0,x0,y1,x1 and --edit_mask MASK.png")
+    if args.set_outputs:
+        cli.usage_error(PROG, "editing writes --out alone, not --fid_npz or --image_folder")
+    if args.labels is None and not args.unconditional:
+        cli.usage_error(PROG, "--edit_image needs --labels (the class to draw) or --unconditional")
+    if args.edit_box is not None:
+        try:
+            box = [float(v) for v in args.edit_box]
+        except ValueError:
+            box = []
+        y0, x0, y1, x1 = box if len(box) == 4 else (0, 0, 0, 0)
+        if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
+            cli.usage_error(
+                PROG,
+                f"--edit_box {','.join(args.edit_box)}: expected y0,x0,y1,x1 as fractions of the image, "
+                "0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1",
+            )
+        args.edit_box = box
+
+
+def _edit_images(path: pathlib.Path, side: int) -> np.ndarray:
+    """``(B, side, side, 3)`` float32 in [0, 1] from an image file or an ``.npz`` of ``images``."""
+    if not path.is_file():
+        cli.usage_error(PROG, f"--edit_image {path}: no such file")
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            if "images" not in f.files:
+                cli.usage_error(PROG, f"--edit_image {path}: no 'images' array (it holds {f.files})")
+            images = np.asarray(f["images"])
+        if (
+            images.ndim != 4
+            or images.shape[1:] != (side, side, 3)
+            or not np.issubdtype(images.dtype, np.floating)
+        ):
+            cli.usage_error(
+                PROG,
+                f"--edit_image {path}: images must be float (B, {side}, {side}, 3), "
+                f"got {images.dtype} {images.shape}",
+            )
+        if images.min() < 0 or images.max() > 1:
+            cli.usage_error(PROG, f"--edit_image {path}: images must be in [0, 1]")
+        return images.astype(np.float32)
+    try:
+        image = preprocess.decode_rgb(path.read_bytes())
+    except preprocess.BadImageError as e:
+        cli.usage_error(PROG, f"--edit_image {path}: not an image ({e})")
+    return preprocess.Preprocess(side, crop="resize_random_crop")(image, None)[None].astype(np.float32) / 255
+
+
+def _edit_keep(args: types.SimpleNamespace, side_px: int, grid: int) -> np.ndarray:
+    """The keep mask at the last scale, ``(grid, grid)`` float32 (1 = keep)."""
+    if args.edit_box is not None:
+        try:
+            keep = sampling.editing.box_keep_mask(grid, args.edit_box, inpaint=args.edit_mode == "inpaint")
+        except ValueError as e:
+            cli.usage_error(PROG, f"--edit_box: {e}")
+    else:
+        try:
+            with PIL.Image.open(args.edit_mask) as mask:
+                generate = np.asarray(mask.convert("L"), np.float32) / 255
+        except (OSError, ValueError) as e:
+            cli.usage_error(PROG, f"--edit_mask {args.edit_mask}: cannot read it as an image ({e})")
+        if generate.shape == (side_px, side_px):  # the fraction of each token's pixels to generate
+            f = side_px // grid
+            generate = generate.reshape(grid, f, grid, f).mean(axis=(1, 3))
+        elif generate.shape != (grid, grid):
+            cli.usage_error(
+                PROG,
+                f"--edit_mask {args.edit_mask}: {generate.shape[1]}x{generate.shape[0]} px; expected "
+                f"the image's {side_px}x{side_px} or the token grid's {grid}x{grid}",
+            )
+        keep = 1 - generate
+    if (keep > 0.5).all():
+        cli.usage_error(PROG, "the edit keeps every token: nothing would be generated (white = generate)")
+    return keep
 
 
 def load(args: types.SimpleNamespace) -> checkpoint.ModelBundle:
@@ -189,19 +313,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 PROG, "--out gathers every image on one host: with several, write --fid_npz or --image_folder"
             )
     model = load(args)
-    num_classes = model.transformer_config.num_classes
-    labels = list(range(num_classes)) if args.labels is None else args.labels
-    bad = sorted({c for c in labels if not 0 <= c < num_classes})
-    if bad:
-        cli.usage_error(PROG, f"--labels {bad} outside the model's classes 0..{num_classes - 1}")
-    labels_N = np.repeat(np.asarray(labels, np.int32), args.num_per_class)
-    vocab = model.transformer_config.vocab_size
-    if args.options.top_k >= vocab:
+    tcfg = model.transformer_config
+    if args.unconditional:
+        labels = [tcfg.num_classes]  # the null class
+    else:
+        labels = list(range(tcfg.num_classes)) if args.labels is None else args.labels
+        bad = sorted({c for c in labels if not 0 <= c < tcfg.num_classes})
+        if bad:
+            cli.usage_error(PROG, f"--labels {bad} outside the model's classes 0..{tcfg.num_classes - 1}")
+    if args.options.top_k >= tcfg.vocab_size:
         print(
-            f"{PROG}: note: --top_k {args.options.top_k} keeps the whole vocabulary of {vocab}",
+            f"{PROG}: note: --top_k {args.options.top_k} keeps the whole vocabulary of {tcfg.vocab_size}",
             file=sys.stderr,
         )
-
+    if args.edit_image is not None:
+        return edit(args, model, labels)
+    labels_N = np.repeat(np.asarray(labels, np.int32), args.num_per_class)
     batch_size = min(args.batch_size, len(labels_N))  # the same on any number of devices
     parts, done = None, frozenset()
     if args.set_outputs:
@@ -239,6 +366,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         images, tokens = (np.concatenate([getattr(s, k) for s in kept]) for k in ("images", "tokens"))
         write_out(args.out, images, tokens, labels_N)
+    return 0
+
+
+def edit(args: types.SimpleNamespace, model: checkpoint.ModelBundle, labels: list[int]) -> int:
+    """``--edit_image``: each image edited ``--num_per_class`` times, with its label."""
+    tcfg = model.transformer_config
+    grid = tcfg.patch_nums[-1]
+    side = grid * model.vqvae_config.downsample
+    images = _edit_images(args.edit_image, side)
+    if len(labels) not in (1, len(images)):
+        cli.usage_error(
+            PROG, f"--labels: {len(labels)} labels for {len(images)} images; give one, or one per image"
+        )
+    edit_B = sampling.editing.make_edit(model, images, _edit_keep(args, side, grid))
+    labels_B = np.broadcast_to(np.asarray(labels, np.int32), (len(images),))
+    rows = np.repeat(np.arange(len(images)), args.num_per_class)
+    edit_N = sampling.Edit(*(np.asarray(x)[rows] for x in edit_B))
+    batches = sampling.sample_batches(
+        model, labels_B[rows], args.seed, args.options, batch_size=args.batch_size, edit=edit_N
+    )
+    images_N, tokens_N = (np.concatenate(parts) for parts in zip(*batches))
+    write_out(args.out, images_N, tokens_N, labels_B[rows])
     return 0
 
 

@@ -3,9 +3,11 @@
     model = checkpoint.load_model("ckpt/mvar_d16")
     samples = sampling.sample(model, [207, 360], jax.random.PRNGKey(0), SamplingOptions(cfg=1.5))
 
-``generate`` is the traceable loop, ``filters`` how logits become tokens.
+``generate`` is the traceable loop, ``filters`` how logits become tokens, ``editing`` the
+zero-shot in-painting, out-painting and class-conditional editing of given images.
 """
 
+from mvar_jax.sampling import editing
 from mvar_jax.sampling.filters import (
     cumsum_last,
     filter_logits,
@@ -16,6 +18,7 @@ from mvar_jax.sampling.filters import (
 )
 from mvar_jax.sampling.options import CHUNK_TOKENS, DECODE_BATCH_SIZE, SamplingOptions, check_filters
 from mvar_jax.sampling.sampler import (
+    Edit,
     Samples,
     generate,
     generate_jit,
@@ -30,10 +33,12 @@ from mvar_jax.sampling.sampler import (
 __all__ = [
     "CHUNK_TOKENS",
     "DECODE_BATCH_SIZE",
+    "Edit",
     "Samples",
     "SamplingOptions",
     "check_filters",
     "cumsum_last",
+    "editing",
     "filter_logits",
     "generate",
     "generate_jit",

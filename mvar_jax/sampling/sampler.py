@@ -52,6 +52,13 @@ class Samples(NamedTuple):
     images: jax.Array | None  # (B, H, W, 3) float32 in [0, 1]; None with decode=False.
 
 
+class Edit(NamedTuple):
+    """A given image's tokens and where to keep them (``sampling.editing`` builds it)."""
+
+    tokens: jax.Array  # (B, L) int32: the given images' tokens, all scales concatenated.
+    keep: jax.Array  # (B, L) bool: True keeps the given token, False draws a new one.
+
+
 def images_per_chunk(batch: int, tokens_per_image: int, chunk_tokens: int) -> int:
     """Images per chunk: at most ``chunk_tokens`` tokens, preferring a divisor of the batch.
 
@@ -66,24 +73,25 @@ def images_per_chunk(batch: int, tokens_per_image: int, chunk_tokens: int) -> in
     return divisor if 2 * divisor >= most else most
 
 
-def map_chunks(fn: Callable[..., Any], chunk: int, *xs: jax.Array) -> Any:
+def map_chunks(fn: Callable[..., Any], chunk: int, *xs: Any) -> Any:
     """``fn(*xs)`` computed on chunks of ``chunk`` along the leading axis, one after another.
 
-    ``fn`` must act on each leading index independently; its outputs (a pytree
-    with the leading axis) are concatenated. A single chunk is a plain call.
+    ``xs`` are pytrees (None passes through) whose leaves share the leading axis; ``fn``
+    must act on each leading index independently; its outputs (a pytree with the
+    leading axis) are concatenated. A single chunk is a plain call.
     """
-    n = xs[0].shape[0]
+    n = jax.tree.leaves(xs)[0].shape[0]
     if chunk >= n:
         return fn(*xs)
     full = n - n % chunk
     ys = jax.lax.map(
         lambda chunk_xs: fn(*chunk_xs),
-        tuple(x[:full].reshape(full // chunk, chunk, *x.shape[1:]) for x in xs),
+        jax.tree.map(lambda x: x[:full].reshape(full // chunk, chunk, *x.shape[1:]), xs),
     )
     ys = jax.tree.map(lambda y: y.reshape(full, *y.shape[2:]), ys)
     if full == n:
         return ys
-    rest = fn(*(x[full:] for x in xs))
+    rest = fn(*jax.tree.map(lambda x: x[full:], xs))
     return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, rest)
 
 
@@ -97,11 +105,13 @@ def generate(
     guidance_S2: jax.Array | None,
     options: SamplingOptions = SamplingOptions(),
     init_state: Callable[[TransformerConfig, int], Any] | None = None,
+    edit: Edit | None = None,
 ) -> Samples:
     """Generates one image per label, coarse to fine; traceable, see ``sample`` for the jit.
 
     Args:
-      label_B: int class labels in ``[0, num_classes)``.
+      label_B: int class labels in ``[0, num_classes)``; ``num_classes`` (the null
+        class) draws unconditionally.
       key: a ``jax.random`` key: one uniform per token from its first split
         (``tokens_from_uniform``), more_smooth's noise from its second, folded
         in per scale and image.
@@ -116,6 +126,11 @@ def generate(
         M-VAR's official algorithm, re-running every Mamba layer over all
         earlier scales at each scale instead of carrying its state: the same
         samples at a higher cost, the reference of tests and benchmarks.
+      edit: zero-shot editing (``sampling.editing``): at every scale, where
+        ``edit.keep`` is set, the given image's token replaces the one drawn before
+        the scale's features update ``f_hat`` and build the next scale's input, so
+        every family's state (VAR's cache, M-VAR's Mamba state) sees the kept
+        tokens. The returned tokens are the edited ones.
 
     Each image's rows are side by side in the transformer batch: (conditional,
     unconditional) with guidance. Results do not depend on the chunking.
@@ -157,8 +172,9 @@ def generate(
         begin, end = tcfg.token_range(si, si + 1)
         u_Bl = u_BL[:, begin:end]
         smooth_key = jax.random.fold_in(smooth_keys, si)
+        edit_Bl = None if edit is None else Edit(edit.tokens[:, begin:end], edit.keep[:, begin:end])
 
-        def scale_step(x_brlC, cond_brD, u_bl, image_b, cache, si=si, smooth_key=smooth_key):
+        def scale_step(x_brlC, cond_brD, u_bl, image_b, edit_bl, cache, si=si, smooth_key=smooth_key):
             """Tokens and their embeddings ``(b, l, Cvae)`` for a chunk of b images."""
             b, l = u_bl.shape
             x_brlC = jnp.broadcast_to(x_brlC, (b, rows, l, x_brlC.shape[-1]))
@@ -187,15 +203,19 @@ def generate(
                 h_blCv = soft_blV @ codebook_VC
             else:
                 h_blCv = vqvae.apply(vqvae_params, idx_bl, method=VQVAE.embed_tokens)
+            if edit_bl is not None:
+                given_blCv = vqvae.apply(vqvae_params, edit_bl.tokens, method=VQVAE.embed_tokens)
+                h_blCv = jnp.where(edit_bl.keep[..., None], given_blCv, h_blCv)
+                idx_bl = jnp.where(edit_bl.keep, edit_bl.tokens, idx_bl)
             return idx_bl, h_blCv, cache
 
         if cache is None:
             chunk = images_per_chunk(B, rows * pn * pn, o.chunk_tokens)
             idx_Bl, h_BlCv, _ = map_chunks(
-                lambda *xs: scale_step(*xs, None), chunk, x_BrlC, cond_BrD, u_Bl, image_B
+                lambda *xs: scale_step(*xs, None), chunk, x_BrlC, cond_BrD, u_Bl, image_B, edit_Bl
             )
         else:
-            idx_Bl, h_BlCv, cache = scale_step(x_BrlC, cond_BrD, u_Bl, image_B, cache)
+            idx_Bl, h_BlCv, cache = scale_step(x_BrlC, cond_BrD, u_Bl, image_B, edit_Bl, cache)
         tokens.append(idx_Bl)
         f_hat_BhwC, next_BhwC = vqvae.apply(
             vqvae_params,
@@ -227,13 +247,20 @@ def _check_labels(labels: Sequence[int] | np.ndarray | jax.Array, num_classes: i
     label_B = np.asarray(labels)
     if label_B.ndim != 1 or label_B.size == 0 or not np.issubdtype(label_B.dtype, np.integer):
         raise ValueError(f"labels must be a non-empty 1-D array of ints, got {label_B!r}")
-    bad = label_B[(label_B < 0) | (label_B >= num_classes)]
+    bad = label_B[(label_B < 0) | (label_B > num_classes)]
     if bad.size:
         raise ValueError(
-            f"labels {sorted(set(bad.tolist()))} are outside the model's "
-            f"{num_classes} classes [0, {num_classes - 1}]"
+            f"labels {sorted(set(bad.tolist()))} are outside the model's {num_classes} classes "
+            f"[0, {num_classes - 1}] and its null class {num_classes} (unconditional)"
         )
     return label_B.astype(np.int32)
+
+
+def _check_edit(edit: Edit, batch: int, seq_len: int) -> Edit:
+    shapes = {name: np.shape(x) for name, x in edit._asdict().items()}
+    if any(shape != (batch, seq_len) for shape in shapes.values()):
+        raise ValueError(f"edit arrays must be (labels, tokens per image) = {(batch, seq_len)}, got {shapes}")
+    return Edit(jnp.asarray(edit.tokens, jnp.int32), jnp.asarray(edit.keep, bool))
 
 
 def _arguments(model: ModelBundle, label_B: Any, key: Any, options: SamplingOptions) -> tuple:
@@ -248,16 +275,21 @@ def sample(
     labels: Sequence[int] | np.ndarray | jax.Array,
     key: jax.Array,
     options: SamplingOptions = SamplingOptions(),
+    edit: Edit | None = None,
 ) -> Samples:
     """One image per label: checks the labels and the model, then runs the compiled ``generate``.
 
     ``model`` as ``checkpoint.load_model`` returns it (params checked against the
     configs, blocks stacked: the lean program). Compiles once per batch size,
-    options and guidance on/off; the transformer's precision is
-    ``model.transformer_config.dtype``.
+    options, guidance on/off and editing on/off; the transformer's precision is
+    ``model.transformer_config.dtype``. A label equal to ``num_classes`` draws
+    unconditionally; ``edit`` (``sampling.editing``) keeps parts of given images.
     """
-    label_B = _check_labels(labels, model.transformer_config.num_classes)
-    return generate_jit(*_arguments(model, jnp.asarray(label_B), key, options), options)
+    tcfg = model.transformer_config
+    label_B = _check_labels(labels, tcfg.num_classes)
+    if edit is not None:
+        edit = _check_edit(edit, len(label_B), tcfg.seq_len)
+    return generate_jit(*_arguments(model, jnp.asarray(label_B), key, options), options, edit=edit)
 
 
 def lower_sample(model: ModelBundle, batch_size: int, options: SamplingOptions = SamplingOptions()):
@@ -276,6 +308,7 @@ def sample_batches(
     *,
     batch_size: int,
     progress: bool = True,
+    edit: Edit | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``sample`` over many labels: yields images ``(b, H, W, 3)`` float32 in [0, 1] (None
     without decode) and tokens ``(b, L)`` on the host, batch by batch.
@@ -283,21 +316,22 @@ def sample_batches(
     Batch b draws from ``fold_in(PRNGKey(seed), b)``: the same seed and batch size
     give the same images. The last batch is padded to the batch size so that one
     compilation serves all; batch b + 1 is dispatched before batch b is copied to
-    the host, so the device never waits for the copy.
+    the host, so the device never waits for the copy. ``edit`` holds one row per label.
     """
     batch_size = min(batch_size, len(labels_N))
     key = jax.random.PRNGKey(seed)
     starts = range(0, len(labels_N), batch_size)
     pending = None  # (samples on the device, number of real labels)
     bar = tqdm(starts, desc="sampling", unit="batch", disable=not progress or len(starts) == 1)
+
+    def padded(x: np.ndarray, start: int) -> np.ndarray:  # the last batch repeats its last row
+        rows = np.asarray(x)[start : start + batch_size]
+        return np.pad(rows, [(0, batch_size - len(rows))] + [(0, 0)] * (rows.ndim - 1), mode="edge")
+
     for b, start in enumerate(bar):
+        edit_B = None if edit is None else Edit(*(padded(x, start) for x in edit))
+        out = sample(model, padded(labels_N, start), jax.random.fold_in(key, b), options, edit=edit_B)
         labels_B = labels_N[start : start + batch_size]
-        out = sample(
-            model,
-            np.pad(labels_B, (0, batch_size - len(labels_B)), mode="edge"),
-            jax.random.fold_in(key, b),
-            options,
-        )
         if pending is not None:
             yield _to_host(*pending)
         pending = (out, len(labels_B))
