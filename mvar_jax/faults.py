@@ -11,8 +11,7 @@ Points: ``train-step=<step>`` (step dispatched, not finished), ``checkpoint-save
 written, its params not), ``export-swap`` (the old model directory moved aside, the new
 one not yet in place), ``export-record`` (the model written, its step record not),
 ``token-cache-chunk=<chunk>`` (a chunk's labels written, its tokens not), ``sample-set-part=<j>``
-(a sample set's batch j written, the next not), ``sample-set-npz`` (the set's ``.npz`` written
-under its temporary name, not yet renamed).
+(a sample set's batch j written, the next not).
 """
 
 from __future__ import annotations

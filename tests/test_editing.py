@@ -14,6 +14,7 @@ from conftest import FIXTURES, MINI_VQVAE, mini_transformer
 
 import sample
 from mvar_jax import checkpoint, sampling
+from mvar_jax.data import preprocess
 from mvar_jax.models.transformer import param_shapes, stack_blocks
 from mvar_jax.models.vqvae import VQVAE, VQVAEConfig, abstract_variables
 from mvar_jax.sampling import editing
@@ -201,23 +202,27 @@ def test_the_command_line_refuses_bad_edits(capsys, tiny_checkpoints, tmp_path):
     assert "editing writes --out alone" in err
 
 
-def test_a_mask_file_edits_a_photo(tiny_checkpoints, tmp_path):
+def test_a_mask_file_edits_a_photo(tiny_var, tiny_checkpoints, tmp_path):
     image, mask = tmp_path / "photo.jpg", tmp_path / "mask.png"
     rng = np.random.default_rng(0)
     PIL.Image.fromarray(rng.integers(0, 255, (300, 400, 3), np.uint8)).save(image)
-    white_box = np.zeros((16, 16), np.uint8)
-    white_box[4:12, 4:12] = 255  # generate the centre
+    white_box = np.zeros((256, 256), np.uint8)
+    white_box[64:192, 64:192] = 255  # generate the centre, given at the image's resolution
     PIL.Image.fromarray(white_box).save(mask)
     out = tmp_path / "edited.npz"
-    ckpt = str(tiny_checkpoints["mvar"])
+    greedy = ["--cfg", "3", "--top_k", "1", "--top_p", "0"]  # the parity tests' compiled program
     sample.main(
-        ["--checkpoint", ckpt, "--edit_image", str(image), "--edit_mask", str(mask), "--labels", "4"]
-        + ["--num_per_class", "2", "--top_k", "4", "--out", str(out)]
+        ["--checkpoint", str(tiny_checkpoints["var"]), "--edit_image", str(image), "--edit_mask", str(mask)]
+        + ["--labels", "4", "--num_per_class", "2", *greedy, "--out", str(out)]
     )
-    model = checkpoint.load_model(ckpt)
     with np.load(out) as f:
         tokens, labels = f["tokens"], f["labels"]
     np.testing.assert_array_equal(labels, [4, 4])
-    keep = editing.keep_per_scale(1 - white_box[None] / 255, model.transformer_config.patch_nums)[0]
-    assert (tokens[0, keep] == tokens[1, keep]).all()  # the photo's, in both draws
-    assert (tokens[0, ~keep] != tokens[1, ~keep]).any()  # the centre, drawn twice
+    with PIL.Image.open(image) as decoded:  # the JPEG as stored, then the evaluation crop
+        given = preprocess.Preprocess(256)(decoded.convert("RGB"), None)
+    keep = editing.keep_per_scale(
+        1 - white_box[None, ::16, ::16] / 255, tiny_var.transformer_config.patch_nums
+    )[0]
+    photo_tokens = editing.image_tokens(tiny_var, given[None] / 255)[0]
+    np.testing.assert_array_equal(tokens[:, keep], np.stack([photo_tokens[keep]] * 2))  # kept: the photo's
+    assert (tokens[:, ~keep] != photo_tokens[~keep]).any()  # the centre: drawn anew

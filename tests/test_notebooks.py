@@ -30,7 +30,7 @@ from mvar_jax import checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
-NAMES = ("convert", "sampling", "train_small")
+NAMES = ("convert", "sampling", "train_small", "editing")
 TIMEOUT_S = 600
 
 
@@ -247,6 +247,17 @@ def test_sampling_notebook(trained, workdir):
     assert last_level_diff < 1e-4
     assert re.search(r"^MVAR  depth 2: .* ms per batch", output, re.M)
     assert re.search(r"^VAR   depth 2: .* ms per batch", output, re.M)
+
+
+def test_editing_notebook(trained, workdir):
+    output = execute("editing", workdir, CHECKPOINT="notebook_out/train_small/model")
+    # input | mask | in-painted | out-painted | class-edited, at 64 px
+    assert image_size(workdir / "notebook_out" / "editing.png") == (5 * 64, 64)
+    outside, inside = (
+        float(re.search(rf"in-painted vs reconstruction, {where}: (\S+) dB", output)[1])
+        for where in ("outside the box", "inside")
+    )
+    assert outside > inside + 3  # what is kept is the image's; the box is drawn anew
 
 
 if __name__ == "__main__":

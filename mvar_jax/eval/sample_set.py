@@ -105,12 +105,12 @@ def _params_digest(params: Any) -> str:
 def _sharded_program(
     vcfg: VQVAEConfig, tcfg: TransformerConfig, options: SamplingOptions, mesh: Mesh, float_images: bool
 ) -> Callable[..., tuple[jax.Array, ...]]:
-    """``run(params, labels (D*b,), keys (D, 2))`` -> tokens, uint8 images (and float images)
-    ``(D*b, ...)``, each device drawing its own sub-batch."""
-    guidance = guidance_schedule(options.cfg, tcfg)
+    """``run((params, guidance), labels (D*b,), keys (D, 2))`` -> tokens, uint8 images (and float
+    images) ``(D*b, ...)``, each device drawing its own sub-batch. The guidance schedule is an
+    argument: ``options`` compare equal across cfg values, so one program serves them all."""
 
-    def one_device(params, label_b, key_1K):
-        vqvae_params, transformer_params = params
+    def one_device(replicated, label_b, key_1K):
+        (vqvae_params, transformer_params), guidance = replicated
         out = generate(vcfg, tcfg, vqvae_params, transformer_params, label_b, key_1K[0], guidance, options)
         images_u8 = jnp.clip(out.images * 255, 0, 255).astype(jnp.uint8)
         return (out.tokens, images_u8, out.images) if float_images else (out.tokens, images_u8)
@@ -159,8 +159,12 @@ def sub_batches(
     check_configs(model.vqvae_config, model.transformer_config)
     run = _sharded_program(model.vqvae_config, model.transformer_config, options, mesh, float_images)
     replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(parallel.DATA_AXIS))
-    params = jax.tree.map(
-        lambda x: _global(np.asarray(x), replicated), (model.vqvae_params, model.transformer_params)
+    params, guidance = jax.tree.map(
+        lambda x: _global(np.asarray(x), replicated),
+        (
+            (model.vqvae_params, model.transformer_params),
+            guidance_schedule(options.cfg, model.transformer_config),
+        ),
     )
     key, fold_in = jax.random.PRNGKey(seed), jax.jit(jax.vmap(jax.random.fold_in, (None, 0)))
     bar = tqdm(
@@ -185,7 +189,7 @@ def sub_batches(
     for step in sorted({j // num_devices for j in todo}):
         js = step * num_devices + np.arange(num_devices)
         labels = _global(padded_labels[js[0] * b : (js[-1] + 1) * b], data)
-        out = run(params, labels, _global(np.asarray(fold_in(key, js)), data))
+        out = run((params, guidance), labels, _global(np.asarray(fold_in(key, js)), data))
         if pending is not None:
             yield from to_host(*pending)
         pending = (out, js)
@@ -284,7 +288,6 @@ class Parts:
             buffer = io.BytesIO()
             np.save(buffer, np.concatenate(labels))
             z.writestr(_member("arr_1.npy"), buffer.getvalue())
-            faults.point("sample-set-npz")
         print(f"wrote arr_0 {shape} uint8 and arr_1 (labels) to {path}")
 
     def _write_folder(self, folder: pathlib.Path) -> None:
