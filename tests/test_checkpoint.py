@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import MINI_VQVAE
+from conftest import MINI_VQVAE, xla_flags
 
 from mvar_jax import checkpoint
 from mvar_jax.errors import CheckpointError, StateDictMismatchError
@@ -83,7 +83,7 @@ def test_model_saved_on_two_devices_loads_on_one(tmp_path):
     script = f"_VQVAE = {_VQVAE!r}\n_TRANSFORMER = {_TRANSFORMER!r}\n{_TWO_DEVICE_SAVE}"
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2"),
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(pathlib.Path(__file__).parent.parent),
     }

@@ -99,8 +99,6 @@ def _env(cache: pathlib.Path, kill_at: str | None = None) -> dict[str, str]:
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(REPO),
         "PYTHONUNBUFFERED": "1",
-        # Unoptimised machine code compiles faster; the few tiny steps do not mind.
-        "XLA_FLAGS": "--xla_backend_optimization_level=0",
         # Restarts reuse what the first run compiled.
         "JAX_COMPILATION_CACHE_DIR": str(cache),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

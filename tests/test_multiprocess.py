@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import make_image_folder
+from conftest import make_image_folder, xla_flags
 
 from mvar_jax import checkpoint
 
@@ -85,9 +85,7 @@ def _start(
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(REPO),
-        # Unoptimised machine code compiles faster; the few tiny steps do not mind.
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process} "
-        "--xla_backend_optimization_level=0",
+        "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices_per_process}"),
         # The resumed run reuses the big programs the first 2-process run compiled.
         "JAX_COMPILATION_CACHE_DIR": str(workdir.parent / "jax_cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",

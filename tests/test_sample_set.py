@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 import sample
 from mvar_jax import checkpoint, sampling
@@ -27,7 +28,11 @@ def _argv(checkpoint: pathlib.Path, out: pathlib.Path, *extra: str) -> list[str]
 
 
 def _on_eight_devices(argv: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"),
+        "JAX_PLATFORMS": "cpu",
+    }
     env.pop("MVAR_JAX_KILL_AT", None)
     if kill_at:
         env["MVAR_JAX_KILL_AT"] = kill_at

@@ -288,8 +288,10 @@ def test_stacked_chunked_and_micro_batched_sampling_draw_the_same(mini_model):
 
 def test_bad_labels_and_mismatched_configs_raise(mini_model):
     key = jax.random.PRNGKey(0)
-    with pytest.raises(ValueError, match=r"labels \[5\] are outside"):
-        sampling.sample(mini_model, [1, 5], key)
+    with pytest.raises(
+        ValueError, match=r"labels \[6\] are outside the model's 5 classes \[0, 4\] and its null"
+    ):
+        sampling.sample(mini_model, [1, 5, 6], key)  # 5: the null class, unconditional
     with pytest.raises(ValueError, match=r"labels \[-1\] are outside"):
         sampling.sample(mini_model, [-1], key)
     # A bundle put together in memory is not checked by load_model; the sampler still

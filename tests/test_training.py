@@ -483,7 +483,6 @@ def m_var_run(builtin_shapes_dir, tmp_path_factory) -> pathlib.Path:
     env = {
         **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_backend_optimization_level=0",  # compiles faster
     }
     out = subprocess.run(
         [
