@@ -11,7 +11,8 @@ with the next shape, the same shape in the other colour. Reported: the share of 
 demo's classifier assigns to the asked class; PSNR outside the box against the tokenizer's
 reconstruction of the input (what editing keeps is the reconstruction, up to the decoder's
 reach across the box edge); images/s of the edit (batch ``--batch``, compiled, median of
-``--reps``). Writes ``results.json`` and ``results.md`` to ``--out``.
+``--reps``). Writes ``results.json``, ``results.md`` and ``<family>.png`` (per image of the first
+class pairs: input | box | own class | next shape | other colour) to ``--out``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from typing import Any
 
 import jax
 import numpy as np
+import PIL.Image
 from absl import flags
 
 from bench import common
 from bench.bench_demo_table import FAMILIES, load_config
-from mvar_jax import checkpoint, cli, sampling
+from mvar_jax import checkpoint, cli, images as images_lib, sampling
 from mvar_jax.data import builtin_shapes
 from mvar_jax.eval import classifier as classifier_lib, image_metrics, quality
 from mvar_jax.images import from_uint8
@@ -63,6 +65,9 @@ def edit_family(
     recon = quality.reconstruct(model.vqvae_config, model.vqvae_params, images)
     kept_px = outside_box(images.shape[1], keep_hw)
     row: dict[str, Any] = {"family": model.transformer_config.family, "images": len(images)}
+    shown = np.arange(0, len(images), per_class)[:4]  # the first image of 4 classes
+    box_px = np.kron(1 - keep_hw, np.ones((images.shape[1] // grid,) * 2))[..., None].repeat(3, -1)
+    columns = [images[shown], np.broadcast_to(box_px, images[shown].shape)]
     for name, target in TARGETS.items():
         asked = np.array([target(int(label)) for label in labels], np.int32)
         out = np.concatenate(
@@ -71,6 +76,8 @@ def edit_family(
         predicted = classifier_lib.classifier_outputs(judge, out)[0]
         psnr = image_metrics.psnr(out[:, kept_px][:, None], recon[:, kept_px][:, None], data_range=1.0)
         row[name] = {"accuracy": float(np.mean(predicted == asked)), "psnr_outside_db": float(np.mean(psnr))}
+        columns.append(out[shown])
+    row["picture"] = np.stack(columns, axis=1).reshape(-1, *images.shape[1:])  # rows: images
     # Speed: one compiled batch of edits, steady state.
     labels_b, edit_b = labels[:batch], sampling.Edit(*(np.asarray(x)[:batch] for x in edit))
     jax.block_until_ready(sampling.sample(model, labels_b, jax.random.PRNGKey(0), options, edit=edit_b))
@@ -136,8 +143,13 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(
             edit_family(model_dir, data_cfg, judge, args.per_class, box, options, args.batch, args.reps)
         )
-        print(json.dumps(rows[-1]), flush=True)
-    common.write_results(args.out, {"header": common.header(), "rows": rows}, markdown(rows, options, box))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "picture"}), flush=True)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        grid = images_lib.image_grid(row.pop("picture"), columns=2 + len(TARGETS))
+        PIL.Image.fromarray(grid).save(out / f"{row['family']}.png")
+    common.write_results(out, {"header": common.header(), "rows": rows}, markdown(rows, options, box))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ import PIL.Image
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The suite compiles far more than it runs: LLVM's optimisation of the CPU code costs ~30% of its
-# CPU time and no result a test checks. Subprocesses inherit it (``xla_flags`` adds to it).
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+# Unoptimised CPU code compiles faster, but XLA 0.10's CPU backend miscompiles at this level
+# (lax.map's int32 outputs came back zeroed in places): only for runs checked against runs with
+# the same flag (a crash and its resume), never for a result a reference checks.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 import jax  # noqa: E402
 
@@ -26,7 +27,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def xla_flags(*flags: str) -> str:
     """This process's XLA flags and ``flags``, for a subprocess's ``XLA_FLAGS``."""
-    return " ".join([os.environ["XLA_FLAGS"], *flags])
+    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
 
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "official"

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import event_scalars, make_image_folder
+from conftest import FAST_COMPILE, event_scalars, make_image_folder, xla_flags
 
 from mvar_jax import checkpoint
 from mvar_jax.data import token_cache
@@ -99,6 +99,7 @@ def _env(cache: pathlib.Path, kill_at: str | None = None) -> dict[str, str]:
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(REPO),
         "PYTHONUNBUFFERED": "1",
+        "XLA_FLAGS": xla_flags(FAST_COMPILE),  # the runs are compared with each other
         # Restarts reuse what the first run compiled.
         "JAX_COMPILATION_CACHE_DIR": str(cache),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

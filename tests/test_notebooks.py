@@ -253,11 +253,15 @@ def test_editing_notebook(trained, workdir):
     output = execute("editing", workdir, CHECKPOINT="notebook_out/train_small/model")
     # input | mask | in-painted | out-painted | class-edited, at 64 px
     assert image_size(workdir / "notebook_out" / "editing.png") == (5 * 64, 64)
-    outside, inside = (
-        float(re.search(rf"in-painted vs reconstruction, {where}: (\S+) dB", output)[1])
-        for where in ("outside the box", "inside")
-    )
-    assert outside > inside + 3  # what is kept is the image's; the box is drawn anew
+    # The edit holds: every kept token is the image's, and the box was drawn anew. (A model
+    # trained for 6 steps draws poorly: its pixels inside and outside the box are no test.)
+    for name in ("in-painted", "out-painted", "class 3"):
+        kept, of, drawn_same, drawn = map(
+            int, re.search(rf"{name}: (\d+) of (\d+) kept tokens .*, (\d+) of (\d+) drawn", output).groups()
+        )
+        assert kept == of > 0 and drawn > 0 and drawn_same < drawn
+    for where in ("outside the box", "inside"):
+        assert np.isfinite(float(re.search(rf"in-painted vs reconstruction, {where}: (\S+) dB", output)[1]))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import event_scalars, set_fields
+from conftest import FAST_COMPILE, event_scalars, set_fields, xla_flags
 
 import sample
 from mvar_jax import checkpoint
@@ -483,6 +483,7 @@ def m_var_run(builtin_shapes_dir, tmp_path_factory) -> pathlib.Path:
     env = {
         **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
         "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": xla_flags(FAST_COMPILE),
     }
     out = subprocess.run(
         [
