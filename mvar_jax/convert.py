@@ -6,12 +6,15 @@
     python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --m_var d16.pth --out ckpt/m_var_d16
     python -m mvar_jax.convert --vae vae_ch160v4096z32.pth --out ckpt/vae   # tokenizer alone
     python -m mvar_jax.convert --to_official_vae vae.pth --model ckpt/vae   # and back
+    python -m mvar_jax.convert --to_official_mvar mvar-d16.pth --model ckpt/mvar_d16
 
 A generator model directory (``checkpoint.save_model``) holds both networks'
 params and configs, so nothing else is needed to sample from it; a tokenizer
 directory (``checkpoint.save_tokenizer``) holds the VQVAE alone.
 ``--to_official_vae`` writes the VQVAE of either as an official state dict that
-the PyTorch ``VQVAE`` loads with ``strict=True``. The model family comes from
+the PyTorch ``VQVAE`` loads with ``strict=True``; ``--to_official_<family>`` (one
+per family) writes a generator's transformer as that family's official state
+dict, buffers included, for its class's ``strict=True`` loading. The model family comes from
 the flag (one per family, ``models.families``), not the file: the official MVAR
 fine-tuning loads VAR's state dict whole, so its checkpoints may carry VAR's
 training mask. M-VAR (``--m_var``) is a different network: its file must hold
@@ -21,6 +24,7 @@ the Mamba2 layers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import pathlib
 import sys
 import types
@@ -41,7 +45,8 @@ from mvar_jax.weights.state_dict import load_official
 PROG = "python -m mvar_jax.convert"
 _TRANSFORMER_FLAGS = tuple(f"--{name}" for name in families.NAMES)
 FLAGS = flags.FlagValues()  # this command's own, so that tests can import several commands
-_PATHS = ("vae", *families.NAMES, "out", "to_official_vae", "model")
+_EXPORTS = ("to_official_vae", *(f"to_official_{name}" for name in families.NAMES))
+_PATHS = ("vae", *families.NAMES, "out", *_EXPORTS, "model")
 
 flags.DEFINE_string(
     "vae",
@@ -61,15 +66,26 @@ flags.DEFINE_string("out", None, "model directory to write", flag_values=FLAGS)
 flags.DEFINE_string(
     "to_official_vae", None, "OUT.pth: the VQVAE of --model as an official state dict", flag_values=FLAGS
 )
+for _family in families.FAMILIES.values():
+    flags.DEFINE_string(
+        f"to_official_{_family.name}",
+        None,
+        f"OUT.pth: the transformer of the {_family.title} generator --model as an official state dict",
+        flag_values=FLAGS,
+    )
 flags.DEFINE_string(
-    "model", None, "with --to_official_vae: a tokenizer or generator model directory", flag_values=FLAGS
+    "model",
+    None,
+    "with --to_official_vae: a tokenizer or generator model directory; with --to_official_<family>: "
+    "a generator model directory",
+    flag_values=FLAGS,
 )
 flags.DEFINE_bool(
     "overwrite",
     False,
     "replace the model in --out (whole: written beside it, "
     "then renamed; a directory holding other files is refused), or an existing "
-    "--to_official_vae file",
+    "--to_official_* file",
     flag_values=FLAGS,
 )
 for _name, _help in (
@@ -206,36 +222,72 @@ def export_official_vae(args: types.SimpleNamespace) -> str:
     return f"wrote {args.to_official_vae}: official VQVAE state dict, {_describe(config)}\n{how}"
 
 
+def export_official_transformer(args: types.SimpleNamespace) -> str:
+    """Writes the transformer of the generator ``args.model`` as the official ``.pth`` of the
+    family its ``--to_official_<family>`` flag names; says how PyTorch loads it."""
+    export = _export_flag(args)
+    asked = families.get(export.removeprefix("to_official_"))
+    model = checkpoint.load_model(args.model)
+    config, params = model.transformer_config, model.transformer_params
+    held = families.get(config.family)
+    if held is not asked:
+        if held.weights_marker or asked.weights_marker:  # another network, not another mask
+            raise CheckpointError(
+                f"--model {args.model} holds {held.title} weights; {asked.title}'s files hold another "
+                f"network: export them with --to_official_{held.name}"
+            )
+        print(
+            f"{PROG}: warning: --model {args.model} holds {held.title} weights ({held.summary}); "
+            f"written as {asked.title}'s file, the official {asked.title} code attends as {asked.title} "
+            f"does ({asked.summary}). To keep it {held.title}, export with --to_official_{held.name}.",
+            file=sys.stderr,
+        )
+        config = dataclasses.replace(config, family=asked.name)
+    out = getattr(args, export)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    transformer_weights.save_official_transformer(out, config, params)
+    call = ", ".join(f"{k}={v!r}" for k, v in transformer_weights.official_class_args(config).items())
+    return (
+        f"wrote {out}: official {asked.title} state dict, depth {config.depth}, width {config.embed_dim}, "
+        f"{config.num_heads} heads, {config.num_classes} classes, vocab {config.vocab_size}\n"
+        f"PyTorch: the official {asked.title} class with {call} (and the VQVAE: --to_official_vae), "
+        "then load_state_dict(state_dict, strict=True)"
+    )
+
+
+def _export_flag(args: types.SimpleNamespace) -> str | None:
+    """The ``--to_official_*`` flag given, if any."""
+    return next((name for name in _EXPORTS if getattr(args, name) is not None), None)
+
+
 def _check_args(args: types.SimpleNamespace) -> None:
     """Exits with a usage error on a flag combination that names no conversion."""
 
     def error(message: str):
         cli.usage_error(PROG, message)
 
-    if args.to_official_vae is not None:
+    export = _export_flag(args)
+    if export is not None:
+        exports = cli.given(FLAGS, _EXPORTS)
+        if len(exports) > 1:
+            error(f"{' and '.join(exports)}: export one file at a time")
+        what = "the VQVAE" if export == "to_official_vae" else "the transformer"
         extra = cli.given(
-            FLAGS,
-            (
-                "vae",
-                *families.NAMES,
-                "out",
-                "num_heads",
-                "kernel_size",
-                "refine_step",
-                "patch_nums",
-            ),
+            FLAGS, ("vae", *families.NAMES, "out", "num_heads", "kernel_size", "refine_step", "patch_nums")
         )
         if extra:
-            error(f"--to_official_vae writes the VQVAE of --model; {', '.join(extra)} do not apply")
+            error(f"--{export} writes {what} of --model; {', '.join(extra)} do not apply")
+        target = getattr(args, export)
         if args.model is None:
-            error("--to_official_vae needs --model (a tokenizer or generator model directory)")
-        if args.to_official_vae.is_dir():
-            error(f"--to_official_vae {args.to_official_vae} is a directory; name the .pth file to write")
-        if args.to_official_vae.exists() and not args.overwrite:
-            error(f"--to_official_vae {args.to_official_vae} exists; pass --overwrite to replace it")
+            kind = "a tokenizer or generator" if export == "to_official_vae" else "a generator"
+            error(f"--{export} needs --model ({kind} model directory)")
+        if target.is_dir():
+            error(f"--{export} {target} is a directory; name the .pth file to write")
+        if target.exists() and not args.overwrite:
+            error(f"--{export} {target} exists; pass --overwrite to replace it")
         return
     if args.model is not None:
-        error("--model names the directory that --to_official_vae exports")
+        error("--model names the directory that --to_official_vae or --to_official_<family> exports")
     weights = cli.given(FLAGS, families.NAMES)
     if len(weights) > 1:
         error(f"{' and '.join(weights)}: convert one transformer at a time")
@@ -262,8 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) is not None:
             setattr(args, name, pathlib.Path(getattr(args, name)))
     _check_args(args)
-    if args.to_official_vae is not None:
+    export = _export_flag(args)
+    if export == "to_official_vae":
         run = export_official_vae
+    elif export is not None:
+        run = export_official_transformer
     else:
         run = convert if _transformer_flag(args)[0] is not None else convert_tokenizer
     try:

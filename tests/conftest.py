@@ -148,10 +148,15 @@ def fixture_dir() -> pathlib.Path:
     return FIXTURES
 
 
+def load_arrays(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz``, read into memory."""
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
 @pytest.fixture(scope="session")
 def tiny_io() -> dict[str, np.ndarray]:
-    with np.load(FIXTURES / "tiny_io.npz") as f:
-        return {k: f[k] for k in f.files}
+    return load_arrays(FIXTURES / "tiny_io.npz")
 
 
 @pytest.fixture(scope="session")
@@ -289,8 +294,4 @@ def m_var_checkpoints(tmp_path_factory, fixture_dir) -> dict[str, pathlib.Path]:
 @pytest.fixture(scope="session")
 def m_var_io() -> dict[str, dict[str, np.ndarray]]:
     """Each M-VAR variant's ``*_io.npz`` arrays (README in tests/fixtures/m_var)."""
-    out = {}
-    for variant in M_VAR_VARIANTS:
-        with np.load(M_VAR_FIXTURES / f"tiny_mvar_m_{variant}_io.npz") as f:
-            out[variant] = {k: f[k] for k in f.files}
-    return out
+    return {v: load_arrays(M_VAR_FIXTURES / f"tiny_mvar_m_{v}_io.npz") for v in M_VAR_VARIANTS}

@@ -195,3 +195,45 @@ def test_flag_errors_are_usage_errors(capsys, tmp_path):
     assert "--num_heads=four" in _error_of(capsys, ["--num_heads", "four"])
     assert "unknown command line flag 'heads'" in _error_of(capsys, ["--heads", "4"]).lower()
     assert "expected comma-separated ints" in _error_of(capsys, ["--patch_nums", "1,x"])
+
+
+def test_generators_export_the_official_files_they_came_from(
+    capsys, tiny_checkpoints, m_var_checkpoints, fixture_dir, tmp_path
+):
+    """--to_official_<family>: the file converted in comes back out, every tensor and buffer."""
+    for family, model, source in (
+        ("mvar", tiny_checkpoints["mvar"], fixture_dir / "tiny_mvar.pth"),
+        ("var", tiny_checkpoints["var"], fixture_dir / "tiny_var.pth"),
+        ("m_var", m_var_checkpoints["l21"], M_VAR_FIXTURES / "tiny_mvar_m_l21.pth"),
+    ):
+        out = tmp_path / f"{family}.pth"
+        convert.main([f"--to_official_{family}", str(out), "--model", str(model)])
+        assert "then load_state_dict(state_dict, strict=True)" in capsys.readouterr().out
+        got, want = torch.load(out, weights_only=True), torch.load(source, weights_only=True)
+        assert sorted(got) == sorted(want)
+        for key, value in want.items():
+            assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+
+
+def test_an_mvar_model_exported_as_var_keeps_its_weights_and_says_so(
+    capsys, tiny_checkpoints, m_var_checkpoints, fixture_dir, tmp_path
+):
+    out = tmp_path / "as_var.pth"
+    convert.main(["--to_official_var", str(out), "--model", str(tiny_checkpoints["mvar"])])
+    assert "the official VAR code attends as VAR does" in capsys.readouterr().err
+    got = torch.load(out, weights_only=True)
+    mvar, var = (torch.load(fixture_dir / f"tiny_{n}.pth", weights_only=True) for n in ("mvar", "var"))
+    assert torch.equal(got["attn_bias_for_masking"], var["attn_bias_for_masking"])  # VAR's mask
+    assert torch.equal(got["head.weight"], mvar["head.weight"])  # MVAR's weights
+    model = str(m_var_checkpoints["l21"])
+    err = _error_of(capsys, ["--to_official_mvar", str(tmp_path / "x.pth"), "--model", model])
+    assert (
+        "holds M-VAR weights; MVAR's files hold another network: export them with --to_official_m_var" in err
+    )
+    err = _error_of(capsys, ["--to_official_var", str(out), "--to_official_vae", str(out), "--model", model])
+    assert "--to_official_vae and --to_official_var: export one file at a time" in err
+    err = _error_of(capsys, ["--to_official_var", str(out), "--model", model])
+    assert "exists; pass --overwrite" in err
+    assert "needs --model (a generator model directory)" in _error_of(
+        capsys, ["--to_official_m_var", "x.pth"]
+    )

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import FIXTURES, MINI_VQVAE, mini_transformer
+from conftest import FIXTURES, MINI_VQVAE, load_arrays, mini_transformer
 
 import sample
 from mvar_jax import checkpoint, sampling
@@ -25,8 +25,7 @@ TASKS = ("inpaint", "outpaint", "classedit")
 
 @pytest.fixture(scope="module")
 def edit_io() -> dict[str, np.ndarray]:
-    with np.load(FIXTURES / "tiny_edit_io.npz") as f:
-        return {k: f[k] for k in f.files}
+    return load_arrays(FIXTURES / "tiny_edit_io.npz")
 
 
 @pytest.fixture(scope="module")

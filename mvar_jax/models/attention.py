@@ -133,6 +133,12 @@ def scale_ids(patch_nums: Sequence[int], first_scale: int, last_scale: int) -> n
     return np.repeat(np.arange(first_scale, last_scale), sizes)
 
 
+def block_diagonal_mask(patch_nums: Sequence[int]) -> np.ndarray:
+    """``(L, L)``: token i may attend to token j when both belong to one scale (scale-Markov)."""
+    ids = scale_ids(patch_nums, 0, len(patch_nums))
+    return ids[:, None] == ids[None, :]
+
+
 def dense_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: np.ndarray | None = None
 ) -> jax.Array:

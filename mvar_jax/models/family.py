@@ -61,6 +61,8 @@ class Family:
         hold this family's weights, or None.
       training_mask: ``patch_nums -> (L, L) bool``: the attention mask the official
         trainer saves as ``attn_bias_for_masking`` (True: may attend), or None.
+      attention_buffers: ``config -> {name: array}``: buffers the official attention
+        module of this family registers beside ``zero_k_bias`` (saved in its files).
     """
 
     name: str
@@ -79,6 +81,7 @@ class Family:
     weights_marker: str | None = None
     release_key: str | None = None
     training_mask: Callable[[Sequence[int]], np.ndarray] | None = None
+    attention_buffers: Callable[[TransformerConfig], dict[str, np.ndarray]] = lambda _: {}
 
     @property
     def carries_state(self) -> bool:

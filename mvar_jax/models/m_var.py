@@ -29,8 +29,9 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mvar_jax.models import mamba2, mvar
+from mvar_jax.models import attention, mamba2, mvar
 from mvar_jax.models.config import TransformerConfig
 from mvar_jax.models.family import Family
 from mvar_jax.models.layers import (
@@ -155,6 +156,11 @@ def check(config: TransformerConfig) -> None:
         raise ValueError(f"M-VAR's Mamba2 layer: {e}") from e
 
 
+def official_attention_buffers(config: TransformerConfig) -> dict[str, np.ndarray]:
+    """The official M-VAR attention keeps its scales' token counts as an int32 buffer."""
+    return {"patch_nums": np.array([pn * pn for pn in config.patch_nums], np.int32)}
+
+
 FAMILY = Family(
     name="m_var",
     title="M-VAR",
@@ -170,4 +176,6 @@ FAMILY = Family(
     schedule=schedule,
     check=check,
     weights_marker="blocks.0.mamba.in_proj.weight",
+    training_mask=attention.block_diagonal_mask,
+    attention_buffers=official_attention_buffers,
 )

@@ -10,10 +10,6 @@ one on each of the others (8:1:1 at the official 10 scales and refine step 8).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import numpy as np
-
 from mvar_jax.kernels.spatial_markov import Tiling
 from mvar_jax.models import attention
 from mvar_jax.models.config import TransformerConfig
@@ -101,12 +97,6 @@ def schedule(config: TransformerConfig, ratio_k: int) -> SegmentSchedule:
     return SegmentSchedule(segments, (0,) * ratio_k + tuple(range(1, len(segments))))
 
 
-def block_diagonal_mask(patch_nums: Sequence[int]) -> np.ndarray:
-    """``(L, L)``: token i may attend to token j when both belong to one scale."""
-    ids = attention.scale_ids(patch_nums, 0, len(patch_nums))
-    return ids[:, None] == ids[None, :]
-
-
 FAMILY = Family(
     name="mvar",
     title="MVAR",
@@ -122,5 +112,5 @@ FAMILY = Family(
     schedule=schedule,
     check=check,
     release_key="mvar_wo_ddp",
-    training_mask=block_diagonal_mask,
+    training_mask=attention.block_diagonal_mask,
 )

@@ -1,4 +1,4 @@
-"""Official VAR / MVAR / M-VAR transformer checkpoints -> ``(TransformerConfig, params)``.
+"""Official VAR / MVAR / M-VAR transformer checkpoints <-> ``(TransformerConfig, params)``.
 
 Reads the plain VAR state dicts (``var_d16.pth`` .. ``var_d30.pth``) and the MVAR
 release trainer states (``mvar-d16.pth``, ``mvar-finetune-d16.pth``, ...); both
@@ -8,7 +8,9 @@ expected official keys are derived from the Flax parameter tree (``eval_shape``)
 so the converter cannot drift from the model.
 
 VAR weights load into an MVAR model unchanged (the official MVAR fine-tuning
-starts from them): pass ``family='mvar'``.
+starts from them): pass ``family='mvar'``. ``state_dict_from_params`` is the way
+back: the parameters plus the buffers the official classes register, so that
+``load_state_dict(..., strict=True)`` takes them.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from mvar_jax.atomic_write import atomic_write
 from mvar_jax.errors import CheckpointError, StateDictMismatchError, check_keys
-from mvar_jax.models import families, transformer
+from mvar_jax.models import attention, families, transformer
 from mvar_jax.models.config import PATCH_NUMS_256, TransformerConfig
 from mvar_jax.models.family import Family
 from mvar_jax.weights.state_dict import load_state_dict
@@ -246,3 +249,75 @@ def load_transformer(path: str | os.PathLike, **config_args: Any) -> tuple[Trans
     state_dict = load_state_dict(path)
     config = config_from_state_dict(state_dict, **config_args)
     return config, params_from_state_dict(state_dict, config)
+
+
+def official_buffers(config: TransformerConfig) -> dict[str, np.ndarray]:
+    """The buffers of the official model ``config`` describes, as its files hold them.
+
+    ``lvl_1L`` (int64 scale ids), ``attn_bias_for_masking`` (0 / -inf, the family's
+    training mask, ``(1, 1, L, L)``), each attention's zero ``zero_k_bias`` and the
+    family's own (``Family.attention_buffers``).
+    """
+    family = families.get(config.family)
+    if family.training_mask is None:
+        raise CheckpointError(f"{family.title} has no official training mask to write")
+    allowed_LL = family.training_mask(config.patch_nums)
+    buffers = {
+        "lvl_1L": attention.scale_ids(config.patch_nums, 0, config.num_scales)[None].astype(np.int64),
+        "attn_bias_for_masking": np.where(allowed_LL, 0.0, -np.inf).astype(np.float32)[None, None],
+    }
+    extra = family.attention_buffers(config)
+    for i in range(config.depth):
+        buffers[f"blocks.{i}.attn.zero_k_bias"] = np.zeros(config.embed_dim, np.float32)
+        buffers.update({f"blocks.{i}.attn.{name}": value for name, value in extra.items()})
+    return buffers
+
+
+def state_dict_from_params(variables: Mapping[str, Any], config: TransformerConfig) -> dict[str, np.ndarray]:
+    """``{'params': ...}`` of ``Transformer(config)`` (blocks stacked or not) -> the official
+    state dict: every parameter at its official key and shape (float32) plus
+    ``official_buffers``. The inverse of ``params_from_state_dict``.
+
+    Raises StateDictMismatchError naming the params that do not fit the config.
+    """
+    if transformer.blocks_are_stacked(variables):
+        variables = transformer.unstack_blocks(variables)
+    flat = traverse_util.flatten_dict(dict(variables["params"]))
+    layout = _param_layout(config)
+    check_keys(
+        {"/".join(path): x for path, x in flat.items()},
+        {"/".join(path): shape for path, (_, shape, _) in layout.items()},
+        what="transformer params",
+    )
+    state_dict = {}
+    for path, (key, _, official) in layout.items():
+        value = np.asarray(flat[path], np.float32)
+        state_dict[key] = value.T if path[-1] == "kernel" else value.reshape(official)
+    return {**state_dict, **official_buffers(config)}
+
+
+def save_official_transformer(
+    path: str | os.PathLike, config: TransformerConfig, variables: Mapping[str, Any]
+) -> None:
+    """Writes ``state_dict_from_params`` as a ``.pth`` (``torch.save`` of a dict of tensors),
+    replacing ``path`` atomically."""
+    import torch  # Conversion-only dependency.
+
+    state_dict = state_dict_from_params(variables, config)
+    with atomic_write(path) as f:
+        torch.save({key: torch.from_numpy(np.array(v)) for key, v in state_dict.items()}, f)
+
+
+def official_class_args(config: TransformerConfig) -> dict[str, Any]:
+    """Keyword arguments of the official transformer class (besides its VQVAE) that rebuild
+    ``config``."""
+    return {
+        "num_classes": config.num_classes,
+        "depth": config.depth,
+        "embed_dim": config.embed_dim,
+        "num_heads": config.num_heads,
+        "mlp_ratio": config.mlp_ratio,
+        "shared_aln": config.shared_aln,
+        "attn_l2_norm": config.attn_l2_norm,
+        "patch_nums": tuple(config.patch_nums),
+    }
