@@ -181,16 +181,16 @@ def test_restart_reseeds_dead_codes_and_zeroes_their_adam_rows(shapes):
     np.testing.assert_array_equal(adam_restarted.count, adam_plain.count)
 
 
-def test_reset_code_moments_touches_only_the_codebook_rows():
+@pytest.mark.parametrize("tx, moment_names", [(optax.adam(1e-3), ("mu", "nu")), (optax.lion(1e-3), ("mu",))])
+def test_reset_code_moments_touches_only_the_codebook_rows(tx, moment_names):
     params = {
         "quantize": {"embedding": {"embedding": jnp.ones((4, 2))}},
         "decoder": {"embedding": {"embedding": jnp.ones((4, 2))}},
     }
-    tx = optax.adam(1e-3)
     opt_state = tx.update(params, tx.init(params), params)[1]  # moments of a step: nonzero
     rows = jnp.asarray([True, False, True, False])
     reset = tokenizer.reset_code_moments(opt_state, rows)
-    for moments in ("mu", "nu"):
+    for moments in moment_names:
         got = getattr(reset[0], moments)
         want = getattr(opt_state[0], moments)
         np.testing.assert_array_equal(

@@ -235,6 +235,38 @@ def test_adamw_matches_torch_with_the_no_decay_groups():
         np.testing.assert_allclose(new["head"][k], tp[k].detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_lion_is_the_papers_update_with_the_recipes_clipping_and_decay():
+    """Three steps of ``name='lion'`` against Lion written out in numpy (Chen et al. 2023, Alg. 2),
+    after global-norm clipping, with decoupled decay on the official no-decay groups."""
+    optim = OptimizerConfig(
+        name="lion", base_lr=1e-3, weight_decay=0.4, grad_clip=0.5, warmup_fraction=0.0, b1=0.9, b2=0.99
+    )
+    rng = np.random.default_rng(1)
+    params = {"head": {"kernel": rng.normal(size=(3, 4)), "bias": rng.normal(size=(4,))}}
+    params = jax.tree.map(lambda p: p.astype(np.float32), params)
+    tx, lr = optimizer.make_optimizer(
+        optim, global_batch_size=256, total_steps=100, decay_mask=optimizer.official_decay_mask
+    )
+    state, ours = tx.init(params), params
+    want = {k: v.astype(np.float64) for k, v in params["head"].items()}
+    momentum = {k: np.zeros_like(v) for k, v in want.items()}
+    for step in range(3):
+        grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+        updates, state = tx.update(grads, state, ours)
+        ours = jax.tree.map(lambda p, u: np.asarray(p + u), ours, updates)
+
+        g = {k: v.astype(np.float64) for k, v in grads["head"].items()}
+        norm = np.sqrt(sum(np.sum(v**2) for v in g.values()))
+        g = {k: v * min(1.0, 0.5 / norm) for k, v in g.items()}
+        rate = float(lr(step))
+        for k, decay in (("kernel", 0.4), ("bias", 0.0)):
+            direction = np.sign(0.9 * momentum[k] + 0.1 * g[k])
+            want[k] = want[k] - rate * (direction + decay * want[k])
+            momentum[k] = 0.99 * momentum[k] + 0.01 * g[k]
+    for k in ("kernel", "bias"):
+        np.testing.assert_allclose(ours["head"][k], want[k], rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------
 # Loss.
 
@@ -317,7 +349,7 @@ def test_no_decay_set_of_m_var_is_the_official_one():
 
 def test_optimizer_settings_are_checked():
     for fields, message in [
-        (dict(name="lamb"), "name='lamb'; expected one of"),
+        (dict(name="lamb"), r"name='lamb'; expected one of \('adamw', 'lion'\)"),
         (dict(base_lr=0.0), "base_lr=0.0 must be positive"),
         (dict(lr_batch=-1), "lr_batch=-1"),
         (dict(schedule="step"), "schedule='step'"),

@@ -7,6 +7,12 @@ decay to ``wpe``, gradient clipping at ``tclip`` on the global norm, and weight
 decay on every weight except biases, vectors and the embeddings the official
 ``filter_params`` names. The tokenizer uses the same schema with its own values
 (an unscaled learning rate: ``lr_batch=0``) and decays every kernel and the codebook.
+
+Lion (``name='lion'``): the official arguments name it (utils/arg_util.py, "lr 0.25x,
+wd 8x, needs a large batch") but the official ``opt_clz`` builds AdamW alone; here it
+is optax's ``scale_by_lion`` in the same chain (clipping first, decoupled decay on the
+same mask, the same schedules), with the betas the official code hands every
+optimizer (0.9/0.95; the Lion paper's are 0.9/0.99).
 """
 
 from __future__ import annotations
@@ -44,7 +50,12 @@ NO_DECAY_KEYS = (
 # Fraction of the post-warm-up phase held at the peak rate before the linear decay.
 _LINEAR_HOLD = {"lin": 0.15, "lin0": 0.05}
 SCHEDULES = ("lin0", "lin", "cos")
-OPTIMIZERS = ("adamw",)
+# name -> the update rule (before weight decay and the learning rate).
+_UPDATE_RULES: dict[str, Callable[[Any], optax.GradientTransformation]] = {
+    "adamw": lambda o: optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+    "lion": lambda o: optax.scale_by_lion(b1=o.b1, b2=o.b2),
+}
+OPTIMIZERS = tuple(_UPDATE_RULES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +65,13 @@ class OptimizerConfig:
     The defaults are the official generator recipe's (utils/arg_util.py).
 
     Attributes:
-      name: the update rule: 'adamw'.
+      name: the update rule: 'adamw' or 'lion' (sign of the interpolated momentum; the
+        official note: a quarter of AdamW's learning rate, 8x its weight decay).
       base_lr: the learning rate at ``lr_batch`` images per step (the official
         ``--tblr``); the peak is ``base_lr * global_batch / lr_batch``, or
         ``base_lr`` itself with ``lr_batch = 0``.
       lr_batch: see ``base_lr`` (the official 256; 0: no batch scaling).
-      b1, b2, eps: Adam's moments.
+      b1, b2, eps: Adam's moments; Lion's two interpolation betas (no eps).
       weight_decay: on the params the task's decay mask selects.
       weight_decay_end: None: constant; else a half-cosine from ``weight_decay``
         to this at the last step (the official ``--twde``).
@@ -192,7 +204,7 @@ def make_optimizer(
     wd = weight_decay_schedule(start=optim.weight_decay, end=end, total_steps=total_steps)
     tx = optax.chain(
         optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity(),
-        optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
+        _UPDATE_RULES[optim.name](optim),
         optax.add_decayed_weights(wd, mask=decay_mask),
         optax.scale_by_learning_rate(lr),
     )

@@ -149,8 +149,12 @@ def make_optimizer(
     )
 
 
+_MOMENT_STATES = (optax.ScaleByAdamState, optax.ScaleByLionState)
+
+
 def reset_code_moments(opt_state: optax.OptState, rows_V: jax.Array) -> optax.OptState:
-    """Zeroes the Adam moments (mu, nu) of the codebook rows ``rows_V`` (bool ``(V,)``).
+    """Zeroes the optimizer's moments (Adam's mu and nu, Lion's mu) of the codebook rows
+    ``rows_V`` (bool ``(V,)``).
 
     A re-seeded code starts like a fresh parameter: without this its first
     updates would follow the momentum of the dead vector it replaced.
@@ -161,14 +165,12 @@ def reset_code_moments(opt_state: optax.OptState, rows_V: jax.Array) -> optax.Op
         return jnp.where(rows_V[:, None], 0, x) if keys == CODEBOOK_PATH else x
 
     def per_state(s):
-        if isinstance(s, optax.ScaleByAdamState):
-            return s._replace(
-                mu=jax.tree_util.tree_map_with_path(reset, s.mu),
-                nu=jax.tree_util.tree_map_with_path(reset, s.nu),
-            )
+        if isinstance(s, _MOMENT_STATES):
+            moments = [f for f in ("mu", "nu") if f in s._fields]
+            return s._replace(**{f: jax.tree_util.tree_map_with_path(reset, getattr(s, f)) for f in moments})
         return s
 
-    return jax.tree.map(per_state, opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+    return jax.tree.map(per_state, opt_state, is_leaf=lambda s: isinstance(s, _MOMENT_STATES))
 
 
 def _decoder_norm_out(module: nn.Module, method_name: str) -> bool:
