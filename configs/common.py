@@ -142,6 +142,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_epochs = 250  # --ep
     c.ratio_k = 8  # --ratio_k 8: steps on scales [0, refine_step) per step on each larger scale
     c.label_smoothing = 0.0  # --ls 0.0
+    # --ac 1: each step's batch as this many micro-batches run one after another (one update,
+    # one micro-batch's activations in memory); batch_size stays the update's batch.
+    c.grad_accum_steps = 1
 
     # OptimizerConfig's defaults are the official recipe: --tblr 1e-4 per 256 images,
     # AdamW betas (0.9, 0.95) and eps 1e-8 (train.py), --twd 0.05 with --twde 0 (constant),

@@ -380,6 +380,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         ({"sampling.top_k": -1}, "config.sampling: top_k=-1"),
         ({"sampling.top_p": 1.5}, r"config.sampling: top_p=1.5 must be in \[0, 1\]"),
         ({"sampling.cfg": -1.0}, r"config.sampling: cfg=-1.0 must be"),
+        ({"grad_accum_steps": 3}, "grad_accum_steps=3 must be a whole number >= 1 that divides"),
     ],
 )
 def test_invalid_configs_fail_before_training(tmp_path, overrides, match):

@@ -271,6 +271,42 @@ def test_lion_is_the_papers_update_with_the_recipes_clipping_and_decay():
 # Loss.
 
 
+def test_gradient_accumulation_gives_the_update_of_the_whole_batch():
+    """k micro-batches, one after another, make the step the whole batch makes (float32)."""
+    segment = Segment(0, 2)  # from the first scale: the step slices x_BLCv past the start token
+    config = _tiny_config(cond_drop_rate=0.0)
+    model = transformer.Transformer(config)
+    params = transformer.init_params(config, jax.random.PRNGKey(0))["params"]
+    rng = np.random.default_rng(3)
+    batch = {
+        "label": jnp.asarray(rng.integers(0, 3, (8,))),
+        "tokens": jnp.asarray(rng.integers(0, 16, (8, config.seq_len))),
+        "x_BLCv": jnp.asarray(rng.normal(size=(8, config.seq_len - 1, 4)), jnp.float32),
+    }
+    tx, lr = optimizer.make_optimizer(
+        OptimizerConfig(base_lr=1e-3, warmup_fraction=0.0),
+        global_batch_size=8,
+        total_steps=10,
+        decay_mask=optimizer.official_decay_mask,
+    )
+    state = state_lib.create_train_state(params, tx, jax.random.PRNGKey(1))
+
+    def step(k):
+        make = step_lib.make_train_step(model, tx, lr, segment, label_smoothing=0.1, grad_accum_steps=k)
+        return jax.jit(make)(state, batch)
+
+    whole, whole_metrics = step(1)
+    accumulated, metrics = step(4)  # micro-batches of 2: examples (0, 4), (1, 5), ...
+    assert sorted(metrics) == sorted(whole_metrics)
+    for name, value in whole_metrics.items():
+        np.testing.assert_allclose(metrics[name], value, rtol=1e-6, err_msg=name)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), accumulated.params, whole.params
+    )
+    with pytest.raises(ValueError, match="grad_accum_steps=0 must be >= 1"):
+        step_lib.make_train_step(model, tx, lr, segment, label_smoothing=0.0, grad_accum_steps=0)
+
+
 def test_cross_entropy_matches_torch_label_smoothing():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3

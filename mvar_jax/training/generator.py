@@ -58,6 +58,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         _check_sampling(config)
     if not 0 <= config.label_smoothing < 1:
         raise ValueError(f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
+    k = config.grad_accum_steps
+    if not isinstance(k, int) or k < 1 or config.batch_size % k:
+        raise ValueError(
+            f"config.grad_accum_steps={k!r} must be a whole number >= 1 that divides "
+            f"config.batch_size={config.batch_size} (the batch of one update)"
+        )
     if not os.path.exists(config.vqvae_checkpoint):
         raise ValueError(
             f"config.vqvae_checkpoint: not found: {config.vqvae_checkpoint} ({_tokenizer_advice(config)})"
@@ -195,6 +201,12 @@ class GeneratorTask:
 
     def __init__(self, config: ml_collections.ConfigDict, *, mesh: Mesh, num_steps: int):
         self._config = config
+        micro = config.batch_size // config.grad_accum_steps
+        if micro % mesh.size:  # each device must hold its share of every micro-batch
+            raise ValueError(
+                f"config.batch_size={config.batch_size} in config.grad_accum_steps={config.grad_accum_steps} "
+                f"micro-batches of {micro} does not split over {mesh.size} devices"
+            )
         vqvae_config, vqvae_params = load_tokenizer(config.vqvae_checkpoint, config.model.patch_nums)
         self._model = Transformer(transformer_config(config, vqvae_config))
         self.architecture = Architecture(
@@ -247,6 +259,7 @@ class GeneratorTask:
                 self._learning_rate,
                 segment,
                 label_smoothing=self._config.label_smoothing,
+                grad_accum_steps=self._config.grad_accum_steps,
             )
             for segment in self._schedule.segments
         ]

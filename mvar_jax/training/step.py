@@ -4,6 +4,10 @@ The official loss weights every token by ``1 / L`` (``loss_weight``), with L the
 length of the whole pyramid, whatever the segment: a step on the 13x13 scale sums
 169 per-token cross-entropies and divides by 680, then averages over the batch.
 Segments therefore contribute in proportion to their size, as in VAR.
+
+Gradient accumulation (the official ``--ac``) runs a step's batch as k micro-batches
+one after another inside the step and averages their gradients: one update, the
+batch's data, one micro-batch's activations in memory.
 """
 
 from __future__ import annotations
@@ -57,12 +61,18 @@ def make_train_step(
     segment: Segment,
     *,
     label_smoothing: float,
+    grad_accum_steps: int = 1,
 ) -> StepFn:
     """One optimizer step on scales ``segment`` (pure; jit it with the shardings).
 
     The batch holds ``label`` ``(B,)``, ``tokens`` ``(B, L)`` and ``x_BLCv``
     ``(B, L - first_l, Cvae)`` for the whole pyramid; the step slices its segment.
+    With ``grad_accum_steps`` k > 1, micro-batch j holds examples j, j + k, j + 2k, ...
+    (each device keeps its own examples) and draws its dropout with ``fold_in(rng, j)``;
+    loss, gradients and metrics are the micro-batches' means, as the whole batch's.
     """
+    if grad_accum_steps < 1:
+        raise ValueError(f"grad_accum_steps={grad_accum_steps} must be >= 1")
     cfg = model.config
     begin, end = cfg.token_range(segment.first_scale, segment.last_scale)
     x_begin, x_end = max(begin - cfg.first_l, 0), end - cfg.first_l
@@ -82,10 +92,33 @@ def make_train_step(
         loss = ce_Bl.sum(axis=-1).mean() / cfg.seq_len
         return loss, (logits_BlV, targets_Bl)
 
+    def loss_grads_metrics(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Any, Metrics]:
+        (loss, (logits_BlV, targets_Bl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, batch, rng
+        )
+        return loss, grads, scale_metrics(logits_BlV, targets_Bl, cfg.patch_nums, segment)
+
+    def accumulated(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Any, Metrics]:
+        """The means over the micro-batches, run one after another (a scan)."""
+        k = grad_accum_steps
+        micro_kB = jax.tree.map(
+            lambda x: jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0), batch
+        )
+
+        def add_micro_batch(total, j_and_micro):
+            j, micro = j_and_micro
+            out = loss_grads_metrics(params, micro, jax.random.fold_in(rng, j))
+            return jax.tree.map(jnp.add, total, out), None
+
+        shapes = jax.eval_shape(loss_grads_metrics, params, jax.tree.map(lambda x: x[0], micro_kB), rng)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        total, _ = jax.lax.scan(add_micro_batch, zeros, (jnp.arange(k), micro_kB))
+        return jax.tree.map(lambda t: t / k, total)
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(state.rng, state.step)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (logits_BlV, targets_Bl)), grads = grad_fn(state.params, batch, rng)
+        run = loss_grads_metrics if grad_accum_steps == 1 else accumulated
+        loss, grads, scales = run(state.params, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
@@ -93,7 +126,7 @@ def make_train_step(
             "grad_norm": optax.global_norm(grads),  # before clipping, as logged officially
             "param_norm": optax.global_norm(params),
             "learning_rate": learning_rate(state.step),
-            **scale_metrics(logits_BlV, targets_Bl, cfg.patch_nums, segment),
+            **scales,
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
