@@ -300,7 +300,7 @@ def _check_args(args: types.SimpleNamespace) -> None:
             error(f"{', '.join(extra)} configure a transformer; they need one of {need}")
     family, _ = _transformer_flag(args)
     mvar_only = cli.given(FLAGS, ("kernel_size", "refine_step"))
-    if family not in (None, "mvar") and mvar_only:
+    if family is not None and not families.get(family).spatial_markov and mvar_only:
         error(f"{', '.join(mvar_only)} set MVAR's spatial-Markov attention; --{family} has none")
     if args.out.exists() and not args.out.is_dir():
         error(f"--out {args.out} exists and is not a directory")
