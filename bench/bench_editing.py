@@ -73,7 +73,7 @@ def edit_family(
         out = np.concatenate(
             [b[0] for b in sampling.sample_batches(model, asked, 0, options, batch_size=batch, edit=edit)]
         )
-        predicted = classifier_lib.classifier_outputs(judge, out)[0]
+        predicted = classifier_lib.classifier_outputs(judge, out)[0].argmax(-1)
         psnr = image_metrics.psnr(out[:, kept_px][:, None], recon[:, kept_px][:, None], data_range=1.0)
         row[name] = {"accuracy": float(np.mean(predicted == asked)), "psnr_outside_db": float(np.mean(psnr))}
         columns.append(out[shown])

@@ -152,6 +152,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim = from_dataclass(OptimizerConfig)
 
     c.sample_every = 10_000  # steps between sample grids (0: never)
+    # The official eval_ep: every val_every steps, each scale's teacher-forced loss and accuracy
+    # on the validation split (data's eval split, or its token cache) (0: never).
+    c.val_every = 0
+    c.val_images = 0  # the first this many validation images (0: the whole split)
+    c.val_batch_size = 64  # global
     c.sample_classes = (980, 980, 437, 437, 22, 22, 562, 562)  # VAR demo_sample.ipynb
     # The sample grid: MVAR's README suggests cfg 2.7, top-p 0.99, top-k 1200 for d16 (the
     # papers' FID setting, SamplingOptions' defaults, is cfg 1.5, top-k 900, top-p 0.96).

@@ -574,3 +574,40 @@ def test_m_var_model_samples_and_evaluates(m_var_run, builtin_shapes_dir, tmp_pa
     )
     with np.load(npz) as f:
         assert f["images"].shape == (2, 64, 64, 3) and f["tokens"].shape == (2, 30)
+
+
+def test_validation_reports_each_scale_as_the_model_scores_it(tmp_path, builtin_shapes_dir):
+    """val_every: every scale's teacher-forced loss and accuracy on the eval split, against
+    the exported model scoring the same images one scale at a time (MVAR's scales are
+    independent given their inputs, so one segment per scale must give the same logits)."""
+    cfg = _config(val_every=3, val_images=12, val_batch_size=8, sample_every=0)
+    cfg.data.data_dir = str(builtin_shapes_dir)
+    trainer.train_and_evaluate(cfg, tmp_path, source=_source())
+    scalars = event_scalars(tmp_path / "tensorboard")
+    assert scalars["val/images", 3] == scalars["val/images", 6] == {16.0}  # two whole batches
+    at_6 = {tag: value for (tag, step), (value,) in scalars.items() if step == 6}
+
+    model = checkpoint.load_model(tmp_path / "model")  # the step-6 params
+    config, vqvae = model.transformer_config, VQVAE(model.vqvae_config)
+    images, labels = classifier_lib.validation_images(cfg.data)
+    ids = vqvae.apply(model.vqvae_params, jnp.asarray(images[:16]) / 127.5 - 1, method=VQVAE.img_to_idx)
+    x_BLCv = vqvae.apply(model.vqvae_params, ids, method=VQVAE.idx_to_var_input)
+    tokens = jnp.concatenate(ids, axis=1)
+    transformer = Transformer(config)
+    params = {"params": unstack_blocks(model.transformer_params)["params"]}
+    ce, acc = [], []
+    for si, pn in enumerate(config.patch_nums):
+        begin, end = config.token_range(si, si + 1)
+        logits = transformer.apply(
+            params,
+            jnp.asarray(labels[:16]),
+            x_BLCv[:, max(begin - 1, 0) : end - 1],
+            first_scale=si,
+            last_scale=si + 1,
+        )
+        ce.append(float(step_lib.cross_entropy(logits, tokens[:, begin:end]).mean()))
+        acc.append(float((logits.argmax(-1) == tokens[:, begin:end]).mean() * 100))
+        np.testing.assert_allclose(at_6[f"val/ce/{pn}x{pn}"], ce[-1], rtol=1e-5)
+        np.testing.assert_allclose(at_6[f"val/acc/{pn}x{pn}"], acc[-1], rtol=1e-5)
+    sizes = np.array([pn * pn for pn in config.patch_nums])
+    np.testing.assert_allclose(at_6["val/loss"], np.dot(ce, sizes) / sizes.sum(), rtol=1e-5)

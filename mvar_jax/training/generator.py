@@ -3,12 +3,16 @@
 The transformer learns the token pyramid of a frozen VQVAE: the batch is
 tokenized on the device (or read from the token cache), each step trains one
 segment of the schedule (MVAR's ``ratio_k``:1:...:1 cycle, VAR's and M-VAR's
-whole pyramid), the evaluation is a grid of class-conditional samples, and the
-export is a model directory (VQVAE + transformer) for ``sample.py``.
+whole pyramid), the evaluation is a grid of class-conditional samples and, every
+``val_every`` steps, each scale's loss and accuracy on the validation split (the
+official ``eval_ep``), and the export is a model directory (VQVAE + transformer) for
+``sample.py``.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import pathlib
 from collections.abc import Mapping
@@ -28,7 +32,7 @@ from mvar_jax.models.config import InitScales, TransformerConfig
 from mvar_jax.models.transformer import Transformer, unstack_blocks
 from mvar_jax.models.vqvae import VQVAE, VQVAEConfig, split_scales
 from mvar_jax.training import optimizer, state as state_lib, step as step_lib
-from mvar_jax.training.metrics_writer import MetricsWriter
+from mvar_jax.training.metrics_writer import MetricsWriter, announce
 from mvar_jax.training.task import Batch, StepFn, from_config
 from mvar_jax.training.workdir import Architecture
 from mvar_jax.weights import transformer as transformer_weights
@@ -56,6 +60,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.sample_every={config.sample_every} must be >= 0 (0: never)")
     if config.sample_every:
         _check_sampling(config)
+    for name in ("val_every", "val_images"):
+        if config[name] < 0:
+            raise ValueError(f"config.{name}={config[name]} must be >= 0 (0: {_ZERO_MEANS[name]})")
     if not 0 <= config.label_smoothing < 1:
         raise ValueError(f"config.label_smoothing={config.label_smoothing} must be in [0, 1)")
     k = config.grad_accum_steps
@@ -83,6 +90,9 @@ def _tokenizer_advice(config: ml_collections.ConfigDict) -> str:
         "a tokenizer or model directory: `make demo` trains the demo's into demo_out/tokenizer/model; "
         "`python train.py --config configs/vqvae_tiny_cpu.py --workdir DIR` trains one into DIR/model"
     )
+
+
+_ZERO_MEANS = {"val_every": "never", "val_images": "the whole split"}
 
 
 def _check_sampling(config: ml_collections.ConfigDict) -> None:
@@ -212,7 +222,8 @@ class GeneratorTask:
         self.architecture = Architecture(
             "transformer_config.json", self._model.config.to_dict(), EXECUTION_FIELDS
         )
-        self.eval_every = config.sample_every
+        self.eval_every = math.gcd(config.sample_every, config.val_every)  # each is a multiple
+        self._mesh = mesh
         self._vqvae = VQVAE(vqvae_config)
         # On the mesh, so that every host can take part in saving them with the export.
         self._vqvae_params = jax.device_put(vqvae_params, parallel.replicated(mesh))
@@ -229,6 +240,19 @@ class GeneratorTask:
         )
         self._schedule = families.get(self._model.config.family).schedule(self._model.config, config.ratio_k)
         self._rng = jax.random.PRNGKey(config.seed)
+        self._val_source = None
+        if config.val_every:
+            parallel.check_batch_size(config.val_batch_size, mesh)
+            # Opened now, so that a missing validation split stops the run at start-up.
+            self._val_source = data.build_eval_source(
+                config.data,
+                global_batch_size=config.val_batch_size,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
+            self._val_sums = jax.jit(
+                functools.partial(step_lib.validation_sums, self._model, self._schedule.segments)
+            )
 
     def _fresh_state(self) -> state_lib.TrainState:
         """Official init (traced: jit it to place the params)."""
@@ -284,6 +308,44 @@ class GeneratorTask:
         )
 
     def evaluate(self, state: state_lib.TrainState, step: int, writer: MetricsWriter) -> None:
+        """The sample grid every ``sample_every`` steps, validation every ``val_every``."""
+        c = self._config
+        if c.sample_every and step % c.sample_every == 0:
+            self._sample_grid(state, step, writer)
+        if c.val_every and step % c.val_every == 0:
+            self._validate(state, step, writer)
+
+    def _validate(self, state: state_lib.TrainState, step: int, writer: MetricsWriter) -> None:
+        """Each scale's teacher-forced cross-entropy and accuracy over the first ``val_images``
+        validation images (0: all); ``val/loss`` weighs every token 1 / L, as the training loss."""
+        c, cfg = self._config, self._model.config
+        totals, source = None, self._val_source
+        source.reset()
+        try:
+            for host_batch in source:
+                batch = parallel.host_batch_to_global(host_batch, self._mesh)
+                mask = batch.pop("mask")
+                sums = self._val_sums(state.params, self._tokenize(self._vqvae_params, batch), mask)
+                sums = jax.device_get(sums)
+                totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+                if c.val_images and totals["count"] >= c.val_images:
+                    break
+        finally:
+            source.close()
+        count = float(totals["count"])
+        ce_S, acc_S = totals["ce_S"] / count, totals["acc_S"] / count
+        tokens_S = np.array([pn * pn for pn in cfg.patch_nums])
+        scalars = {"val/loss": float(ce_S @ tokens_S / tokens_S.sum()), "val/images": count}
+        for pn, ce, acc in zip(cfg.patch_nums, ce_S, acc_S):
+            scalars[f"val/ce/{pn}x{pn}"], scalars[f"val/acc/{pn}x{pn}"] = float(ce), float(acc)
+        writer.write_scalars(step, scalars)
+        announce(
+            f"validation at step {step}: loss {scalars['val/loss']:.4f}, accuracy per scale "
+            + " ".join(f"{a:.1f}%" for a in acc_S)
+            + f" ({count:.0f} images)"
+        )
+
+    def _sample_grid(self, state: state_lib.TrainState, step: int, writer: MetricsWriter) -> None:
         """Samples ``config.sample_classes`` with the current params: a ``samples`` grid."""
         c = self._config
         samples = sampling.sample(

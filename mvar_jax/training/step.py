@@ -54,6 +54,38 @@ def scale_metrics(
     return metrics
 
 
+def validation_sums(
+    model: Transformer, segments: Sequence[Segment], params: Any, batch: Batch, mask_B: jax.Array
+) -> dict[str, jax.Array]:
+    """Teacher-forced cross-entropy and accuracy (%) of every scale, summed over the examples
+    ``mask_B`` keeps (each example's mean over the scale's tokens): ``ce_S``, ``acc_S`` ``(S,)``
+    and ``count``. The segments (the family's training schedule) cover the pyramid; each runs
+    as it trains, without dropout, as the official ``eval_ep`` pass does.
+    """
+    cfg = model.config
+    weight_B = mask_B.astype(jnp.float32)
+    ce, acc = [], []
+    for segment in segments:
+        begin, end = cfg.token_range(segment.first_scale, segment.last_scale)
+        logits_BlV = model.apply(
+            {"params": params},
+            batch["label"],
+            batch["x_BLCv"][:, max(begin - cfg.first_l, 0) : end - cfg.first_l],
+            first_scale=segment.first_scale,
+            last_scale=segment.last_scale,
+        )
+        targets_Bl = batch["tokens"][:, begin:end]
+        ce_Bl = cross_entropy(logits_BlV, targets_Bl)
+        hit_Bl = (logits_BlV.argmax(-1) == targets_Bl).astype(jnp.float32) * 100
+        offset = 0
+        for pn in cfg.patch_nums[segment.first_scale : segment.last_scale]:
+            part = slice(offset, offset + pn * pn)
+            ce.append(weight_B @ ce_Bl[:, part].mean(-1))
+            acc.append(weight_B @ hit_Bl[:, part].mean(-1))
+            offset += pn * pn
+    return {"ce_S": jnp.stack(ce), "acc_S": jnp.stack(acc), "count": weight_B.sum()}
+
+
 def make_train_step(
     model: Transformer,
     tx: optax.GradientTransformation,
