@@ -67,14 +67,22 @@ def classifier_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def classifier(data_cfg, classifier_cache) -> classifier_lib.TrainedClassifier:
-    """Trained once for the module (about a minute of CPU), then read from the cache."""
-    return classifier_lib.load_or_train_classifier(classifier_cache, data_cfg, progress=False)
+def judge(data_cfg, classifier_cache) -> classifier_lib.TrainedClassifier:
+    """An untrained stand-in judge at 64 px, in the cache: for what reads a judge, not its skill."""
+    config = classifier_lib.ClassifierConfig()
+    params = jax.jit(classifier_lib.Classifier(config, 10).init)(
+        jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3))
+    )
+    trained = classifier_lib.TrainedClassifier(config, 10, 64, params, 0.125, 0.0)
+    classifier_lib.save_classifier(classifier_lib.classifier_cache_path(classifier_cache, data_cfg), trained)
+    return trained
 
 
-def test_classifier_reaches_the_accuracy_threshold_and_is_cached(
-    classifier, data_cfg, classifier_cache, monkeypatch
-):
+def test_classifier_reaches_the_accuracy_threshold_and_is_cached(data_cfg, tmp_path, monkeypatch):
+    """The demo's judge, as the demo trains it: at 32 px."""
+    data_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+    data_cfg.image_size = 32
+    classifier = classifier_lib.load_or_train_classifier(tmp_path, data_cfg, progress=False)
     print(
         f"classifier: held-out accuracy {classifier.val_accuracy:.4f}, "
         f"{classifier.train_cpu_seconds:.1f} CPU s"
@@ -89,7 +97,7 @@ def test_classifier_reaches_the_accuracy_threshold_and_is_cached(
 
     # A second call reads the cache (training would fail here) and gets the same params.
     monkeypatch.setattr(classifier_lib, "train_classifier", lambda *a, **k: pytest.fail("retrained"))
-    cached = classifier_lib.load_or_train_classifier(classifier_cache, data_cfg, progress=False)
+    cached = classifier_lib.load_or_train_classifier(tmp_path, data_cfg, progress=False)
     for a, b in zip(jax.tree.leaves(cached.params), jax.tree.leaves(classifier.params)):
         np.testing.assert_array_equal(a, b)
     assert cached._replace(params=None) == classifier._replace(params=None)
@@ -219,7 +227,7 @@ def test_cli_reports_bad_input_as_usage_errors(tiny_checkpoints, tmp_path, capsy
         assert message in capsys.readouterr().err
 
 
-def test_cli_end_to_end(model_64px, classifier, data_cfg, classifier_cache, tmp_path, capsys):
+def test_cli_end_to_end(model_64px, judge, data_cfg, classifier_cache, tmp_path, capsys):
     out = tmp_path / "report.json"
     assert (
         quality.main(
@@ -266,7 +274,7 @@ def test_cli_end_to_end(model_64px, classifier, data_cfg, classifier_cache, tmp_
         np.isfinite(fd[k]) and fd[k] >= 0 for k in ("generated", "reconstruction_floor", "train_floor")
     )
     assert fd["ratio_to_reconstruction_floor"] == pytest.approx(fd["generated"] / fd["reconstruction_floor"])
-    assert report["classifier"]["val_accuracy"] == classifier.val_accuracy
+    assert report["classifier"]["val_accuracy"] == judge.val_accuracy  # the cached judge's
     assert report["model"]["family"] == "mvar" and report["model"]["image_size"] == 64
     md = out.with_suffix(".md").read_text()
     assert "| mean class accuracy |" in md and "| red_circle | red_star | blue_triangle |" in md

@@ -68,7 +68,7 @@ def test_the_set_is_adm_layout_in_the_official_order(one_device, tiny_checkpoint
 
 def test_one_device_draws_what_sample_batches_draws(one_device, tiny_checkpoints):
     model = checkpoint.load_model(tiny_checkpoints["mvar"])
-    labels = np.arange(4, dtype=np.int32)
+    labels = np.arange(2, dtype=np.int32)
     for cfg in (1.5, 4.0):  # one compiled program for both: the guidance is its input
         options = sampling.SamplingOptions(cfg=cfg, top_k=8, top_p=0.9)
         batches = list(sampling.sample_batches(model, labels, 3, options, batch_size=1))
@@ -79,7 +79,7 @@ def test_one_device_draws_what_sample_batches_draws(one_device, tiny_checkpoints
         if cfg == 1.5:
             np.testing.assert_array_equal(subs[0].tokens, one_device["tokens"][:1])
         else:
-            assert (np.concatenate([s.tokens for s in subs]) != one_device["tokens"][:4]).any()
+            assert (np.concatenate([s.tokens for s in subs]) != one_device["tokens"][:2]).any()
 
 
 def test_a_crash_resumes_to_the_same_bytes(one_device, tiny_checkpoints, tmp_path, monkeypatch, capsys):

@@ -580,14 +580,15 @@ def test_validation_reports_each_scale_as_the_model_scores_it(tmp_path, builtin_
     """val_every: every scale's teacher-forced loss and accuracy on the eval split, against
     the exported model scoring the same images one scale at a time (MVAR's scales are
     independent given their inputs, so one segment per scale must give the same logits)."""
-    cfg = _config(val_every=3, val_images=12, val_batch_size=8, sample_every=0)
+    cfg = _config(val_every=2, val_images=12, val_batch_size=8, sample_every=0, num_train_steps=2)
     cfg.data.data_dir = str(builtin_shapes_dir)
     trainer.train_and_evaluate(cfg, tmp_path, source=_source())
     scalars = event_scalars(tmp_path / "tensorboard")
-    assert scalars["val/images", 3] == scalars["val/images", 6] == {16.0}  # two whole batches
-    at_6 = {tag: value for (tag, step), (value,) in scalars.items() if step == 6}
+    assert scalars["val/images", 2] == {16.0}  # two whole batches
+    assert ("val/images", 1) not in scalars  # every val_every steps
+    at_2 = {tag: value for (tag, step), (value,) in scalars.items() if step == 2}
 
-    model = checkpoint.load_model(tmp_path / "model")  # the step-6 params
+    model = checkpoint.load_model(tmp_path / "model")  # the step-2 params
     config, vqvae = model.transformer_config, VQVAE(model.vqvae_config)
     images, labels = classifier_lib.validation_images(cfg.data)
     ids = vqvae.apply(model.vqvae_params, jnp.asarray(images[:16]) / 127.5 - 1, method=VQVAE.img_to_idx)
@@ -607,7 +608,7 @@ def test_validation_reports_each_scale_as_the_model_scores_it(tmp_path, builtin_
         )
         ce.append(float(step_lib.cross_entropy(logits, tokens[:, begin:end]).mean()))
         acc.append(float((logits.argmax(-1) == tokens[:, begin:end]).mean() * 100))
-        np.testing.assert_allclose(at_6[f"val/ce/{pn}x{pn}"], ce[-1], rtol=1e-5)
-        np.testing.assert_allclose(at_6[f"val/acc/{pn}x{pn}"], acc[-1], rtol=1e-5)
+        np.testing.assert_allclose(at_2[f"val/ce/{pn}x{pn}"], ce[-1], rtol=1e-5)
+        np.testing.assert_allclose(at_2[f"val/acc/{pn}x{pn}"], acc[-1], rtol=1e-5)
     sizes = np.array([pn * pn for pn in config.patch_nums])
-    np.testing.assert_allclose(at_6["val/loss"], np.dot(ce, sizes) / sizes.sum(), rtol=1e-5)
+    np.testing.assert_allclose(at_2["val/loss"], np.dot(ce, sizes) / sizes.sum(), rtol=1e-5)
