@@ -25,7 +25,8 @@ and writes the same bytes. A file appears only when whole: a run killed while wr
 family): ``--edit_mode inpaint`` generates inside ``--edit_box`` (fractions of the image) and
 keeps the rest, ``outpaint`` keeps only the box; ``--edit_mask`` (white = generate) replaces the
 box. With ``--labels`` the generated part is drawn for those classes (one label for every
-image, or one per image), with ``--unconditional`` for none.
+image, one per image, or several for one image: it is redrawn as each), with ``--unconditional``
+for none.
 """
 
 from __future__ import annotations
@@ -370,14 +371,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def edit(args: types.SimpleNamespace, model: checkpoint.ModelBundle, labels: list[int]) -> int:
-    """``--edit_image``: each image edited ``--num_per_class`` times, with its label."""
+    """``--edit_image``: each image edited ``--num_per_class`` times, with its label; one image
+    with several labels is edited once per label (redrawn as each class)."""
     tcfg = model.transformer_config
     grid = tcfg.patch_nums[-1]
     side = grid * model.vqvae_config.downsample
     images = _edit_images(args.edit_image, side)
+    if len(images) == 1:
+        images = np.repeat(images, len(labels), axis=0)
     if len(labels) not in (1, len(images)):
         cli.usage_error(
-            PROG, f"--labels: {len(labels)} labels for {len(images)} images; give one, or one per image"
+            PROG,
+            f"--labels: {len(labels)} labels for {len(images)} images; give one, one per image, "
+            "or any number for a single image",
         )
     edit_B = sampling.editing.make_edit(model, images, _edit_keep(args, side, grid))
     labels_B = np.broadcast_to(np.asarray(labels, np.int32), (len(images),))

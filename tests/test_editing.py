@@ -182,8 +182,12 @@ def test_the_command_line_refuses_bad_edits(capsys, tiny_checkpoints, tmp_path):
     assert "[12]" in _edit_error(
         capsys, [*ckpt, "--edit_image", str(image), "--edit_box", "0,0,.5,.5", "--labels", "12"]
     )
-    err = _edit_error(capsys, [*edit[:-1], "3,4", "--edit_box", "0,0,.5,.5"])
-    assert "2 labels for 1 images" in err
+    pair = tmp_path / "pair.npz"
+    np.savez(pair, images=np.zeros((2, 256, 256, 3), np.float32))
+    err = _edit_error(
+        capsys, [*ckpt, "--edit_image", str(pair), "--labels", "3,4,5", "--edit_box", "0,0,.5,.5"]
+    )
+    assert "3 labels for 2 images" in err
     black, small = tmp_path / "black.png", tmp_path / "small.png"
     PIL.Image.fromarray(np.zeros((256, 256), np.uint8)).save(black)
     PIL.Image.fromarray(np.zeros((10, 10), np.uint8)).save(small)
@@ -212,11 +216,11 @@ def test_a_mask_file_edits_a_photo(tiny_var, tiny_checkpoints, tmp_path):
     greedy = ["--cfg", "3", "--top_k", "1", "--top_p", "0"]  # the parity tests' compiled program
     sample.main(
         ["--checkpoint", str(tiny_checkpoints["var"]), "--edit_image", str(image), "--edit_mask", str(mask)]
-        + ["--labels", "4", "--num_per_class", "2", *greedy, "--out", str(out)]
+        + ["--labels", "4,7", *greedy, "--out", str(out)]  # one photo, redrawn as each class
     )
     with np.load(out) as f:
         tokens, labels = f["tokens"], f["labels"]
-    np.testing.assert_array_equal(labels, [4, 4])
+    np.testing.assert_array_equal(labels, [4, 7])
     with PIL.Image.open(image) as decoded:  # the JPEG as stored, then the evaluation crop
         given = preprocess.Preprocess(256)(decoded.convert("RGB"), None)
     keep = editing.keep_per_scale(
@@ -225,3 +229,4 @@ def test_a_mask_file_edits_a_photo(tiny_var, tiny_checkpoints, tmp_path):
     photo_tokens = editing.image_tokens(tiny_var, given[None] / 255)[0]
     np.testing.assert_array_equal(tokens[:, keep], np.stack([photo_tokens[keep]] * 2))  # kept: the photo's
     assert (tokens[:, ~keep] != photo_tokens[~keep]).any()  # the centre: drawn anew
+    assert (tokens[0, ~keep] != tokens[1, ~keep]).any()  # as class 4, and as class 7
