@@ -128,6 +128,16 @@ def _tiny_config(**fields) -> TransformerConfig:
     return tiny_transformer(**{**_TINY, "refine_step": 2, **fields})
 
 
+def _random_batch(config: TransformerConfig, batch_size: int, seed: int) -> dict[str, jax.Array]:
+    """A step's input for ``_tiny_config``: labels, token ids and teacher-forcing features."""
+    rng = np.random.default_rng(seed)
+    return {
+        "label": jnp.asarray(rng.integers(0, 3, (batch_size,))),
+        "tokens": jnp.asarray(rng.integers(0, 16, (batch_size, config.seq_len))),
+        "x_BLCv": jnp.asarray(rng.normal(size=(batch_size, config.seq_len - 1, 4)), jnp.float32),
+    }
+
+
 def _init(config, **scales):
     return state_lib.init_params(config, InitScales(**scales), jax.random.PRNGKey(0))
 
@@ -277,12 +287,7 @@ def test_gradient_accumulation_gives_the_update_of_the_whole_batch():
     config = _tiny_config(cond_drop_rate=0.0)
     model = transformer.Transformer(config)
     params = transformer.init_params(config, jax.random.PRNGKey(0))["params"]
-    rng = np.random.default_rng(3)
-    batch = {
-        "label": jnp.asarray(rng.integers(0, 3, (8,))),
-        "tokens": jnp.asarray(rng.integers(0, 16, (8, config.seq_len))),
-        "x_BLCv": jnp.asarray(rng.normal(size=(8, config.seq_len - 1, 4)), jnp.float32),
-    }
+    batch = _random_batch(config, 8, seed=3)
     tx, lr = optimizer.make_optimizer(
         OptimizerConfig(base_lr=1e-3, warmup_fraction=0.0),
         global_batch_size=8,
@@ -327,12 +332,7 @@ def test_segment_loss_weights_tokens_by_one_over_L():
     config = _tiny_config(cond_drop_rate=0.0)
     model = transformer.Transformer(config)
     params = transformer.init_params(config, jax.random.PRNGKey(0))["params"]
-    rng = np.random.default_rng(2)
-    batch = {
-        "label": jnp.asarray(rng.integers(0, 3, (2,))),
-        "tokens": jnp.asarray(rng.integers(0, 16, (2, config.seq_len))),
-        "x_BLCv": jnp.asarray(rng.normal(size=(2, config.seq_len - 1, 4)), jnp.float32),
-    }
+    batch = _random_batch(config, 2, seed=2)
     tx, lr = optimizer.make_optimizer(
         OptimizerConfig(
             base_lr=1e-3,

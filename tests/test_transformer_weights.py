@@ -17,6 +17,20 @@ from mvar_jax.models.transformer import param_shapes, stack_blocks
 from mvar_jax.weights import transformer as tw
 from mvar_jax.weights.state_dict import load_state_dict
 
+# The layouts no official checkpoint uses: shared AdaLN, attention without L2 norm.
+SHARED_ADALN = TransformerConfig(
+    vocab_size=32,
+    cvae=4,
+    num_classes=7,
+    depth=3,
+    embed_dim=48,
+    num_heads=6,
+    mlp_ratio=2.0,
+    shared_aln=True,
+    attn_l2_norm=False,
+    family="var",
+)
+
 
 @pytest.fixture(scope="module")
 def mvar_sd(fixture_dir):
@@ -109,18 +123,7 @@ def test_every_official_checkpoint_maps_onto_the_full_size_model(fixture_dir):
 def test_shared_adaln_and_plain_attention_layouts_roundtrip():
     # No official checkpoint uses them, so check that the layout the model expects
     # reads back as the same architecture.
-    config = TransformerConfig(
-        vocab_size=32,
-        cvae=4,
-        num_classes=7,
-        depth=3,
-        embed_dim=48,
-        num_heads=6,
-        mlp_ratio=2.0,
-        shared_aln=True,
-        attn_l2_norm=False,
-        family="var",
-    )
+    config = SHARED_ADALN
     shapes = tw.official_shapes(config)
     assert shapes["shared_ada_lin.1.weight"] == (6 * 48, 48)
     assert shapes["blocks.2.ada_gss"] == (1, 1, 6, 48)
@@ -275,18 +278,7 @@ def test_trained_params_export_and_import_unchanged(mvar_sd):
     computes on an exported model what mvar_jax computes."""
     for config in (
         tw.config_from_state_dict(mvar_sd),
-        TransformerConfig(
-            vocab_size=32,
-            cvae=4,
-            num_classes=7,
-            depth=3,
-            embed_dim=48,
-            num_heads=6,
-            mlp_ratio=2.0,
-            shared_aln=True,
-            attn_l2_norm=False,
-            family="var",
-        ),
+        SHARED_ADALN,
     ):
         shapes = param_shapes(config)
         leaves, tree = jax.tree.flatten(shapes)

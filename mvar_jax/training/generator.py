@@ -33,7 +33,7 @@ from mvar_jax.models.transformer import Transformer, unstack_blocks
 from mvar_jax.models.vqvae import VQVAE, VQVAEConfig, split_scales
 from mvar_jax.training import optimizer, state as state_lib, step as step_lib
 from mvar_jax.training.metrics_writer import MetricsWriter, announce
-from mvar_jax.training.task import Batch, StepFn, from_config
+from mvar_jax.training.task import Batch, StepFn, from_config, open_eval_source
 from mvar_jax.training.workdir import Architecture
 from mvar_jax.weights import transformer as transformer_weights
 
@@ -242,14 +242,7 @@ class GeneratorTask:
         self._rng = jax.random.PRNGKey(config.seed)
         self._val_source = None
         if config.val_every:
-            parallel.check_batch_size(config.val_batch_size, mesh)
-            # Opened now, so that a missing validation split stops the run at start-up.
-            self._val_source = data.build_eval_source(
-                config.data,
-                global_batch_size=config.val_batch_size,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
+            self._val_source = open_eval_source(config.data, config.val_batch_size, mesh)
             self._val_sums = jax.jit(
                 functools.partial(step_lib.validation_sums, self._model, self._schedule.segments)
             )

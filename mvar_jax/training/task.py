@@ -14,7 +14,9 @@ from typing import Any, Protocol
 
 import jax
 import ml_collections
+from jax.sharding import Mesh
 
+from mvar_jax import data, parallel
 from mvar_jax.training.metrics_writer import MetricsWriter
 from mvar_jax.training.workdir import Architecture
 
@@ -86,3 +88,15 @@ def from_config(section: str, cls: type, values: Any) -> Any:
         return cls(**values)
     except ValueError as e:
         raise ValueError(f"config.{section}: {e}") from e
+
+
+def open_eval_source(data_cfg: ml_collections.ConfigDict, global_batch_size: int, mesh: Mesh) -> Any:
+    """The eval split's batch source for a task's evaluation, opened when the task is made, so
+    that a missing validation split stops the run at start-up."""
+    parallel.check_batch_size(global_batch_size, mesh)
+    return data.build_eval_source(
+        data_cfg,
+        global_batch_size=global_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )

@@ -40,7 +40,7 @@ from mvar_jax.models import discriminator, lpips
 from mvar_jax.models.vqvae import VQVAE, VQVAEConfig
 from mvar_jax.training import codebook, optimizer
 from mvar_jax.training.metrics_writer import MetricsWriter, announce
-from mvar_jax.training.task import Batch, Metrics, StepFn, from_config
+from mvar_jax.training.task import Batch, Metrics, StepFn, from_config, open_eval_source
 from mvar_jax.training.workdir import Architecture
 from mvar_jax.weights import lpips as weights_lpips
 
@@ -229,14 +229,7 @@ class TokenizerTask:
         self.eval_every = config.eval_every
         self._eval_source = None
         if self.eval_every:
-            parallel.check_batch_size(config.eval_batch_size, mesh)
-            # Opened now, so that a missing validation split stops the run at start-up.
-            self._eval_source = data.build_eval_source(
-                config.data,
-                global_batch_size=config.eval_batch_size,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
+            self._eval_source = open_eval_source(config.data, config.eval_batch_size, mesh)
             self._eval_step = jax.jit(
                 self._reconstruct,
                 in_shardings=(
