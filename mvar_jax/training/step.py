@@ -39,18 +39,25 @@ def cross_entropy(logits_BlV: jax.Array, targets_Bl: jax.Array, label_smoothing:
     return ce
 
 
+def scale_parts(patch_nums: Sequence[int], segment: Segment) -> list[tuple[int, slice]]:
+    """Each scale of the segment: its side and its tokens' slice of the segment's ``l`` axis."""
+    parts, offset = [], 0
+    for pn in patch_nums[segment.first_scale : segment.last_scale]:
+        parts.append((pn, slice(offset, offset + pn * pn)))
+        offset += pn * pn
+    return parts
+
+
 def scale_metrics(
     logits_BlV: jax.Array, targets_Bl: jax.Array, patch_nums: Sequence[int], segment: Segment
 ) -> Metrics:
     """Unsmoothed cross-entropy and accuracy (%) per scale of the segment, keyed by side."""
     ce_Bl = cross_entropy(logits_BlV, targets_Bl)
     hit_Bl = (logits_BlV.argmax(-1) == targets_Bl).astype(jnp.float32) * 100
-    metrics, offset = {}, 0
-    for pn in patch_nums[segment.first_scale : segment.last_scale]:
-        part = slice(offset, offset + pn * pn)
+    metrics = {}
+    for pn, part in scale_parts(patch_nums, segment):
         metrics[f"ce/{pn}x{pn}"] = ce_Bl[:, part].mean()
         metrics[f"acc/{pn}x{pn}"] = hit_Bl[:, part].mean()
-        offset += pn * pn
     return metrics
 
 
@@ -77,12 +84,9 @@ def validation_sums(
         targets_Bl = batch["tokens"][:, begin:end]
         ce_Bl = cross_entropy(logits_BlV, targets_Bl)
         hit_Bl = (logits_BlV.argmax(-1) == targets_Bl).astype(jnp.float32) * 100
-        offset = 0
-        for pn in cfg.patch_nums[segment.first_scale : segment.last_scale]:
-            part = slice(offset, offset + pn * pn)
+        for _, part in scale_parts(cfg.patch_nums, segment):
             ce.append(weight_B @ ce_Bl[:, part].mean(-1))
             acc.append(weight_B @ hit_Bl[:, part].mean(-1))
-            offset += pn * pn
     return {"ce_S": jnp.stack(ce), "acc_S": jnp.stack(acc), "count": weight_B.sum()}
 
 
