@@ -31,6 +31,7 @@ from mvar_jax.models.vqvae import VQVAEConfig
 from mvar_jax.sampling.options import SamplingOptions
 from mvar_jax.training.codebook import CodebookConfig
 from mvar_jax.training.optimizer import OptimizerConfig
+from mvar_jax.training.progressive import ProgressiveConfig
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # ILSVRC-2012 train split.
 # The repository: the tiny configs' tokenizers and the demo's outputs are paths in it, so that a
@@ -150,6 +151,9 @@ def get_config() -> ml_collections.ConfigDict:
     # AdamW betas (0.9, 0.95) and eps 1e-8 (train.py), --twd 0.05 with --twde 0 (constant),
     # --tclip 2, --sche lin0, --wp 0 (ep / 50), --wp0 0.005, --wpe 0.01.
     c.optim = from_dataclass(OptimizerConfig)
+    # --pg 0 (off), --pg0 4, --pgwp 0 (-> ep / 300): VAR's progressive training; on, it sets
+    # the lr schedule to lin<fraction> as the official arg_util.py does.
+    c.progressive = from_dataclass(ProgressiveConfig)
 
     c.sample_every = 10_000  # steps between sample grids (0: never)
     # The official eval_ep: every val_every steps, each scale's teacher-forced loss and accuracy

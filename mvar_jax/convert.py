@@ -36,7 +36,6 @@ from absl import flags
 from mvar_jax import checkpoint, cli
 from mvar_jax.errors import CheckpointError
 from mvar_jax.models import families
-from mvar_jax.models.config import PATCH_NUMS_256
 from mvar_jax.models.vqvae import VQVAEConfig
 from mvar_jax.weights import transformer as transformer_weights, vqvae as vqvae_weights
 from mvar_jax.weights.contents import contents
@@ -97,7 +96,7 @@ for _name, _help in (
 cli.define_int_list(
     "patch_nums",
     None,
-    "token pyramid sides (default 1,2,3,4,5,6,8,10,13,16)",
+    "token pyramid sides (default: the official 256 or 512 px pyramid, told by the transformer's length)",
     FLAGS,
     what="ints",
     example="1,2,3,4,5,6,8,10,13,16",
@@ -106,7 +105,6 @@ cli.define_int_list(
 
 def convert(args: types.SimpleNamespace) -> str:
     """Reads both official files, checks they fit, writes ``args.out``; returns a summary."""
-    patch_nums = {} if args.patch_nums is None else {"patch_nums": args.patch_nums}
     overrides = {
         name: value
         for name, value in (
@@ -118,13 +116,17 @@ def convert(args: types.SimpleNamespace) -> str:
     }
     family, weights = _transformer_flag(args)
     with _naming(f"--vae {args.vae}"):
-        vqvae_config, vqvae_params = vqvae_weights.vqvae_from_state_dict(_read_vqvae(args), **patch_nums)
+        vqvae_state_dict = _read_vqvae(args)
     with _naming(f"--{family} {weights}"):
         state_dict = _read_transformer(args, family, weights)
         transformer_config = transformer_weights.config_from_state_dict(
-            state_dict, family=family, **patch_nums, **overrides
+            state_dict, family=family, patch_nums=args.patch_nums, **overrides
         )
         transformer_params = transformer_weights.params_from_state_dict(state_dict, transformer_config)
+    with _naming(f"--vae {args.vae}"):  # the tokenizer records no pyramid: the transformer's
+        vqvae_config, vqvae_params = vqvae_weights.vqvae_from_state_dict(
+            vqvae_state_dict, patch_nums=transformer_config.patch_nums
+        )
     checkpoint.check_configs(vqvae_config, transformer_config)
     checkpoint.save_model(
         args.out,
@@ -179,7 +181,7 @@ def _read_transformer(args: types.SimpleNamespace, family: str, path: pathlib.Pa
     """``--<family>``'s state dict: refused with a hint when it holds a VQVAE; converted with a
     warning that says what changes when it holds another family's weights of the same layout."""
     state_dict, wrappers = load_official(path)
-    found = contents(state_dict, wrappers, args.patch_nums or PATCH_NUMS_256)
+    found = contents(state_dict, wrappers, args.patch_nums)
     if found.kind == "vqvae":
         raise CheckpointError(
             f"--{family} {path} holds a VQVAE, not transformer weights: did you swap --vae and --{family}?"

@@ -32,6 +32,7 @@ def xla_flags(*flags: str) -> str:
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "official"
 M_VAR_FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "m_var"
+VAR_512 = pathlib.Path(__file__).parent / "fixtures" / "var_512"
 # The M-VAR fixtures: attn_l2_norm True (l21) and False (l20).
 M_VAR_VARIANTS = ("l21", "l20")
 REPO = pathlib.Path(__file__).parent.parent

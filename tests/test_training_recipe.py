@@ -109,7 +109,7 @@ def test_cos_schedule_and_peak_scaling():
     assert float(lr(50)) == pytest.approx(0.5, abs=1e-6)
     assert OptimizerConfig(base_lr=1e-4).peak_learning_rate(448) == pytest.approx(1.75e-4)
     assert OptimizerConfig(base_lr=1e-4, lr_batch=0).peak_learning_rate(448) == 1e-4
-    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+    with pytest.raises(ValueError, match="schedule=.step.; expected one of"):
         optimizer.learning_rate_schedule(peak=1.0, total_steps=10, warmup_steps=0, kind="step")
 
 

@@ -9,10 +9,10 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import M_VAR_FIXTURES, M_VAR_VARIANTS
+from conftest import M_VAR_FIXTURES, M_VAR_VARIANTS, VAR_512
 
 from mvar_jax.errors import CheckpointError, StateDictMismatchError
-from mvar_jax.models.config import TransformerConfig
+from mvar_jax.models.config import PATCH_NUMS_256, PATCH_NUMS_512, TransformerConfig
 from mvar_jax.models.transformer import param_shapes, stack_blocks
 from mvar_jax.weights import transformer as tw
 from mvar_jax.weights.state_dict import load_state_dict
@@ -100,22 +100,26 @@ def test_params_take_the_official_values(mvar_sd):
 
 
 def _official_checkpoints(fixture_dir):
-    with open(fixture_dir / "official_checkpoint_keys.json") as f:
-        keys = json.load(f)
+    """Every released transformer's key -> shape: the 256 px ones and VAR-d36-s at 512 px."""
+    keys = {}
+    for path in (fixture_dir / "official_checkpoint_keys.json", VAR_512 / "var_d36_keys.json"):
+        keys.update(json.loads(path.read_text()))
     return {name: shapes for name, shapes in keys.items() if not name.startswith("vae")}
 
 
 def test_every_official_checkpoint_maps_onto_the_full_size_model(fixture_dir):
     checkpoints = _official_checkpoints(fixture_dir)
-    assert len(checkpoints) == 7
+    assert len(checkpoints) == 8
     for name, shapes in checkpoints.items():
         state_dict = _shape_only(shapes)
         family = "mvar" if name.startswith("mvar") else "var"
-        config = tw.config_from_state_dict(state_dict, family=family)
+        config = tw.config_from_state_dict(state_dict, family=family)  # the pyramid: pos_1LC's
         depth = int(name.split("d")[-1][:2])
         assert (config.depth, config.embed_dim, config.num_heads) == (depth, 64 * depth, depth)
         assert (config.vocab_size, config.cvae, config.num_classes) == (4096, 32, 1000)
-        assert config.attn_l2_norm and not config.shared_aln
+        d36 = name == "var_d36.pth"  # 512 px, shared AdaLN (the README's "d36-s")
+        assert config.attn_l2_norm and config.shared_aln == d36
+        assert config.patch_nums == (PATCH_NUMS_512 if d36 else PATCH_NUMS_256)
         params = tw.params_from_state_dict(state_dict, config)  # views: nothing allocated
         jax.tree.map(lambda p, s: np.testing.assert_equal(p.shape, s.shape), params, param_shapes(config))
 
@@ -166,8 +170,14 @@ def test_bad_requests_raise(mvar_sd):
         tw.config_from_state_dict(mvar_sd, num_heads=8)
     with pytest.raises(ValueError, match="cannot be overridden"):
         tw.config_from_state_dict(mvar_sd, depth=4)
-    with pytest.raises(ValueError, match="pass patch_nums="):
+    with pytest.raises(
+        ValueError, match=r"patch_nums \(1, 2, 4\) give 21; pass the pyramid it was trained on"
+    ):
         tw.config_from_state_dict(mvar_sd, patch_nums=(1, 2, 4))
+    short = dict(mvar_sd, pos_1LC=mvar_sd["pos_1LC"][:, :30])  # the tiny configs' 1..4 pyramid
+    with pytest.raises(ValueError, match="30 positions, the length of no official .* --patch_nums"):
+        tw.config_from_state_dict(short, family="mvar")
+    assert tw.config_from_state_dict(short, family="mvar", patch_nums=(1, 2, 3, 4)).seq_len == 30
     with pytest.raises(StateDictMismatchError, match="head.weight"):
         tw.config_from_state_dict({k: v for k, v in mvar_sd.items() if k != "head.weight"})
     zero_mask = dict(mvar_sd, attn_bias_for_masking=np.zeros((1, 1, 680, 680), np.float32))

@@ -20,8 +20,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-# The official 256 px token pyramid: the side of each scale's token map.
+# The official token pyramids (VAR utils/arg_util.py ``--pn 256 / 512``): the side of each
+# scale's token map, with the release tokenizer's 16x downsampling.
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+OFFICIAL_PYRAMIDS = (PATCH_NUMS_256, PATCH_NUMS_512)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # How MVAR's spatial-Markov attention runs (``models.attention.neighborhood_attention``).

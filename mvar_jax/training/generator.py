@@ -3,14 +3,15 @@
 The transformer learns the token pyramid of a frozen VQVAE: the batch is
 tokenized on the device (or read from the token cache), each step trains one
 segment of the schedule (MVAR's ``ratio_k``:1:...:1 cycle, VAR's and M-VAR's
-whole pyramid), the evaluation is a grid of class-conditional samples and, every
-``val_every`` steps, each scale's loss and accuracy on the validation split (the
-official ``eval_ep``), and the export is a model directory (VQVAE + transformer) for
-``sample.py``.
+whole pyramid; in progressive training cut to the stage's scales), the evaluation
+is a grid of class-conditional samples and, every ``val_every`` steps, each scale's
+loss and accuracy on the validation split (the official ``eval_ep``), and the export
+is a model directory (VQVAE + transformer) for ``sample.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -31,7 +32,7 @@ from mvar_jax.models import families
 from mvar_jax.models.config import InitScales, TransformerConfig
 from mvar_jax.models.transformer import Transformer, unstack_blocks
 from mvar_jax.models.vqvae import VQVAE, VQVAEConfig, split_scales
-from mvar_jax.training import optimizer, state as state_lib, step as step_lib
+from mvar_jax.training import optimizer, progressive, state as state_lib, step as step_lib
 from mvar_jax.training.metrics_writer import MetricsWriter, announce
 from mvar_jax.training.task import Batch, StepFn, from_config, open_eval_source
 from mvar_jax.training.workdir import Architecture
@@ -52,7 +53,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         families.get(config.model.family)
     except ValueError as e:
         raise ValueError(f"config.model.family: {e}") from e
-    for section, cls in (("init", InitScales), ("optim", optimizer.OptimizerConfig)):
+    sections = (("init", InitScales), ("optim", optimizer.OptimizerConfig))
+    for section, cls in sections + (("progressive", progressive.ProgressiveConfig),):
         from_config(section, cls, config[section])
     if config.ratio_k < 1:
         raise ValueError(f"config.ratio_k={config.ratio_k} must be >= 1")
@@ -232,13 +234,27 @@ class GeneratorTask:
             in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
             out_shardings=parallel.batch_sharding(mesh),
         )
+        optim = optimizer.OptimizerConfig(**config.optim)
+        progression = progressive.ProgressiveConfig(**config.progressive)
+        if progression.enabled:  # as the official arg_util.py does
+            optim = dataclasses.replace(optim, schedule=progression.lr_schedule)
         self._tx, self._learning_rate = optimizer.make_optimizer(
-            optimizer.OptimizerConfig(**config.optim),
+            optim,
             global_batch_size=config.batch_size,
             total_steps=num_steps,
             decay_mask=optimizer.official_decay_mask,
         )
         self._schedule = families.get(self._model.config.family).schedule(self._model.config, config.ratio_k)
+        try:
+            self._curriculum = progressive.Curriculum(
+                self._schedule,
+                num_scales=self._model.config.num_scales,
+                total_steps=num_steps,
+                lr_warmup_steps=optim.warmup_fraction * num_steps,
+                progressive=progression,
+            )
+        except ValueError as e:
+            raise ValueError(f"config.progressive: {e}") from e
         self._rng = jax.random.PRNGKey(config.seed)
         self._val_source = None
         if config.val_every:
@@ -268,27 +284,29 @@ class GeneratorTask:
         return create(params)
 
     def train_steps(self) -> list[StepFn]:
-        """One step per segment: each has its own static shapes."""
+        """One step per segment (per segment and stage in progressive training): each has
+        its own static shapes."""
         return [
             step_lib.make_train_step(
                 self._model,
                 self._tx,
                 self._learning_rate,
-                segment,
+                plan.segment,
                 label_smoothing=self._config.label_smoothing,
                 grad_accum_steps=self._config.grad_accum_steps,
+                ramp=plan.ramp,
             )
-            for segment in self._schedule.segments
+            for plan in self._curriculum.plans
         ]
 
     def step_index(self, step: int) -> int:
-        return self._schedule.index_at(step)
+        return self._curriculum.index_at(step)
 
     def prepare_batch(self, batch: Batch) -> Batch:
         return self._tokenize(self._vqvae_params, batch)
 
     def summarize(self, step: int, scalars: Mapping[str, float]) -> tuple[str, dict[str, str]]:
-        segment = self._schedule.segment_at(step - 1)  # the last step's
+        segment = self._curriculum.plan_at(step - 1).segment  # the last step's
         line = (
             f"loss {scalars['loss']:.4f}, lr {scalars['learning_rate']:.3g}, "
             f"grad_norm {scalars['grad_norm']:.3g}"

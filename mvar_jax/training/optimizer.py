@@ -47,9 +47,10 @@ NO_DECAY_KEYS = (
     "scale_mul",
 )
 
-# Fraction of the post-warm-up phase held at the peak rate before the linear decay.
-_LINEAR_HOLD = {"lin": 0.15, "lin0": 0.05}
-SCHEDULES = ("lin0", "lin", "cos")
+# Fraction of the post-warm-up phase held at the peak rate before the decay.
+_HOLD = {"lin": 0.15, "lin0": 0.05, "exp": 0.15}
+# utils/lr_control.py's names; 'lin<T>' (0 < T < 1, e.g. 'lin0.8') is the progressive one.
+SCHEDULES = ("lin0", "lin", "lin00", "lin<T>", "cos", "exp")
 # name -> the update rule (before weight decay and the learning rate).
 _UPDATE_RULES: dict[str, Callable[[Any], optax.GradientTransformation]] = {
     "adamw": lambda o: optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
@@ -76,9 +77,11 @@ class OptimizerConfig:
       weight_decay_end: None: constant; else a half-cosine from ``weight_decay``
         to this at the last step (the official ``--twde``).
       grad_clip: global-norm clipping; <= 0 disables.
-      schedule: after the warm-up, 'lin0' / 'lin' (hold the peak for 5% / 15% of
-        the decay phase, then linear) or 'cos' (half-cosine), down to
-        ``final_lr_ratio * peak`` at the last step.
+      schedule: after the warm-up, down to ``final_lr_ratio * peak`` at the last step:
+        'lin0' / 'lin' (hold the peak for 5% / 15% of the decay phase, then linear),
+        'lin00' (linear), 'lin<T>' (two lines meeting at T of the phase, the official
+        schedule of progressive training), 'cos' (half-cosine) or 'exp' (hold 15%,
+        then exponential).
       warmup_fraction: the share of the run's steps in the linear warm-up.
       warmup_start: lr ratio at the first warm-up step (the official ``--wp0``).
       final_lr_ratio: lr ratio at the last step (the official ``--wpe``).
@@ -105,8 +108,9 @@ class OptimizerConfig:
             raise ValueError(f"base_lr={self.base_lr} must be positive and finite")
         if not isinstance(self.lr_batch, int) or self.lr_batch < 0:
             raise ValueError(f"lr_batch={self.lr_batch!r} must be an int >= 0 (0: no batch scaling)")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r}; expected one of {SCHEDULES}")
+        check_schedule(self.schedule)
+        if self.schedule == "exp" and not self.final_lr_ratio > 0:
+            raise ValueError("schedule='exp' decays to final_lr_ratio, which must then be > 0")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"warmup_fraction={self.warmup_fraction} must be in [0, 1)")
         for name in ("weight_decay", "warmup_start", "final_lr_ratio"):
@@ -118,6 +122,39 @@ class OptimizerConfig:
         return self.base_lr * global_batch_size / self.lr_batch if self.lr_batch else self.base_lr
 
 
+def check_schedule(kind: str) -> None:
+    """Raises ValueError unless ``kind`` is one of ``SCHEDULES``."""
+    if kind in SCHEDULES and kind != "lin<T>":
+        return
+    try:
+        turn = float(kind[3:]) if kind.startswith("lin") else None
+    except ValueError:
+        turn = None
+    if turn is None or not 0 < turn < 1:
+        raise ValueError(f"schedule={kind!r}; expected one of {SCHEDULES}")
+
+
+def _decay(kind: str, final_ratio: float, done: jax.Array) -> jax.Array:
+    """The lr ratio after the warm-up, ``done`` going 0 -> 1 over the decay phase
+    (``lr_wd_annealing``'s branches)."""
+    rest = 1 - done
+    if kind == "cos":
+        return final_ratio + (1 - final_ratio) * (0.5 + 0.5 * jnp.cos(math.pi * done))
+    if kind == "lin00":
+        return final_ratio + (1 - final_ratio) * rest
+    if kind == "exp":
+        hold = _HOLD[kind]
+        return jnp.where(done < hold, 1.0, jnp.exp((done - hold) / (1 - hold) * math.log(final_ratio)))
+    if kind in _HOLD:
+        hold = _HOLD[kind]
+        return jnp.where(done < hold, 1.0, final_ratio + (1 - final_ratio) * rest / (1 - hold))
+    turn = float(kind[3:])  # 'lin<T>': 1 down to ``mid`` at T, then down to the floor
+    mid = (1 + final_ratio + (1 - final_ratio) * (1 - turn)) / 2
+    return jnp.where(
+        done < turn, 1 + (mid - 1) * done / turn, final_ratio + (mid - final_ratio) * rest / (1 - turn)
+    )
+
+
 def learning_rate_schedule(
     *,
     peak: float,
@@ -127,26 +164,16 @@ def learning_rate_schedule(
     warmup_start: float = 0.005,
     final_ratio: float = 0.01,
 ) -> optax.Schedule:
-    """Official ``lr_wd_annealing``: linear warm-up from ``warmup_start * peak``, then decay.
-
-    ``kind`` 'lin'/'lin0' hold the peak for the first 15%/5% of the decay phase,
-    then fall linearly to ``final_ratio * peak`` at the last step; 'cos' is a
-    half-cosine to the same floor.
-    """
-    if kind not in SCHEDULES:
-        raise ValueError(f"unknown learning-rate schedule {kind!r}; expected one of {SCHEDULES}")
+    """Official ``lr_wd_annealing``: linear warm-up from ``warmup_start * peak``, then the
+    ``kind`` of decay (``OptimizerConfig.schedule``) to ``final_ratio * peak`` at the last step."""
+    check_schedule(kind)
     decay_steps = max(total_steps - 1 - warmup_steps, 1)
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
         warm = warmup_start + (1 - warmup_start) * step / max(warmup_steps, 1)
         done = (step - warmup_steps) / decay_steps  # 0 -> 1 over the decay phase
-        if kind == "cos":
-            decay = final_ratio + (1 - final_ratio) * (0.5 + 0.5 * jnp.cos(math.pi * done))
-        else:
-            hold = _LINEAR_HOLD[kind]
-            decay = jnp.where(done < hold, 1.0, final_ratio + (1 - final_ratio) * (1 - done) / (1 - hold))
-        return peak * jnp.where(step < warmup_steps, warm, decay)
+        return peak * jnp.where(step < warmup_steps, warm, _decay(kind, final_ratio, done))
 
     return schedule
 

@@ -5,6 +5,9 @@ length of the whole pyramid, whatever the segment: a step on the 13x13 scale sum
 169 per-token cross-entropies and divides by 680, then averages over the batch.
 Segments therefore contribute in proportion to their size, as in VAR.
 
+Progressive training (``progressive.py``) adds a weight to the tokens of the newest
+scale, ramping up over the steps after it arrives.
+
 Gradient accumulation (the official ``--ac``) runs a step's batch as k micro-batches
 one after another inside the step and averages their gradients: one update, the
 batch's data, one micro-batch's activations in memory.
@@ -21,6 +24,7 @@ import optax
 
 from mvar_jax.models.segments import Segment
 from mvar_jax.models.transformer import Transformer
+from mvar_jax.training import progressive
 from mvar_jax.training.state import TrainState
 from mvar_jax.training.task import Batch, Metrics, StepFn
 
@@ -98,6 +102,7 @@ def make_train_step(
     *,
     label_smoothing: float,
     grad_accum_steps: int = 1,
+    ramp: progressive.Ramp | None = None,
 ) -> StepFn:
     """One optimizer step on scales ``segment`` (pure; jit it with the shardings).
 
@@ -106,6 +111,8 @@ def make_train_step(
     With ``grad_accum_steps`` k > 1, micro-batch j holds examples j, j + k, j + 2k, ...
     (each device keeps its own examples) and draws its dropout with ``fold_in(rng, j)``;
     loss, gradients and metrics are the micro-batches' means, as the whole batch's.
+    ``ramp``: the progressive stage's newest scale (the segment's last), whose tokens'
+    loss weight grows with the step.
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps={grad_accum_steps} must be >= 1")
@@ -113,7 +120,7 @@ def make_train_step(
     begin, end = cfg.token_range(segment.first_scale, segment.last_scale)
     x_begin, x_end = max(begin - cfg.first_l, 0), end - cfg.first_l
 
-    def loss_fn(params: Any, batch: Batch, rng: jax.Array):
+    def loss_fn(params: Any, batch: Batch, rng: jax.Array, weight_l: jax.Array | None):
         logits_BlV = model.apply(
             {"params": params},
             batch["label"],
@@ -125,16 +132,22 @@ def make_train_step(
         )
         targets_Bl = batch["tokens"][:, begin:end]
         ce_Bl = cross_entropy(logits_BlV, targets_Bl, label_smoothing)
+        if weight_l is not None:
+            ce_Bl = ce_Bl * weight_l
         loss = ce_Bl.sum(axis=-1).mean() / cfg.seq_len
         return loss, (logits_BlV, targets_Bl)
 
-    def loss_grads_metrics(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Any, Metrics]:
+    def loss_grads_metrics(
+        params: Any, batch: Batch, rng: jax.Array, weight_l: jax.Array | None
+    ) -> tuple[jax.Array, Any, Metrics]:
         (loss, (logits_BlV, targets_Bl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, batch, rng
+            params, batch, rng, weight_l
         )
         return loss, grads, scale_metrics(logits_BlV, targets_Bl, cfg.patch_nums, segment)
 
-    def accumulated(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Any, Metrics]:
+    def accumulated(
+        params: Any, batch: Batch, rng: jax.Array, weight_l: jax.Array | None
+    ) -> tuple[jax.Array, Any, Metrics]:
         """The means over the micro-batches, run one after another (a scan)."""
         k = grad_accum_steps
         micro_kB = jax.tree.map(
@@ -143,10 +156,11 @@ def make_train_step(
 
         def add_micro_batch(total, j_and_micro):
             j, micro = j_and_micro
-            out = loss_grads_metrics(params, micro, jax.random.fold_in(rng, j))
+            out = loss_grads_metrics(params, micro, jax.random.fold_in(rng, j), weight_l)
             return jax.tree.map(jnp.add, total, out), None
 
-        shapes = jax.eval_shape(loss_grads_metrics, params, jax.tree.map(lambda x: x[0], micro_kB), rng)
+        first = jax.tree.map(lambda x: x[0], micro_kB)
+        shapes = jax.eval_shape(loss_grads_metrics, params, first, rng, weight_l)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         total, _ = jax.lax.scan(add_micro_batch, zeros, (jnp.arange(k), micro_kB))
         return jax.tree.map(lambda t: t / k, total)
@@ -154,7 +168,8 @@ def make_train_step(
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(state.rng, state.step)
         run = loss_grads_metrics if grad_accum_steps == 1 else accumulated
-        loss, grads, scales = run(state.params, batch, rng)
+        weight_l = progressive.token_weights(segment, ramp, cfg.patch_nums, state.step)
+        loss, grads, scales = run(state.params, batch, rng, weight_l)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
@@ -164,6 +179,8 @@ def make_train_step(
             "learning_rate": learning_rate(state.step),
             **scales,
         }
+        if ramp is not None:
+            metrics["progressive_weight"] = ramp.weight(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 

@@ -3,14 +3,13 @@ family, or neither; so that a file given to the wrong converter flag is named fo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from mvar_jax.errors import CheckpointError
 from mvar_jax.models import families
-from mvar_jax.models.config import PATCH_NUMS_256
 from mvar_jax.weights import transformer
 
 # Keys that only the official VQVAE's and the transformers' state dicts hold.
@@ -37,10 +36,11 @@ class Contents(NamedTuple):
 def contents(
     state_dict: Mapping[str, np.ndarray],
     wrappers: tuple[str, ...] = (),
-    patch_nums: tuple[int, ...] = PATCH_NUMS_256,
+    patch_nums: Sequence[int] | None = None,
 ) -> Contents:
     """What ``state_dict`` holds (``wrappers``: the trainer-state keys it sat under;
-    ``patch_nums``: the pyramid its training mask is read against)."""
+    ``patch_nums``: the pyramid its training mask is read against, None: the official
+    one of its length)."""
     if all(k in state_dict for k in VQVAE_KEYS):
         return Contents("vqvae")
     if not all(k in state_dict for k in TRANSFORMER_KEYS):
@@ -49,6 +49,7 @@ def contents(
     if released:  # the release says which; the official fine-tuning keeps VAR's mask buffer
         return Contents("transformer", released[0])
     try:
-        return Contents("transformer", transformer.detect_family(state_dict, tuple(patch_nums)))
-    except CheckpointError:  # no mask, or one of another pyramid
+        pyramid = transformer.pyramid_of(state_dict, patch_nums)
+        return Contents("transformer", transformer.detect_family(state_dict, pyramid))
+    except (CheckpointError, ValueError):  # no mask, or one of another pyramid
         return Contents("transformer")

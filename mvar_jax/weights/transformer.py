@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from flax import traverse_util
 from mvar_jax.atomic_write import atomic_write
 from mvar_jax.errors import CheckpointError, StateDictMismatchError, check_keys
 from mvar_jax.models import attention, families, transformer
-from mvar_jax.models.config import PATCH_NUMS_256, TransformerConfig
+from mvar_jax.models.config import OFFICIAL_PYRAMIDS, TransformerConfig
 from mvar_jax.models.family import Family
 from mvar_jax.weights.state_dict import load_state_dict
 
@@ -107,6 +107,29 @@ def official_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
     return {key: shape for key, _, shape in _param_layout(config).values()}
 
 
+def pyramid_of(
+    state_dict: Mapping[str, np.ndarray], patch_nums: Sequence[int] | None = None
+) -> tuple[int, ...]:
+    """The token pyramid of a transformer state dict: ``patch_nums`` checked against the
+    length of ``pos_1LC``, or (None) the official pyramid of that length."""
+    seq_len = state_dict["pos_1LC"].shape[1]
+    if patch_nums is None:
+        matching = [p for p in OFFICIAL_PYRAMIDS if sum(pn * pn for pn in p) == seq_len]
+        if not matching:
+            raise ValueError(
+                f"pos_1LC has {seq_len} positions, the length of no official token pyramid "
+                f"({', '.join(str(p) for p in OFFICIAL_PYRAMIDS)}); pass its patch_nums "
+                "(convert: --patch_nums)"
+            )
+        return matching[0]
+    if sum(pn * pn for pn in patch_nums) != seq_len:
+        raise ValueError(
+            f"pos_1LC has {seq_len} positions but patch_nums {tuple(patch_nums)} "
+            f"give {sum(pn * pn for pn in patch_nums)}; pass the pyramid it was trained on"
+        )
+    return tuple(patch_nums)
+
+
 def detect_family(state_dict: Mapping[str, np.ndarray], patch_nums: tuple[int, ...]) -> str:
     """The family an official state dict was trained as.
 
@@ -170,7 +193,8 @@ def config_from_state_dict(
         MVAR fine-tuning starts from them).
       num_heads: needed only without L2-normalised attention (default: depth);
         otherwise the per-head ``scale_mul_1H11`` gives it.
-      patch_nums: default TransformerConfig's, checked against ``pos_1LC``.
+      patch_nums: None: the official pyramid (256 or 512 px) of ``pos_1LC``'s length;
+        else checked against it.
       **overrides: other TransformerConfig fields (kernel_size, refine_step,
         dtype, neighborhood_impl, drop_path_rate, cond_drop_rate, norm_eps).
     """
@@ -193,14 +217,7 @@ def config_from_state_dict(
                 f"num_heads={num_heads} but the checkpoint's scale_mul_1H11 has {heads_in_file} heads"
             )
         num_heads = heads_in_file
-    if patch_nums is None:
-        patch_nums = PATCH_NUMS_256
-    seq_len = state_dict["pos_1LC"].shape[1]
-    if sum(pn * pn for pn in patch_nums) != seq_len:
-        raise ValueError(
-            f"pos_1LC has {seq_len} positions but patch_nums {tuple(patch_nums)} "
-            f"give {sum(pn * pn for pn in patch_nums)}; pass patch_nums="
-        )
+    patch_nums = pyramid_of(state_dict, patch_nums)
     if family is None:
         family = detect_family(state_dict, tuple(patch_nums))
     _check_marker(state_dict, families.get(family))
