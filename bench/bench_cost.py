@@ -57,7 +57,7 @@ from bench.bench_sampling import OPTIONS as SAMPLE_OPTIONS, model_configs
 from bench.common import GiB, define_flags, run_case, write_results
 from mvar_jax import checkpoint, cli, parallel, sampling
 from mvar_jax.models import families, transformer
-from mvar_jax.models.config import NEIGHBORHOOD_IMPLS, InitScales, TransformerConfig
+from mvar_jax.models.config import NEIGHBORHOOD_IMPLS, REMATS, InitScales, TransformerConfig
 from mvar_jax.models.segments import Segment
 from mvar_jax.models.vqvae import VQVAEConfig, abstract_variables
 from mvar_jax.training import optimizer, state as state_lib, step as step_lib
@@ -78,19 +78,21 @@ class Program:
     blocks: str = "stacked"
     chunk_tokens: int = sampling.CHUNK_TOKENS
     grad_accum: int = 1  # train: micro-batches per step (the batch is the step's)
+    remat: str = "none"  # train: TransformerConfig.remat
     smoke: bool = False
 
     def name(self, config: TransformerConfig) -> str:
         if self.kind != "train":
             return self.kind
         accum = f" in {self.grad_accum} micro-batches" if self.grad_accum > 1 else ""
-        return f"train {Segment(*self.segment).name(config.patch_nums)}{accum}"
+        remat = f", remat {self.remat}" if self.remat != "none" else ""
+        return f"train {Segment(*self.segment).name(config.patch_nums)}{accum}{remat}"
 
 
 def configs(program: Program) -> tuple[VQVAEConfig, TransformerConfig]:
     """The released tokenizer and the official d-depth model at bfloat16 (toy with smoke)."""
     vqvae_config, config = model_configs(program.family, program.smoke)
-    config = dataclasses.replace(config, neighborhood_impl=program.neighborhood_impl)
+    config = dataclasses.replace(config, neighborhood_impl=program.neighborhood_impl, remat=program.remat)
     if not program.smoke:
         config = dataclasses.replace(
             config,
@@ -398,6 +400,9 @@ flags.DEFINE_enum(
     "sampler params: stacked (as load_model returns them, scanned) or per-block (unrolled), for ablations",
     flag_values=FLAGS,
 )
+flags.DEFINE_enum(
+    "remat", "none", REMATS, "train: what the backward pass keeps of each block", flag_values=FLAGS
+)
 flags.DEFINE_integer(
     "grad_accum", 1, "train: each step's batch in this many micro-batches", lower_bound=1, flag_values=FLAGS
 )
@@ -446,6 +451,7 @@ def main(argv: list[str] | None = None) -> None:
                     blocks=args.blocks,
                     chunk_tokens=args.chunk_tokens or UNCHUNKED,
                     grad_accum=args.grad_accum,
+                    remat=args.remat,
                     smoke=args.smoke,
                 ):
                     if program in done:

@@ -57,11 +57,12 @@ DENSE = "dense"  # The attention impl column of segments without spatial-Markov 
 
 
 def model_config(family: str, smoke: bool) -> TransformerConfig:
-    """d16 at 256 px with the released tokenizer's vocabulary, or the toy
-    (``bench.common.toy_configs``) for --smoke."""
+    """d16 at 256 px with the released tokenizer's vocabulary and the recipe's rematerialisation,
+    or the toy (``bench.common.toy_configs``) for --smoke."""
     if smoke:
         return bench_common.toy_configs(family)[1]
-    return TransformerConfig(family=family, depth=16, drop_path_rate=None, dtype="bfloat16")
+    remat = recipe().model.remat
+    return TransformerConfig(family=family, depth=16, drop_path_rate=None, dtype="bfloat16", remat=remat)
 
 
 def recipe() -> ml_collections.ConfigDict:

@@ -78,6 +78,7 @@ def get_config(tokenizer: str = "demo"):
     m.refine_step = t["refine_step"]
     m.kernel_size = t["kernel_size"]
     m.dtype = "float32"  # bfloat16 matmuls are slow on CPUs
+    m.remat = "none"  # a toy's activations are small: keep them and skip the recomputation
 
     common.use_builtin_shapes(c, image_size=t["image_size"])
     c.data.token_cache_dir = t["token_cache_dir"]

@@ -25,6 +25,7 @@ import numpy as np
 
 from mvar_jax.kernels.neighborhood import neighborhood_attention_reference, neighborhood_window_starts
 from mvar_jax.kernels.spatial_markov import Tiling, spatial_markov_attention
+from mvar_jax.models import recompute
 from mvar_jax.models.config import NEIGHBORHOOD_IMPLS
 
 # The masked formulation attends each axis whole up to this size (dense attention
@@ -33,6 +34,8 @@ from mvar_jax.models.config import NEIGHBORHOOD_IMPLS
 # attending the span of rows its windows cover (8 + k - 1 at most).
 MASKED_WHOLE_AXIS = 16
 MASKED_TILES = (8, 7, 6, 5, 4)
+# What jax.nn.dot_product_attention writes for a masked float32 logit.
+_MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 
 
 class AxisTiling(NamedTuple):
@@ -140,22 +143,66 @@ def block_diagonal_mask(patch_nums: Sequence[int]) -> np.ndarray:
 
 
 def dense_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: np.ndarray | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    scale: float,
+    mask: np.ndarray | None = None,
+    *,
+    lean_backward: bool = False,
 ) -> jax.Array:
     """Softmax attention over token sequences; logits and softmax in float32.
+
+    The value is ``jax.nn.dot_product_attention``'s. With ``lean_backward`` its
+    gradient keeps q, k, v and each query's log-sum-exp, not the
+    ``(B, heads, lq, lk)`` probabilities: the backward pass recomputes them once the
+    output's gradient has arrived (``recompute.tied_to``), so a training step holds
+    one block's probabilities at a time instead of every block's (the
+    flash-attention backward, in plain XLA; ``TransformerConfig.remat``). Without it,
+    plain autodiff.
 
     Args:
       q: ``(B, lq, heads, head_dim)``; k, v: ``(B, lk, heads, head_dim)``.
       scale: logit multiplier.
       mask: optional static boolean ``(lq, lk)``, True where a query may attend.
     """
-    if mask is not None:
-        mask = jnp.asarray(mask, bool)[None, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    allowed = None if mask is None else jnp.asarray(mask, bool)[None, None]
+    if not lean_backward:
+        return jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=scale)
+
+    def logits_of(q, k):  # (B, heads, lq, lk), float32, masked as dot_product_attention masks
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        return logits if allowed is None else jnp.where(allowed, logits, _MASKED_LOGIT)
+
+    @jax.custom_vjp
+    def attend(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=scale)
+
+    def forward(q, k, v):
+        logits = logits_of(q, k)
+        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+        out = jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(logits - lse).astype(v.dtype), v)
+        return out, (q, k, v, lse)
+
+    def backward(saved, d_out):
+        q, k, v, lse = saved
+        (q_after,) = recompute.tied_to(d_out, q)  # not the forward's logits, nor early
+        probs = jnp.exp(logits_of(q_after, k) - lse)
+        d_v = jnp.einsum("bhqk,bqhd->bkhd", probs.astype(v.dtype), d_out, preferred_element_type=jnp.float32)
+        d_probs = jnp.einsum("bqhd,bkhd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+        d_logits = (probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True)) * scale).astype(
+            q.dtype
+        )
+        d_q = jnp.einsum("bhqk,bkhd->bqhd", d_logits, k, preferred_element_type=jnp.float32)
+        d_k = jnp.einsum("bhqk,bqhd->bkhd", d_logits, q, preferred_element_type=jnp.float32)
+        return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+    attend.defvjp(forward, backward)
+    return attend(q, k, v)
 
 
 def block_diagonal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, ids: np.ndarray, scale: float
+    q: jax.Array, k: jax.Array, v: jax.Array, ids: np.ndarray, scale: float, *, lean_backward: bool = False
 ) -> jax.Array:
     """MVAR scale-Markov attention: each token sees only the tokens of its own scale.
 
@@ -171,11 +218,18 @@ def block_diagonal_attention(
             f"as queries, got ids {ids.shape}, q {q.shape}, k {k.shape}"
         )
     mask = None if ids[0] == ids[-1] else ids[:, None] == ids[None, :]
-    return dense_attention(q, k, v, scale, mask)
+    return dense_attention(q, k, v, scale, mask, lean_backward=lean_backward)
 
 
 def block_causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_ids: np.ndarray, k_ids: np.ndarray, scale: float
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_ids: np.ndarray,
+    k_ids: np.ndarray,
+    scale: float,
+    *,
+    lean_backward: bool = False,
 ) -> jax.Array:
     """VAR attention: a token of scale l sees every token of the scales <= l.
 
@@ -189,7 +243,7 @@ def block_causal_attention(
             f"q_ids {q_ids.shape} for q {q.shape}, k_ids {k_ids.shape} for k {k.shape}"
         )
     mask = q_ids[:, None] >= k_ids[None, :]
-    return dense_attention(q, k, v, scale, None if mask.all() else mask)
+    return dense_attention(q, k, v, scale, None if mask.all() else mask, lean_backward=lean_backward)
 
 
 def neighborhood_attention(
@@ -235,6 +289,7 @@ def markov_attention(
     kernel_size: int,
     impl: str = "auto",
     tiling: Tiling | None = None,
+    lean_backward: bool = False,
 ) -> jax.Array:
     """Scale-Markov attention over the tokens of scales ``[first_scale, last_scale)``.
 
@@ -254,7 +309,14 @@ def markov_attention(
     n_small = int(np.sum(q_ids < refine_step))
     if n_small:
         outputs.append(
-            block_diagonal_attention(q[:, :n_small], k[:, :n_small], v[:, :n_small], q_ids[:n_small], scale)
+            block_diagonal_attention(
+                q[:, :n_small],
+                k[:, :n_small],
+                v[:, :n_small],
+                q_ids[:n_small],
+                scale,
+                lean_backward=lean_backward,
+            )
         )
     begin = n_small
     for si in range(max(first_scale, refine_step), last_scale):

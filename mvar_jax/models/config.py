@@ -29,6 +29,11 @@ OFFICIAL_PYRAMIDS = (PATCH_NUMS_256, PATCH_NUMS_512)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # How MVAR's spatial-Markov attention runs (``models.attention.neighborhood_attention``).
 NEIGHBORHOOD_IMPLS = ("auto", "masked", "reference", "pallas", "pallas_interpret")
+# What the backward pass of a training step keeps of each block: 'none' every activation the
+# gradient needs (plain autodiff), 'attention' all but the attention probabilities (recomputed from
+# q, k and each row's log-sum-exp), 'block' only the block's input (the block runs again when its
+# gradient arrives, its attention as with 'attention').
+REMATS = ("none", "attention", "block")
 
 
 def official_drop_path_rate(depth: int) -> float:
@@ -89,6 +94,7 @@ class TransformerConfig:
     neighborhood_impl: str = "auto"
     neighborhood_tiling: tuple[int, int, int, int] | None = None
     mamba_inference_chunk_size: int = 16
+    remat: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "patch_nums", tuple(int(p) for p in self.patch_nums))
@@ -126,6 +132,8 @@ class TransformerConfig:
                 fail(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             fail(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.remat not in REMATS:
+            fail(f"remat must be one of {REMATS}, got {self.remat!r}")
         if self.neighborhood_impl not in NEIGHBORHOOD_IMPLS:
             fail(f"neighborhood_impl must be one of {NEIGHBORHOOD_IMPLS}, got {self.neighborhood_impl!r}")
         if self.neighborhood_tiling is not None and len(self.neighborhood_tiling) != 4:

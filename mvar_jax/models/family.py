@@ -37,7 +37,7 @@ class Family:
       summary: one line for help texts.
       block: the residual block, an ``nn.Module`` class built as
         ``block(config, attend, drop_path_rate, init_scales=...)`` and called as
-        ``block(x_BlC, cond, first_scale=, last_scale=, deterministic=, cache=)``
+        ``block(x_BlC, cond, first_scale, last_scale, deterministic, cache)``
         -> ``(x_BlC, cache)``.
       attend: the block's attention over the pyramid (``Attend``).
       keys_per_query: ``(config, si) -> keys`` a query of scale si attends: what the

@@ -168,7 +168,6 @@ class AdaLNSelfAttn(nn.Module):
         self,
         x_BlC: jax.Array,
         cond: jax.Array,
-        *,
         first_scale: int,
         last_scale: int,
         deterministic: bool = True,

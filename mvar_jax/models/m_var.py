@@ -88,7 +88,6 @@ class AdaLNAttnMamba(AdaLNSelfAttn):
         self,
         x_BlC: jax.Array,
         cond_BD: jax.Array,
-        *,
         first_scale: int,
         last_scale: int,
         deterministic: bool = True,

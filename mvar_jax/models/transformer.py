@@ -26,6 +26,13 @@ layout of checkpoints and converters. ``stack_blocks`` turns them into one
 scan_blocks=True)`` runs with ``jax.lax.scan``: one compiled block per scale
 instead of ``depth`` (the sampler's compile time), and the per-block weight
 casts stay inside the loop. ``unstack_blocks`` is the inverse.
+
+``config.remat`` trades a training step's memory for FLOPs (``config.REMATS``):
+'attention' recomputes the attention probabilities in the backward pass
+(``attention.dense_attention``'s lean backward), 'block' each whole block when its
+gradient arrives (``recompute.recomputed``): one block's activations in memory
+instead of every block's, for a third more FLOPs. Same params, same numbers up to
+float rounding; under 'block' the drop-path masks come from another key stream.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mvar_jax.models import attention, families
+from mvar_jax.models import attention, families, recompute
 from mvar_jax.models.config import InitScales, TransformerConfig
 from mvar_jax.models.layers import AdaLNBeforeHead, init_std, normal_init
 
@@ -70,8 +77,8 @@ class Transformer(nn.Module):
             self.stacked_blocks = self.param("blocks", stacked_blocks_init(cfg, self.init_scales))
         else:
             self.blocks = [
-                self.family.block(cfg, self.family.attend, float(rate), init_scales=self.init_scales)
-                for rate in np.linspace(0.0, cfg.drop_path_rate, cfg.depth)
+                self.family.block(cfg, self.family.attend, rate, init_scales=self.init_scales)
+                for rate in self._drop_path_rates()
             ]
         self.head_nm = AdaLNBeforeHead(cfg, init_scales=self.init_scales)
         self.head = nn.Dense(cfg.vocab_size, kernel_init=normal_init(std * self.init_scales.head))
@@ -202,18 +209,39 @@ class Transformer(nn.Module):
                     "scanned blocks are for inference: train with the per-block params (scan_blocks=False)"
                 )
             return self._scanned_blocks(x_BlC, cond, first_scale, last_scale, cache)
+        if self.config.remat == "block" and not deterministic and not self.is_initializing():
+            return self._recomputed_blocks(x_BlC, cond, first_scale, last_scale), None
         new_cache = []
         for i, block in enumerate(self.blocks):
             x_BlC, block_cache = block(
-                x_BlC,
-                cond,
-                first_scale=first_scale,
-                last_scale=last_scale,
-                deterministic=deterministic,
-                cache=None if cache is None else cache[i],
+                x_BlC, cond, first_scale, last_scale, deterministic, None if cache is None else cache[i]
             )
             new_cache.append(block_cache)
         return x_BlC, None if cache is None else tuple(new_cache)
+
+    def _drop_path_rates(self) -> list[float]:
+        """Stochastic depth of each block, rising linearly from 0 (the official ``dpr``)."""
+        return [float(r) for r in np.linspace(0.0, self.config.drop_path_rate, self.config.depth)]
+
+    def _recomputed_blocks(self, x_BlC, cond, first_scale, last_scale):
+        """Training blocks whose backward pass keeps only their inputs (``config.remat``)."""
+        cfg, params = self.config, self.variables["params"]
+        key = self.make_rng("dropout")
+        for i, rate in enumerate(self._drop_path_rates()):
+            block = self.family.block(
+                cfg, self.family.attend, rate, init_scales=self.init_scales, parent=None
+            )
+            run = functools.partial(
+                self._apply_block, block, jax.random.fold_in(key, i), first_scale, last_scale
+            )
+            x_BlC = recompute.recomputed(run, tie=(1, 2))(params[f"blocks_{i}"], x_BlC, cond)
+        return x_BlC
+
+    @staticmethod
+    def _apply_block(block, key, first_scale, last_scale, params, x_BlC, cond):
+        """One training block, applied to its params alone (no cache)."""
+        rngs = {"dropout": key}
+        return block.apply({"params": params}, x_BlC, cond, first_scale, last_scale, False, rngs=rngs)[0]
 
     def _scanned_blocks(self, x_BlC, cond, first_scale, last_scale, cache):
         """The blocks as one ``lax.scan`` over the stacked params and cache (``stack_cache``).

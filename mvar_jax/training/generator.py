@@ -40,7 +40,7 @@ from mvar_jax.weights import transformer as transformer_weights
 
 # Execution choices that leave the params unchanged, so a run may resume with others
 # (e.g. neighborhood_impl='reference' when the Pallas kernel fails on a GPU).
-EXECUTION_FIELDS = ("neighborhood_impl", "dtype", "mamba_inference_chunk_size")
+EXECUTION_FIELDS = ("neighborhood_impl", "dtype", "mamba_inference_chunk_size", "remat")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
