@@ -19,6 +19,7 @@ from bench import (
     bench_sampling,
     bench_spatial_markov,
     bench_train_step,
+    bench_train_vs_official,
     common,
     tune_spatial_markov,
 )
@@ -67,6 +68,15 @@ def test_train_step_bench(tmp_path):
     assert any(model == "VAR-d2" for model, _, _ in segments)
     assert all(r["ms_per_step"] > 0 for r in results["rows"])
     assert "reference / pallas_interpret" in (tmp_path / "results.md").read_text()
+
+
+def test_train_vs_official_bench_runs_our_side(tmp_path):
+    """The side-by-side bench without an official checkout (as in CI): our steps alone."""
+    bench_train_vs_official.main(["--out", str(tmp_path), "--smoke"])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["family"], r["name"]) for r in rows] == [("var", "1-4"), ("mvar", "1-2")]
+    assert all(r["ours"]["step_s"] > 0 and "official" not in r for r in rows)
+    assert "| VAR-d1 | 1-4 |" in (tmp_path / "results.md").read_text()
 
 
 def _case(bench, case, capsys) -> dict:
