@@ -36,6 +36,7 @@ import numpy as np
 from absl import flags
 
 from bench.common import define_flags, header, run_case, write_results
+from mvar_jax.models import families
 
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 VOCAB, CVAE, CLASSES = 4096, 32, 1000
@@ -202,21 +203,17 @@ def markdown(rows: list[dict[str, Any]], head: dict[str, Any]) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        theirs = r.get("official")
-        cells = (
-            ("-", "-", "-")
-            if theirs is None
-            else (
-                f"{theirs['first_s']:.2f}",
-                f"{theirs['step_s']:.3f}",
-                f"{r['ours']['step_s'] / theirs['step_s']:.2f}",
-            )
-        )
-        lines.append(
-            f"| {r['family'].upper()}-d{head['depth']} | {r['name']} | {r['ours']['first_s']:.2f} | "
-            f"{cells[0]} | "
-            f"{r['ours']['step_s']:.3f} | {cells[1]} | {cells[2]} |"
-        )
+        ours_, theirs = r["ours"], r.get("official")
+        cells = [
+            f"{families.get(r['family']).title}-d{head['depth']}",
+            r["name"],
+            f"{ours_['first_s']:.2f}",
+            "-" if theirs is None else f"{theirs['first_s']:.2f}",
+            f"{ours_['step_s']:.3f}",
+            "-" if theirs is None else f"{theirs['step_s']:.3f}",
+            "-" if theirs is None else f"{ours_['step_s'] / theirs['step_s']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
