@@ -42,7 +42,7 @@ import numpy as np
 import PIL.Image
 from absl import flags
 
-from mvar_jax import checkpoint, cli, parallel, sampling
+from mvar_jax import checkpoint, cli, compilation_cache, parallel, sampling
 from mvar_jax.atomic_write import atomic_write
 from mvar_jax.data import preprocess
 from mvar_jax.errors import CheckpointError
@@ -148,6 +148,9 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
     "process_id", -1, "with --distributed: this process's id (-1: detect)", flag_values=FLAGS
 )
+
+
+cli.define_compilation_cache_flag(FLAGS)
 
 
 def parse(argv: Sequence[str] | None) -> types.SimpleNamespace:
@@ -300,6 +303,7 @@ def write_out(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    compilation_cache.enable(args.compilation_cache)
     if args.distributed:  # before any JAX computation
         parallel.initialize_distributed(
             types.SimpleNamespace(

@@ -9,6 +9,8 @@ exits with status 2 and ``<prog>: error: <what>`` on stderr, as argparse did.
 
 from __future__ import annotations
 
+import os
+import pathlib
 import sys
 import textwrap
 import types
@@ -18,6 +20,22 @@ from typing import Any, NoReturn
 from absl import flags
 
 from mvar_jax import sampling
+
+
+def user_cache_dir() -> pathlib.Path:
+    """``$XDG_CACHE_HOME/mvar_jax`` (``~/.cache/mvar_jax``): what the commands keep between runs."""
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "mvar_jax"
+
+
+def define_compilation_cache_flag(flag_values: flags.FlagValues) -> None:
+    """``--compilation_cache DIR`` (``mvar_jax.compilation_cache.enable``)."""
+    flags.DEFINE_string(
+        "compilation_cache",
+        None,
+        "keep compiled programs here for the next run (default: $MVAR_JAX_COMPILATION_CACHE or "
+        "~/.cache/mvar_jax/xla; '' turns it off)",
+        flag_values=flag_values,
+    )
 
 
 def _ints(text: str, what: str, example: str) -> tuple[int, ...]:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 import ml_collections
 from absl import flags
 
-from mvar_jax import cli
+from mvar_jax import cli, compilation_cache
 from mvar_jax.data import records, token_cache
 from mvar_jax.eval import quality
 from mvar_jax.models.vqvae import VQVAE
@@ -242,10 +242,12 @@ flags.DEFINE_string(
     "where the judge is trained once and kept (default: $XDG_CACHE_HOME/mvar_jax or ~/.cache/mvar_jax)",
     flag_values=FLAGS,
 )
+cli.define_compilation_cache_flag(FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
+    compilation_cache.enable(args.compilation_cache)
     classifier_cache = (
         pathlib.Path(args.classifier_cache) if args.classifier_cache else quality.default_cache_dir()
     )

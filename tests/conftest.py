@@ -15,6 +15,9 @@ import PIL.Image
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The commands' persistent compilation cache stays off in the tests (and in the commands they
+# start), so that no test reads what another compiled; test_sample_cli turns it on in a tmp dir.
+os.environ["MVAR_JAX_COMPILATION_CACHE"] = ""
 # Unoptimised CPU code compiles faster, but XLA 0.10's CPU backend miscompiles at this level
 # (lax.map's int32 outputs came back zeroed in places): only for runs checked against runs with
 # the same flag (a crash and its resume), never for a result a reference checks.

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -165,6 +167,28 @@ def test_memory_options_are_checked_and_reach_the_sampler(tiny_checkpoints, caps
     ((model, options),) = calls
     assert (options.decode_batch_size, options.chunk_tokens) == (1, 64)
     assert blocks_are_stacked(model.transformer_params)  # as load_model returns it
+
+
+def test_a_second_process_reuses_the_compiled_programs(tiny_checkpoints, tiny_io, tmp_path):
+    """--compilation_cache: the first run fills it; the second finds every program there (it
+    writes nothing new) and draws the same, official, images."""
+    cache = tmp_path / "xla"
+
+    def run(out: pathlib.Path) -> np.ndarray:
+        labels = ",".join(map(str, tiny_io["label"]))
+        argv = ["--checkpoint", str(tiny_checkpoints["mvar"]), "--labels", labels, *GREEDY, "--out", str(out)]
+        subprocess.run(
+            [sys.executable, "sample.py", *argv, "--compilation_cache", str(cache)], cwd=REPO, check=True
+        )
+        with np.load(out) as f:
+            return f["images"]
+
+    first = run(tmp_path / "a.npz")
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries  # the sampler and the decoder
+    np.testing.assert_array_equal(run(tmp_path / "b.npz"), first)
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    np.testing.assert_allclose(first, tiny_io["mvar_greedy_img"].transpose(0, 2, 3, 1), atol=1e-4, rtol=0)
 
 
 def test_command_line_exit_status(tiny_checkpoints, tmp_path):

@@ -346,7 +346,7 @@ def evaluate_model(
 
 def default_cache_dir() -> pathlib.Path:
     """``$XDG_CACHE_HOME/mvar_jax`` (``~/.cache/mvar_jax``): where the CLI keeps classifiers."""
-    return pathlib.Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "mvar_jax"
+    return cli.user_cache_dir()
 
 
 PROG = "python -m mvar_jax.eval.quality"
