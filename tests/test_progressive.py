@@ -70,7 +70,9 @@ def test_new_scales_ramp_up_as_the_official_loss_weight():
     assert ramps[5] == Ramp(5, 99, 1000 / 300)
     np.testing.assert_allclose([ramps[5].weight(s) for s in (99, 100, 101, 102, 500)], [0.3, 0.6, 0.9, 1, 1])
     assert float(Ramp(5, 99, 500.0).weight(99)) == pytest.approx(0.01)  # 1/500, floored at 0.01
-    weights = progressive.token_weights(Segment(0, 6), ramps[5], PATCH_NUMS_256, 99)
+    weights = progressive.token_weights(
+        Segment(0, 6), ramps[5], TransformerConfig(patch_nums=PATCH_NUMS_256), 99
+    )
     np.testing.assert_allclose(weights, [1.0] * 55 + [0.3] * 36, rtol=1e-6)  # 1x1..5x5, then 6x6
 
 

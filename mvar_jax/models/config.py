@@ -180,6 +180,11 @@ class TransformerConfig:
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
+    @property
+    def lean_attention_backward(self) -> bool:
+        """Whether training attention recomputes its probabilities (every ``remat`` but 'none')."""
+        return self.remat != "none"
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TransformerConfig:
         return from_dict(cls, d)

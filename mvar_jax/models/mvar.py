@@ -68,7 +68,7 @@ def attend(
         kernel_size=config.kernel_size,
         impl=config.neighborhood_impl,
         tiling=None if config.neighborhood_tiling is None else _tiling(*config.neighborhood_tiling),
-        lean_backward=config.remat != "none",
+        lean_backward=config.lean_attention_backward,
     )
 
 

@@ -41,8 +41,9 @@ def attend(q, k, v, config: TransformerConfig, first_scale: int, last_scale: int
     (teacher forcing starts at 0; cached inference has one scale of queries and the cache's prefix)."""
     q_ids = attention.scale_ids(config.patch_nums, first_scale, last_scale)
     k_ids = attention.scale_ids(config.patch_nums, 0, last_scale)
-    lean = config.remat != "none"
-    return attention.block_causal_attention(q, k, v, q_ids, k_ids, scale, lean_backward=lean)
+    return attention.block_causal_attention(
+        q, k, v, q_ids, k_ids, scale, lean_backward=config.lean_attention_backward
+    )
 
 
 def block_causal_mask(patch_nums: Sequence[int]) -> np.ndarray:

@@ -53,8 +53,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         families.get(config.model.family)
     except ValueError as e:
         raise ValueError(f"config.model.family: {e}") from e
-    sections = (("init", InitScales), ("optim", optimizer.OptimizerConfig))
-    for section, cls in sections + (("progressive", progressive.ProgressiveConfig),):
+    sections = (
+        ("init", InitScales),
+        ("optim", optimizer.OptimizerConfig),
+        ("progressive", progressive.ProgressiveConfig),
+    )
+    for section, cls in sections:
         from_config(section, cls, config[section])
     if config.ratio_k < 1:
         raise ValueError(f"config.ratio_k={config.ratio_k} must be >= 1")

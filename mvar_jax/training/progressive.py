@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from mvar_jax.models.config import TransformerConfig
 from mvar_jax.models.segments import Segment, SegmentSchedule
 
 # The new scale's weight never falls below this (trainer.py: ``max(..., 0.01)``).
@@ -182,7 +182,7 @@ def _stage_starts(stage_of, total_steps: int) -> dict[int, int]:
 
 
 def token_weights(
-    segment: Segment, ramp: Ramp | None, patch_nums: Sequence[int], step: jax.Array
+    segment: Segment, ramp: Ramp | None, config: TransformerConfig, step: jax.Array
 ) -> jax.Array | None:
     """``(l,)`` loss weight of each token of ``segment`` at ``step`` (None: all 1). The
     ramped scale is the segment's last (a stage cuts its segment there)."""
@@ -190,7 +190,6 @@ def token_weights(
         return None
     if ramp.scale != segment.last_scale - 1:
         raise ValueError(f"the ramped scale {ramp.scale} must end the segment {segment}")
-    begin = sum(pn * pn for pn in patch_nums[: segment.first_scale])
-    end = sum(pn * pn for pn in patch_nums[: segment.last_scale])
-    new = patch_nums[ramp.scale] ** 2
+    begin, end = config.token_range(segment.first_scale, segment.last_scale)
+    new = config.patch_nums[ramp.scale] ** 2
     return jnp.concatenate([jnp.ones(end - begin - new), jnp.full(new, ramp.weight(step))])

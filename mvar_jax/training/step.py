@@ -168,7 +168,7 @@ def make_train_step(
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(state.rng, state.step)
         run = loss_grads_metrics if grad_accum_steps == 1 else accumulated
-        weight_l = progressive.token_weights(segment, ramp, cfg.patch_nums, state.step)
+        weight_l = progressive.token_weights(segment, ramp, cfg, state.step)
         loss, grads, scales = run(state.params, batch, rng, weight_l)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

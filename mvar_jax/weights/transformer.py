@@ -219,7 +219,7 @@ def config_from_state_dict(
         num_heads = heads_in_file
     patch_nums = pyramid_of(state_dict, patch_nums)
     if family is None:
-        family = detect_family(state_dict, tuple(patch_nums))
+        family = detect_family(state_dict, patch_nums)
     _check_marker(state_dict, families.get(family))
 
     return TransformerConfig(
@@ -232,7 +232,7 @@ def config_from_state_dict(
         mlp_ratio=state_dict["blocks.0.ffn.fc1.weight"].shape[0] / embed_dim,
         shared_aln="shared_ada_lin.1.weight" in state_dict,
         attn_l2_norm=attn_l2_norm,
-        patch_nums=tuple(patch_nums),
+        patch_nums=patch_nums,
         family=family,
         **overrides,
     )
