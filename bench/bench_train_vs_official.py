@@ -35,23 +35,28 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from bench.common import define_flags, header, run_case, write_results
+from bench.common import define_flags, header, run_case, toy_configs, write_results
 from mvar_jax.models import families
+from mvar_jax.models.config import PATCH_NUMS_256, TransformerConfig
+from mvar_jax.models.segments import Segment
 
-PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 VOCAB, CVAE, CLASSES = 4096, 32, 1000
 # family, segment (scales [first, last)), whether the official code can run it here.
 ROWS = (("var", (0, 10), True), ("mvar", (0, 8), True), ("mvar", (8, 9), False), ("mvar", (9, 10), False))
 
 
-def _token_range(first: int, last: int) -> tuple[int, int]:
-    sizes = [p * p for p in PATCH_NUMS]
-    return sum(sizes[:first]), sum(sizes[:last])
+def _pyramid(smoke: bool) -> dict[str, Any]:
+    """The official 256 px pyramid and MVAR attention (TransformerConfig's defaults), or the
+    smoke runs' toy ones (``bench.common.toy_configs``)."""
+    if not smoke:
+        return {}
+    toy = toy_configs("mvar")[1]
+    return dict(patch_nums=toy.patch_nums, refine_step=toy.refine_step, kernel_size=toy.kernel_size)
 
 
 def _batch(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    L = sum(p * p for p in PATCH_NUMS)
+    L = TransformerConfig().seq_len
     return {
         "label": rng.integers(0, CLASSES, (batch,)).astype(np.int32),
         "tokens": rng.integers(0, VOCAB, (batch, L)).astype(np.int32),
@@ -78,8 +83,7 @@ def ours(case: dict[str, Any]) -> dict[str, Any]:
     import jax
 
     from mvar_jax.configs import common
-    from mvar_jax.models.config import InitScales, TransformerConfig
-    from mvar_jax.models.segments import Segment
+    from mvar_jax.models.config import InitScales
     from mvar_jax.models.transformer import Transformer
     from mvar_jax.training import optimizer, state as state_lib, step as step_lib
 
@@ -91,10 +95,8 @@ def ours(case: dict[str, Any]) -> dict[str, Any]:
         num_classes=CLASSES,
         depth=depth,
         drop_path_rate=None,
-        patch_nums=PATCH_NUMS if not case["smoke"] else (1, 2, 3, 4),
-        refine_step=8 if not case["smoke"] else 2,
-        kernel_size=7 if not case["smoke"] else 3,
         dtype="float32",
+        **_pyramid(case["smoke"]),
     )
     recipe = common.get_config()
     tx, lr = optimizer.make_optimizer(
@@ -153,7 +155,7 @@ def official(case: dict[str, Any]) -> dict[str, Any]:
     build = models.build_vae_var if family == "var" else models.build_vae_mvar
     _, net = build(
         device="cpu",
-        patch_nums=PATCH_NUMS,
+        patch_nums=PATCH_NUMS_256,
         depth=depth,
         shared_aln=False,
         attn_l2_norm=True,
@@ -165,7 +167,7 @@ def official(case: dict[str, Any]) -> dict[str, Any]:
     data = {k: torch.from_numpy(v) for k, v in _batch(case["batch"]).items()}
     label, tokens, x = data["label"].long(), data["tokens"].long(), data["x_BLCv"]
     L = tokens.shape[1]
-    begin, end = _token_range(*case["segment"])
+    begin, end = TransformerConfig().token_range(*case["segment"])
     loss_weight = torch.ones(1, L) / L
     ce = torch.nn.CrossEntropyLoss(reduction="none")
 
@@ -245,8 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.smoke:
             segment = (0, 4) if family == "var" else (0, 2)
         case = dict(base, family=family, segment=list(segment))
-        first, last = PATCH_NUMS[segment[0]], PATCH_NUMS[segment[1] - 1]
-        row = dict(family=family, name=str(first) if first == last else f"{first}-{last}")
+        patch_nums = _pyramid(args.smoke).get("patch_nums", PATCH_NUMS_256)
+        row = dict(family=family, name=Segment(*segment).name(patch_nums))
         row["ours"] = (
             ours(case) if args.smoke else run_case("bench.bench_train_vs_official", dict(case, side="ours"))
         )
