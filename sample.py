@@ -48,7 +48,9 @@ from mvar_jax.data import preprocess
 from mvar_jax.errors import CheckpointError
 from mvar_jax.eval import sample_set
 from mvar_jax.images import labelled_grid
-from mvar_jax.models.config import NEIGHBORHOOD_IMPLS
+from mvar_jax.models import families, kv_compression
+from mvar_jax.models.config import NEIGHBORHOOD_IMPLS, TransformerConfig
+from mvar_jax.sampling import head_kinds
 
 PROG = "sample.py"
 FLAGS = flags.FlagValues()  # this command's own, so that tests can import several commands
@@ -129,6 +131,21 @@ flags.DEFINE_string(
     "or the last scale's token grid",
     flag_values=FLAGS,
 )
+flags.DEFINE_float(
+    "kv_compression",
+    0.0,
+    "VAR only: drop this share of the KV cache of earlier scales, in [0, 1) (0: the full cache; "
+    "models.kv_compression)",
+    flag_values=FLAGS,
+)
+flags.DEFINE_enum(
+    "kv_method",
+    "hack",
+    list(kv_compression.METHODS),
+    "hack: head-aware (needs `python -m mvar_jax.hack --checkpoint M --calibrate` first); "
+    "hack_random: its head kinds shuffled; h2o, snapkv: every head alike",
+    flag_values=FLAGS,
+)
 flags.DEFINE_bool(
     "unconditional", False, "draw with the null class (no label) instead of --labels", flag_values=FLAGS
 )
@@ -177,6 +194,8 @@ def parse(argv: Sequence[str] | None) -> types.SimpleNamespace:
     if args.unconditional and args.labels is not None:
         cli.usage_error(PROG, "--unconditional draws no class: drop --labels")
     _check_edit_flags(args)
+    if not 0 <= args.kv_compression < 1:
+        cli.usage_error(PROG, f"--kv_compression={args.kv_compression} must be in [0, 1) (0: the full cache)")
     args.options = cli.sampling_options(
         FLAGS,
         PROG,
@@ -288,6 +307,22 @@ def load(args: types.SimpleNamespace) -> checkpoint.ModelBundle:
     return model
 
 
+def compression(args: types.SimpleNamespace, config: TransformerConfig) -> kv_compression.KVCompression:
+    """``--kv_compression`` and ``--kv_method`` for this model, its head kinds read for HACK."""
+    family = families.of(config)
+    if not family.state_in_place:
+        cli.usage_error(
+            PROG, f"--kv_compression: {family.title} keeps no KV cache between scales ({family.summary})"
+        )
+    contextual = None
+    if args.kv_method in kv_compression.HEAD_AWARE:
+        try:
+            contextual = head_kinds.as_flags(head_kinds.load(args.checkpoint, config)[1])
+        except CheckpointError as e:
+            cli.usage_error(PROG, f"--kv_method {args.kv_method}: {e}")
+    return kv_compression.KVCompression(args.kv_compression, args.kv_method, contextual)
+
+
 def write_out(
     path: pathlib.Path, images_NHW3: np.ndarray, tokens_NL: np.ndarray, labels_N: np.ndarray
 ) -> None:
@@ -319,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     model = load(args)
     tcfg = model.transformer_config
+    if args.kv_compression:
+        args.options = dataclasses.replace(args.options, kv_compression=compression(args, tcfg))
     if args.unconditional:
         labels = [tcfg.num_classes]  # the null class
     else:

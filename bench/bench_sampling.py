@@ -69,7 +69,12 @@ def model_configs(family: str, smoke: bool, dtype: str = "bfloat16") -> tuple[VQ
 def random_model(family: str, smoke: bool, dtype: str = "bfloat16") -> checkpoint.ModelBundle:
     """Random weights for ``model_configs`` (no checkpoint needed), the blocks stacked as
     ``checkpoint.load_model`` returns them."""
-    vqvae_config, transformer_config = model_configs(family, smoke, dtype)
+    return random_bundle(*model_configs(family, smoke, dtype))
+
+
+def random_bundle(vqvae_config: VQVAEConfig, transformer_config: TransformerConfig) -> checkpoint.ModelBundle:
+    """Random weights for these configs (small normals for the VQVAE, the official initialisation
+    for the transformer), the blocks stacked."""
     leaves, treedef = jax.tree.flatten(abstract_variables(vqvae_config))
     # Drawn on the host: a jax.random.normal per leaf compiles once per shape (15 s for the toy on a CPU).
     rng = np.random.default_rng(1)

@@ -15,6 +15,7 @@ import pytest
 from bench import (
     bench_cost,
     bench_kernel_resources,
+    bench_kv_compression,
     bench_m_var_cost,
     bench_sampling,
     bench_spatial_markov,
@@ -148,3 +149,13 @@ def test_smoke_model_is_the_tiny_cpu_fixture_config():
     )
     assert (config.vocab_size, config.cvae) == (vqvae_config.vocab_size, vqvae_config.z_channels) == (64, 8)
     assert vqvae_config.image_size == 64  # the built-in shapes' size, as in tiny_cpu
+
+
+def test_kv_compression_bench(tmp_path):
+    bench_kv_compression.main(["--out", str(tmp_path), "--smoke", "--ratios", "0.7", "--time_reps", "1"])
+    rows = json.loads((tmp_path / "results.json").read_text())["memory"]
+    assert [(r["method"], r["ratio"]) for r in rows] == [("full cache", 0.0), ("hack", 0.7)]
+    full, hack = rows
+    assert hack["kv_bytes"] < full["kv_bytes"] and hack["temp_bytes"] <= full["temp_bytes"]
+    assert all(r["s_per_call"] > 0 for r in rows)
+    assert "| VAR-d2 | hack | 0.7 | 64 |" in (tmp_path / "results.md").read_text()

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from mvar_jax.models.config import InitScales, TransformerConfig
 from mvar_jax.models.family import Attend
+from mvar_jax.models.kv_compression import CompressedKV
 from mvar_jax.models.normalize import l2_normalize
 
 # The official per-head logit multiplier starts at 4 and is capped at 100.
@@ -83,7 +84,9 @@ class SelfAttention(nn.Module):
 
     ``attend`` is the family's pattern. With a ``cache`` (VAR's inference), this
     scale's keys and values are written at its offsets and the queries see the
-    cache's prefix up to this scale; the updated cache is returned.
+    cache's prefix up to this scale; the updated cache is returned. A
+    ``CompressedKV`` cache (``kv_compression``) keeps only a budget of the earlier
+    scales' tokens, and attends over those and this scale.
     """
 
     config: TransformerConfig
@@ -96,7 +99,7 @@ class SelfAttention(nn.Module):
         *,
         first_scale: int,
         last_scale: int,
-        cache: tuple[jax.Array, jax.Array] | None = None,
+        cache: tuple[jax.Array, jax.Array] | CompressedKV | None = None,
     ):
         cfg = self.config
         B, l, C = x_BlC.shape
@@ -122,15 +125,24 @@ class SelfAttention(nn.Module):
         else:
             scale = 0.25 / math.sqrt(cfg.head_dim)
 
-        if cache is not None:
-            begin, end = cfg.token_range(first_scale, last_scale)
-            k_cache, v_cache = cache
-            k_cache = k_cache.at[:, begin:end].set(k)
-            v_cache = v_cache.at[:, begin:end].set(v)
-            cache = (k_cache, v_cache)
-            k, v = k_cache[:, :end], v_cache[:, :end]
-
-        out = self.attend(q, k, v, cfg, first_scale, last_scale, scale)
+        # The logits' factors, for calibrating a compressed cache (sampling.head_kinds); kept only
+        # when the 'intermediates' collection is mutable.
+        self.sow("intermediates", "scaled_q_k", (q * scale, k))
+        if isinstance(cache, CompressedKV):
+            if last_scale != first_scale + 1:
+                raise ValueError(
+                    f"a compressed KV cache runs one scale at a time, got [{first_scale}, {last_scale})"
+                )
+            out, cache = cache.attend(q, k, v, first_scale, scale)
+        else:
+            if cache is not None:
+                begin, end = cfg.token_range(first_scale, last_scale)
+                k_cache, v_cache = cache
+                k_cache = k_cache.at[:, begin:end].set(k)
+                v_cache = v_cache.at[:, begin:end].set(v)
+                cache = (k_cache, v_cache)
+                k, v = k_cache[:, :end], v_cache[:, :end]
+            out = self.attend(q, k, v, cfg, first_scale, last_scale, scale)
         proj = nn.Dense(C, dtype=dtype, kernel_init=normal_init(std / math.sqrt(2 * cfg.depth)), name="proj")
         return proj(out.reshape(B, l, C)), cache
 

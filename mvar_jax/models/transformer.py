@@ -48,6 +48,7 @@ import numpy as np
 
 from mvar_jax.models import attention, families, recompute
 from mvar_jax.models.config import InitScales, TransformerConfig
+from mvar_jax.models.kv_compression import CompressedKV
 from mvar_jax.models.layers import AdaLNBeforeHead, init_std, normal_init
 
 
@@ -253,7 +254,8 @@ class Transformer(nn.Module):
         cfg = self.config
         block = self.family.block(cfg, self.family.attend, parent=None)  # Applied to each layer's params.
         begin, end = cfg.token_range(first_scale, last_scale)
-        in_place = self.family.state_in_place
+        # A compressed KV cache changes size from scale to scale: it goes in and out per block.
+        in_place = self.family.state_in_place and not isinstance(cache, CompressedKV)
         carried, scanned = (cache, None) if in_place else (None, cache)
 
         def step(carry, layer):

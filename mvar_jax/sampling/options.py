@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from mvar_jax.models.kv_compression import KVCompression
+
 # Images the VQVAE decodes at a time.
 DECODE_BATCH_SIZE = 4
 # Tokens per chunk of a stateless family's per-scale work: 16x16 maps of 16 guided
@@ -34,6 +36,8 @@ class SamplingOptions:
         each scale on chunks of images of at most this many tokens (both guidance
         rows counted), one after another: memory is one chunk's activations.
         Results do not depend on it.
+      kv_compression: VAR's KV cache compressed (``models.kv_compression``: HACK or a
+        baseline); None or a ratio of 0 is the full cache.
     """
 
     cfg: float = dataclasses.field(default=1.5, compare=False)
@@ -43,6 +47,7 @@ class SamplingOptions:
     decode: bool = True
     decode_batch_size: int = DECODE_BATCH_SIZE
     chunk_tokens: int = CHUNK_TOKENS
+    kv_compression: KVCompression | None = None
 
     def __post_init__(self):
         if not (math.isfinite(self.cfg) and self.cfg >= 0):

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mvar_jax.checkpoint import ModelBundle, check_configs
-from mvar_jax.models import families
+from mvar_jax.models import families, kv_compression
 from mvar_jax.models.config import TransformerConfig
 from mvar_jax.models.transformer import Transformer, blocks_are_stacked, stack_cache
 from mvar_jax.models.vqvae import VQVAE, VQVAEConfig
@@ -140,6 +140,7 @@ def generate(
     """
     tcfg, o = transformer_config, options
     family = families.of(tcfg)
+    compression = compressed_cache(tcfg, o)
     stacked = blocks_are_stacked(transformer_params)
     vqvae, model = VQVAE(vqvae_config), Transformer(tcfg, scan_blocks=stacked)
     B, Cvae = label_B.shape[0], tcfg.cvae
@@ -149,7 +150,10 @@ def generate(
         label_B = jnp.stack([label_B, jnp.full_like(label_B, tcfg.num_classes)], axis=1)
     x_RlC, cond_RD = model.apply(transformer_params, label_B.reshape(-1), method=Transformer.start_input)
     x_BrlC, cond_BrD = x_RlC.reshape(B, rows, *x_RlC.shape[1:]), cond_RD.reshape(B, rows, -1)
-    cache = (init_state or family.init_state)(tcfg, B * rows)
+    if compression is not None:
+        cache = kv_compression.init_cache(tcfg, B * rows, compression, rows)
+    else:
+        cache = (init_state or family.init_state)(tcfg, B * rows)
     if stacked:
         cache = stack_cache(cache)
     codebook_VC = None
@@ -237,6 +241,24 @@ def generate(
     return Samples(jnp.concatenate(tokens, axis=1), f_hat_BhwC, images)
 
 
+def compressed_cache(
+    config: TransformerConfig, options: SamplingOptions
+) -> kv_compression.KVCompression | None:
+    """``options.kv_compression`` when it compresses (ratio > 0), else None; ValueError for a
+    family without a KV cache."""
+    compression = options.kv_compression
+    if compression is None or compression.ratio == 0:
+        return None
+    family = families.of(config)
+    if not family.state_in_place:
+        raise ValueError(
+            f"kv_compression={compression.ratio}: {family.title} keeps no KV cache between scales "
+            f"({family.summary}); KV-cache compression is for VAR"
+        )
+    compression.head_kinds(config)  # head kinds of another model: an error naming it
+    return compression
+
+
 # ``generate`` compiled per static setting.
 generate_jit = jax.jit(
     generate, static_argnames=("vqvae_config", "transformer_config", "options", "init_state")
@@ -267,6 +289,7 @@ def _arguments(model: ModelBundle, label_B: Any, key: Any, options: SamplingOpti
     tcfg = model.transformer_config
     check_configs(model.vqvae_config, tcfg)
     guidance_S2 = guidance_schedule(options.cfg, tcfg)
+    compressed_cache(tcfg, options)  # a family without a KV cache: the error before compiling
     return (model.vqvae_config, tcfg, model.vqvae_params, model.transformer_params, label_B, key, guidance_S2)
 
 
