@@ -6,6 +6,8 @@
         --labels 207 --cfg 2 --out edited.png      # class-conditional editing (zero-shot)
     python sample.py --checkpoint ckpt/mvar_d16 --num_per_class 50 --batch_size 64 \\
         --fid_npz mvar_d16_50k.npz        # the papers' 50,000: every class, 50 each, in order
+    python sample.py --checkpoint ckpt/var_d16 --kv_compression 0.7 --kv_method hack --out s.png
+                                      # VAR with 70% of its KV cache dropped (python -m mvar_jax.hack first)
 
 Every device of every host draws (``--distributed`` joins a multi-host job): each runs
 ``--batch_size`` images at a time, and batch b of the labels draws from ``fold_in(PRNGKey(seed),

@@ -17,7 +17,7 @@
   agreement. The head kinds' stability: a second calibration on other images (seed 1),
   the heads whose kind it repeats;
 * memory: XLA's ``memory_analysis`` of the compiled sampler of VAR-d16 and VAR-d30 (random
-  weights; batch ``--batch`` with guidance, bfloat16, tokens only: the decoder is the same in
+  weights; batch ``--batch`` with guidance, ``--dtype``, tokens only: the decoder is the same in
   every row), the KV bytes the cache holds at the last scale and, with ``--time_reps``, the
   median seconds per call; MVAR of the same depth beside them. The head kinds of a random
   model are the first half of each block's heads (memory and speed depend only on their
@@ -60,11 +60,7 @@ flags.DEFINE_list("ratios", ["0.5", "0.7", "0.9"], "compression ratios", flag_va
 flags.DEFINE_list("methods", list(kv_compression.METHODS), "methods", flag_values=FLAGS)
 flags.DEFINE_integer("num_per_class", 100, "quality samples per class", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer(
-    "fidelity_per_class",
-    20,
-    "full-cache samples per class the KL is measured on",
-    lower_bound=1,
-    flag_values=FLAGS,
+    "fidelity_per_class", 20, "KL: full-cache samples per class", lower_bound=1, flag_values=FLAGS
 )
 cli.define_int_list(
     "depths", [16, 30], "VAR depths of the memory table", FLAGS, what="depths", example="16,30"
@@ -72,6 +68,7 @@ cli.define_int_list(
 flags.DEFINE_integer(
     "batch", 64, "images per sampling call (memory, timing)", lower_bound=1, flag_values=FLAGS
 )
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "memory rows' precision", flag_values=FLAGS)
 flags.DEFINE_integer("time_reps", 0, "timed calls per memory row (0: none)", lower_bound=0, flag_values=FLAGS)
 
 GiB = 2**30
@@ -221,6 +218,7 @@ def memory_row(
         "method": method if compressed else ("full cache" if tcfg.family == "var" else "no cache"),
         "ratio": ratio,
         "batch": batch,
+        "dtype": tcfg.dtype,
         "compile_s": time.perf_counter() - start,
         "temp_bytes": analysis.temp_size_in_bytes,
         "argument_bytes": analysis.argument_size_in_bytes,
@@ -252,13 +250,13 @@ def memory_rows(args) -> list[dict[str, Any]]:
     ratios = [float(r) for r in args.ratios]
     for depth in args.depths:
         if args.smoke:
-            vqvae_config, var = common.toy_configs("var")
+            vqvae_config, var = common.toy_configs("var", args.dtype)
         else:
-            vqvae_config, var = VQVAEConfig(), TransformerConfig(family="var", depth=depth, dtype="bfloat16")
+            vqvae_config, var = VQVAEConfig(), TransformerConfig(family="var", depth=depth, dtype=args.dtype)
         cases = [(var, "full cache", 0.0)] + [(var, "hack", r) for r in ratios]
         if not args.smoke:
             cases += [(var, m, 0.7) for m in ("h2o", "snapkv") if 0.7 in ratios]
-            cases.append((TransformerConfig(family="mvar", depth=depth, dtype="bfloat16"), "-", 0.0))
+            cases.append((dataclasses.replace(var, family="mvar"), "-", 0.0))
         for tcfg, method, ratio in cases:
             rows.append(memory_row(vqvae_config, tcfg, method, ratio, args.batch, args.time_reps))
             print(memory_markdown(rows[-1:]), flush=True)
@@ -286,14 +284,15 @@ def quality_markdown(rows: list[dict[str, Any]], tcfg: TransformerConfig) -> str
 
 def memory_markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | method | ratio | batch | KV at the last scale GiB | XLA temporaries GiB | arguments GiB "
-        "| s/call | compile s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | method | ratio | batch | dtype | KV at the last scale GiB | XLA temporaries GiB "
+        "| arguments GiB | s/call | compile s |",
+        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         timed = f"{r['s_per_call']:.3f}" if "s_per_call" in r else "-"
         lines.append(
             f"| {r['family'].upper()}-d{r['depth']} | {r['method']} | {r['ratio']:.1f} | {r['batch']} "
+            f"| {r['dtype']} "
             f"| {r['kv_bytes'] / GiB:.2f} | {r['temp_bytes'] / GiB:.2f} | {r['argument_bytes'] / GiB:.2f} "
             f"| {timed} | {r['compile_s']:.0f} |"
         )

@@ -158,4 +158,4 @@ def test_kv_compression_bench(tmp_path):
     full, hack = rows
     assert hack["kv_bytes"] < full["kv_bytes"] and hack["temp_bytes"] <= full["temp_bytes"]
     assert all(r["s_per_call"] > 0 for r in rows)
-    assert "| VAR-d2 | hack | 0.7 | 64 |" in (tmp_path / "results.md").read_text()
+    assert "| VAR-d2 | hack | 0.7 | 64 | bfloat16 |" in (tmp_path / "results.md").read_text()

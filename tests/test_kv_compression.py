@@ -45,7 +45,7 @@ def _reference_priority(method, kind, probs, acc, cand_ids, n, keep, ends, obser
     num = probs.shape[1]
     position = np.arange(num)
     if method == "h2o":
-        return acc + 2.0 * (position >= num - keep // 2)
+        return np.where(position >= num - keep // 2, np.inf, acc)
     if method == "snapkv":
         window = min(observers, n)
         votes = probs[n - window :].mean(axis=0)

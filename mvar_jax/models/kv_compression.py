@@ -235,8 +235,8 @@ def _priority(
     history then the scale's n tokens, in sequence order.
     """
     n, num = probs.shape[2], probs.shape[3]
-    if method == "h2o":  # the recent half of the budget, then the heavy hitters
-        return score + _TIER * (jnp.arange(num) >= num - keep // 2)
+    if method == "h2o":  # the recent half of the budget, then the heavy hitters (sums over many queries)
+        return jnp.where(jnp.arange(num) >= num - keep // 2, jnp.inf, score)
     if method == "snapkv":
         window = min(plan.observers, n)
         votes = probs[:, :, n - window :].mean(axis=2)

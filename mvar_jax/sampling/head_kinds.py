@@ -194,9 +194,13 @@ def summary(statistics: np.ndarray, contextual: np.ndarray) -> str:
         + f"   ({int(kinds.sum())} contextual)"
         for i, (stats, kinds) in enumerate(zip(statistics, contextual))
     ]
+    mean = {
+        kind: float(statistics[mask].mean()) if mask.any() else float("nan")
+        for kind, mask in (("contextual", contextual), ("structural", ~contextual))
+    }
     lines.append(
-        f"{int(contextual.sum())} of {contextual.size} heads contextual "
-        f"(column variance {statistics[contextual].max(initial=0):.3f} at most; structural "
-        f"{statistics[~contextual].min(initial=1):.3f} at least)"
+        f"{int(contextual.sum())} of {contextual.size} heads contextual (in each block, the lowest column "
+        f"variance); mean column variance: contextual {mean['contextual']:.3f}, "
+        f"structural {mean['structural']:.3f}"
     )
     return "\n".join(lines)
