@@ -124,10 +124,8 @@ def fidelity(model, labels_N: np.ndarray, tokens_NL: np.ndarray, compression, ba
     """How far the compressed cache moves the model's predictions from the full cache's, on
     the same prefixes: mean KL(full || compressed) in nats and top-1 agreement, over the
     tokens of scales 1.. (scale 0 reads no cache)."""
-    tcfg, guidance = (
-        model.transformer_config,
-        sampling.guidance_schedule(1.5, tcfg := model.transformer_config),
-    )
+    tcfg = model.transformer_config
+    guidance = sampling.guidance_schedule(1.5, tcfg)
     kl, agree = [], []
     for start in range(0, len(labels_N), batch):
         args = (model.vqvae_params, model.transformer_params, labels_N[start : start + batch])
@@ -160,12 +158,6 @@ def quality_rows(model_dir: pathlib.Path, args) -> list[dict[str, Any]]:
     data_cfg.token_cache_dir = None
     cache = pathlib.Path(args.classifier_cache) if args.classifier_cache else quality.default_cache_dir()
     classifier = quality.load_or_train_classifier(cache, data_cfg)
-    again = head_kinds.classify(head_kinds.head_statistics(model, seed=1, progress=False), 0.5)
-    print(
-        f"head kinds: a second calibration (seed 1) repeats {int((again == np.asarray(contextual)).sum())} "
-        f"of {again.size}",
-        flush=True,
-    )
     labels_N = np.repeat(np.arange(tcfg.num_classes, dtype=np.int32), args.fidelity_per_class)
     reference = np.concatenate(
         [
