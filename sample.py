@@ -50,7 +50,7 @@ from mvar_jax.data import preprocess
 from mvar_jax.errors import CheckpointError
 from mvar_jax.eval import sample_set
 from mvar_jax.images import labelled_grid
-from mvar_jax.models import families, kv_compression
+from mvar_jax.models import kv_compression
 from mvar_jax.models.config import NEIGHBORHOOD_IMPLS, TransformerConfig
 from mvar_jax.sampling import head_kinds
 
@@ -196,8 +196,10 @@ def parse(argv: Sequence[str] | None) -> types.SimpleNamespace:
     if args.unconditional and args.labels is not None:
         cli.usage_error(PROG, "--unconditional draws no class: drop --labels")
     _check_edit_flags(args)
-    if not 0 <= args.kv_compression < 1:
-        cli.usage_error(PROG, f"--kv_compression={args.kv_compression} must be in [0, 1) (0: the full cache)")
+    try:
+        kv_compression.check_ratio(args.kv_compression)
+    except ValueError as e:
+        cli.usage_error(PROG, f"--{e}")
     args.options = cli.sampling_options(
         FLAGS,
         PROG,
@@ -311,11 +313,10 @@ def load(args: types.SimpleNamespace) -> checkpoint.ModelBundle:
 
 def compression(args: types.SimpleNamespace, config: TransformerConfig) -> kv_compression.KVCompression:
     """``--kv_compression`` and ``--kv_method`` for this model, its head kinds read for HACK."""
-    family = families.of(config)
-    if not family.state_in_place:
-        cli.usage_error(
-            PROG, f"--kv_compression: {family.title} keeps no KV cache between scales ({family.summary})"
-        )
+    try:
+        sampling.check_kv_cache(config)
+    except ValueError as e:
+        cli.usage_error(PROG, f"--kv_compression: {e}")
     contextual = None
     if args.kv_method in kv_compression.HEAD_AWARE:
         try:

@@ -17,8 +17,7 @@ from absl import flags
 
 from mvar_jax import checkpoint, cli
 from mvar_jax.errors import CheckpointError
-from mvar_jax.models import families
-from mvar_jax.sampling import SamplingOptions, head_kinds
+from mvar_jax.sampling import SamplingOptions, check_kv_cache, head_kinds
 
 PROG = "python -m mvar_jax.hack"
 FLAGS = flags.FlagValues()
@@ -43,16 +42,13 @@ flags.DEFINE_integer("batch_size", 16, "images per compiled call", lower_bound=1
 def main(argv: Sequence[str] | None = None) -> int:
     args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
     try:
-        if not args.calibrate:
-            config = checkpoint.load_model(args.checkpoint).transformer_config
-            print(head_kinds.summary(*head_kinds.load(args.checkpoint, config)))
-            return 0
         model = checkpoint.load_model(args.checkpoint)
-    except (CheckpointError, OSError) as e:
+        if not args.calibrate:
+            print(head_kinds.summary(*head_kinds.load(args.checkpoint, model.transformer_config)))
+            return 0
+        check_kv_cache(model.transformer_config)
+    except (CheckpointError, OSError, ValueError) as e:
         cli.usage_error(PROG, str(e))
-    family = families.of(model.transformer_config)
-    if not family.state_in_place:
-        cli.usage_error(PROG, f"{family.title} keeps no KV cache between scales: head kinds are for VAR")
     options = SamplingOptions(cfg=args.cfg, decode=False)
     statistics = head_kinds.head_statistics(
         model, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size, options=options

@@ -60,6 +60,12 @@ SNAPKV_POOL = 7  # SnapKV's pooling kernel
 _TIER = 2.0
 
 
+def check_ratio(ratio: float) -> None:
+    """ValueError unless ``ratio`` is a number in [0, 1)."""
+    if not (isinstance(ratio, (int, float)) and 0 <= ratio < 1):
+        raise ValueError(f"kv_compression={ratio!r} must be in [0, 1) (0: the full cache)")
+
+
 @dataclasses.dataclass(frozen=True)
 class KVCompression:
     """How VAR's KV cache is compressed; hashable, a static part of ``SamplingOptions``.
@@ -85,8 +91,7 @@ class KVCompression:
     seed: int = 0
 
     def __post_init__(self):
-        if not (isinstance(self.ratio, (int, float)) and 0 <= self.ratio < 1):
-            raise ValueError(f"kv_compression={self.ratio!r} must be in [0, 1) (0: the full cache)")
+        check_ratio(self.ratio)
         if self.method not in METHODS:
             raise ValueError(f"kv_method={self.method!r} must be one of {METHODS}")
         if (self.contextual is None) == (self.method in HEAD_AWARE):

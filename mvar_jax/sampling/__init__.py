@@ -20,6 +20,7 @@ from mvar_jax.sampling.options import CHUNK_TOKENS, DECODE_BATCH_SIZE, SamplingO
 from mvar_jax.sampling.sampler import (
     Edit,
     Samples,
+    check_kv_cache,
     generate,
     generate_jit,
     guidance_schedule,
@@ -37,6 +38,7 @@ __all__ = [
     "Samples",
     "SamplingOptions",
     "check_filters",
+    "check_kv_cache",
     "cumsum_last",
     "editing",
     "filter_logits",

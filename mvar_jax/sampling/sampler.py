@@ -241,6 +241,16 @@ def generate(
     return Samples(jnp.concatenate(tokens, axis=1), f_hat_BhwC, images)
 
 
+def check_kv_cache(config: TransformerConfig) -> None:
+    """ValueError unless the model's family keeps a KV cache to compress (VAR)."""
+    family = families.of(config)
+    if not family.state_in_place:
+        raise ValueError(
+            f"{family.title} keeps no KV cache between scales ({family.summary}); "
+            "KV-cache compression is for VAR"
+        )
+
+
 def compressed_cache(
     config: TransformerConfig, options: SamplingOptions
 ) -> kv_compression.KVCompression | None:
@@ -249,12 +259,7 @@ def compressed_cache(
     compression = options.kv_compression
     if compression is None or compression.ratio == 0:
         return None
-    family = families.of(config)
-    if not family.state_in_place:
-        raise ValueError(
-            f"kv_compression={compression.ratio}: {family.title} keeps no KV cache between scales "
-            f"({family.summary}); KV-cache compression is for VAR"
-        )
+    check_kv_cache(config)
     compression.head_kinds(config)  # head kinds of another model: an error naming it
     return compression
 
