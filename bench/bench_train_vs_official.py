@@ -25,16 +25,14 @@ side in a process of its own with every core; ``ours / official``.
 from __future__ import annotations
 
 import json
-import pathlib
 import statistics
-import sys
-import tempfile
 import time
 from typing import Any
 
 import numpy as np
 from absl import flags
 
+from bench import official as official_code
 from bench.common import define_flags, header, run_case, toy_configs, write_results
 from mvar_jax.models import families
 from mvar_jax.models.config import PATCH_NUMS_256, TransformerConfig
@@ -129,26 +127,10 @@ def ours(case: dict[str, Any]) -> dict[str, Any]:
     return {"first_s": first, "step_s": per_step}
 
 
-def _official_modules(checkout: str) -> None:
-    """Makes the official ``models`` package importable: the checkout on the path, and empty
-    stand-ins for the two imports a CPU run never calls (the Hub mixin; NATTEN, whose
-    ``na2d`` only the spatial-Markov segments use, which this bench does not run)."""
-    stubs = pathlib.Path(tempfile.mkdtemp())
-    (stubs / "huggingface_hub").mkdir()
-    (stubs / "huggingface_hub" / "__init__.py").write_text(
-        "class PyTorchModelHubMixin:\n    def __init_subclass__(cls, **kwargs):\n        pass\n"
-    )
-    (stubs / "natten").mkdir()
-    (stubs / "natten" / "__init__.py").write_text(
-        "def na2d(*args, **kwargs):\n    raise NotImplementedError('NATTEN has no CPU build here')\n"
-    )
-    sys.path[:0] = [checkout, str(stubs)]
-
-
 def official(case: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    _official_modules(case["checkout"])
+    official_code.importable(case["checkout"])
     import models  # the official package
 
     depth, family = case["depth"], case["family"]

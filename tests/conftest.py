@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import pathlib
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import PIL.Image
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The commands' persistent compilation cache stays off in the tests (and in the commands they
-# start), so that no test reads what another compiled; test_sample_cli turns it on in a tmp dir.
+# The commands' own cache setting stays off in the tests (test_sample_cli turns it on in a tmp
+# dir); instead one JAX compilation cache serves the whole session: both workers and every
+# command they start. Many tests compile the same tiny programs (a train step, a sampler) in
+# fresh functions or processes, and JAX keys an entry by the program, the backend and the
+# compiler's flags, so a hit is the program the compiler would have built. The directory is
+# the session's own (set before the workers start, which inherit it) and removed at its end.
 os.environ["MVAR_JAX_COMPILATION_CACHE"] = ""
+SESSION_CACHE = "MVAR_JAX_TEST_SESSION_CACHE"
+if SESSION_CACHE not in os.environ:
+    os.environ[SESSION_CACHE] = tempfile.mkdtemp(prefix="mvar_jax_test_xla_")
+    atexit.register(shutil.rmtree, os.environ[SESSION_CACHE], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[SESSION_CACHE]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 # Unoptimised CPU code compiles faster, but XLA 0.10's CPU backend miscompiles at this level
 # (lax.map's int32 outputs came back zeroed in places): only for runs checked against runs with
 # the same flag (a crash and its resume), never for a result a reference checks.

@@ -18,10 +18,12 @@ from bench import (
     bench_kv_compression,
     bench_m_var_cost,
     bench_sampling,
+    bench_sampling_vs_official,
     bench_spatial_markov,
     bench_train_step,
     bench_train_vs_official,
     common,
+    official,
     tune_spatial_markov,
 )
 
@@ -78,6 +80,32 @@ def test_train_vs_official_bench_runs_our_side(tmp_path):
     assert [(r["family"], r["name"]) for r in rows] == [("var", "1-4"), ("mvar", "1-2")]
     assert all(r["ours"]["step_s"] > 0 and "official" not in r for r in rows)
     assert "| VAR-d1 | 1-4 |" in (tmp_path / "results.md").read_text()
+
+
+def test_sampling_vs_official_bench_runs_our_side(tmp_path):
+    """The sampling side-by-side without an official checkout (as in CI): ours alone, every row."""
+    bench_sampling_vs_official.main(["--out", str(tmp_path), "--smoke", "--families", "var"])
+    (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert "official" not in row and all(row["ours"][key] > 0 for key, _ in bench_sampling_vs_official.ROWS)
+    table = (tmp_path / "results.md").read_text()
+    assert "| VAR-d2 sampling, no decode, per call | - |" in table and "VQVAE decode of 2 images" in table
+
+
+def test_official_natten_stand_in_is_the_neighbourhood_reference():
+    """The stand-in the official MVAR runs with on a CPU computes NATTEN's na2d (windows shifted
+    inward at the borders), as the kernels' reference does."""
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from mvar_jax.kernels.neighborhood import neighborhood_attention_reference
+
+    natten: dict = {}
+    exec(official._NATTEN, natten)
+    q, k, v = np.random.default_rng(0).standard_normal((3, 2, 9, 11, 2, 4)).astype(np.float32)
+    got = natten["na2d"](*(torch.from_numpy(x) for x in (q, k, v)), kernel_size=5, scale=0.3).numpy()
+    want = neighborhood_attention_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), 5, scale=0.3)
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 def _case(bench, case, capsys) -> dict:

@@ -93,16 +93,13 @@ KILLS = (
 )
 
 
-def _env(cache: pathlib.Path, kill_at: str | None = None) -> dict[str, str]:
+def _env(kill_at: str | None = None) -> dict[str, str]:
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(REPO),
         "PYTHONUNBUFFERED": "1",
         "XLA_FLAGS": xla_flags(FAST_COMPILE),  # the runs are compared with each other
-        # Restarts reuse what the first run compiled.
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
     env.pop("MVAR_JAX_KILL_AT", None)
     if kill_at is not None:
@@ -172,10 +169,10 @@ def _finish(proc: subprocess.Popen, log: pathlib.Path) -> int:
         pytest.fail(f"ran past {TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
 
 
-def _run(command: list[str], cache: pathlib.Path, log: pathlib.Path, kill: str | None = None) -> int:
+def _run(command: list[str], log: pathlib.Path, kill: str | None = None) -> int:
     """Runs ``command`` to its end, or to the kill; returns the exit status."""
     timed = kill is not None and kill.startswith("after ")
-    proc = _start(command, _env(cache, None if timed or kill is None else kill), log)
+    proc = _start(command, _env(None if timed or kill is None else kill), log)
     if timed:
         _wait_for(proc, log, r"^step \d+:")
         time.sleep(float(kill.split()[1]))
@@ -232,27 +229,21 @@ def images(tmp_path_factory) -> pathlib.Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> pathlib.Path:
-    """JAX's compilation cache, shared by every process this module starts."""
-    return tmp_path_factory.mktemp("jax_cache")
-
-
 @pytest.mark.parametrize("run", RUNS)
-def test_killed_anywhere_ends_like_an_uninterrupted_run(run, images, cache, tmp_path):
+def test_killed_anywhere_ends_like_an_uninterrupted_run(run, images, tmp_path):
     straight, chain = tmp_path / "straight", tmp_path / "chain"
-    assert _run(_train_command(run, images, straight), cache, tmp_path / "straight.log") == 0
+    assert _run(_train_command(run, images, straight), tmp_path / "straight.log") == 0
 
     command = _train_command(run, images, chain)
     for i, kill in enumerate(KILLS):
         log = tmp_path / f"chain.{i}.log"
-        rc = _run(command, cache, log, kill)
+        rc = _run(command, log, kill)
         assert rc == -signal.SIGKILL, f"kill {kill!r}: exit {rc}\n{log.read_text()[-3000:]}"
         if kill == "checkpoint-save=4":  # landed inside the save: Orbax had not committed it
             assert list((chain / "checkpoints").glob("4.*tmp*"))
         _check_nothing_half_written(chain, run)
     log = tmp_path / "chain.final.log"
-    assert _run(command, cache, log) == 0, log.read_text()[-3000:]
+    assert _run(command, log) == 0, log.read_text()[-3000:]
 
     step, state, data = _checkpoint(chain)
     step_ref, state_ref, data_ref = _checkpoint(straight)
@@ -274,12 +265,12 @@ def test_killed_anywhere_ends_like_an_uninterrupted_run(run, images, cache, tmp_
     assert not leftovers
 
 
-def test_a_second_run_on_a_workdir_is_refused(images, cache, tmp_path):
+def test_a_second_run_on_a_workdir_is_refused(images, tmp_path):
     """While one ``train.py`` trains (held still by SIGSTOP), another run on its workdir
     stops before writing; once the first is killed, the workdir is free again."""
     run = RUNS[0].values[0]
     workdir, log = tmp_path / "run", tmp_path / "first.log"
-    first = _start(_train_command(run, images, workdir), _env(cache), log)
+    first = _start(_train_command(run, images, workdir), _env(), log)
     try:
         _wait_for(first, log, r"^step 1:")
         first.send_signal(signal.SIGSTOP)
@@ -295,7 +286,7 @@ def test_a_second_run_on_a_workdir_is_refused(images, cache, tmp_path):
         pass
 
 
-def test_token_cache_killed_mid_chunk_resumes_to_the_same_files(images, cache, tmp_path):
+def test_token_cache_killed_mid_chunk_resumes_to_the_same_files(images, tmp_path):
     vae = tmp_path / "tokenizer"  # a directory: reading it needs no torch
     vae_config, vae_params = vqvae_weights.load_official_vqvae(TINY_VAE, patch_nums=(1, 2, 3, 4))
     checkpoint.save_tokenizer(vae, vqvae_config=vae_config, vqvae_params=vae_params)
@@ -319,14 +310,14 @@ def test_token_cache_killed_mid_chunk_resumes_to_the_same_files(images, cache, t
         ]  # 4 chunks
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert _run(command(straight), cache, tmp_path / "straight.log") == 0
+    assert _run(command(straight), tmp_path / "straight.log") == 0
     assert (
-        _run(command(killed), cache, tmp_path / "killed.log", "token-cache-chunk=1") == -signal.SIGKILL
+        _run(command(killed), tmp_path / "killed.log", "token-cache-chunk=1") == -signal.SIGKILL
     )  # chunk 1's labels written
     with pytest.raises(FileNotFoundError, match="incomplete"):
         token_cache.TokenCache(killed, "train")
     log = tmp_path / "resumed.log"
-    assert _run(command(killed), cache, log) == 0, log.read_text()[-3000:]
+    assert _run(command(killed), log) == 0, log.read_text()[-3000:]
 
     def files(root: pathlib.Path) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in (root / "train").iterdir()}

@@ -86,9 +86,6 @@ def _start(
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(REPO),
         "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices_per_process}"),
-        # The resumed run reuses the big programs the first 2-process run compiled.
-        "JAX_COMPILATION_CACHE_DIR": str(workdir.parent / "jax_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
     }
     args = _train_args(data_dir, workdir)
     if processes > 1:

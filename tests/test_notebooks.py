@@ -101,8 +101,11 @@ def image_size(path: pathlib.Path) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> pathlib.Path:
-    return tmp_path_factory.mktemp("notebooks")
+def workdir(tmp_path_factory, builtin_shapes_dir) -> pathlib.Path:
+    """The notebooks' working directory; its tfds/ is the session's built-in dataset."""
+    workdir = tmp_path_factory.mktemp("notebooks")
+    (workdir / "tfds").symlink_to(builtin_shapes_dir, target_is_directory=True)
+    return workdir
 
 
 @pytest.fixture(scope="module")
