@@ -29,10 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from typing import Any
 
 from absl import flags
@@ -48,16 +45,6 @@ ROWS = (
     ("sample_decode_s", "{title} sampling with decode, per call"),
     ("decode_s", "VQVAE decode of {batch} images (`fhat_to_img`), per call"),
 )
-
-
-def _timed(call: Callable[[], Any], reps: int) -> tuple[float, float]:
-    """(seconds of the first call, median seconds of ``reps`` calls after one more)."""
-    times = []
-    for _ in range(2 + reps):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return times[0], statistics.median(times[2:])
 
 
 def _converted(case: dict[str, Any]):
@@ -95,11 +82,13 @@ def ours(case: dict[str, Any]) -> dict[str, Any]:
             sampling.sample(model, labels, key, dataclasses.replace(options, decode=decode))
         )
 
-    first, per_call = _timed(lambda: draw(False), case["reps"])
-    _, with_decode = _timed(lambda: draw(True), case["reps"])
+    first, per_call = common.timed(lambda: draw(False), 1, case["reps"])
+    _, with_decode = common.timed(lambda: draw(True), 1, case["reps"])
     f_hat = draw(False).f_hat
     decode = jax.jit(lambda params, f: VQVAE(model.vqvae_config).apply(params, f, method=VQVAE.fhat_to_img))
-    _, decode_s = _timed(lambda: jax.block_until_ready(decode(model.vqvae_params, f_hat)), case["reps"])
+    _, decode_s = common.timed(
+        lambda: jax.block_until_ready(decode(model.vqvae_params, f_hat)), 1, case["reps"]
+    )
     times = dict(first_s=first, sample_s=per_call, sample_decode_s=with_decode, decode_s=decode_s)
     return dict(times, depth=model.transformer_config.depth)
 
@@ -109,18 +98,8 @@ def official(case: dict[str, Any]) -> dict[str, Any]:
 
     from mvar_jax.models.config import PATCH_NUMS_256
 
-    official_code.importable(case["checkout"])
-    import models  # the official package
-
     family, B = case["family"], case["batch"]
-    build = models.build_vae_var if family == "var" else models.build_vae_mvar
-    vae, net = build(
-        device="cpu",
-        patch_nums=PATCH_NUMS_256,
-        depth=case["depth"],
-        flash_if_available=False,
-        fused_if_available=False,
-    )
+    vae, net = official_code.build(case["checkout"], family, case["depth"])
     torch.manual_seed(1)
     with torch.no_grad():
         for p in vae.parameters():  # the builder leaves the VQVAE uninitialised
@@ -140,11 +119,11 @@ def official(case: dict[str, Any]) -> dict[str, Any]:
             out = infer(B=B, label_B=label_B, g_seed=SEED, cfg=CFG, top_k=TOP_K, top_p=TOP_P)
             return decoder(out) if decode and not decode_inside else out
 
-    first, per_call = _timed(lambda: draw(False), case["reps"])
-    _, with_decode = _timed(lambda: draw(True), case["reps"])
+    first, per_call = common.timed(lambda: draw(False), 1, case["reps"])
+    _, with_decode = common.timed(lambda: draw(True), 1, case["reps"])
     f_hat = torch.randn(B, vae.Cvae, PATCH_NUMS_256[-1], PATCH_NUMS_256[-1])
     with torch.no_grad():
-        _, decode_s = _timed(lambda: decoder(f_hat), case["reps"])
+        _, decode_s = common.timed(lambda: decoder(f_hat), 1, case["reps"])
     times = dict(first_s=first, sample_s=per_call, sample_decode_s=with_decode, decode_s=decode_s)
     return dict(times, version=f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 

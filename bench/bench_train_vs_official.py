@@ -24,15 +24,13 @@ side in a process of its own with every core; ``ours / official``.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from typing import Any
 
 import numpy as np
 from absl import flags
 
 from bench import official as official_code
-from bench.common import define_flags, header, run_case, toy_configs, write_results
+from bench.common import define_flags, header, run_case, timed, toy_configs, write_results
 from mvar_jax.models import families
 from mvar_jax.models.config import PATCH_NUMS_256, TransformerConfig
 from mvar_jax.models.segments import Segment
@@ -59,21 +57,6 @@ def _batch(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
         "tokens": rng.integers(0, VOCAB, (batch, L)).astype(np.int32),
         "x_BLCv": rng.normal(size=(batch, L - 1, CVAE)).astype(np.float32),
     }
-
-
-def _timed(step, warmup: int, steps: int) -> tuple[float, float]:
-    """(first call s, median s of ``steps`` calls after ``warmup`` more)."""
-    started = time.perf_counter()
-    step()
-    first = time.perf_counter() - started
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return first, statistics.median(times)
 
 
 def ours(case: dict[str, Any]) -> dict[str, Any]:
@@ -122,27 +105,15 @@ def ours(case: dict[str, Any]) -> dict[str, Any]:
         holder["state"], metrics = step(holder["state"], batch)
         jax.block_until_ready(metrics["loss"])
 
-    first, per_step = _timed(run, case["warmup"], case["steps"])
+    first, per_step = timed(run, case["warmup"], case["steps"])
     return {"first_s": first, "step_s": per_step}
 
 
 def official(case: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    official_code.importable(case["checkout"])
-    import models  # the official package
-
-    depth, family = case["depth"], case["family"]
-    build = models.build_vae_var if family == "var" else models.build_vae_mvar
-    _, net = build(
-        device="cpu",
-        patch_nums=PATCH_NUMS_256,
-        depth=depth,
-        shared_aln=False,
-        attn_l2_norm=True,
-        flash_if_available=False,
-        fused_if_available=False,
-    )
+    family = case["family"]
+    _, net = official_code.build(case["checkout"], family, case["depth"], shared_aln=False, attn_l2_norm=True)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     data = {k: torch.from_numpy(v) for k, v in _batch(case["batch"]).items()}
@@ -167,7 +138,7 @@ def official(case: dict[str, Any]) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(net.parameters(), 2.0)
         opt.step()
 
-    first, per_step = _timed(run, case["warmup"], case["steps"])
+    first, per_step = timed(run, case["warmup"], case["steps"])
     return {
         "first_s": first,
         "step_s": per_step,

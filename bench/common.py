@@ -14,8 +14,11 @@ import datetime
 import json
 import pathlib
 import platform
+import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -103,3 +106,13 @@ def toy_configs(family: str, dtype: str = "bfloat16") -> tuple[VQVAEConfig, Tran
     toy.model.dtype = dtype
     vqvae_config = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, patch_nums=tuple(toy.model.patch_nums))
     return vqvae_config, generator.transformer_config(toy, vqvae_config)
+
+
+def timed(call: Callable[[], Any], warmup: int, reps: int) -> tuple[float, float]:
+    """(seconds of the first call, median seconds of ``reps`` calls after ``warmup`` more)."""
+    times = []
+    for _ in range(1 + warmup + reps):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return times[0], statistics.median(times[1 + warmup :])

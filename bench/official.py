@@ -56,3 +56,23 @@ def importable(checkout: str | pathlib.Path) -> None:
         (stubs / name).mkdir()
         (stubs / name / "__init__.py").write_text(text)
     sys.path[:0] = [str(checkout), str(stubs)]
+
+
+def build(checkout: str | pathlib.Path, family: str, depth: int, **kwargs):
+    """(VQVAE, transformer) of ``family`` ('var' or 'mvar') as the checkout's ``build_vae_var`` /
+    ``build_vae_mvar`` build them at the 256 px pyramid, on the CPU, fused and flash kernels off
+    (none runs on a CPU)."""
+    from mvar_jax.models.config import PATCH_NUMS_256
+
+    importable(checkout)
+    import models  # the official package
+
+    builder = models.build_vae_var if family == "var" else models.build_vae_mvar
+    return builder(
+        device="cpu",
+        patch_nums=PATCH_NUMS_256,
+        depth=depth,
+        flash_if_available=False,
+        fused_if_available=False,
+        **kwargs,
+    )
