@@ -158,8 +158,7 @@ def markdown(rows: list[dict[str, Any]], head: dict[str, Any]) -> str:
 PROG = "python -m bench.bench_sampling_vs_official"
 FLAGS = flags.FlagValues()
 common.define_flags(FLAGS, smoke="our side alone on the toy model, one timed call (CI)", case=True)
-flags.DEFINE_string("official_var", None, "a FoundationVision/VAR checkout (optional)", flag_values=FLAGS)
-flags.DEFINE_string("official_mvar", None, "a CVL-UESTC/MVAR checkout (optional)", flag_values=FLAGS)
+official_code.define_flags(FLAGS)
 flags.DEFINE_list("families", ["mvar", "var"], "mvar and/or var", flag_values=FLAGS)
 flags.DEFINE_integer("depth", 16, "transformer blocks (width 64 x depth)", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("batch", 2, "images per call", lower_bound=1, flag_values=FLAGS)
@@ -171,8 +170,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
     if args.case:
-        case = json.loads(args.case)
-        print(json.dumps(official(case) if case["side"] == "official" else ours(case)))
+        official_code.measure_side(args.case, ours, official)
         return
     unknown = sorted(set(args.families) - {"mvar", "var"})
     if unknown:

@@ -174,8 +174,7 @@ def markdown(rows: list[dict[str, Any]], head: dict[str, Any]) -> str:
 PROG = "python -m bench.bench_train_vs_official"
 FLAGS = flags.FlagValues()
 define_flags(FLAGS, smoke="our side alone on the toy pyramid, 2 steps (CI)", case=True)
-flags.DEFINE_string("official_var", None, "a FoundationVision/VAR checkout (optional)", flag_values=FLAGS)
-flags.DEFINE_string("official_mvar", None, "a CVL-UESTC/MVAR checkout (optional)", flag_values=FLAGS)
+official_code.define_flags(FLAGS)
 flags.DEFINE_integer("depth", 4, "blocks (width 64 x depth, depth heads)", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("batch", 2, "images per step", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("warmup", 2, "untimed steps after the first", lower_bound=0, flag_values=FLAGS)
@@ -187,8 +186,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
     if args.case:
-        case = json.loads(args.case)
-        print(json.dumps(official(case) if case["side"] == "official" else ours(case)))
+        official_code.measure_side(args.case, ours, official)
         return
     checkouts = {"var": args.official_var, "mvar": args.official_mvar}
     base = dict(depth=args.depth, batch=args.batch, warmup=args.warmup, steps=args.steps, smoke=args.smoke)

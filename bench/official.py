@@ -10,9 +10,14 @@ the windows' mask: at the models' maps (at most 16x16) a CPU's quickest exact wa
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from absl import flags
 
 _HUB = """\
 class PyTorchModelHubMixin:
@@ -76,3 +81,22 @@ def build(checkout: str | pathlib.Path, family: str, depth: int, **kwargs):
         fused_if_available=False,
         **kwargs,
     )
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """``--official_var`` and ``--official_mvar``: the checkouts, both optional."""
+    flags.DEFINE_string(
+        "official_var", None, "a FoundationVision/VAR checkout (optional)", flag_values=flag_values
+    )
+    flags.DEFINE_string(
+        "official_mvar", None, "a CVL-UESTC/MVAR checkout (optional)", flag_values=flag_values
+    )
+
+
+Side = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def measure_side(case_json: str, ours: Side, official: Side) -> None:
+    """A side-by-side bench's child process (``common.run_case``): one side of the case, printed."""
+    case = json.loads(case_json)
+    print(json.dumps(official(case) if case["side"] == "official" else ours(case)))
