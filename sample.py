@@ -57,14 +57,8 @@ from mvar_jax.sampling import head_kinds
 PROG = "sample.py"
 FLAGS = flags.FlagValues()  # this command's own, so that tests can import several commands
 cli.define_checkpoint_flag(FLAGS)
-cli.define_sampling_flags(FLAGS, batch_size=32)
+cli.define_sampling_flags(FLAGS, batch_size=32, more=("more_smooth", "decode_batch_size", "chunk_tokens"))
 flags.DEFINE_integer("num_per_class", 1, "images per label", lower_bound=1, flag_values=FLAGS)
-flags.DEFINE_bool(
-    "more_smooth",
-    False,
-    "Gumbel-softmax codebook mixing (visualisation only, not for FID)",
-    flag_values=FLAGS,
-)
 flags.DEFINE_enum(
     "dtype",
     None,
@@ -80,42 +74,27 @@ flags.DEFINE_enum(
     "(default: the checkpoint's, normally 'auto')",
     flag_values=FLAGS,
 )
-flags.DEFINE_integer(
-    "decode_batch_size",
-    sampling.DECODE_BATCH_SIZE,
-    "images the VQVAE decodes at a time, so that decoding never sets the peak memory",
-    lower_bound=1,
-    flag_values=FLAGS,
-)
-flags.DEFINE_integer(
-    "chunk_tokens",
-    sampling.CHUNK_TOKENS,
-    "MVAR: tokens per chunk of images each scale runs at a time (memory vs speed)",
-    lower_bound=1,
-    flag_values=FLAGS,
-)
-flags.DEFINE_string("out", None, "FILE.npz or FILE.png", flag_values=FLAGS)
-flags.DEFINE_string(
-    "fid_npz",
-    None,
-    "FILE.npz in ADM's layout for FID evaluators: uint8 arr_0 (N, H, W, 3), labels arr_1",
-    flag_values=FLAGS,
-)
-flags.DEFINE_string("image_folder", None, "a folder of <i>.png, one per image", flag_values=FLAGS)
-flags.DEFINE_string(
-    "parts",
-    None,
-    "where a sample set keeps its finished batches until it is written, and resumes from "
-    "(default: <--fid_npz or --image_folder>.parts)",
-    flag_values=FLAGS,
-)
-flags.DEFINE_string(
-    "edit_image",
-    None,
-    "edit this image zero-shot instead of drawing new ones: a PNG/JPEG (resized and centre-cropped "
-    "to the model's resolution) or an .npz of images (B, H, W, 3) float in [0, 1]",
-    flag_values=FLAGS,
-)
+# The flags that name files: parse() makes them paths.
+_PATH_FLAGS = {
+    "out": "FILE.npz or FILE.png",
+    "fid_npz": "FILE.npz in ADM's layout for FID evaluators: uint8 arr_0 (N, H, W, 3), labels arr_1",
+    "image_folder": "a folder of <i>.png, one per image",
+    "parts": (
+        "where a sample set keeps its finished batches until it is written, and resumes from "
+        "(default: <--fid_npz or --image_folder>.parts)"
+    ),
+    "edit_image": (
+        "edit this image zero-shot instead of drawing new ones: a PNG/JPEG (resized and "
+        "centre-cropped to the model's resolution) or an .npz of images (B, H, W, 3) float in [0, 1]"
+    ),
+    "edit_mask": (
+        "instead of --edit_box: a PNG, white = generate, black = keep, at the image's resolution "
+        "or the last scale's token grid"
+    ),
+}
+for _name, _help in _PATH_FLAGS.items():
+    flags.DEFINE_string(_name, None, _help, flag_values=FLAGS)
+del _name, _help
 flags.DEFINE_list(
     "edit_box", None, "y0,x0,y1,x1: the edited box, as fractions of the image", flag_values=FLAGS
 )
@@ -124,13 +103,6 @@ flags.DEFINE_enum(
     "inpaint",
     ["inpaint", "outpaint"],
     "inpaint: generate the box, keep the rest; outpaint: keep the box alone",
-    flag_values=FLAGS,
-)
-flags.DEFINE_string(
-    "edit_mask",
-    None,
-    "instead of --edit_box: a PNG, white = generate, black = keep, at the image's resolution "
-    "or the last scale's token grid",
     flag_values=FLAGS,
 )
 flags.DEFINE_float(
@@ -151,31 +123,14 @@ flags.DEFINE_enum(
 flags.DEFINE_bool(
     "unconditional", False, "draw with the null class (no label) instead of --labels", flag_values=FLAGS
 )
-flags.DEFINE_bool(
-    "distributed",
-    False,
-    "join a multi-host job (jax.distributed.initialize; the address, process count and id "
-    "are auto-detected on SLURM, Open MPI and Cloud TPU, or given below)",
-    flag_values=FLAGS,
-)
-flags.DEFINE_string(
-    "coordinator_address", None, "with --distributed: host:port of process 0", flag_values=FLAGS
-)
-flags.DEFINE_integer(
-    "num_processes", -1, "with --distributed: the process count (-1: detect)", flag_values=FLAGS
-)
-flags.DEFINE_integer(
-    "process_id", -1, "with --distributed: this process's id (-1: detect)", flag_values=FLAGS
-)
-
-
+cli.define_distributed_flags(FLAGS)
 cli.define_compilation_cache_flag(FLAGS)
 
 
 def parse(argv: Sequence[str] | None) -> types.SimpleNamespace:
-    """The flags, checked; ``out`` and ``fid_npz`` as paths."""
+    """The flags, checked; the ``_PATH_FLAGS`` as paths."""
     args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
-    for name in ("out", "fid_npz", "image_folder", "parts", "edit_image", "edit_mask"):
+    for name in _PATH_FLAGS:
         setattr(args, name, None if getattr(args, name) is None else pathlib.Path(getattr(args, name)))
     args.set_outputs = [p for p in (args.fid_npz, args.image_folder) if p is not None]
     if args.out is None and not args.set_outputs:
@@ -190,9 +145,7 @@ def parse(argv: Sequence[str] | None) -> types.SimpleNamespace:
         cli.usage_error(PROG, "--parts keeps a sample set's batches: it needs --fid_npz or --image_folder")
     if args.parts is None and args.set_outputs:
         args.parts = args.set_outputs[0].with_name(args.set_outputs[0].name + ".parts")
-    named = cli.given(FLAGS, ("coordinator_address", "num_processes", "process_id"))
-    if named and not args.distributed:
-        cli.usage_error(PROG, f"{', '.join(named)} configure --distributed, which is off")
+    args.distributed = cli.distributed_config(FLAGS, PROG)
     if args.unconditional and args.labels is not None:
         cli.usage_error(PROG, "--unconditional draws no class: drop --labels")
     _check_edit_flags(args)
@@ -200,13 +153,7 @@ def parse(argv: Sequence[str] | None) -> types.SimpleNamespace:
         kv_compression.check_ratio(args.kv_compression)
     except ValueError as e:
         cli.usage_error(PROG, f"--{e}")
-    args.options = cli.sampling_options(
-        FLAGS,
-        PROG,
-        more_smooth=args.more_smooth,
-        decode_batch_size=args.decode_batch_size,
-        chunk_tokens=args.chunk_tokens,
-    )
+    args.options = cli.sampling_options(FLAGS, PROG)
     return args
 
 
@@ -342,15 +289,8 @@ def write_out(
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     compilation_cache.enable(args.compilation_cache)
-    if args.distributed:  # before any JAX computation
-        parallel.initialize_distributed(
-            types.SimpleNamespace(
-                enabled=True,
-                coordinator_address=args.coordinator_address,
-                num_processes=args.num_processes,
-                process_id=args.process_id,
-            )
-        )
+    parallel.initialize_distributed(args.distributed)  # before any JAX computation
+    if args.distributed.enabled:
         if args.out is not None and jax.process_count() > 1:
             cli.usage_error(
                 PROG, "--out gathers every image on one host: with several, write --fid_npz or --image_folder"

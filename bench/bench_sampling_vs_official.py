@@ -161,23 +161,21 @@ def markdown(rows: list[dict[str, Any]], head: dict[str, Any]) -> str:
 
 PROG = "python -m bench.bench_sampling_vs_official"
 FLAGS = flags.FlagValues()
-common.define_flags(FLAGS, smoke="our side alone on the toy model, one timed call (CI)", case=True)
-official_code.define_flags(FLAGS)
+official_code.define_flags(
+    FLAGS, "our side alone on the toy model, one timed call (CI)", depth=16, batch=2, unit="call"
+)
 flags.DEFINE_list("families", ["mvar", "var"], "mvar and/or var", flag_values=FLAGS)
-flags.DEFINE_integer("depth", 16, "transformer blocks (width 64 x depth)", lower_bound=1, flag_values=FLAGS)
-flags.DEFINE_integer("batch", 2, "images per call", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("reps", 3, "timed calls after the warm-up", lower_bound=1, flag_values=FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mvar_jax import cli
-
-    args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
-    if args.case:
-        official_code.measure_side(args.case, ours, official)
+    args = official_code.parse_or_measure(FLAGS, argv, PROG, __doc__, ours, official)
+    if args is None:
         return
     unknown = sorted(set(args.families) - {"mvar", "var"})
     if unknown:
+        from mvar_jax import cli
+
         cli.usage_error(PROG, f"--families: unknown {unknown}; the official code has mvar and var")
     checkouts = {"var": args.official_var, "mvar": args.official_mvar}
     rows, official_version = [], None

@@ -30,7 +30,7 @@ import numpy as np
 from absl import flags
 
 from bench import official as official_code
-from bench.common import define_flags, header, run_case, timed, toy_configs, write_results
+from bench.common import header, run_case, timed, toy_configs, write_results
 from mvar_jax.models import families
 from mvar_jax.models.config import PATCH_NUMS_256, TransformerConfig
 from mvar_jax.models.segments import Segment
@@ -173,20 +173,16 @@ def markdown(rows: list[dict[str, Any]], head: dict[str, Any]) -> str:
 
 PROG = "python -m bench.bench_train_vs_official"
 FLAGS = flags.FlagValues()
-define_flags(FLAGS, smoke="our side alone on the toy pyramid, 2 steps (CI)", case=True)
-official_code.define_flags(FLAGS)
-flags.DEFINE_integer("depth", 4, "blocks (width 64 x depth, depth heads)", lower_bound=1, flag_values=FLAGS)
-flags.DEFINE_integer("batch", 2, "images per step", lower_bound=1, flag_values=FLAGS)
+official_code.define_flags(
+    FLAGS, "our side alone on the toy pyramid, 2 steps (CI)", depth=4, batch=2, unit="step"
+)
 flags.DEFINE_integer("warmup", 2, "untimed steps after the first", lower_bound=0, flag_values=FLAGS)
 flags.DEFINE_integer("steps", 5, "timed steps", lower_bound=1, flag_values=FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mvar_jax import cli
-
-    args = cli.parse_flags(FLAGS, argv, prog=PROG, doc=__doc__)
-    if args.case:
-        official_code.measure_side(args.case, ours, official)
+    args = official_code.parse_or_measure(FLAGS, argv, PROG, __doc__, ours, official)
+    if args is None:
         return
     checkouts = {"var": args.official_var, "mvar": args.official_mvar}
     base = dict(depth=args.depth, batch=args.batch, warmup=args.warmup, steps=args.steps, smoke=args.smoke)

@@ -14,10 +14,13 @@ import json
 import pathlib
 import sys
 import tempfile
+import types
 from collections.abc import Callable
 from typing import Any
 
 from absl import flags
+
+from bench import common
 
 _HUB = """\
 class PyTorchModelHubMixin:
@@ -83,20 +86,43 @@ def build(checkout: str | pathlib.Path, family: str, depth: int, **kwargs):
     )
 
 
-def define_flags(flag_values: flags.FlagValues) -> None:
-    """``--official_var`` and ``--official_mvar``: the checkouts, both optional."""
-    flags.DEFINE_string(
-        "official_var", None, "a FoundationVision/VAR checkout (optional)", flag_values=flag_values
+def define_flags(flag_values: flags.FlagValues, smoke: str, *, depth: int, batch: int, unit: str) -> None:
+    """A side-by-side bench's flags: ``common.define_flags``' (``--case`` too), the optional
+    checkouts ``--official_var`` and ``--official_mvar``, ``--depth`` and ``--batch`` (images a
+    ``unit``)."""
+    common.define_flags(flag_values, smoke, case=True)
+    for family, repo in (("var", "FoundationVision/VAR"), ("mvar", "CVL-UESTC/MVAR")):
+        flags.DEFINE_string(
+            f"official_{family}", None, f"a {repo} checkout (optional)", flag_values=flag_values
+        )
+    flags.DEFINE_integer(
+        "depth",
+        depth,
+        "transformer blocks (width 64 x depth, depth heads)",
+        lower_bound=1,
+        flag_values=flag_values,
     )
-    flags.DEFINE_string(
-        "official_mvar", None, "a CVL-UESTC/MVAR checkout (optional)", flag_values=flag_values
-    )
+    flags.DEFINE_integer("batch", batch, f"images per {unit}", lower_bound=1, flag_values=flag_values)
 
 
 Side = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def measure_side(case_json: str, ours: Side, official: Side) -> None:
-    """A side-by-side bench's child process (``common.run_case``): one side of the case, printed."""
-    case = json.loads(case_json)
+def parse_or_measure(
+    flag_values: flags.FlagValues,
+    argv: list[str] | None,
+    prog: str,
+    doc: str | None,
+    ours: Side,
+    official: Side,
+) -> types.SimpleNamespace | None:
+    """The bench's flags; None once this process, a ``common.run_case`` child given ``--case``,
+    has measured that one side of the case and printed it as JSON."""
+    from mvar_jax import cli
+
+    args = cli.parse_flags(flag_values, argv, prog=prog, doc=doc)
+    if args.case is None:
+        return args
+    case = json.loads(args.case)
     print(json.dumps(official(case) if case["side"] == "official" else ours(case)))
+    return None

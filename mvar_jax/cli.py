@@ -9,6 +9,7 @@ exits with status 2 and ``<prog>: error: <what>`` on stderr, as argparse did.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import sys
@@ -147,6 +148,38 @@ def given(flag_values: flags.FlagValues, names: Sequence[str]) -> list[str]:
     return [f"--{n}" for n in names if flag_values[n].present]
 
 
+def define_distributed_flags(flag_values: flags.FlagValues) -> None:
+    """``--distributed`` and what configures it (``distributed_config``)."""
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "join a multi-host job (jax.distributed.initialize; the address, process count and id "
+        "are auto-detected on SLURM, Open MPI and Cloud TPU, or given below)",
+        flag_values=flag_values,
+    )
+    for name, default, help_text in (
+        ("coordinator_address", None, "host:port of process 0"),
+        ("num_processes", -1, "the process count (-1: detect)"),
+        ("process_id", -1, "this process's id (-1: detect)"),
+    ):
+        define = flags.DEFINE_string if default is None else flags.DEFINE_integer
+        define(name, default, f"with --distributed: {help_text}", flag_values=flag_values)
+
+
+def distributed_config(flag_values: flags.FlagValues, prog: str) -> types.SimpleNamespace:
+    """``define_distributed_flags``' values as ``parallel.initialize_distributed`` takes them;
+    a ``usage_error`` when they configure a job that ``--distributed`` does not join."""
+    named = given(flag_values, ("coordinator_address", "num_processes", "process_id"))
+    if named and not flag_values.distributed:
+        usage_error(prog, f"{', '.join(named)} configure --distributed, which is off")
+    return types.SimpleNamespace(
+        enabled=flag_values.distributed,
+        coordinator_address=flag_values.coordinator_address,
+        num_processes=flag_values.num_processes,
+        process_id=flag_values.process_id,
+    )
+
+
 def define_checkpoint_flag(flag_values: flags.FlagValues) -> None:
     """``--checkpoint DIR`` (required): the generator model a command samples from."""
     flags.DEFINE_string(
@@ -158,14 +191,36 @@ def define_checkpoint_flag(flag_values: flags.FlagValues) -> None:
     )
 
 
+# A flag per SamplingOptions field a command may expose: how to define it, its help.
+_OPTION_FLAGS = {
+    "cfg": (flags.DEFINE_float, "classifier-free guidance scale (>= 0)"),
+    "top_k": (flags.DEFINE_integer, "keep the k most likely tokens; 0: off"),
+    "top_p": (flags.DEFINE_float, "nucleus mass to keep; 0: off"),
+    "more_smooth": (flags.DEFINE_bool, "Gumbel-softmax codebook mixing (visualisation only, not for FID)"),
+    "decode_batch_size": (
+        functools.partial(flags.DEFINE_integer, lower_bound=1),
+        "images the VQVAE decodes at a time, so that decoding never sets the peak memory",
+    ),
+    "chunk_tokens": (
+        functools.partial(flags.DEFINE_integer, lower_bound=1),
+        "MVAR: tokens per chunk of images each scale runs at a time (memory vs speed)",
+    ),
+}
+_FILTERS = ("top_k", "top_p")
+
+
 def define_sampling_flags(
-    flag_values: flags.FlagValues, *, batch_size: int, why: str = "", **defaults: float
+    flag_values: flags.FlagValues,
+    *,
+    batch_size: int,
+    more: Sequence[str] = (),
+    why: str = "",
+    **defaults: float,
 ) -> None:
-    """``--labels --batch_size --seed`` and a flag per ``SamplingOptions`` field that a user
-    sets (``--cfg --top_k --top_p``), with its defaults unless ``defaults`` names others (and
-    ``why``, said in their help)."""
+    """``--labels --batch_size --seed``, ``--cfg --top_k --top_p`` and a flag for each further
+    ``SamplingOptions`` field in ``more``, with the dataclass's defaults unless ``defaults``
+    names others (and ``why``, said in the filters' help)."""
     options = sampling.SamplingOptions(**defaults)
-    note = f"; {why}" if why else ""
     define_int_list(
         "labels",
         None,
@@ -177,20 +232,18 @@ def define_sampling_flags(
     flags.DEFINE_integer(
         "batch_size", batch_size, "images per compiled call", lower_bound=1, flag_values=flag_values
     )
-    flags.DEFINE_float("cfg", options.cfg, "classifier-free guidance scale (>= 0)", flag_values=flag_values)
-    flags.DEFINE_integer(
-        "top_k", options.top_k, f"keep the k most likely tokens; 0: off{note}", flag_values=flag_values
-    )
-    flags.DEFINE_float("top_p", options.top_p, f"nucleus mass to keep; 0: off{note}", flag_values=flag_values)
     flags.DEFINE_integer("seed", 0, "batch b draws from fold_in(PRNGKey(seed), b)", flag_values=flag_values)
+    for name in ("cfg", *_FILTERS, *more):
+        define, help_text = _OPTION_FLAGS[name]
+        note = f"; {why}" if why and name in _FILTERS else ""
+        define(name, getattr(options, name), help_text + note, flag_values=flag_values)
 
 
 def sampling_options(flag_values: flags.FlagValues, prog: str, **fields: Any) -> sampling.SamplingOptions:
     """The ``SamplingOptions`` of ``define_sampling_flags``' values (and ``fields``); a
     ``usage_error`` naming the flag when one is invalid."""
+    given_options = {name: flag_values[name].value for name in _OPTION_FLAGS if name in flag_values}
     try:
-        return sampling.SamplingOptions(
-            cfg=flag_values.cfg, top_k=flag_values.top_k, top_p=flag_values.top_p, **fields
-        )
+        return sampling.SamplingOptions(**given_options, **fields)
     except ValueError as e:
         usage_error(prog, f"--{e}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from absl import flags
 
-from mvar_jax import cli
+from mvar_jax import cli, sampling
 
 
 def _flags() -> flags.FlagValues:
@@ -74,3 +74,37 @@ def test_help_prints_the_doc_and_every_flag(capsys):
     out = capsys.readouterr().out
     assert out.startswith("What prog does.")
     assert "--patch_nums: sides" in out and "--batch_size: images per compiled call (default: 4)" in out
+
+
+def test_further_sampling_options_become_flags(capsys):
+    values = flags.FlagValues()
+    cli.define_sampling_flags(values, batch_size=2, more=("chunk_tokens", "more_smooth"))
+    cli.parse_flags(values, ["--chunk_tokens=64", "--more_smooth"], prog="prog", doc=None)
+    options = cli.sampling_options(values, "prog")
+    assert (options.chunk_tokens, options.more_smooth, options.decode_batch_size) == (
+        64,
+        True,
+        sampling.SamplingOptions().decode_batch_size,
+    )
+    assert "--chunk_tokens=0: 0 is not a positive integer" in _error(capsys, values, ["--chunk_tokens=0"])
+
+
+def test_distributed_flags_configure_only_a_job_they_join(capsys):
+    values = flags.FlagValues()
+    cli.define_distributed_flags(values)
+    cli.parse_flags(values, [], prog="prog", doc=None)
+    assert not cli.distributed_config(values, "prog").enabled
+    cli.parse_flags(values, ["--num_processes=2", "--process_id=1"], prog="prog", doc=None)
+    with pytest.raises(SystemExit):
+        cli.distributed_config(values, "prog")
+    err = capsys.readouterr().err
+    assert "prog: error: --num_processes, --process_id configure --distributed, which is off" in err
+    argv = ["--distributed", "--coordinator_address=h:1", "--num_processes=2", "--process_id=1"]
+    cli.parse_flags(values, argv, prog="prog", doc=None)
+    config = cli.distributed_config(values, "prog")
+    assert (config.enabled, config.coordinator_address, config.num_processes, config.process_id) == (
+        True,
+        "h:1",
+        2,
+        1,
+    )

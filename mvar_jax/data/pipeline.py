@@ -41,61 +41,38 @@ def _loader_and_spec(cfg: Any, role: str, seed: int | None) -> tuple[batching.Lo
 
 
 def _batch_source(
-    data_cfg: Any,
-    role: str,
-    make_order: Callable[[int, int], batching.Order],
-    *,
-    global_batch_size: int,
-    process_count: int,
-    seed: int | None,
-) -> batching.BatchSource:
-    """Batches of ``role`` in the order ``make_order(num_examples, host_batch_size)`` gives."""
+    data_cfg: Any, role: str, global_batch_size: int, process_count: int, seed: int | None
+) -> tuple[Callable[[batching.Order], batching.BatchSource], int, int]:
+    """``(make(order), num_examples, host_batch_size)``: the batches of ``role`` in an order."""
     config_lib.check_config(data_cfg)
     batch_size = _host_batch_size(global_batch_size, process_count)
     load, spec, n = _loader_and_spec(data_cfg, role, seed)
-    return batching.BatchSource(
-        make_order(n, batch_size),
-        load,
-        spec,
-        batch_size,
-        num_workers=int(data_cfg.num_workers),
-        prefetch=int(data_cfg.prefetch),
-        with_mask=role == "eval",
-    )
+
+    def make(batch_order: batching.Order) -> batching.BatchSource:
+        return batching.BatchSource(
+            batch_order,
+            load,
+            spec,
+            batch_size,
+            num_workers=int(data_cfg.num_workers),
+            prefetch=int(data_cfg.prefetch),
+            with_mask=role == "eval",
+        )
+
+    return make, n, batch_size
 
 
 def build_train_source(
-    data_cfg: Any,
-    *,
-    global_batch_size: int,
-    process_index: int,
-    process_count: int,
-    seed: int,
+    data_cfg: Any, *, global_batch_size: int, process_index: int, process_count: int, seed: int
 ) -> batching.BatchSource:
     """Endless, shuffled, augmented batches for this host; resumable via get/set_state."""
-    return _batch_source(
-        data_cfg,
-        "train",
-        lambda n, _: order.ShuffledEpochs(n, seed, process_index, process_count),
-        global_batch_size=global_batch_size,
-        process_count=process_count,
-        seed=seed,
-    )
+    make, n, _ = _batch_source(data_cfg, "train", global_batch_size, process_count, seed)
+    return make(order.ShuffledEpochs(n, seed, process_index, process_count))
 
 
 def build_eval_source(
-    data_cfg: Any,
-    *,
-    global_batch_size: int,
-    process_index: int,
-    process_count: int,
+    data_cfg: Any, *, global_batch_size: int, process_index: int, process_count: int
 ) -> batching.BatchSource:
     """One pass over the eval split in order (centre crop, no flip); ``reset()`` for another."""
-    return _batch_source(
-        data_cfg,
-        "eval",
-        lambda n, batch_size: order.SinglePass(n, batch_size, process_index, process_count),
-        global_batch_size=global_batch_size,
-        process_count=process_count,
-        seed=None,
-    )
+    make, n, batch_size = _batch_source(data_cfg, "eval", global_batch_size, process_count, None)
+    return make(order.SinglePass(n, batch_size, process_index, process_count))

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-# Images the VQVAE decodes at a time (generate's decode_batch_size).
 def top_k_filter(logits_BlV: jax.Array, top_k: int) -> jax.Array:
     """Sets logits strictly below the k-th largest of their row to -inf.
 
