@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import rel_err
 
+from mvar_jax.models import vqvae
 from mvar_jax.models.quantizer import MultiScaleQuantizer, num_phis, phi_index
 from mvar_jax.models.vqvae import VQVAE, VQVAEConfig, split_scales
 from mvar_jax.weights.vqvae import load_official_vqvae, official_key, official_shape
@@ -39,9 +40,17 @@ def tiny_vae(fixture_dir):
     return load_official_vqvae(fixture_dir / "tiny_vae.pth")
 
 
-@pytest.fixture(scope="module")
-def outputs(tiny_vae, tiny_io):
-    """Every parity output, from two jitted calls (encode side, decode side)."""
+@pytest.fixture(scope="module", params=[None, 1 << 40], ids=["cpu_strips", "whole_maps"])
+def outputs(request, tiny_vae, tiny_io):
+    """Every parity output, from two jitted calls (encode side, decode side); with the 3x3
+    convolutions of the 256 px maps in strips of rows, as a CPU runs them, and whole."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param is not None:
+            patch.setattr(vqvae, "CPU_STRIP_PIXELS", request.param)
+        return _outputs(tiny_vae, tiny_io)
+
+
+def _outputs(tiny_vae, tiny_io):
     config, variables = tiny_vae
     model = VQVAE(config)
     gt_ids = _split_scales(tiny_io["gt_BL"], config.patch_nums)
