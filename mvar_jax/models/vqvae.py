@@ -99,35 +99,52 @@ class VQVAEConfig:
         return from_dict(cls, d)
 
 
-# Pixels (images x rows x columns) a 3x3 convolution takes at once on a CPU: XLA's CPU
-# convolution loses about a third of its speed once a map outgrows the caches (the
-# decoder's last level, 2 x 256 x 256 x 160), and strips of whole rows stay fast.
+# Pixels (images x rows x columns) a 3x3 convolution takes at once on a CPU where one
+# image's map is larger: XLA's CPU convolution loses about a third of its speed once a
+# map outgrows the caches (the decoder's last level, 256 x 256 x 160), and strips of whole
+# rows stay fast. Smaller maps run whole, as nn.Conv, whatever the batch.
 CPU_STRIP_PIXELS = 16384
 
 
 class Conv3x3(nn.Conv):
-    """``nn.Conv(features, (3, 3), padding=1)``: the same parameters and outputs, but a map
-    of more than ``strip_pixels`` runs as strips of whole rows (each with its neighbour
-    rows), one convolution each.
+    """``nn.Conv(features, (3, 3), padding=1)``, and that module itself on maps of under
+    ``strip_pixels`` an image; larger maps run as strips of whole rows (each with its
+    neighbour rows), ``strip_pixels`` at a time over the batch, one convolution each, with
+    the same parameters and outputs.
 
     ``strip_pixels`` None: ``CPU_STRIP_PIXELS`` on a CPU, the whole map on an accelerator.
     """
 
     kernel_size: Sequence[int] = (3, 3)
-    padding: Any = ((0, 0), (1, 1))  # the rows are padded here, before the strips are cut
+    padding: Any = 1
     strip_pixels: int | None = None
 
+    @nn.compact
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-        B, H, W, _ = x_BHWC.shape
+        B, H, W, C = x_BHWC.shape
         budget = self.strip_pixels
-        if budget is None:
-            budget = CPU_STRIP_PIXELS if jax.default_backend() == "cpu" else B * H * W
-        rows = max(1, budget // (B * W))
-        x_BHWC = jnp.pad(x_BHWC, ((0, 0), (1, 1), (0, 0), (0, 0)))
-        if rows >= H:
+        if budget is None and jax.default_backend() != "cpu":
             return super().__call__(x_BHWC)
-        conv = super().__call__
-        return jnp.concatenate([conv(x_BHWC[:, r : r + rows + 2]) for r in range(0, H, rows)], axis=1)
+        budget = CPU_STRIP_PIXELS if budget is None else budget
+        if H * W < budget:
+            return super().__call__(x_BHWC)
+        rows = max(1, budget // (B * W))
+        kernel = self.param("kernel", self.kernel_init, (3, 3, C, self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        x_BHWC, kernel, bias = nn.dtypes.promote_dtype(x_BHWC, kernel, bias, dtype=self.dtype)
+        x_BHWC = jnp.pad(x_BHWC, ((0, 0), (1, 1), (0, 0), (0, 0)))  # the rows' zeros, before the cut
+        strips = [
+            jax.lax.conv_general_dilated(
+                x_BHWC[:, r : r + rows + 2],
+                kernel,
+                (1, 1),
+                ((0, 0), (1, 1)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                precision=self.precision,
+            )
+            for r in range(0, H, rows)
+        ]
+        return jnp.concatenate(strips, axis=1) + bias
 
 
 def _group_norm(name: str | None = None) -> nn.GroupNorm:
